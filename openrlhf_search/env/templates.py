@@ -1,0 +1,207 @@
+"""Prompt templates: the instructions the model sees, how observations are wrapped, and when generation stops.
+
+Two protocols, each a registered :class:`PromptTemplate`:
+
+* ``search_r1`` (protocol ``tags``): the Search-R1 tag protocol (Jin et al., 2025, arXiv 2503.09516), instructions
+  written in our own words. The model thinks in ``<think>``, searches with ``<search> query </search>``, reads
+  results the environment inserts as ``<information> ... </information>`` in the *same* assistant message, and ends
+  with ``<answer> ... </answer>``. Generation stops at ``</search>`` or ``</answer>`` (or EOS).
+* ``qwen_tools`` (protocol ``tool_call``): Qwen-style JSON tool calls. The system prompt describes a ``search``
+  function; the model writes ``<tool_call>{"name": "search", "arguments": {"query": "..."}}</tool_call>``, ends its
+  turn, and the results come back in a user turn as ``<tool_response> ... </tool_response>`` (Qwen2.5's chat
+  layout for tool results). The final answer still goes in ``<answer>``. Stops at ``</tool_call>``/``</answer>``.
+  The observation wrapper writes ChatML turn markers (``<|im_start|>``/``<|im_end|>``) itself, so this template
+  is for ChatML models (Qwen2/2.5/3, SmolLM2, our tiny tokenizer); for other chat formats override ``obs_prefix``,
+  ``obs_suffix``, ``close_turn`` and ``invalid_feedback`` (``get_template("qwen_tools", obs_prefix=...)``).
+
+A user template file (``get_template("path/to/prompt.txt")``) replaces the user message of the ``search_r1``
+template: plain text with a ``{question}`` placeholder, or a Jinja file (``.jinja``/``.j2``) given ``question``.
+
+Prompts go through the tokenizer's chat template when it has one (``apply_chat_template(...,
+add_generation_prompt=True)``), else a plain-text fallback ``system\\n\\nuser\\n``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+__all__ = ["PromptTemplate", "register_template", "get_template", "available_templates", "load_template_file"]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """Everything protocol-specific the environment needs; no logic beyond string rendering."""
+
+    name: str
+    """Registry name (or the file path for user templates)."""
+    protocol: str
+    """``tags`` (``<search>``/``<information>``) or ``tool_call`` (``<tool_call>`` JSON / ``<tool_response>``)."""
+    user: str
+    """User message with a ``{question}`` placeholder (replaced literally, other braces are left alone)."""
+    system: str | None = None
+    """Optional system message."""
+    stop: tuple[str, ...] = ("</search>", "</answer>")
+    """Stop strings for every generation (the engine's EOS is added by the engine)."""
+    obs_prefix: str = "\n\n<information>"
+    """Text inserted before the retrieved documents."""
+    obs_suffix: str = "</information>\n\n"
+    """Text inserted after the retrieved documents."""
+    close_turn: str = ""
+    """Prepended to an observation when the model's turn did not already end with EOS (tool protocol: ``<|im_end|>``
+    followed by a newline, so the tool result sits in its own chat turn)."""
+    invalid_feedback: str = (
+        "\n\nThat was not a valid action. To search, write <search> your query </search>. "
+        "To finish, write only the final answer inside the <answer> tags.{hint}\n\n"
+    )
+    """The fixed corrective observation for an invalid action (as in Search-R1, in our own words); ``{hint}`` is
+    replaced by the last-turn hint (or nothing). It must never contain a complete ``<answer>...</answer>`` pair:
+    the reward reads the last answer block of the response, and this text is part of the response."""
+    last_turn_hint: str = "No searches are left: give your final answer now."
+    """Shown before the last turn when search is forbidden on the last turn (after the documents, or in the
+    corrective message)."""
+    jinja: bool = False
+    """Render ``user`` with Jinja (``{{ question }}``) instead of the literal ``{question}`` replacement."""
+    use_chat_template: bool = True
+    """Use the tokenizer's chat template when it has one (else always the plain-text fallback)."""
+
+    def __post_init__(self) -> None:
+        from openrlhf_search.rewards import extract_answer
+
+        if self.protocol not in ("tags", "tool_call"):
+            raise ValueError(f"template {self.name!r}: protocol must be 'tags' or 'tool_call', got {self.protocol!r}")
+        if extract_answer(self.feedback(hint=True)) is not None:
+            raise ValueError(f"template {self.name!r}: invalid_feedback contains an <answer>...</answer> pair")
+
+    def user_message(self, question: str) -> str:
+        """The user message for ``question``."""
+        if self.jinja:
+            import jinja2
+
+            return jinja2.Template(self.user, keep_trailing_newline=True).render(question=question)
+        return self.user.replace("{question}", question)
+
+    def messages(self, question: str) -> list[dict]:
+        """Chat messages (system if any, then user)."""
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return msgs + [{"role": "user", "content": self.user_message(question)}]
+
+    def render(self, question: str, tokenizer=None) -> str:
+        """The prompt text the first generation continues (chat template + generation prompt when available)."""
+        if self.use_chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            out = tokenizer.apply_chat_template(self.messages(question), tokenize=False, add_generation_prompt=True)
+            if not isinstance(out, str):
+                raise TypeError(f"template {self.name!r}: apply_chat_template returned {type(out).__name__}, not str")
+            return out
+        parts = ([self.system] if self.system else []) + [self.user_message(question)]
+        return "\n\n".join(parts) + "\n"
+
+    def wrap_observation(self, body: str, turn_ended: bool = True, hint: bool = False) -> str:
+        """Wrap formatted documents; ``turn_ended=False`` prepends :attr:`close_turn` (tool protocol) and ``hint``
+        appends :attr:`last_turn_hint` on its own line after the documents."""
+        extra = "\n" + self.last_turn_hint if hint else ""
+        return ("" if turn_ended else self.close_turn) + self.obs_prefix + body + extra + self.obs_suffix
+
+    def feedback(self, turn_ended: bool = True, hint: bool = False) -> str:
+        """The corrective observation for an invalid action (with the last-turn hint when ``hint``)."""
+        msg = self.invalid_feedback.replace("{hint}", " " + self.last_turn_hint if hint else "")
+        return ("" if turn_ended else self.close_turn) + msg
+
+
+_REGISTRY: dict[str, Callable[[], PromptTemplate]] = {}
+
+
+def register_template(name: str):
+    """Register a zero-argument template factory under ``name`` (registering twice raises)."""
+
+    def deco(factory: Callable[[], PromptTemplate]):
+        if name in _REGISTRY:
+            raise ValueError(f"template {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available_templates() -> list[str]:
+    """Registered template names."""
+    return sorted(_REGISTRY)
+
+
+SEARCH_R1_USER = (
+    "Answer the question below. Reason step by step inside <think> and </think> whenever you need to. "
+    "If a fact is missing, look it up by writing a search query between <search> and </search>; the results "
+    "will be shown to you between <information> and </information>. You may search several times. "
+    "When you are sure, write only the final answer between <answer> and </answer>, "
+    "for example <answer> Paris </answer>.\n"
+    "Question: {question}\n"
+)
+
+
+@register_template("search_r1")
+def _search_r1() -> PromptTemplate:
+    return PromptTemplate(name="search_r1", protocol="tags", user=SEARCH_R1_USER)
+
+
+QWEN_TOOLS_SYSTEM = (
+    "You answer questions with the help of a search engine.\n\n"
+    "# Tools\n\nYou may call the function below. Its signature is given as JSON inside <tools></tools>:\n"
+    '<tools>\n{"type": "function", "function": {"name": "search", "description": "Search a text collection and '
+    'return the best matching passages.", "parameters": {"type": "object", "properties": {"query": {"type": '
+    '"string", "description": "what to look for"}}, "required": ["query"]}}}\n</tools>\n\n'
+    "To call it, write a JSON object with the function name and its arguments inside <tool_call></tool_call>:\n"
+    '<tool_call>\n{"name": "search", "arguments": {"query": "..."}}\n</tool_call>\n'
+    "The results come back inside <tool_response></tool_response>. Think inside <think></think> when useful. "
+    "Once you know the answer, write only the answer between <answer> and </answer>."
+)
+
+
+@register_template("qwen_tools")
+def _qwen_tools() -> PromptTemplate:
+    return PromptTemplate(
+        name="qwen_tools",
+        protocol="tool_call",
+        system=QWEN_TOOLS_SYSTEM,
+        user="Question: {question}",
+        stop=("</tool_call>", "</answer>"),
+        obs_prefix="<|im_start|>user\n<tool_response>\n",
+        obs_suffix="\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
+        close_turn="<|im_end|>\n",
+        invalid_feedback=(
+            '<|im_start|>user\nThat was not a valid action. To search, write <tool_call>{"name": "search", '
+            '"arguments": {"query": "..."}}</tool_call>. To finish, write only the final answer inside the '
+            "<answer> tags.{hint}<|im_end|>\n<|im_start|>assistant\n"
+        ),
+    )
+
+
+def load_template_file(path: str | Path, base: str = "search_r1") -> PromptTemplate:
+    """A user template file replacing the user message of template ``base``.
+
+    ``.jinja`` / ``.j2`` files are rendered with Jinja and receive ``question``; other files are plain text with a
+    literal ``{question}`` placeholder. Raises ``ValueError`` naming the file if the placeholder is missing.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt template file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    is_jinja = p.suffix in (".jinja", ".j2")
+    if is_jinja and "question" not in text:
+        raise ValueError(f"{p}: Jinja prompt template never uses the variable 'question'")
+    if not is_jinja and "{question}" not in text:
+        raise ValueError(f"{p}: prompt template has no '{{question}}' placeholder")
+    return replace(get_template(base), name=str(p), user=text, jinja=is_jinja)
+
+
+def get_template(name: str | PromptTemplate, **overrides) -> PromptTemplate:
+    """A registered template by name, a template file by path, or a given template; ``overrides`` replace fields."""
+    if isinstance(name, PromptTemplate):
+        tpl = name
+    elif name in _REGISTRY:
+        tpl = _REGISTRY[name]()
+    elif Path(name).suffix or "/" in name:
+        tpl = load_template_file(name)
+    else:
+        raise KeyError(f"unknown prompt template {name!r}; valid: {available_templates()} or a template file path")
+    return replace(tpl, **overrides) if overrides else tpl

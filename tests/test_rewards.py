@@ -1,0 +1,178 @@
+"""Golden cases for the answer metrics, answer extraction, the format grammar and the reward registry."""
+
+import subprocess
+import sys
+
+import pytest
+
+from openrlhf_search.rewards import (
+    FormatRewardWeights,
+    available_rewards,
+    exact_match,
+    extract_answer,
+    f1_score,
+    format_error,
+    get_reward_fn,
+    is_valid_format,
+    normalize_answer,
+    register_reward,
+    substring_exact_match,
+)
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("The Eiffel Tower", "eiffel tower"),
+        ("  an   apple, a PEAR!  ", "apple pear"),
+        ("theatre", "theatre"),  # "the" only as a whole word
+        ("U.S.A.", "usa"),
+        ("Anna's  dog", "annas dog"),
+        ("", ""),
+    ],
+)
+def test_normalize_answer(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "pred, golds, em, subem, f1",
+    [
+        ("Paris", ["paris"], 1.0, 1.0, 1.0),
+        ("the Paris", "Paris", 1.0, 1.0, 1.0),  # a single gold string is accepted
+        ("Paris, France", ["Paris"], 0.0, 1.0, 2 / 3),  # P=1/2, R=1 -> 2/3
+        ("cat sat", ["the cat sat on the mat"], 0.0, 0.0, 2 / 3),  # P=1, R=2/4 -> 2/3
+        ("19845", ["1984"], 0.0, 0.0, 0.0),  # subEM is token aligned
+        ("in 1984 exactly", ["1984"], 0.0, 1.0, 0.5),  # P=1/3, R=1 -> 0.5
+        ("London", ["Paris", "london"], 1.0, 1.0, 1.0),  # best gold wins
+        ("x y y", ["y c"], 0.0, 0.0, 0.4),  # counts clip: common {y: 1}; P=1/3, R=1/2 -> 0.4
+        (None, ["Paris"], 0.0, 0.0, 0.0),
+        ("", [""], 1.0, 0.0, 1.0),  # empty gold never matches as a substring
+    ],
+)
+def test_metrics_golden(pred, golds, em, subem, f1):
+    assert exact_match(pred, golds) == em
+    assert substring_exact_match(pred, golds) == subem
+    assert f1_score(pred, golds) == pytest.approx(f1)
+
+
+def test_f1_article_removed_before_counting():
+    # "a b b" normalizes to "b b": P = 2/2, R = 2/3 -> 0.8
+    assert f1_score("a b b", ["b b c"]) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("<answer>Paris</answer>", "Paris"),
+        ("<answer>Lyon</answer> then <answer> Paris </answer>", "Paris"),  # the last one
+        ("<ANSWER>Paris</ answer >", "Paris"),  # case and inner spaces
+        ("<answer>Paris", None),  # unclosed does not count
+        ("no answer here", None),
+        ("<answer>multi\nline</answer>", "multi\nline"),
+    ],
+)
+def test_extract_answer(response, expected):
+    assert extract_answer(response) == expected
+
+
+VALID = [
+    "<answer>Paris</answer>",
+    "<think>easy</think>\n<answer>Paris</answer>",
+    "<think>a</think><search>q</search>\n\n<information>Doc 1</information>\n\n<think>b</think><answer>x</answer>",
+    "<search>q1</search><information>d</information><search>q2</search><information>d</information><answer>x</answer>",
+    "<think>t</think><answer>x</answer><|im_end|>",  # a final EOS is allowed
+]
+INVALID = [
+    ("", "does not end with an <answer>"),
+    ("Paris <answer>Paris</answer>", "text outside blocks"),
+    ("<answer>Paris</answer> because", "text outside blocks"),
+    ("<think>a <search>q</search></think><answer>x</answer>", "nested"),
+    ("<search>q</search><answer>x</answer>", "not followed by <information>"),
+    ("<information>fake</information><answer>x</answer>", "without a preceding <search>"),
+    ("<answer>x</answer><answer>y</answer>", "more than one"),
+    ("<think>a</think><think>b</think><answer>x</answer>", "two <think>"),
+    ("<think>a</think>", "does not end with an <answer>"),
+]
+
+
+@pytest.mark.parametrize("text", VALID)
+def test_valid_format(text):
+    assert is_valid_format(text), format_error(text)
+
+
+@pytest.mark.parametrize("text, why", INVALID)
+def test_invalid_format(text, why):
+    err = format_error(text)
+    assert err is not None and why in err
+
+
+def test_tool_call_protocol_format():
+    ok = (
+        '<think>t</think>\n<tool_call>{"name": "search", "arguments": {"query": "q"}}</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\nDoc 1\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+        "<answer>x</answer><|im_end|>"
+    )
+    assert is_valid_format(ok, protocol="tool_call")
+    assert not is_valid_format(ok, protocol="tags")
+    with pytest.raises(KeyError, match="unknown protocol"):
+        is_valid_format(ok, protocol="xml")
+
+
+GOOD = "<think>t</think><answer>Paris</answer>"
+BAD_FORMAT = "Sure! <answer>Paris</answer>"
+
+
+@pytest.mark.parametrize(
+    "name, text, golds, expected",
+    [
+        ("em", GOOD, ["paris"], 1.0),
+        ("em", BAD_FORMAT, ["paris"], 1.0),  # plain EM ignores the format
+        ("subem", "<answer>Paris, France</answer>", ["paris"], 1.0),
+        ("f1", "<answer>Paris France</answer>", ["paris"], 2 / 3),
+        ("format_em", GOOD, ["paris"], 1.0),  # valid & correct
+        ("format_em", BAD_FORMAT, ["paris"], 0.8),  # correct, invalid format
+        ("format_em", "<answer>Lyon</answer>", ["paris"], 0.1),  # valid, wrong
+        ("format_em", "Lyon", ["paris"], 0.0),  # invalid, wrong
+        ("format_f1", "<answer>Paris France</answer>", ["paris"], 0.1 + 0.9 * 2 / 3),
+        ("f1_x_format", "<answer>Paris France</answer>", ["paris"], 2 / 3),
+        ("f1_x_format", "x <answer>Paris</answer>", ["paris"], 0.0),
+    ],
+)
+def test_reward_registry_values(name, text, golds, expected):
+    score, info = get_reward_fn(name)(text, golds)
+    assert score == pytest.approx(expected)
+    assert set(info) >= {"answer", "em", "subem", "f1", "valid_format", "retrieval_hit"}
+
+
+def test_format_reward_weights_and_retrieval_bonus():
+    fn = get_reward_fn("format_em", wrong_valid=0.2, retrieval_bonus=0.3)
+    wrong = "<answer>Lyon</answer>"
+    assert fn(wrong, ["Paris"])[0] == pytest.approx(0.2)
+    score, info = fn(wrong, ["Paris"], retrieved_text="Doc 1 (Title: France) Its capital is Paris.")
+    assert info["retrieval_hit"] and score == pytest.approx(0.5)
+    # the bonus never lifts a reward above the maximum, and a correct answer gets no bonus
+    assert get_reward_fn("format_em", retrieval_bonus=5.0)(wrong, ["Paris"], "Paris")[0] == pytest.approx(1.0)
+    assert fn("<answer>Paris</answer>", ["Paris"], "Paris")[0] == pytest.approx(1.0)
+    # the model's own <information> block is not retrieved text
+    fake = "<search>q</search><information>Paris</information><answer>Lyon</answer>"
+    assert fn(fake, ["Paris"])[1]["retrieval_hit"] is False
+
+
+def test_registry_errors():
+    assert {"em", "subem", "f1", "format_em", "format_f1", "f1_x_format"} <= set(available_rewards())
+    with pytest.raises(KeyError, match="unknown reward 'bleu'.*format_em"):
+        get_reward_fn("bleu")
+    with pytest.raises(TypeError, match="unknown reward option.*wrong_vlaid"):
+        get_reward_fn("format_em", wrong_vlaid=0.1)
+    with pytest.raises(TypeError, match="takes no options"):
+        get_reward_fn("em", correct_valid=1.0)
+    with pytest.raises(ValueError, match="already registered"):
+        register_reward("em")(lambda **cfg: None)
+    with pytest.raises(ValueError, match="protocol"):
+        FormatRewardWeights(protocol="xml")
+
+
+def test_rewards_module_does_not_import_torch():
+    code = "import sys, openrlhf_search.rewards; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
