@@ -1,1 +1,45 @@
-"""Package."""
+"""The algorithm core: advantage estimators, policy losses, DSPO filtering, CalibAdv, KL, chunked log-probs.
+
+Pure PyTorch (imports nothing heavier than torch). Public API (binding, see docs/contracts.md and
+docs/algorithms.md)::
+
+    get_policy_loss(name, **cfg) -> fn(log_probs, old_log_probs, advantages, action_mask, **extra) -> (loss, metrics)
+    get_advantage_estimator(name, **cfg) -> fn(rewards[B], group_ids[B]) -> advantages[B]
+    mixed_outcome_groups(rewards, group_ids) -> bool[B];  GroupBatcher(target_groups, max_rounds, on_cap)
+    calibrate_advantages(seq_adv, records, action_mask, group_ids, cfg) -> (token_adv, metrics)
+    get_algorithm(name) -> AlgorithmPreset
+    sampled_token_logprobs / logprobs_from_logits / entropy_from_logits
+"""
+
+from .advantages import get_advantage_estimator, register_advantage_estimator
+from .calibadv import CalibAdvConfig, CalibRecord, SearchTurn, calibrate_advantages
+from .filtering import BatchNotFilledError, BatchReport, GroupBatch, GroupBatcher, mixed_outcome_groups
+from .kl import kl_penalty
+from .logprobs import entropy_from_logits, logprobs_from_logits, sampled_token_logprobs
+from .losses import PolicyLossConfig, get_policy_loss, register_policy_loss
+from .presets import AlgorithmPreset, get_algorithm
+from .registry import Registry
+
+__all__ = [
+    "AlgorithmPreset",
+    "BatchNotFilledError",
+    "BatchReport",
+    "CalibAdvConfig",
+    "CalibRecord",
+    "GroupBatch",
+    "GroupBatcher",
+    "PolicyLossConfig",
+    "Registry",
+    "SearchTurn",
+    "calibrate_advantages",
+    "entropy_from_logits",
+    "get_advantage_estimator",
+    "get_algorithm",
+    "get_policy_loss",
+    "kl_penalty",
+    "logprobs_from_logits",
+    "mixed_outcome_groups",
+    "register_advantage_estimator",
+    "register_policy_loss",
+    "sampled_token_logprobs",
+]

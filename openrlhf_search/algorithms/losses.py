@@ -1,0 +1,345 @@
+"""Clipped policy-gradient losses for outcome-reward RL on search trajectories.
+
+Every loss is built by ``get_policy_loss(name, **cfg)`` and has the uniform signature::
+
+    loss, metrics = fn(log_probs, old_log_probs, advantages, action_mask, ref_log_probs=None, entropy=None)
+
+``log_probs`` ``[B, T]`` are the current policy's log-probs of the sampled tokens (differentiable);
+``old_log_probs`` ``[B, T]`` those of the rollout policy; ``advantages`` ``[B]`` (one per trajectory, broadcast)
+or ``[B, T]`` (per token, e.g. after CalibAdv); ``action_mask`` ``[B, T]`` is True/1 on tokens the model
+generated and False/0 on prompt padding, response padding and retrieved ``<information>`` passages. ``metrics``
+is a dict of Python floats (see :mod:`.diagnostics`).
+
+Masked tokens get *exactly* zero gradient even if their log-probs are NaN/inf: they are selected away with
+``torch.where`` before any arithmetic (a multiplication by the mask would turn ``0 * inf`` into NaN).
+
+Names and their defaults (any field of :class:`PolicyLossConfig` can be overridden by keyword):
+
+* ``ppo`` / ``grpo`` -- token ratio ``r_t = pi_theta(y_t) / pi_old(y_t)``, PPO clip 0.2/0.2
+  (Schulman et al. 2017, eq. 7; the GRPO objective of Shao et al. 2024, eq. 3, is the same clipped surrogate),
+  ``token-mean`` aggregation, optional dual-clip (Ye et al. 2020: for ``A < 0`` the loss is capped at ``-c A``).
+* ``dapo`` -- clip-higher (Yu et al. 2025, arXiv 2503.14476, eq. 8-10): ``clip_low=0.2``, ``clip_high=0.28``,
+  ``token-mean`` aggregation. DAPO's dynamic sampling lives in :mod:`.filtering` and the presets.
+* ``gspo`` -- sequence ratio (Zheng et al. 2025, arXiv 2507.18071, eq. 7):
+  ``s_i = exp(mean_{t in model tokens} log r_t)``, loss ``-min(s_i A, clip(s_i, 1-3e-4, 1+4e-4) A)``,
+  ``seq-mean-token-mean`` aggregation. Implemented in the GSPO-token form (GSPO eq. 13):
+  ``s_{i,t} = sg[s_i] * pi_theta(y_t) / sg[pi_theta(y_t)]`` whose value is ``s_i`` and whose gradient, with
+  sequence-constant advantages and ``seq-mean-token-mean``, equals the sequence form's
+  ``A_i s_i (1/|y_i|) sum_t grad log pi_theta(y_t)`` (DSPO paper eq. 8) -- while still accepting per-token
+  advantages (CalibAdv). Retrieved tokens never enter ``|y_i|``: only model tokens count.
+* ``dspo`` -- the same loss as ``gspo``; DSPO's other half, keeping only mixed-outcome groups until the batch
+  is full, is :func:`.filtering.mixed_outcome_groups` + :class:`.filtering.GroupBatcher` (preset ``dspo``).
+* ``sapo`` -- ``ppo`` plus SAPO's conditional KL term (arXiv 2603.10069)::
+
+      kl_term = sum_{i: A_i >= 0} sum_t m_it * 1[r_it <= t] * (log pi_old(y_t) - log pi_theta(y_t))
+                / sum_{i: A_i >= 0} sum_t m_it
+      loss = pg_loss + w * kl_term
+
+  a k1 estimate of KL(pi_old || pi_theta) on positive-advantage tokens whose probability *drifted down* to at most
+  ``t`` times the rollout's; it is differentiable through ``log pi_theta`` (it pulls those tokens back up) and it is
+  not clipped. The denominator counts every model token of the non-negative-advantage sequences. With per-token
+  advantages the condition ``A >= 0`` is applied per token (identical for sequence-constant advantages).
+  ``t`` (``sapo_threshold``) and ``w`` (``sapo_coef``) were not published in what we could read; the defaults
+  ``t = 0.5`` and ``w = 0.5`` are OURS, not the paper's. ``t = 0.5`` sits well below the PPO clip range
+  (``1 - 0.2``), so the term only fires on tokens whose probability halved since sampling -- genuine drift, not
+  ordinary PPO movement. ``w`` was picked by a sweep on the toy task of ``openrlhf-search demo-algorithms``
+  (8 off-policy epochs per batch, lr 0.3, 3 seeds; table in docs/algorithms.md): ``w = 0.1`` left the drift
+  share unchanged (0.0109 vs 0.0119 for grpo), ``w = 0.5`` halved it (0.0060) and ``w = 1, 2`` lowered it
+  further (0.0056, 0.0041), all at the same final reward within seed noise; 0.5 is the smallest weight with a
+  clear effect. A toy is not a search agent: the trainer may retune both on real runs.
+
+Aggregation modes (``loss_agg``), over model tokens ``m_it`` of the micro-batch:
+
+* ``token-mean``: ``sum_it m l / sum_it m`` (DAPO, OpenRLHF's default);
+* ``seq-mean-token-mean``: mean over sequences with at least one model token of their token-mean (GRPO paper);
+* ``seq-mean-token-sum``: mean over sequences of their token *sum*;
+* ``seq-mean-token-sum-norm``: ``sum_it m l / (n_seq * norm)`` with ``norm = loss_agg_norm`` (e.g. the
+  generation budget ``max_len``; Dr. GRPO) or ``T`` (the padded length) when unset. Set ``loss_agg_norm`` if the
+  loss must not depend on how much padding a batch carries.
+
+Optional terms: ``kl_coef * agg(k(log pi, log ref))`` with estimator ``kl_estimator`` (needs ``ref_log_probs``)
+and ``- entropy_coef * agg(entropy)`` (needs ``entropy``). Distributed note: token-mean over micro-batches or
+data-parallel ranks is only exact if the caller rescales by the global token count; that path is the trainer's
+and is not exercised here (CPU only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .diagnostics import policy_diagnostics
+from .kl import KL_ESTIMATORS, kl_penalty
+from .registry import Registry
+
+PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+
+# --------------------------------------------------------------------------------------------- aggregation
+LOSS_AGGREGATIONS: Registry[Callable[..., torch.Tensor]] = Registry("loss aggregation")
+
+
+@LOSS_AGGREGATIONS.register("token-mean")
+def _token_mean(values: torch.Tensor, mask: torch.Tensor, norm: float | None = None) -> torch.Tensor:
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp(min=1)
+
+
+@LOSS_AGGREGATIONS.register("seq-mean-token-mean")
+def _seq_mean_token_mean(values: torch.Tensor, mask: torch.Tensor, norm: float | None = None) -> torch.Tensor:
+    n_tok = mask.sum(-1)
+    per_seq = torch.where(mask, values, torch.zeros_like(values)).sum(-1) / n_tok.clamp(min=1)
+    return per_seq.sum() / (n_tok > 0).sum().clamp(min=1)
+
+
+@LOSS_AGGREGATIONS.register("seq-mean-token-sum")
+def _seq_mean_token_sum(values: torch.Tensor, mask: torch.Tensor, norm: float | None = None) -> torch.Tensor:
+    per_seq = torch.where(mask, values, torch.zeros_like(values)).sum(-1)
+    return per_seq.sum() / (mask.sum(-1) > 0).sum().clamp(min=1)
+
+
+@LOSS_AGGREGATIONS.register("seq-mean-token-sum-norm")
+def _seq_mean_token_sum_norm(values: torch.Tensor, mask: torch.Tensor, norm: float | None = None) -> torch.Tensor:
+    norm = float(values.shape[-1]) if norm is None else float(norm)
+    per_seq = torch.where(mask, values, torch.zeros_like(values)).sum(-1)
+    return per_seq.sum() / ((mask.sum(-1) > 0).sum().clamp(min=1) * norm)
+
+
+def aggregate_loss(values: torch.Tensor, mask: torch.Tensor, mode: str, norm: float | None = None) -> torch.Tensor:
+    """Reduce per-token ``values[B, T]`` over the bool ``mask[B, T]`` with aggregation ``mode``."""
+    return LOSS_AGGREGATIONS.get(mode)(values, mask.bool(), norm)
+
+
+# --------------------------------------------------------------------------------------------- config
+@dataclass
+class PolicyLossConfig:
+    """Configuration of a clipped policy-gradient loss; every loss name fills its own defaults."""
+
+    ratio_level: str = "token"
+    """``"token"`` (PPO/GRPO/DAPO/SAPO) or ``"sequence"`` (GSPO/DSPO: length-normalised sequence ratio)."""
+    clip_low: float = 0.2
+    """Lower clip epsilon: the ratio is clipped at ``1 - clip_low``."""
+    clip_high: float = 0.2
+    """Upper clip epsilon: the ratio is clipped at ``1 + clip_high`` (DAPO's clip-higher sets it above clip_low)."""
+    dual_clip: float | None = None
+    """Dual-clip constant ``c > 1`` capping the loss of negative-advantage tokens at ``-c A``; None disables."""
+    loss_agg: str = "token-mean"
+    """``token-mean``, ``seq-mean-token-mean``, ``seq-mean-token-sum`` or ``seq-mean-token-sum-norm``."""
+    loss_agg_norm: float | None = None
+    """Normaliser of ``seq-mean-token-sum-norm`` (e.g. the max response length); None uses the padded ``T``."""
+    sapo_threshold: float = 0.5
+    """SAPO ``t``: a positive-advantage token with ratio ``<= t`` counts as drifted (also used by diagnostics)."""
+    sapo_coef: float = 0.0
+    """SAPO ``w``: weight of the conditional KL term (0 disables it; the ``sapo`` loss defaults to 0.5)."""
+    kl_coef: float = 0.0
+    """Weight of the KL-to-reference loss term; > 0 requires ``ref_log_probs`` at call time."""
+    kl_estimator: str = "k3"
+    """KL estimator for the reference term: ``k1``, ``k2`` or ``k3`` (Schulman 2020)."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus (subtracted from the loss); > 0 requires ``entropy`` at call time."""
+    log_ratio_clamp: float = 20.0
+    """``|log r|`` is clamped to this before ``exp`` so ratios never overflow (gradient is 0 beyond it)."""
+
+    def validate(self, name: str = "policy loss") -> PolicyLossConfig:
+        """Raise ``ValueError`` naming the offending field if the config is inconsistent; return ``self``."""
+        problems = []
+        if self.ratio_level not in ("token", "sequence"):
+            problems.append(f"ratio_level={self.ratio_level!r} (expected 'token' or 'sequence')")
+        if not 0.0 <= self.clip_low < 1.0:
+            problems.append(f"clip_low={self.clip_low} (expected 0 <= clip_low < 1)")
+        if self.clip_high < 0.0:
+            problems.append(f"clip_high={self.clip_high} (expected >= 0)")
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            problems.append(f"dual_clip={self.dual_clip} (expected a constant > 1, or None)")
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            problems.append(f"loss_agg={self.loss_agg!r} (valid: {', '.join(LOSS_AGGREGATIONS.names())})")
+        if self.loss_agg_norm is not None and not self.loss_agg_norm > 0:
+            problems.append(f"loss_agg_norm={self.loss_agg_norm} (expected > 0)")
+        if not 0.0 < self.sapo_threshold <= 1.0:
+            problems.append(f"sapo_threshold={self.sapo_threshold} (expected 0 < t <= 1)")
+        for field in ("sapo_coef", "kl_coef", "entropy_coef"):
+            if getattr(self, field) < 0:
+                problems.append(f"{field}={getattr(self, field)} (expected >= 0)")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            problems.append(f"kl_estimator={self.kl_estimator!r} (valid: {', '.join(KL_ESTIMATORS.names())})")
+        if not self.log_ratio_clamp > 0:
+            problems.append(f"log_ratio_clamp={self.log_ratio_clamp} (expected > 0)")
+        if problems:
+            raise ValueError(f"{name}: invalid config: " + "; ".join(problems))
+        return self
+
+
+# --------------------------------------------------------------------------------------------- registry
+POLICY_LOSSES: Registry[Callable[..., PolicyLossFn]] = Registry("policy loss")
+
+
+def register_policy_loss(name: str):
+    """Register a factory ``factory(**cfg) -> fn(log_probs, old_log_probs, advantages, action_mask, **extra)``."""
+    return POLICY_LOSSES.register(name)
+
+
+def get_policy_loss(name: str, **cfg) -> PolicyLossFn:
+    """Build the policy loss ``name`` with config overrides ``cfg`` (fields of :class:`PolicyLossConfig`).
+
+    Unknown names raise ``KeyError`` listing the valid ones; unknown or invalid config keys raise
+    ``TypeError``/``ValueError`` naming the field.
+    """
+    return POLICY_LOSSES.get(name)(**cfg)
+
+
+def default_loss_config(name: str) -> dict:
+    """The defaults the built-in loss ``name`` applies on top of :class:`PolicyLossConfig` (for docs and presets)."""
+    return dict(_DEFAULTS[name])
+
+
+_DEFAULTS: dict[str, dict] = {
+    "ppo": {},
+    "grpo": {},
+    "dapo": {"clip_low": 0.2, "clip_high": 0.28, "loss_agg": "token-mean"},
+    "gspo": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "loss_agg": "seq-mean-token-mean"},
+    "dspo": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "loss_agg": "seq-mean-token-mean"},
+    "sapo": {"sapo_threshold": 0.5, "sapo_coef": 0.5},
+}
+
+
+def make_config(name: str, **cfg) -> PolicyLossConfig:
+    """Merge the defaults of ``name`` with ``cfg`` into a validated :class:`PolicyLossConfig`."""
+    valid = {f.name for f in dataclasses.fields(PolicyLossConfig)}
+    unknown = sorted(set(cfg) - valid)
+    if unknown:
+        raise TypeError(f"policy loss {name!r}: unknown config key(s) {unknown}; valid keys: {sorted(valid)}")
+    return PolicyLossConfig(**{**_DEFAULTS.get(name, {}), **cfg}).validate(f"policy loss {name!r}")
+
+
+def _make_factory(name: str):
+    def factory(**cfg) -> PolicyLossFn:
+        config = make_config(name, **cfg)
+
+        def loss_fn(log_probs, old_log_probs, advantages, action_mask, **extra):
+            return clipped_policy_loss(log_probs, old_log_probs, advantages, action_mask, config, **extra)
+
+        loss_fn.config = config  # type: ignore[attr-defined]
+        loss_fn.__name__ = f"{name}_loss"
+        loss_fn.__doc__ = f"The {name!r} policy loss with {config}."
+        return loss_fn
+
+    factory.__doc__ = f"Build the {name!r} loss; defaults {_DEFAULTS[name]} over PolicyLossConfig."
+    return factory
+
+
+for _name in _DEFAULTS:
+    register_policy_loss(_name)(_make_factory(_name))
+
+
+# --------------------------------------------------------------------------------------------- the loss
+def _check_inputs(log_probs, old_log_probs, advantages, action_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    if log_probs.dim() != 2:
+        raise ValueError(f"log_probs must be [B, T], got shape {tuple(log_probs.shape)}")
+    shape = log_probs.shape
+    for label, t in (("old_log_probs", old_log_probs), ("action_mask", action_mask)):
+        if t.shape != shape:
+            raise ValueError(f"{label} has shape {tuple(t.shape)}, expected {tuple(shape)} like log_probs")
+    if advantages.dim() == 1:
+        if advantages.shape[0] != shape[0]:
+            raise ValueError(f"advantages [B] has length {advantages.shape[0]}, expected B={shape[0]}")
+        advantages = advantages[:, None].expand(shape)
+    elif advantages.shape != shape:
+        raise ValueError(f"advantages must be [B] or [B, T]={tuple(shape)}, got {tuple(advantages.shape)}")
+    return advantages, action_mask.bool()
+
+
+def clipped_policy_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    action_mask: torch.Tensor,
+    config: PolicyLossConfig,
+    *,
+    ref_log_probs: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The shared clipped surrogate behind every built-in loss name (see the module docstring).
+
+    Args:
+        log_probs: ``[B, T]`` current log-probs (differentiable).
+        old_log_probs: ``[B, T]`` rollout-policy log-probs (detached here).
+        advantages: ``[B]`` or ``[B, T]`` advantages (detached here).
+        action_mask: ``[B, T]`` True on model tokens.
+        config: a validated :class:`PolicyLossConfig`.
+        ref_log_probs: ``[B, T]`` reference log-probs, required when ``config.kl_coef > 0``.
+        entropy: ``[B, T]`` token entropies, required when ``config.entropy_coef > 0`` (else only logged).
+    Returns:
+        ``(loss, metrics)`` with a scalar loss and a dict of Python floats.
+    """
+    cfg = config
+    advantages, mask = _check_inputs(log_probs, old_log_probs, advantages, action_mask)
+    # bf16/fp16 log-probs would make exp(log ratio) coarse: compute the loss in (at least) float32
+    log_probs = log_probs.to(torch.promote_types(log_probs.dtype, torch.float32))
+    zeros = torch.zeros_like(log_probs)
+    adv = torch.where(mask, advantages.detach().to(log_probs.dtype), zeros)
+    old = old_log_probs.detach().to(log_probs.dtype)
+
+    # log r_t on model tokens only; masked positions are *selected* to 0 so NaN/inf there cannot leak.
+    log_ratio = torch.where(mask, log_probs - old, zeros).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    token_ratio = torch.exp(log_ratio)
+    if cfg.ratio_level == "sequence":
+        n_tok = mask.sum(-1, keepdim=True).clamp(min=1)
+        seq_log_ratio = log_ratio.sum(-1, keepdim=True) / n_tok  # log s_i = mean_t log r_t (model tokens only)
+        # GSPO-token form: value s_i, gradient s_i * grad log pi(y_t).
+        ratio = torch.exp(seq_log_ratio.detach() + log_ratio - log_ratio.detach())
+    else:
+        ratio = token_ratio
+
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    if cfg.dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * cfg.dual_clip), pg)
+    pg_loss = aggregate_loss(pg, mask, cfg.loss_agg, cfg.loss_agg_norm)
+    loss = pg_loss
+
+    # SAPO conditional KL: k1 of KL(old || theta) on drifted positive-advantage tokens, over all their tokens.
+    pos_seq_tok = mask & (adv >= 0)
+    drifted = pos_seq_tok & (token_ratio.detach() <= cfg.sapo_threshold)
+    sapo_term = torch.where(drifted, -log_ratio, zeros).sum() / pos_seq_tok.sum().clamp(min=1)
+    if cfg.sapo_coef > 0:
+        loss = loss + cfg.sapo_coef * sapo_term
+
+    metrics: dict[str, float] = {}
+    if cfg.kl_coef > 0:
+        if ref_log_probs is None:
+            raise ValueError("kl_coef > 0 needs ref_log_probs=[B, T] (the reference policy's log-probs)")
+        kl_tok = kl_penalty(log_probs, ref_log_probs.detach(), mask, cfg.kl_estimator, cfg.log_ratio_clamp)
+        kl_loss = aggregate_loss(kl_tok, mask, cfg.loss_agg, cfg.loss_agg_norm)
+        loss = loss + cfg.kl_coef * kl_loss
+        metrics["kl_loss"] = kl_loss.item()
+    if cfg.entropy_coef > 0:
+        if entropy is None:
+            raise ValueError("entropy_coef > 0 needs entropy=[B, T] (token entropies, differentiable)")
+        loss = loss - cfg.entropy_coef * aggregate_loss(entropy, mask, cfg.loss_agg, cfg.loss_agg_norm)
+
+    metrics.update(
+        loss=loss.item(),
+        pg_loss=pg_loss.item(),
+        sapo_penalty=sapo_term.item(),
+        sapo_token_share=(drifted.sum() / pos_seq_tok.sum().clamp(min=1)).item(),
+    )
+    metrics.update(
+        policy_diagnostics(
+            ratio,
+            adv,
+            mask,
+            log_probs,
+            old,
+            token_ratio=token_ratio,
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip,
+            drift_threshold=cfg.sapo_threshold,
+            ref_log_probs=ref_log_probs,
+            entropy=entropy,
+        )
+    )
+    return loss, metrics

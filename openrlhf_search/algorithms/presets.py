@@ -1,0 +1,142 @@
+"""User-facing algorithm names -> (advantage estimator, policy loss, loss config, filtering, CalibAdv).
+
+``get_algorithm(name)`` is read by both the local trainer and the OpenRLHF launcher, so a name means the same
+thing on every backend.
+
+Base algorithms (exactly one per name; ``grpo`` if only modifiers are given):
+
+=========  =============  ===========  =======================================================  ==============
+name       estimator      loss         loss config                                              dyn. filter
+=========  =============  ===========  =======================================================  ==============
+grpo       grpo           grpo         clip 0.2/0.2, token-mean                                 no
+dr_grpo    dr_grpo        grpo         clip 0.2/0.2, seq-mean-token-sum-norm                    no
+dapo       grpo           dapo         clip 0.2/0.28, token-mean                                yes
+gspo       grpo           gspo         sequence ratio, clip 3e-4/4e-4, seq-mean-token-mean      no
+dspo       grpo           dspo         as gspo                                                  yes
+sapo       grpo           sapo         ppo + SAPO term (t=0.5, w=0.5; ours, see losses.py)      no
+=========  =============  ===========  =======================================================  ==============
+
+``dr_grpo`` divides token sums by ``loss_agg_norm``; without it, by the padded length ``T`` of the micro-batch.
+Dr. GRPO uses a constant (the generation budget): trainers should pass
+``build_loss(loss_agg_norm=max_response_tokens)``.
+
+Modifiers (any number, after or before the base, joined with ``+``):
+
+* ``calibadv`` -- apply :func:`.calibadv.calibrate_advantages` between the estimator and the loss
+  (``calibadv`` alone means ``grpo+calibadv``, the paper's setting);
+* ``filter`` -- turn on dynamic (mixed-outcome) group filtering, e.g. ``sapo+filter``.
+
+Combination rule: ``"a+b+..."`` is split on ``+``; order does not matter; at most one base algorithm; a name may
+not repeat; the base fixes estimator, loss and loss config, modifiers only switch flags on. Examples:
+``dspo+calibadv`` (sequence ratio + filtering + calibrated token advantages), ``sapo+calibadv``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .advantages import ADVANTAGE_ESTIMATORS
+from .losses import POLICY_LOSSES, default_loss_config
+
+
+@dataclass(frozen=True)
+class AlgorithmPreset:
+    """Everything a trainer needs to run one algorithm."""
+
+    name: str
+    """Canonical name (components sorted: base first, then modifiers alphabetically)."""
+    advantage_estimator: str
+    """Name for :func:`get_advantage_estimator`."""
+    policy_loss: str
+    """Name for :func:`get_policy_loss`."""
+    loss_cfg: dict = field(default_factory=dict)
+    """Keyword overrides for :func:`get_policy_loss` (already includes the loss's own defaults)."""
+    advantage_cfg: dict = field(default_factory=dict)
+    """Keyword config for the advantage estimator."""
+    dynamic_filter: bool = False
+    """Keep only mixed-outcome groups and refill the batch (:class:`GroupBatcher`)."""
+    calibadv: bool = False
+    """Calibrate token advantages with CalibAdv before the loss (needs CalibRecords from the environment)."""
+    description: str = ""
+    """One line for ``--help`` and logs."""
+
+    def build_loss(self, **overrides):
+        """The configured policy loss, with optional config overrides (e.g. from the CLI)."""
+        from .losses import get_policy_loss
+
+        return get_policy_loss(self.policy_loss, **{**self.loss_cfg, **overrides})
+
+    def build_estimator(self, **overrides):
+        """The configured advantage estimator."""
+        from .advantages import get_advantage_estimator
+
+        return get_advantage_estimator(self.advantage_estimator, **{**self.advantage_cfg, **overrides})
+
+
+def _base(name, estimator, loss, extra=None, dynamic_filter=False, description=""):
+    return AlgorithmPreset(
+        name=name,
+        advantage_estimator=estimator,
+        policy_loss=loss,
+        loss_cfg={**default_loss_config(loss), **(extra or {})},
+        dynamic_filter=dynamic_filter,
+        description=description,
+    )
+
+
+BASE_ALGORITHMS: dict[str, AlgorithmPreset] = {
+    p.name: p
+    for p in (
+        _base("grpo", "grpo", "grpo", description="GRPO: group-normalised outcome advantage, token-level PPO clip"),
+        _base(
+            "dr_grpo",
+            "dr_grpo",
+            "grpo",
+            {"loss_agg": "seq-mean-token-sum-norm"},
+            description="Dr. GRPO: no std division, token sums / a constant (set loss_agg_norm = max length)",
+        ),
+        _base("dapo", "grpo", "dapo", dynamic_filter=True, description="DAPO: clip-higher + dynamic sampling"),
+        _base("gspo", "grpo", "gspo", description="GSPO: sequence-level ratio, tight clip, sequence-mean"),
+        _base("dspo", "grpo", "dspo", dynamic_filter=True, description="DSPO: GSPO loss + mixed-outcome filtering"),
+        _base("sapo", "grpo", "sapo", description="SAPO: PPO + conditional KL on drifted positive tokens"),
+    )
+}
+
+MODIFIERS = ("calibadv", "filter")
+
+
+def algorithm_names() -> list[str]:
+    """Base names and modifiers that :func:`get_algorithm` accepts (combine with ``+``)."""
+    return sorted(BASE_ALGORITHMS) + list(MODIFIERS)
+
+
+def get_algorithm(name: str) -> AlgorithmPreset:
+    """Resolve ``name`` (e.g. ``"dspo"``, ``"calibadv"``, ``"sapo+calibadv"``) to an :class:`AlgorithmPreset`."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"algorithm name must be a non-empty string, got {name!r}")
+    parts = [p.strip().lower() for p in name.split("+")]
+    valid = ", ".join(algorithm_names())
+    if any(not p for p in parts):
+        raise ValueError(f"algorithm {name!r}: empty component; valid components: {valid}")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"algorithm {name!r}: a component is repeated")
+    unknown = [p for p in parts if p not in BASE_ALGORITHMS and p not in MODIFIERS]
+    if unknown:
+        raise KeyError(f"algorithm {name!r}: unknown component(s) {unknown}; valid components: {valid}")
+    bases = [p for p in parts if p in BASE_ALGORITHMS]
+    if len(bases) > 1:
+        raise ValueError(f"algorithm {name!r}: at most one base algorithm, got {bases} (modifiers: {MODIFIERS})")
+    mods = sorted(p for p in parts if p in MODIFIERS)
+    base = BASE_ALGORITHMS[bases[0] if bases else "grpo"]
+    assert base.advantage_estimator in ADVANTAGE_ESTIMATORS and base.policy_loss in POLICY_LOSSES
+    canonical = "+".join(([base.name] if bases or not mods else ["grpo"]) + mods)
+    if not bases and mods == ["calibadv"]:
+        canonical = "calibadv"
+    return replace(
+        base,
+        name=canonical,
+        loss_cfg=dict(base.loss_cfg),
+        calibadv=base.calibadv or "calibadv" in mods,
+        dynamic_filter=base.dynamic_filter or "filter" in mods,
+        description=base.description + "".join(f" + {m}" for m in mods),
+    )
