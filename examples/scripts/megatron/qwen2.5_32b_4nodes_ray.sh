@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Qwen2.5-32B, Megatron backend, 4 nodes x 8 GPUs (80 GB), Ray cluster started by hand.
+#   head node:    RAY_ROLE=head   bash qwen2.5_32b_4nodes_ray.sh
+#   worker nodes: RAY_ROLE=worker HEAD_IP=<head ip> bash qwen2.5_32b_4nodes_ray.sh
+# Layout: TP 8 (one node; 8 KV heads / 8) x PP 2 (64 layers, VPP 2 -> 16-layer chunks) x DP 2, sequence
+# parallel, full recompute, distributed optimizer; vLLM colocated: 8 engines x TP 4 at 40% memory.
+# Memory per GPU: params 32.8e9*2 B/16 = 4.1 GB, fp32 grads 8.2 GB, optimizer 32.8e9*12 B/32 = 12.3 GB,
+# activations (4k tokens, recompute) ~6 GB => ~31 GB training + 32 GB vLLM (weights 16.4 GB at TP 4 + KV cache).
+# Written for GPUs, NOT verified on this project's CPU CI.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+: "${RAY_ROLE:=head}"
+: "${RAY_PORT:=6379}"
+
+if [[ "${RAY_ROLE}" == "worker" ]]; then
+  : "${HEAD_IP:?set HEAD_IP to the head node address}"
+  exec ray start --address "${HEAD_IP}:${RAY_PORT}" --num-gpus 8 --block
+fi
+
+ray start --head --port "${RAY_PORT}" --num-gpus 8
+export MODEL="${MODEL:-Qwen/Qwen2.5-32B-Instruct}" NNODES=4 GPUS_PER_NODE=8 TP=8 PP=2 VPP=2
+export VLLM_TP=4 VLLM_MEM=0.4 RECOMPUTE=full MICRO_BATCH=1
+export RETRIEVAL_URL="${RETRIEVAL_URL:-http://127.0.0.1:8000}"
+exec bash "${HERE}/run_megatron_grpo.sh" "$@"

