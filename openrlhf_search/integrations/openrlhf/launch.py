@@ -1,0 +1,512 @@
+"""``openrlhf-search train --backend openrlhf``: build and run OpenRLHF 0.11.2's ``train_ppo_ray`` from our config.
+
+The launcher is a translation, not a trainer. From :class:`~openrlhf_search.trainer.config.TrainConfig` (what to
+train: model, data, environment, algorithm, optimizer) and :class:`~.config.OpenRLHFConfig` (where: GPUs, engines,
+ZeRO, retrieval server) it builds
+
+1. OpenRLHF's dotted flags (:func:`build_flags`), with the algorithm preset of
+   :func:`openrlhf_search.algorithms.get_algorithm` mapped onto OpenRLHF's *own* features where they compute the same
+   thing (:data:`NATIVE_LOSSES`, :data:`ESTIMATORS`, dynamic filtering) and onto our injected code where they do not
+   (:mod:`.patches`: SAPO, CalibAdv, GSPO/DSPO with per-token advantages, any other loss config);
+2. the prompt dataset (JSONL ``{"input": rendered prompt, "label": {"question", "golden_answers"}}``; the prompt is
+   rendered with the project's template and the model's chat template, so OpenRLHF's ``apply_chat_template`` stays
+   off), the agent config and the patch config (JSON);
+3. the command ``python -m openrlhf_search.integrations.openrlhf.entrypoint <flags>`` and its environment.
+
+``--dry-run`` prints the environment and command and touches nothing. Otherwise the launcher writes the files,
+starts ``openrlhf-search serve`` on ``retriever.spec`` unless ``openrlhf.retrieval_url`` names a running server,
+waits for its ``/health``, runs the command and stops the server.
+
+Mapping caveats (documented in docs/openrlhf.md): OpenRLHF's dynamic filtering keeps a group when its *mean* score
+lies strictly inside ``(0, 1)``, which equals DSPO's mixed-outcome rule for binary rewards; for graded rewards it
+also keeps zero-spread groups (their advantages are 0, so they only dilute the batch). OpenRLHF's ``group_norm``
+divides by ``std + 1e-9`` where ours uses ``std + 1e-6``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import (
+    AGENT_CONFIG_ENV,
+    CPU_SHIM_ENV,
+    PATCH_CONFIG_ENV,
+    AgentConfig,
+    OpenRLHFConfig,
+    PatchConfig,
+    from_dict,
+    to_json_file,
+)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+AGENT_FILE = PACKAGE_DIR / "agent_func.py"
+"""The file OpenRLHF loads as ``--train.agent_func_path``."""
+SITECUSTOMIZE_DIR = PACKAGE_DIR / "sitecustomize"
+"""Put on ``PYTHONPATH`` (with ``OPENRLHF_SEARCH_CPU_SHIM=1``) to load the CPU shim in every process."""
+
+ESTIMATORS: dict[str, str] = {"grpo": "group_norm", "dr_grpo": "dr_grpo", "rloo": "rloo"}
+"""Our advantage estimator name -> OpenRLHF's ``--algo.advantage.estimator`` computing the same outcome advantage."""
+
+
+def _plain_terms(cfg: dict) -> bool:
+    """No loss term OpenRLHF's ``PolicyLoss`` lacks (SAPO term, KL or entropy inside the loss) and its ratio clamp."""
+    return (cfg["sapo_coef"] == 0 and cfg["kl_coef"] == 0 and cfg["entropy_coef"] == 0
+            and cfg["log_ratio_clamp"] == 20.0)  # fmt: skip
+
+
+def _native_ppo(cfg: dict, calibadv: bool) -> list[str] | None:
+    """OpenRLHF's ``ppo`` loss: token ratio, clip-low/high, dual clip, token-mean or seq-mean-token-mean."""
+    if cfg["ratio_level"] != "token" or cfg["loss_agg"] not in ("token-mean", "seq-mean-token-mean"):
+        return None
+    if not _plain_terms(cfg):
+        return None
+    flags = ["--actor.policy_loss_type", "ppo", "--actor.loss_agg_mode", cfg["loss_agg"],
+             "--actor.eps_clip_low_high", _num(cfg["clip_low"]), _num(cfg["clip_high"])]  # fmt: skip
+    if cfg["dual_clip"] is not None:
+        flags += ["--actor.dual_clip", _num(cfg["dual_clip"])]
+    return flags
+
+
+def _native_gspo(cfg: dict, calibadv: bool) -> list[str] | None:
+    """OpenRLHF's ``gspo`` loss equals ours for sequence-constant advantages only (not after CalibAdv: OpenRLHF's
+    ratio is the sequence ratio on every token, ours is GSPO-token, which differ when advantages vary per token)."""
+    if calibadv or cfg["ratio_level"] != "sequence" or cfg["loss_agg"] != "seq-mean-token-mean":
+        return None
+    if not _plain_terms(cfg) or cfg["dual_clip"] is not None:
+        return None
+    return ["--actor.policy_loss_type", "gspo",
+            "--actor.eps_clip_low_high", _num(cfg["clip_low"]), _num(cfg["clip_high"])]  # fmt: skip
+
+
+NATIVE_LOSSES: dict[str, Callable[[dict, bool], list[str] | None]] = {
+    "ppo": _native_ppo,
+    "grpo": _native_ppo,
+    "dapo": _native_ppo,
+    "gspo": _native_gspo,
+    "dspo": _native_gspo,
+}
+"""Our loss name -> function of its *resolved* config (every ``PolicyLossConfig`` field) giving OpenRLHF's native
+flags, or ``None`` when OpenRLHF cannot express it (then :mod:`.patches` injects ours). Losses not listed
+(``sapo``, user-registered ones) are always injected."""
+
+
+def _num(x: float) -> str:
+    return repr(float(x))
+
+
+@dataclass
+class LaunchPlan:
+    """Everything a run needs; built without side effects by :func:`build_plan`."""
+
+    command: list[str]
+    """The process to run (our entrypoint + OpenRLHF flags)."""
+    env: dict[str, str]
+    """Environment variables added to the current environment."""
+    workdir: Path
+    """Directory of the generated files."""
+    prompt_file: Path
+    """JSONL prompt dataset to write."""
+    agent_config: AgentConfig
+    """Written to :attr:`agent_file`."""
+    agent_file: Path
+    """JSON path of the agent config."""
+    patch_config: PatchConfig
+    """Written to :attr:`patch_file`."""
+    patch_file: Path
+    """JSON path of the patch config."""
+    retrieval_url: str
+    """Server the agents query."""
+    server_command: list[str] | None = None
+    """Retrieval server to start first (``None`` when ``openrlhf.retrieval_url`` is given)."""
+    notes: list[str] = field(default_factory=list)
+    """Human-readable mapping decisions (printed with ``--dry-run``)."""
+
+    def render(self) -> str:
+        """Shell-pastable text of the plan (``--dry-run`` output)."""
+        lines = [f"# {n}" for n in self.notes]
+        if self.server_command:
+            lines.append("# retrieval server (started first, stopped at the end):")
+            lines.append(shlex.join(self.server_command) + " &")
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        flags = self.command
+        lines.append(env + " \\\n  " + " \\\n  ".join(_pairs(flags)))
+        return "\n".join(lines)
+
+
+def _pairs(argv: list[str]) -> list[str]:
+    """Group ``--flag value...`` for display."""
+    out: list[str] = []
+    for a in argv:
+        if a.startswith("--") or not out:
+            out.append(shlex.quote(a))
+        else:
+            out[-1] += " " + shlex.quote(a)
+    return out
+
+
+def _orl_config(config: Any, openrlhf: OpenRLHFConfig | dict | None) -> OpenRLHFConfig:
+    value = openrlhf if openrlhf is not None else getattr(config, "openrlhf", None)
+    if value is None:
+        return OpenRLHFConfig()
+    if isinstance(value, dict):
+        return from_dict(OpenRLHFConfig, value, "config section 'openrlhf'")
+    return value
+
+
+def resolve_algorithm(config: Any) -> tuple[list[str], PatchConfig, list[str]]:
+    """Map ``config.algorithm`` onto OpenRLHF flags and a :class:`PatchConfig`; also return explanatory notes."""
+    from openrlhf_search.algorithms.presets import get_algorithm
+
+    alg = config.algorithm
+    preset = get_algorithm(alg.name)
+    loss_cfg = {**preset.loss_cfg, **alg.loss_overrides}
+    notes = [f"algorithm {preset.name}: {preset.description}"]
+    if preset.advantage_estimator not in ESTIMATORS:
+        raise ValueError(
+            f"algorithm.name={alg.name!r}: advantage estimator {preset.advantage_estimator!r} has no OpenRLHF "
+            f"equivalent (supported: {sorted(ESTIMATORS)})"
+        )
+    flags = ["--algo.advantage.estimator", ESTIMATORS[preset.advantage_estimator]]
+    from openrlhf_search.algorithms.losses import make_config
+
+    resolved = dataclasses.asdict(make_config(preset.policy_loss, **loss_cfg))  # validates the overrides too
+    for key, hint in (("kl_coef", "set algorithm.kl_coef (OpenRLHF's own KL loss) instead"),
+                      ("entropy_coef", "pass --actor.entropy_coef through openrlhf.extra_args instead")):  # fmt: skip
+        if resolved[key] > 0:
+            raise ValueError(f"algorithm.loss_overrides.{key}={resolved[key]}: OpenRLHF does not pass reference "
+                             f"log-probs or entropies to the policy loss; {hint}")  # fmt: skip
+    native = NATIVE_LOSSES.get(preset.policy_loss, lambda cfg, calib: None)(resolved, preset.calibadv)
+    patch = PatchConfig(calibadv=preset.calibadv, calibadv_config={"target_ratio": alg.calib_lambda})
+    if native is not None:
+        flags += native
+        notes.append(f"loss {preset.policy_loss}: OpenRLHF's native loss ({' '.join(native[:2])})")
+    else:
+        patch.loss, patch.loss_config = preset.policy_loss, loss_cfg
+        flags += ["--actor.policy_loss_type", "ppo"]  # replaced in the actors by openrlhf_search's loss
+        notes.append(f"loss {preset.policy_loss}: injected from openrlhf_search ({loss_cfg})")
+    if preset.dynamic_filter:
+        flags += ["--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", "0.0", "1.0"]
+        notes.append("dynamic filtering: OpenRLHF's (keeps groups with 0 < mean score < 1); filtered prompts are "
+                     "consumed from the steps x prompts_per_step dataset, so fewer optimizer steps may run")
+    if preset.calibadv:
+        notes.append("CalibAdv: injected after OpenRLHF's advantage computation")
+    if alg.kl_coef > 0:
+        flags += ["--algo.kl.use_loss", "--algo.kl.init_coef", _num(alg.kl_coef), "--algo.kl.estimator",
+                  alg.kl_estimator]  # fmt: skip
+    else:
+        flags += ["--algo.kl.init_coef", "0.0"]
+    return flags, patch, notes
+
+
+def build_flags(config: Any, orl: OpenRLHFConfig, paths: dict[str, Path]) -> tuple[list[str], PatchConfig, list[str]]:
+    """OpenRLHF ``train_ppo_ray`` flags for ``config`` (see the module docstring); pure."""
+    model = config.model.path
+    if model in ("tiny", "smollm2") or not model:
+        raise ValueError(
+            f"model.path={model!r}: the OpenRLHF backend needs a Hugging Face checkpoint directory or hub id "
+            "(vLLM and DeepSpeed load it by path)"
+        )
+    ro, opt = config.rollout, config.optimizer
+    samples_per_step = ro.prompts_per_step * ro.group_size
+    if samples_per_step % config.algorithm.num_minibatches:
+        raise ValueError(
+            f"algorithm.num_minibatches={config.algorithm.num_minibatches} must divide rollout.prompts_per_step x "
+            f"rollout.group_size = {samples_per_step}"
+        )
+    if opt.schedule not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule={opt.schedule!r}: OpenRLHF backend supports {sorted(SCHEDULES)}")
+    alg_flags, patch, notes = resolve_algorithm(config)
+    flags = [
+        "--actor.model_name_or_path", model,
+        "--train.agent_func_path", str(paths["agent_py"]),
+        "--data.prompt_dataset", str(paths["prompts"]),
+        "--data.input_key", "input",
+        "--data.label_key", "label",
+        "--data.max_len", str(orl.max_prompt_tokens + config.env.max_response_tokens),
+        "--data.max_samples", str(config.steps * ro.prompts_per_step),
+        "--train.num_episodes", "1",
+        "--train.seed", str(config.seed),
+        "--rollout.batch_size", str(ro.prompts_per_step),
+        "--rollout.n_samples_per_prompt", str(ro.group_size),
+        "--rollout.micro_batch_size", str(orl.micro_rollout_batch_size),
+        "--rollout.temperature", _num(ro.temperature),
+        "--rollout.top_p", _num(ro.top_p),
+        "--train.batch_size", str(samples_per_step // config.algorithm.num_minibatches),
+        "--train.micro_batch_size", str(orl.micro_train_batch_size),
+        "--train.max_epochs", str(config.algorithm.ppo_epochs),
+        "--actor.adam.lr", _num(opt.lr),
+        "--actor.adam.betas", _num(opt.betas[0]), _num(opt.betas[1]),
+        "--actor.adam.weight_decay", _num(opt.weight_decay),
+        "--actor.max_norm", _num(opt.grad_clip),
+        "--actor.lr_warmup_ratio", _num(opt.warmup_steps / max(config.steps, 1)),
+        "--actor.lr_scheduler", SCHEDULES[opt.schedule],
+        *alg_flags,
+        "--actor.num_nodes", str(orl.actor_num_nodes),
+        "--actor.num_gpus_per_node", str(orl.actor_num_gpus_per_node),
+        "--vllm.num_engines", str(orl.vllm_num_engines),
+        "--vllm.tensor_parallel_size", str(orl.vllm_tensor_parallel_size),
+        "--vllm.gpu_memory_utilization", _num(orl.vllm_gpu_memory_utilization),
+        "--vllm.sync_backend", orl.vllm_sync_backend,
+        "--ds.zero_stage", str(orl.zero_stage),
+        "--ds.param_dtype", orl.param_dtype,
+        "--ds.attn_implementation", orl.attn_implementation,
+        "--ckpt.output_dir", str(paths["output"] / "model"),
+        "--ckpt.path", str(paths["output"] / "checkpoints"),
+        "--ckpt.save_steps", str(orl.save_steps),
+        "--logger.logging_steps", "1",
+    ]  # fmt: skip
+    if config.algorithm.kl_coef > 0:
+        flags += ["--ref.num_nodes", str(orl.ref_num_nodes), "--ref.num_gpus_per_node", str(orl.ref_num_gpus_per_node)]
+    switches = {
+        "--train.colocate_all": orl.colocate_all,
+        "--vllm.enable_sleep": orl.vllm_enable_sleep,
+        "--ds.enable_sleep": orl.colocate_all and orl.vllm_enable_sleep,
+        "--vllm.enforce_eager": orl.vllm_enforce_eager,
+        "--actor.gradient_checkpointing_enable": orl.gradient_checkpointing,
+        "--ds.adam_offload": orl.adam_offload,
+        "--ds.packing_samples": orl.packing_samples,
+    }
+    flags += [flag for flag, on in switches.items() if on]
+    if config.logging.tensorboard:
+        flags += ["--logger.tensorboard_dir", str(paths["output"] / "tensorboard")]
+    flags += list(orl.extra_args)
+    return flags, patch, notes
+
+
+SCHEDULES: dict[str, str] = {"constant": "constant_with_warmup", "cosine": "cosine_with_min_lr", "linear": "linear"}
+"""Our ``optimizer.schedule`` -> OpenRLHF's ``--actor.lr_scheduler`` (a transformers scheduler name)."""
+
+
+def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None) -> LaunchPlan:
+    """Translate ``config`` into a :class:`LaunchPlan` without touching the file system or network."""
+    orl = _orl_config(config, openrlhf).validate()
+    output = Path(config.logging.output_dir).resolve()
+    workdir = Path(orl.workdir).resolve() if orl.workdir else output / "openrlhf"
+    paths = {"agent_py": AGENT_FILE, "prompts": workdir / "prompts.jsonl", "output": output / "openrlhf"}
+    flags, patch, notes = build_flags(config, orl, paths)
+    server_command = None
+    retrieval_url = orl.retrieval_url
+    if not retrieval_url:
+        if not config.retriever.spec or config.retriever.spec.startswith("http"):
+            retrieval_url = config.retriever.spec
+        else:
+            retrieval_url = f"http://{orl.retrieval_host}:{orl.retrieval_port}"
+            server_command = [orl.python or sys.executable, "-m", "openrlhf_search", "serve",
+                              "--index", config.retriever.spec,
+                              "--host", orl.retrieval_host, "--port", str(orl.retrieval_port)]  # fmt: skip
+    if not retrieval_url:
+        raise ValueError("retriever.spec is empty and openrlhf.retrieval_url is unset: the agent needs a retriever")
+    env_cfg = config.env
+    agent = AgentConfig(
+        retrieval_url=retrieval_url,
+        topk=config.retriever.topk,
+        template=env_cfg.template,
+        max_turns=env_cfg.max_turns,
+        max_tokens_per_turn=env_cfg.max_tokens_per_turn,
+        max_obs_tokens=env_cfg.max_obs_tokens,
+        reward=env_cfg.reward,
+        reward_kwargs=dict(env_cfg.reward_kwargs),
+        record_logprobs=orl.record_rollout_logprobs,
+        calib_records=patch.calibadv,
+    )
+    agent_file, patch_file = workdir / "agent.json", workdir / "patch.json"
+    env = {AGENT_CONFIG_ENV: str(agent_file), PATCH_CONFIG_ENV: str(patch_file)}
+    if orl.ray_address:
+        env["RAY_ADDRESS"] = orl.ray_address
+    if orl.cpu_shim:
+        env.update(cpu_shim_env())
+    command = [orl.python or sys.executable, "-m", "openrlhf_search.integrations.openrlhf.entrypoint", *flags]
+    return LaunchPlan(command=command, env=env, workdir=workdir, prompt_file=paths["prompts"], agent_config=agent,
+                      agent_file=agent_file, patch_config=patch, patch_file=patch_file, retrieval_url=retrieval_url,
+                      server_command=server_command, notes=notes)  # fmt: skip
+
+
+def cpu_shim_env(base_pythonpath: str | None = None) -> dict[str, str]:
+    """Environment that loads :mod:`.cpu_shim` in every process of a CPU-only run (see docs/openrlhf.md)."""
+    pythonpath = os.environ.get("PYTHONPATH", "") if base_pythonpath is None else base_pythonpath
+    return {
+        CPU_SHIM_ENV: "1",
+        "PYTHONPATH": str(SITECUSTOMIZE_DIR) + (os.pathsep + pythonpath if pythonpath else ""),
+        "DS_ACCELERATOR": "cpu",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "VLLM_HOST_IP": "127.0.0.1",
+    }
+
+
+def load_train_samples(data_cfg: Any) -> list:
+    """Training questions (``QASample``): the synthetic KB's train split or the given files, capped at
+    ``data.num_train`` (set it large for real datasets)."""
+    if data_cfg.source == "synthetic":
+        from openrlhf_search.data.synthetic import generate_kb
+
+        return generate_kb(seed=data_cfg.seed, n_entities=data_cfg.num_entities).train[: data_cfg.num_train]
+    if not data_cfg.train_files:
+        raise ValueError(f"data.source={data_cfg.source!r} needs data.train_files")
+    from openrlhf_search.data.formats import read_dataset
+
+    return [s for path in data_cfg.train_files for s in read_dataset(path)][: data_cfg.num_train]
+
+
+def write_prompt_dataset(samples: list, path: Path, n_rows: int, template_name: str, tokenizer, seed: int) -> Path:
+    """Write ``n_rows`` prompts (epochs of seeded permutations of ``samples``) as OpenRLHF JSONL."""
+    from openrlhf_search.env.templates import get_template
+
+    if not samples:
+        raise ValueError("no training questions")
+    template = get_template(template_name)
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < n_rows:
+        perm = list(range(len(samples)))
+        rng.shuffle(perm)
+        order.extend(perm)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for i in order[:n_rows]:
+            s = samples[i]
+            label = json.dumps({"question": s.question, "golden_answers": list(s.golden_answers)})
+            f.write(json.dumps({"input": template.render(s.question, tokenizer), "label": label}) + "\n")
+    return path
+
+
+def materialize(plan: LaunchPlan, config: Any) -> None:
+    """Write the prompt dataset and the agent/patch JSON files of ``plan``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    n_rows = config.steps * config.rollout.prompts_per_step
+    write_prompt_dataset(load_train_samples(config.data), plan.prompt_file, n_rows, config.env.template, tokenizer,
+                         config.seed)  # fmt: skip
+    to_json_file(plan.agent_config, plan.agent_file)
+    to_json_file(plan.patch_config, plan.patch_file)
+
+
+def wait_for_health(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``<url>/health`` until it answers 200; raise ``RuntimeError`` naming the URL on timeout or exit."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"retrieval server exited with code {proc.returncode} before {url}/health answered")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"retrieval server at {url} did not answer /health within {timeout:.0f} s")
+
+
+def run_openrlhf(config: Any, dry_run: bool = False, openrlhf: OpenRLHFConfig | dict | None = None) -> int:
+    """Run (or with ``dry_run`` print) the OpenRLHF training described by ``config``; return the exit code."""
+    try:
+        plan = build_plan(config, openrlhf)
+    except (ValueError, KeyError) as exc:
+        print(f"openrlhf-search train --backend openrlhf: {exc}", file=sys.stderr)
+        return 2
+    if dry_run:
+        print(plan.render())
+        return 0
+    materialize(plan, config)
+    env = {**os.environ, **plan.env}
+    server = None
+    try:
+        if plan.server_command:
+            server = subprocess.Popen(plan.server_command, env=env)
+            wait_for_health(plan.retrieval_url, proc=server)
+        else:
+            wait_for_health(plan.retrieval_url, timeout=30.0)
+        return subprocess.call(plan.command, env=env)
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def plan_as_dict(plan: LaunchPlan) -> dict:
+    """JSON-friendly view of a plan (for logs and tests)."""
+    out = dataclasses.asdict(plan)
+    return json.loads(json.dumps(out, default=str))
+
+
+def load_configs(path: str | None, overrides: list[str]) -> tuple[Any, OpenRLHFConfig]:
+    """``(TrainConfig, OpenRLHFConfig)`` from a YAML file with an optional ``openrlhf:`` section and ``key=value``
+    overrides (``openrlhf.<field>=...`` ones go to the cluster section).
+
+    Until :class:`~openrlhf_search.trainer.config.TrainConfig` has an ``openrlhf`` field, the section is split off
+    here and the rest is validated by the trainer's own loader (unknown keys are errors naming the file).
+    """
+    import tempfile
+
+    import yaml
+
+    from openrlhf_search.trainer.config import TrainConfig, load_config
+
+    section: dict = {}
+    train_overrides = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if key.strip().startswith("openrlhf.") and sep:
+            section[key.strip().removeprefix("openrlhf.")] = yaml.safe_load(raw) if raw else ""
+        else:
+            train_overrides.append(item)
+    if "openrlhf" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        cfg = load_config(path, train_overrides)
+        base = _orl_config(cfg, None)
+        return cfg, from_dict(OpenRLHFConfig, {**dataclasses.asdict(base), **section}, "openrlhf overrides")
+    tree: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file not found: {p}")
+        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{p}: the top level must be a mapping of sections")
+    file_section = tree.pop("openrlhf", None) or {}
+    orl = from_dict(OpenRLHFConfig, {**file_section, **section}, f"{path or 'overrides'}: section 'openrlhf'")
+    if not path:
+        return load_config(None, train_overrides), orl
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=Path(path).stem + "-", delete=False) as tmp:
+        yaml.safe_dump(tree, tmp)
+    try:
+        return load_config(tmp.name, train_overrides), orl
+    finally:
+        os.unlink(tmp.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m openrlhf_search.integrations.openrlhf.launch --config F [--dry-run] [key=value ...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m openrlhf_search.integrations.openrlhf.launch",
+                                     description="Train a search agent with OpenRLHF (Ray + vLLM + DeepSpeed).")
+    parser.add_argument("--config", default=None, help="YAML training config (optional 'openrlhf:' section)")
+    parser.add_argument("--dry-run", action="store_true", help="print the environment and command, run nothing")
+    parser.add_argument("overrides", nargs="*", help="section.key=value (openrlhf.<field>=... for the cluster)")
+    args = parser.parse_args(argv)
+    try:
+        cfg, orl = load_configs(args.config, args.overrides)
+    except ValueError as exc:
+        print(f"openrlhf launch: {exc}", file=sys.stderr)
+        return 2
+    return run_openrlhf(cfg, dry_run=args.dry_run, openrlhf=orl)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

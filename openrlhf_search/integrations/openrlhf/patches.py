@@ -1,0 +1,314 @@
+"""The ONE module that touches OpenRLHF internals: our losses and CalibAdv inside OpenRLHF 0.11.2's Ray actors.
+
+OpenRLHF has no registry for policy losses or advantage post-processing, so we subclass its Ray actor classes and
+swap them in the driver before ``train_ppo_ray.train`` builds its actor groups:
+
+* ``PolicyModelActor`` (``openrlhf.trainer.ray.ppo_actor``): after ``init_model_from_pretrained`` builds its
+  ``ActorPPOTrainer``, ``trainer.actor_loss_fn`` (OpenRLHF's ``PolicyLoss``) is replaced by
+  :class:`OpenRLHFPolicyLoss`, an adapter around any loss of our registry
+  (:func:`openrlhf_search.algorithms.losses.get_policy_loss`, e.g. SAPO), and the trainer's ``training_step`` also
+  reports our loss's metrics (``search_loss/*``) into OpenRLHF's logs.
+* ``PPOTrainer`` (``openrlhf.trainer.ppo_trainer``): its ``RemoteExperienceMaker`` gets
+  :func:`calibrate_experiences` after OpenRLHF's ``compute_advantages_and_returns`` (CalibAdv,
+  :func:`openrlhf_search.algorithms.calibadv.calibrate_advantages`), with metrics ``calibadv/*``.
+
+The subclasses are built by factories that capture the :class:`~.config.PatchConfig`, so Ray pickles them by value
+with their configuration: nothing has to be set in the workers' environment, on one node or many. Every entry point
+checks the installed OpenRLHF version first (:func:`.compat.check_openrlhf_version`).
+
+What OpenRLHF passes to its loss (``ActorPPOTrainer.training_step``)::
+
+    actor_loss_fn(action_log_probs, old_action_log_probs, advantages, action_mask=..., rollout_log_probs=...,
+                  dp_size=..., batch_num_tokens=..., global_batch_size=...)
+    -> (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)
+
+Reference log-probs are not passed: a KL term to the reference stays OpenRLHF's (``--algo.kl.use_loss``). Not
+supported with our patches: ``--train.async_enable`` (a different trainer class) and ``--train.dynamic_batch_enable``
+(our loss normalization assumes OpenRLHF's fixed micro-batches) -- :func:`apply_patches` refuses them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import PatchConfig
+
+_PATCHED: dict[str, Any] = {}
+
+
+# --------------------------------------------------------------------------------------------- the loss adapter
+def _loss_module_base():
+    import torch
+
+    return torch.nn.Module
+
+
+class OpenRLHFPolicyLoss(_loss_module_base()):
+    """OpenRLHF's ``PolicyLoss`` interface around a loss of our registry.
+
+    Normalization: our losses average over the micro-batch they see (``token-mean`` or a sequence mean).
+    OpenRLHF instead divides by the *global* count of the optimizer step (``batch_num_tokens`` or
+    ``global_batch_size``, already divided by the gradient-accumulation steps) times ``dp_size``, so that
+    DeepSpeed's ``1/gas`` scaling and data-parallel averaging yield one mean over the step. The adapter rescales::
+
+        token modes:    loss * n_tokens(micro-batch) * dp_size / batch_num_tokens
+        sequence modes: loss * n_sequences_with_tokens(micro-batch) * dp_size / global_batch_size
+
+    which reproduces OpenRLHF's aggregation exactly for ``token-mean`` and ``seq-mean-*``. Without the global
+    counts (single micro-batch) the loss is returned as is.
+
+    Metrics of the last call are kept in :attr:`last_metrics` (floats): our loss's diagnostics plus
+    ``rollout_logprob_abs_diff``, the mean ``|log pi_old - log pi_rollout|`` over model tokens when vLLM's log-probs
+    are available -- ~1e-3 when vLLM samples from the trained weights, far larger when weight sync is broken.
+    """
+
+    def __init__(self, loss_name: str, loss_config: dict | None = None) -> None:
+        super().__init__()
+        from openrlhf_search.algorithms.losses import get_policy_loss
+
+        self.loss_name = loss_name
+        self.loss_fn = get_policy_loss(loss_name, **(loss_config or {}))
+        self.loss_agg = self.loss_fn.config.loss_agg
+        self.last_metrics: dict[str, float] = {}
+
+    def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
+                batch_num_tokens=None, global_batch_size=None):  # fmt: skip
+        """Compute our loss; return OpenRLHF's 5-tuple ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``."""
+        import torch
+
+        if action_mask is None:
+            action_mask = torch.ones_like(log_probs, dtype=torch.bool)
+        mask = action_mask.bool()
+        loss, metrics = self.loss_fn(log_probs, old_log_probs, advantages, mask)
+        if self.loss_agg == "token-mean" and batch_num_tokens is not None:
+            loss = loss * (mask.sum().float() * dp_size / batch_num_tokens)
+        elif self.loss_agg != "token-mean" and global_batch_size is not None:
+            loss = loss * ((mask.sum(-1) > 0).sum().float() * dp_size / global_batch_size)
+        with torch.no_grad():
+            n_tok = mask.sum().clamp(min=1)
+            log_ratio = torch.where(mask, log_probs.detach() - old_log_probs, torch.zeros_like(log_probs))
+            ppo_kl = -log_ratio.sum() / n_tok
+            clip_ratio = torch.tensor(
+                metrics.get("clip_frac_low", 0.0) + metrics.get("clip_frac_high", 0.0), device=log_probs.device
+            )
+            if rollout_log_probs is not None:
+                diff = torch.where(mask, (old_log_probs - rollout_log_probs).abs(), torch.zeros_like(old_log_probs))
+                metrics["rollout_logprob_abs_diff"] = (diff.sum() / n_tok).item()
+        self.last_metrics = {f"search_loss/{k}": float(v) for k, v in metrics.items()}
+        return loss, clip_ratio, ppo_kl, None, None
+
+
+# --------------------------------------------------------------------------------------------- CalibAdv
+def calibrate_experiences(experiences: list, n_samples_per_prompt: int, calib_config: dict | None = None) -> dict:
+    """Apply CalibAdv to OpenRLHF experiences in place, after OpenRLHF's advantage computation.
+
+    Each experience is a right-padded micro-batch with ``advantages``/``action_mask`` ``[b, T_e]``, ``index`` (the
+    samples' positions in the rollout batch; group id = index // n_samples_per_prompt, the grouping OpenRLHF's own
+    group baselines use) and ``info["calib_id"]`` (the record ids published by the agent). The outcome advantage of a
+    sample is its advantage on its first model token (OpenRLHF's outcome estimators give every model token the same
+    value). All micro-batches are calibrated together (CalibAdv's statistics are per group), then written back.
+
+    Returns the ``calibadv/*`` metrics, plus ``calibadv/missing_records`` (samples without a record keep their
+    advantages untouched).
+    """
+    import torch
+
+    from openrlhf_search.algorithms.calibadv import CalibAdvConfig, CalibRecord, SearchTurn, calibrate_advantages
+
+    from . import calib_store
+
+    rows = []  # (experience, row, record_id)
+    for exp in experiences:
+        ids = exp.info.get(calib_store.CALIB_ID_KEY)
+        if ids is None:
+            raise RuntimeError(
+                "CalibAdv is enabled but the experiences carry no calib_id: the agent must run with "
+                "calib_records=true (openrlhf_search.integrations.openrlhf.agent)"
+            )
+        ids = torch.as_tensor(ids).reshape(-1).tolist()
+        rows.extend((exp, r, int(i)) for r, i in enumerate(ids))
+    raw = calib_store.collect([rid for _, _, rid in rows])
+    T = max(exp.action_mask.shape[1] for exp in experiences)
+    B = len(rows)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    seq_adv = torch.zeros(B)
+    group_ids = torch.zeros(B, dtype=torch.long)
+    records, missing = [], 0
+    for k, ((exp, r, _), rec) in enumerate(zip(rows, raw)):
+        m = exp.action_mask[r].bool().cpu()
+        mask[k, : m.shape[0]] = m
+        first = int(m.nonzero()[0]) if m.any() else None
+        seq_adv[k] = float(exp.advantages[r, first]) if first is not None else 0.0
+        group_ids[k] = int(exp.index[r]) // n_samples_per_prompt
+        if rec is None:
+            missing += 1
+            rec = {"search_turns": [], "answer_span": None, "f1": 0.0, "valid_format": False}
+        records.append(
+            CalibRecord(
+                search_turns=[SearchTurn(**t) for t in rec["search_turns"]],
+                answer_span=tuple(rec["answer_span"]) if rec["answer_span"] is not None else None,
+                f1=float(rec["f1"]),
+                valid_format=bool(rec["valid_format"]),
+            )
+        )
+    cfg = CalibAdvConfig(**(calib_config or {}))
+    token_adv, metrics = calibrate_advantages(seq_adv, records, mask, group_ids, cfg)
+    for k, (exp, r, _) in enumerate(rows):
+        t_e = exp.advantages.shape[1]
+        exp.advantages[r] = token_adv[k, :t_e].to(exp.advantages.dtype)
+    for exp in experiences:
+        exp.info.pop(calib_store.CALIB_ID_KEY, None)
+    metrics = {k if k.startswith("calibadv/") else f"calibadv/{k}": float(v) for k, v in metrics.items()}
+    metrics["calibadv/missing_records"] = float(missing)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------- actor subclasses
+def make_policy_actor_class(base_remote_cls, patch: PatchConfig):
+    """A Ray actor class like ``base_remote_cls`` (OpenRLHF's ``PolicyModelActor``) whose trainer uses our loss."""
+    base = base_remote_cls.__ray_actor_class__
+
+    class SearchPolicyModelActor(base):
+        _patch_config = patch
+
+        def init_model_from_pretrained(self, *args, **kwargs):
+            out = super().init_model_from_pretrained(*args, **kwargs)
+            install_loss(self.trainer, self._patch_config)
+            return out
+
+    SearchPolicyModelActor.__qualname__ = SearchPolicyModelActor.__name__ = "SearchPolicyModelActor"
+    return _as_remote(SearchPolicyModelActor, base_remote_cls)
+
+
+def install_loss(trainer, patch: PatchConfig) -> None:
+    """Replace ``trainer.actor_loss_fn`` by our loss and make ``training_step`` log its metrics."""
+    if not patch.loss:
+        return
+    loss = OpenRLHFPolicyLoss(patch.loss, patch.loss_config)
+    trainer.actor_loss_fn = loss
+    original_step = trainer.training_step
+
+    def training_step(experience, kl_ctl, step, loss_batch_info=None):
+        import torch
+
+        status = original_step(experience, kl_ctl, step, loss_batch_info)
+        for key, value in loss.last_metrics.items():
+            status["metrics"][key] = torch.tensor(value)
+            status["weights"][key] = "token"
+        return status
+
+    trainer.training_step = training_step
+
+
+def make_ppo_trainer_class(base_remote_cls, patch: PatchConfig):
+    """A Ray actor class like OpenRLHF's ``PPOTrainer`` whose experience maker applies CalibAdv (and dumps)."""
+    base = base_remote_cls.__ray_actor_class__
+
+    class SearchPPOTrainer(base):
+        _patch_config = patch
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            install_maker_hooks(self.experience_maker, self._patch_config)
+
+    SearchPPOTrainer.__qualname__ = SearchPPOTrainer.__name__ = "SearchPPOTrainer"
+    return _as_remote(SearchPPOTrainer, base_remote_cls)
+
+
+def install_maker_hooks(maker, patch: PatchConfig) -> None:
+    """Wrap ``maker.compute_advantages_and_returns``: then run :func:`calibrate_experiences` (CalibAdv; its metrics
+    go to the experiences' ``info``, one value per sample, so OpenRLHF averages and logs them) and, with
+    ``patch.dump_dir``, :func:`dump_experiences`."""
+    if not (patch.calibadv or patch.dump_dir):
+        return
+    original = maker.compute_advantages_and_returns
+    state = {"step": 0}
+
+    def compute_advantages_and_returns(experiences):
+        import torch
+
+        experiences = original(experiences)
+        if patch.calibadv:
+            n_per_prompt = maker.args.rollout.n_samples_per_prompt
+            metrics = calibrate_experiences(experiences, n_per_prompt, patch.calibadv_config)
+            for exp in experiences:
+                n = exp.action_mask.shape[0]
+                for key, value in metrics.items():
+                    exp.info[key] = torch.full((n,), value)
+        state["step"] += 1
+        if patch.dump_dir:
+            dump_experiences(experiences, Path(patch.dump_dir) / f"step_{state['step']}.pt")
+        return experiences
+
+    maker.compute_advantages_and_returns = compute_advantages_and_returns
+
+
+def dump_experiences(experiences: list, path: Path) -> Path:
+    """Save the per-sample tensors of ``experiences`` (unpadded rows) with ``torch.save``."""
+    import torch
+
+    rows = []
+    for exp in experiences:
+        for r in range(exp.sequences.shape[0]):
+            row = {"sequence": exp.sequences[r].cpu(), "action_mask": exp.action_mask[r].cpu(),
+                   "advantages": exp.advantages[r].cpu(), "action_log_probs": exp.action_log_probs[r].cpu(),
+                   "index": int(exp.index[r])}  # fmt: skip
+            if exp.rollout_log_probs is not None:
+                row["rollout_log_probs"] = exp.rollout_log_probs[r].cpu()
+            if "reward" in exp.info:
+                row["reward"] = float(torch.as_tensor(exp.info["reward"]).reshape(-1)[r])
+            rows.append(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(rows, path)
+    return path
+
+
+def _as_remote(cls, like):
+    """``ray.remote`` of ``cls`` with the same decorator options as the Ray actor class ``like``."""
+    import ray
+
+    options = _remote_options(like)
+    return ray.remote(**options)(cls) if options else ray.remote(cls)
+
+
+def _remote_options(remote_cls) -> dict:
+    """The ``@ray.remote(...)`` options of an existing actor class (e.g. ``num_gpus=1``)."""
+    opts = getattr(remote_cls, "_default_options", None)
+    if opts is None:
+        opts = remote_cls.__ray_metadata__.default_options  # older Ray layout
+    return {k: v for k, v in dict(opts or {}).items() if v is not None}
+
+
+# --------------------------------------------------------------------------------------------- entry point
+def apply_patches(patch: PatchConfig, args=None) -> None:
+    """Swap OpenRLHF's ``PolicyModelActor`` / ``PPOTrainer`` for our subclasses (driver side, before ``train``).
+
+    Args:
+        patch: what to replace; an inactive config changes nothing.
+        args: OpenRLHF's parsed arguments, used to refuse unsupported modes (async training, dynamic batching).
+    """
+    from .compat import check_openrlhf_version
+
+    if not patch.active:
+        return
+    check_openrlhf_version()
+    if args is not None:
+        if args.train.async_enable:
+            raise ValueError("--train.async_enable is not supported with openrlhf_search's loss/CalibAdv patches")
+        if patch.loss and args.train.dynamic_batch_enable:
+            raise ValueError("--train.dynamic_batch_enable is not supported with openrlhf_search's loss patch")
+    import openrlhf.trainer.ppo_trainer as ppo_trainer_mod
+    import openrlhf.trainer.ray.ppo_actor as ppo_actor_mod
+
+    if "PolicyModelActor" not in _PATCHED:
+        _PATCHED["PolicyModelActor"] = ppo_actor_mod.PolicyModelActor
+        _PATCHED["PPOTrainer"] = ppo_trainer_mod.PPOTrainer
+    if patch.loss:
+        ppo_actor_mod.PolicyModelActor = make_policy_actor_class(_PATCHED["PolicyModelActor"], patch)
+        cli = sys.modules.get("openrlhf.cli.train_ppo_ray")
+        if cli is not None:
+            cli.PolicyModelActor = ppo_actor_mod.PolicyModelActor
+    if patch.calibadv or patch.dump_dir:
+        ppo_trainer_mod.PPOTrainer = make_ppo_trainer_class(_PATCHED["PPOTrainer"], patch)

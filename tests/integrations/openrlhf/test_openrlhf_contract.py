@@ -1,0 +1,232 @@
+"""Contracts with the installed OpenRLHF 0.11.2 (needs the OpenRLHF venv: ``scripts/test_openrlhf.sh``).
+
+* every flag the launcher emits is accepted by OpenRLHF's own ``train_ppo_ray`` parser and lands where intended;
+* the injected loss is called by OpenRLHF's own ``ActorPPOTrainer.training_step`` with exactly the arguments it
+  passes, returns what it unpacks, and its metrics reach the step status;
+* where OpenRLHF has the same loss natively, ours gives the same values and gradients;
+* CalibAdv runs after OpenRLHF's own ``compute_advantages_and_returns``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("openrlhf")
+pytestmark = pytest.mark.openrlhf
+
+import torch  # noqa: E402
+
+from openrlhf_search.integrations.openrlhf.config import OpenRLHFConfig, PatchConfig  # noqa: E402
+
+ALGORITHMS = ["grpo", "dr_grpo", "dapo", "gspo", "dspo", "sapo", "calibadv", "dspo+calibadv", "sapo+calibadv"]
+
+
+def openrlhf_args(argv):
+    from openrlhf.utils.config import hierarchize
+
+    from openrlhf_search.integrations.openrlhf.compat import openrlhf_argument_parser
+
+    return hierarchize(openrlhf_argument_parser().parse_args(argv))
+
+
+def test_version_is_pinned():
+    from openrlhf_search.integrations.openrlhf.compat import OPENRLHF_VERSION, check_openrlhf_version
+
+    assert check_openrlhf_version() == OPENRLHF_VERSION == "0.11.2"
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("cluster", [{}, {"actor_num_nodes": 2, "zero_stage": 3, "vllm_tensor_parallel_size": 2,
+                                          "colocate_all": False, "cpu_shim": True, "vllm_sync_backend": "gloo"}])
+def test_every_emitted_flag_is_accepted_by_openrlhf(algorithm, cluster):
+    from openrlhf_search.integrations.openrlhf.launch import build_plan
+    from openrlhf_search.trainer.config import load_config
+
+    cfg = load_config(None, ["model.path=/models/m", "retriever.spec=/idx", f"algorithm.name={algorithm}",
+                             "algorithm.kl_coef=0.001"])  # fmt: skip
+    plan = build_plan(cfg, OpenRLHFConfig(**cluster))
+    flags = plan.command[3:]
+    args = openrlhf_args(flags)  # argparse exits on any unknown flag or bad value
+    assert args.actor.model_name_or_path == "/models/m"
+    assert args.train.agent_func_path == str(plan.command[plan.command.index("--train.agent_func_path") + 1])
+    assert args.rollout.n_samples_per_prompt == cfg.rollout.group_size
+    assert args.algo.advantage.estimator == "group_norm" or algorithm == "dr_grpo"
+    assert args.algo.kl.use_loss is True and args.algo.kl.init_coef == pytest.approx(0.001)
+    assert args.ds.zero_stage == cluster.get("zero_stage", 2)
+    assert args.vllm.sync_with_ray is False
+
+
+def _fake_actor_trainer(loss_name, loss_cfg=None):
+    """An ``ActorPPOTrainer`` without its heavy ``__init__`` (no DeepSpeed): just what ``training_step`` reads."""
+    from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
+
+    from openrlhf_search.integrations.openrlhf.patches import install_loss
+
+    class Actor(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+            self.shift = torch.nn.Parameter(torch.zeros(base.shape[1]))
+
+        def forward(self, sequences, action_mask, **kwargs):
+            return self.base + self.shift, SimpleNamespace(aux_loss=None, entropy=None)
+
+    trainer = object.__new__(ActorPPOTrainer)
+    args = openrlhf_args(["--actor.model_name_or_path", "m"])
+    base = -torch.rand(4, 6) - 0.1
+    trainer.actor = Actor(base)
+    trainer.args = args
+    trainer.strategy = SimpleNamespace(args=args, ring_attn_group=None, backward=lambda loss, m, o: loss.backward(),
+                                       optimizer_step=lambda *a, **k: None, get_grad_norm=lambda m: 0.0)  # fmt: skip
+    trainer.actor_optim = trainer.ema_model = trainer.replay_buffer = None
+    trainer.actor_scheduler = SimpleNamespace(get_last_lr=lambda: [1e-6])
+    trainer.aux_loss = False
+    install_loss(trainer, PatchConfig(loss=loss_name, loss_config=loss_cfg or {}))
+    return trainer, base
+
+
+def _experience(base, seed=0):
+    from openrlhf.trainer.ppo_utils.experience import Experience
+
+    g = torch.Generator().manual_seed(seed)
+    b, t = base.shape
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, 4:] = False
+    adv = torch.randn(b, 1, generator=g).expand(b, t) * mask
+    return Experience(
+        sequences=torch.randint(0, 50, (b, t + 1), generator=g),
+        attention_mask=torch.ones(b, t + 1, dtype=torch.long),
+        action_mask=mask,
+        action_log_probs=base + 0.05 * torch.randn(b, t, generator=g),
+        rollout_log_probs=base + 0.01,
+        advantages=adv,
+        info={},
+    )
+
+
+def test_injected_loss_receives_exactly_what_openrlhf_passes():
+    trainer, base = _fake_actor_trainer("sapo", {"sapo_coef": 0.5})
+    exp = _experience(base)
+    calls = []
+    loss_module = trainer.actor_loss_fn
+    original_forward = loss_module.forward
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original_forward(*args, **kwargs)
+
+    loss_module.forward = spy
+    batch_info = {"dp_size": 1, "batch_num_tokens": exp.action_mask.sum().float(), "global_batch_size": 4.0}
+    status = trainer.training_step(exp, 0.0, 0, batch_info)
+    assert len(calls) == 1
+    args, kwargs = calls[0]
+    bound = inspect.signature(original_forward).bind(*args, **kwargs)  # every argument has a parameter
+    assert torch.equal(bound.arguments["log_probs"].detach(), base)  # the actor's fresh log-probs
+    assert bound.arguments["old_log_probs"] is exp.action_log_probs
+    assert bound.arguments["advantages"] is exp.advantages
+    assert bound.arguments["action_mask"] is exp.action_mask
+    assert bound.arguments["rollout_log_probs"] is exp.rollout_log_probs
+    assert {k: bound.arguments[k] for k in batch_info} == batch_info
+    assert trainer.actor.shift.grad is not None and trainer.actor.shift.grad.abs().sum() > 0
+    metrics = status["metrics"]
+    for key in ("search_loss/sapo_penalty", "search_loss/pg_loss", "search_loss/rollout_logprob_abs_diff"):
+        assert key in metrics and status["weights"][key] == "token"
+    assert metrics["search_loss/rollout_logprob_abs_diff"].item() == pytest.approx(
+        ((exp.action_log_probs - exp.rollout_log_probs).abs() * exp.action_mask).sum().item()
+        / exp.action_mask.sum().item(), rel=1e-5)  # fmt: skip
+    assert "policy_loss" in metrics and "ppo_kl" in metrics
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [("grpo", {"policy_loss_type": "ppo"}),
+                                              ("dapo", {"policy_loss_type": "ppo", "clip_eps_high": 0.28}),
+                                              ("dspo", {"policy_loss_type": "gspo", "clip_eps_low": 3e-4,
+                                                        "clip_eps_high": 4e-4})])  # fmt: skip
+def test_native_equivalents_match_openrlhf(ours, theirs):
+    """Where the launcher uses OpenRLHF's loss natively, ours computes the same thing (values and gradients)."""
+    from openrlhf.models import PolicyLoss
+
+    from openrlhf_search.integrations.openrlhf.patches import OpenRLHFPolicyLoss
+
+    g = torch.Generator().manual_seed(3)
+    b, t = 4, 7
+    mask = torch.ones(b, t)
+    mask[0, 5:] = 0
+    old = -torch.rand(b, t, generator=g) - 0.2
+    adv = torch.randn(b, 1, generator=g).expand(b, t) * mask  # sequence-constant advantages
+    info = {"dp_size": 2, "batch_num_tokens": mask.sum() * 1.5, "global_batch_size": torch.tensor(6.0)}
+    grads, values = [], []
+    for fn in (OpenRLHFPolicyLoss(ours), PolicyLoss(**theirs)):
+        new = (old + 0.3 * torch.randn(b, t, generator=torch.Generator().manual_seed(4))).requires_grad_()
+        loss = fn(new, old, adv, action_mask=mask, **info)[0]
+        loss.backward()
+        values.append(loss.detach())
+        grads.append(new.grad * mask)
+    assert torch.allclose(values[0], values[1], atol=1e-6)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_calibadv_runs_after_openrlhf_advantages():
+    from openrlhf.trainer.ppo_utils.experience import Experience
+    from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+
+    from openrlhf_search.algorithms.calibadv import CalibRecord, SearchTurn, calibrate_advantages
+    from openrlhf_search.integrations.openrlhf import calib_store
+    from openrlhf_search.integrations.openrlhf.patches import install_maker_hooks
+
+    args = openrlhf_args(["--actor.model_name_or_path", "m", "--algo.advantage.estimator", "group_norm",
+                          "--rollout.n_samples_per_prompt", "2"])  # fmt: skip
+    maker = object.__new__(RemoteExperienceMaker)
+    maker.strategy, maker.args, maker.advantage_estimator = SimpleNamespace(args=args), args, "group_norm"
+    maker.kl_ctl = SimpleNamespace(value=0.0)
+    t = 8
+    recs = [{"search_turns": [{"start": 0, "end": 3, "doc_ids": ["a", "b"], "repeated": False}],
+             "answer_span": [4, 6], "f1": f1, "valid_format": True} for f1 in (1.0, 0.0, 0.0, 1.0)]  # fmt: skip
+    rewards = [1.0, 0.0, 0.0, 1.0]
+    experiences = []
+    for rows in ([0, 1], [2, 3]):
+        mask = torch.zeros(2, t, dtype=torch.bool)
+        mask[:, 0:3] = True
+        mask[:, 4:6] = True
+        ids = [calib_store.new_record_id() for _ in rows]
+        for i, r in zip(ids, rows):
+            calib_store.publish(i, recs[r])
+        exp = Experience(sequences=torch.zeros(2, t + 1, dtype=torch.long), action_mask=mask,
+                         attention_mask=torch.ones(2, t + 1, dtype=torch.long),
+                         rewards=torch.tensor([rewards[r] for r in rows]), kl=torch.zeros(2, t),
+                         info={"calib_id": torch.tensor(ids)}, index=list(rows))  # fmt: skip
+        experiences.append(exp)
+    plain = maker.compute_advantages_and_returns(copy.deepcopy(experiences))
+    install_maker_hooks(maker, PatchConfig(calibadv=True))
+    calibrated = maker.compute_advantages_and_returns(experiences)
+    seq_adv = torch.cat([e.advantages[:, 0] for e in plain])
+    mask = torch.cat([e.action_mask for e in plain])
+    records = [CalibRecord([SearchTurn(**s) for s in r["search_turns"]], tuple(r["answer_span"]), r["f1"], True)
+               for r in recs]  # fmt: skip
+    expected, _ = calibrate_advantages(seq_adv, records, mask, torch.tensor([0, 0, 1, 1]))
+    assert torch.allclose(torch.cat([e.advantages for e in calibrated]), expected)
+    assert not torch.allclose(expected, torch.cat([e.advantages for e in plain]))
+    assert all("calib_id" not in e.info and "calibadv/missing_records" in e.info for e in calibrated)
+
+
+def test_apply_patches_swaps_the_ray_actor_classes():
+    import openrlhf.trainer.ppo_trainer as ppo_trainer_mod
+    import openrlhf.trainer.ray.ppo_actor as ppo_actor_mod
+
+    from openrlhf_search.integrations.openrlhf import patches
+
+    before = (ppo_actor_mod.PolicyModelActor, ppo_trainer_mod.PPOTrainer)
+    try:
+        patches.apply_patches(PatchConfig(loss="sapo", calibadv=True))
+        actor_cls = ppo_actor_mod.PolicyModelActor.__ray_actor_class__
+        trainer_cls = ppo_trainer_mod.PPOTrainer.__ray_actor_class__
+        assert issubclass(actor_cls, before[0].__ray_actor_class__) and actor_cls._patch_config.loss == "sapo"
+        assert issubclass(trainer_cls, before[1].__ray_actor_class__) and trainer_cls._patch_config.calibadv
+        assert patches._remote_options(ppo_actor_mod.PolicyModelActor) == patches._remote_options(before[0])
+        with pytest.raises(ValueError, match="async_enable"):
+            patches.apply_patches(PatchConfig(loss="sapo"), openrlhf_args(["--train.async_enable"]))
+    finally:
+        ppo_actor_mod.PolicyModelActor, ppo_trainer_mod.PPOTrainer = before

@@ -1,0 +1,213 @@
+"""The OpenRLHF launcher as pure command building (main suite: OpenRLHF is not needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from openrlhf_search.integrations.openrlhf import launch
+from openrlhf_search.integrations.openrlhf.config import (
+    AGENT_CONFIG_ENV,
+    PATCH_CONFIG_ENV,
+    AgentConfig,
+    OpenRLHFConfig,
+    PatchConfig,
+    from_env,
+    from_json_file,
+    to_json_file,
+)
+from openrlhf_search.trainer.config import load_config
+
+
+def make_config(*overrides: str):
+    return load_config(None, ["model.path=/models/qwen2.5-7b", "retriever.spec=/indexes/wiki-bm25", *overrides])
+
+
+def flag_values(command: list[str], flag: str) -> list[str]:
+    """Values following ``flag`` in ``command`` (up to the next flag); KeyError if absent."""
+    i = command.index(flag)
+    out = []
+    for arg in command[i + 1 :]:
+        if arg.startswith("--"):
+            break
+        out.append(arg)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "policy_loss_type", "injected_loss", "calibadv", "dynamic_filtering"),
+    [
+        ("grpo", "ppo", "", False, False),
+        ("dapo", "ppo", "", False, True),
+        ("gspo", "gspo", "", False, False),
+        ("dspo", "gspo", "", False, True),
+        ("sapo", "ppo", "sapo", False, False),
+        ("dspo+calibadv", "ppo", "dspo", True, True),
+        ("calibadv", "ppo", "", True, False),
+        ("dr_grpo", "ppo", "grpo", False, False),
+    ],
+)
+def test_algorithm_mapping(algorithm, policy_loss_type, injected_loss, calibadv, dynamic_filtering):
+    plan = launch.build_plan(make_config(f"algorithm.name={algorithm}"))
+    assert flag_values(plan.command, "--actor.policy_loss_type") == [policy_loss_type]
+    assert plan.patch_config.loss == injected_loss
+    assert plan.patch_config.calibadv is calibadv
+    assert plan.agent_config.calib_records is calibadv
+    assert ("--algo.dynamic_filtering_enable" in plan.command) is dynamic_filtering
+
+
+def test_native_losses_carry_the_preset_clip_range():
+    dapo = launch.build_plan(make_config("algorithm.name=dapo")).command
+    assert flag_values(dapo, "--actor.eps_clip_low_high") == ["0.2", "0.28"]
+    assert flag_values(dapo, "--actor.loss_agg_mode") == ["token-mean"]
+    dspo = launch.build_plan(make_config("algorithm.name=dspo")).command
+    assert flag_values(dspo, "--actor.eps_clip_low_high") == ["0.0003", "0.0004"]
+    assert flag_values(dspo, "--algo.dynamic_filtering_range") == ["0.0", "1.0"]
+
+
+def test_loss_override_outside_openrlhf_forces_injection():
+    cfg = make_config("algorithm.name=grpo", "algorithm.loss_overrides={loss_agg: seq-mean-token-sum-norm}")
+    plan = launch.build_plan(cfg)
+    assert plan.patch_config.loss == "grpo"
+    assert plan.patch_config.loss_config["loss_agg"] == "seq-mean-token-sum-norm"
+    native = launch.build_plan(make_config("algorithm.name=grpo", "algorithm.loss_overrides={dual_clip: 3.0}"))
+    assert native.patch_config.loss == "" and flag_values(native.command, "--actor.dual_clip") == ["3.0"]
+
+
+def test_loss_terms_openrlhf_cannot_feed_are_refused():
+    with pytest.raises(ValueError, match="loss_overrides.kl_coef=0.1: OpenRLHF does not pass reference"):
+        launch.build_plan(make_config("algorithm.name=sapo", "algorithm.loss_overrides={kl_coef: 0.1}"))
+
+
+def test_estimators_and_kl():
+    grpo = launch.build_plan(make_config("algorithm.name=grpo")).command
+    assert flag_values(grpo, "--algo.advantage.estimator") == ["group_norm"]
+    assert flag_values(grpo, "--algo.kl.init_coef") == ["0.0"]
+    assert "--algo.kl.use_loss" not in grpo and "--ref.num_nodes" not in grpo
+    dr = launch.build_plan(make_config("algorithm.name=dr_grpo", "algorithm.kl_coef=0.01")).command
+    assert flag_values(dr, "--algo.advantage.estimator") == ["dr_grpo"]
+    assert "--algo.kl.use_loss" in dr and flag_values(dr, "--algo.kl.init_coef") == ["0.01"]
+    assert flag_values(dr, "--ref.num_gpus_per_node") == ["8"]
+
+
+def test_batch_and_budget_arithmetic():
+    cfg = make_config("rollout.prompts_per_step=64", "rollout.group_size=5", "algorithm.num_minibatches=4",
+                      "steps=10", "env.max_response_tokens=3000")  # fmt: skip
+    cmd = launch.build_plan(cfg, OpenRLHFConfig(max_prompt_tokens=1024)).command
+    assert flag_values(cmd, "--rollout.batch_size") == ["64"]
+    assert flag_values(cmd, "--rollout.n_samples_per_prompt") == ["5"]
+    assert flag_values(cmd, "--train.batch_size") == ["80"]
+    assert flag_values(cmd, "--data.max_samples") == ["640"]
+    assert flag_values(cmd, "--data.max_len") == ["4024"]
+
+
+def test_cluster_section_is_applied():
+    orl = {"actor_num_nodes": 2, "vllm_num_engines": 4, "vllm_tensor_parallel_size": 4, "zero_stage": 3,
+           "colocate_all": False, "vllm_enable_sleep": False, "extra_args": ["--vllm.enforce_eager"]}  # fmt: skip
+    cmd = launch.build_plan(make_config(), orl).command
+    assert flag_values(cmd, "--actor.num_nodes") == ["2"]
+    assert flag_values(cmd, "--vllm.tensor_parallel_size") == ["4"]
+    assert flag_values(cmd, "--ds.zero_stage") == ["3"]
+    assert "--train.colocate_all" not in cmd and "--ds.enable_sleep" not in cmd
+    assert cmd[-1] == "--vllm.enforce_eager"
+
+
+def test_every_flag_is_dotted_and_never_sync_with_ray():
+    plan = launch.build_plan(make_config("algorithm.name=dspo+calibadv"), OpenRLHFConfig(cpu_shim=True))
+    flags = [a for a in plan.command if a.startswith("--")]
+    assert all("." in f for f in flags), [f for f in flags if "." not in f]
+    assert "--vllm.sync_with_ray" not in flags
+    assert plan.command[1:3] == ["-m", "openrlhf_search.integrations.openrlhf.entrypoint"]
+    assert flag_values(plan.command, "--train.agent_func_path") == [str(launch.AGENT_FILE)]
+
+
+def test_retrieval_server_started_or_reused():
+    started = launch.build_plan(make_config(), OpenRLHFConfig(retrieval_port=9123))
+    assert started.retrieval_url == "http://127.0.0.1:9123"
+    assert started.server_command[3:6] == ["serve", "--index", "/indexes/wiki-bm25"]
+    given = launch.build_plan(make_config(), OpenRLHFConfig(retrieval_url="http://10.0.0.5:8000"))
+    assert given.server_command is None and given.agent_config.retrieval_url == "http://10.0.0.5:8000"
+    url_spec = launch.build_plan(load_config(None, ["model.path=/m", "retriever.spec=http://host:8000"]))
+    assert url_spec.server_command is None and url_spec.retrieval_url == "http://host:8000"
+
+
+def test_cpu_shim_environment(tmp_path):
+    plan = launch.build_plan(make_config(), OpenRLHFConfig(cpu_shim=True))
+    assert plan.env["OPENRLHF_SEARCH_CPU_SHIM"] == "1"
+    assert plan.env["DS_ACCELERATOR"] == "cpu"
+    assert plan.env["PYTHONPATH"].split(":")[0] == str(launch.SITECUSTOMIZE_DIR)
+    assert (launch.SITECUSTOMIZE_DIR / "sitecustomize.py").is_file()
+    assert "OPENRLHF_SEARCH_CPU_SHIM" not in launch.build_plan(make_config()).env
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.path=tiny"], "model.path='tiny'"),
+        (["rollout.prompts_per_step=3", "rollout.group_size=3", "algorithm.num_minibatches=2"], "num_minibatches"),
+        (["optimizer.schedule=weird"], "optimizer.schedule"),
+        (["algorithm.name=nope"], "nope"),
+    ],
+)
+def test_bad_configs_name_the_field(overrides, message, capsys):
+    cfg = load_config(None, ["model.path=/m", "retriever.spec=/i", *overrides])
+    assert launch.run_openrlhf(cfg, dry_run=True) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_cluster_field_is_named():
+    with pytest.raises(ValueError, match="openrlhf.vllm_sync_backend"):
+        launch.build_plan(make_config(), OpenRLHFConfig(vllm_sync_backend="mpi"))
+    with pytest.raises(ValueError, match=r"unknown OpenRLHFConfig key\(s\) \['gpus'\]"):
+        launch.build_plan(make_config(), {"gpus": 8})
+
+
+def test_dry_run_prints_and_writes_nothing(tmp_path, capsys):
+    cfg = make_config(f"logging.output_dir={tmp_path / 'run'}", "algorithm.name=sapo")
+    assert launch.run_openrlhf(cfg, dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert "openrlhf_search.integrations.openrlhf.entrypoint" in out
+    assert "--actor.policy_loss_type ppo" in out and "loss sapo: injected" in out
+    assert "serve --index /indexes/wiki-bm25" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_files_round_trip(tmp_path, monkeypatch):
+    agent = AgentConfig(retrieval_url="http://h:1", max_turns=2, reward_kwargs={"wrong_valid": 0.0})
+    path = to_json_file(agent, tmp_path / "a.json")
+    assert from_json_file(AgentConfig, path) == agent
+    monkeypatch.setenv(AGENT_CONFIG_ENV, str(path))
+    assert from_env(AgentConfig, AGENT_CONFIG_ENV) == agent
+    monkeypatch.setenv(PATCH_CONFIG_ENV, json.dumps({"loss": "sapo", "calibadv": True}))
+    assert from_env(PatchConfig, PATCH_CONFIG_ENV) == PatchConfig(loss="sapo", calibadv=True)
+    (tmp_path / "bad.json").write_text('{"retrieval_url": "x", "topk": 3, "typo": 1}')
+    with pytest.raises(ValueError, match=r"bad.json: unknown AgentConfig key\(s\) \['typo'\]"):
+        from_json_file(AgentConfig, tmp_path / "bad.json")
+    monkeypatch.delenv(AGENT_CONFIG_ENV)
+    with pytest.raises(RuntimeError, match=AGENT_CONFIG_ENV):
+        from_env(AgentConfig, AGENT_CONFIG_ENV)
+
+
+def test_prompt_dataset_rows(tmp_path):
+    from openrlhf_search.data.types import QASample
+
+    samples = [QASample(id=str(i), question=f"q{i}?", golden_answers=[f"a{i}"]) for i in range(3)]
+    path = launch.write_prompt_dataset(samples, tmp_path / "p.jsonl", 7, "search_r1", tokenizer=None, seed=0)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 7
+    labels = [json.loads(r["label"]) for r in rows]
+    assert sorted(lb["question"] for lb in labels[:3]) == ["q0?", "q1?", "q2?"]  # first epoch: each question once
+    assert all(lb["golden_answers"] == [f"a{lb['question'][1]}"] for lb in labels)
+    assert all(f"Question: {lb['question']}" in r["input"] for r, lb in zip(rows, labels))
+
+
+def test_importing_the_integration_stays_light():
+    import subprocess
+    import sys
+
+    pkg = "openrlhf_search.integrations.openrlhf"
+    code = (f"import sys, {pkg}.launch, {pkg}.entrypoint, {pkg}.cpu_shim, {pkg}.calib_store, {pkg}.config; "
+            "print(sorted(m for m in ('ray', 'vllm', 'openrlhf', 'deepspeed', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
