@@ -1,1 +1,99 @@
-"""Package."""
+"""Retrieval: corpus readers, BM25 / dense / hybrid indexes, the Search-R1-compatible server and its client.
+
+Everything the environment needs is the :class:`~openrlhf_search.retrieval.types.Retriever` protocol and
+:func:`load_retriever`::
+
+    retriever = load_retriever("indexes/wiki-bm25")          # in-process, from an index directory
+    retriever = load_retriever("http://127.0.0.1:8000")      # a running `openrlhf-search serve`
+    hits = retriever.search(["who wrote hamlet"], topk=3)    # -> [[Hit(document, score), ...]]
+
+Submodules are imported lazily (attribute access), so ``import openrlhf_search.retrieval`` pulls in neither
+bm25s, faiss, sentence-transformers, FastAPI nor httpx.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .types import Document, Hit, Retriever
+
+# manifest "method" -> "module:callable(directory, **kwargs) -> Retriever"
+LOADERS: dict[str, str] = {
+    "bm25": "openrlhf_search.retrieval.bm25:BM25Retriever.from_dir",
+    "dense": "openrlhf_search.retrieval.dense:DenseRetriever.from_dir",
+    "hybrid": "openrlhf_search.retrieval.hybrid:HybridRetriever.from_dir",
+}
+
+# public name -> submodule defining it (resolved on first attribute access)
+_LAZY: dict[str, str] = {
+    "read_corpus": "corpus",
+    "write_corpus_jsonl": "corpus",
+    "CorpusError": "corpus",
+    "CorpusReader": "corpus",
+    "DocStore": "docstore",
+    "Manifest": "manifest",
+    "ManifestError": "manifest",
+    "InProcessRetriever": "inprocess",
+    "BM25Config": "bm25",
+    "BM25Index": "bm25",
+    "BM25Retriever": "bm25",
+    "DenseConfig": "dense",
+    "DenseIndex": "dense",
+    "DenseRetriever": "dense",
+    "HybridRetriever": "hybrid",
+    "reciprocal_rank_fusion": "hybrid",
+    "HTTPRetriever": "client",
+    "RetrieverUnavailable": "client",
+    "RetrieverRequestError": "client",
+}
+
+__all__ = ["Document", "Hit", "Retriever", "LOADERS", "load_retriever", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _resolve(target: str) -> Callable:
+    module, _, attr = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_retriever(spec: str | os.PathLike | Retriever, **kwargs) -> Retriever:
+    """Build a :class:`Retriever` from a spec.
+
+    Args:
+        spec: an index directory written by ``openrlhf-search index`` (its ``manifest.json`` names the method),
+            an ``http(s)://host:port`` URL of ``openrlhf-search serve`` (-> :class:`HTTPRetriever`), or an object
+            that already is a retriever (returned unchanged).
+        **kwargs: forwarded to the loader (e.g. ``n_threads`` for BM25, ``timeout``/``retries``/``token`` for HTTP).
+
+    Raises:
+        ValueError: the spec is neither a URL nor a directory with a manifest; the manifest's method is unknown.
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        if isinstance(spec, Retriever):
+            return spec
+        raise TypeError(f"load_retriever: expected a path, a URL or a Retriever, got {type(spec).__name__}")
+    text = os.fspath(spec)
+    if text.startswith(("http://", "https://")):
+        from .client import HTTPRetriever
+
+        return HTTPRetriever(text, **kwargs)
+    from .manifest import Manifest
+
+    directory = Path(text)
+    if not directory.is_dir():
+        raise ValueError(f"load_retriever: {text!r} is neither an http(s):// URL nor an index directory")
+    method = Manifest.load(directory).method
+    if method not in LOADERS:
+        raise ValueError(f"{directory}: unknown index method {method!r}; known: {sorted(LOADERS)}")
+    return _resolve(LOADERS[method])(directory, **kwargs)

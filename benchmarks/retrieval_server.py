@@ -1,0 +1,254 @@
+"""HTTP server throughput and latency vs in-process retrieval (synthetic 100k-passage corpus, top-3).
+
+    nice -n 10 python benchmarks/retrieval_server.py
+    nice -n 10 python benchmarks/retrieval_server.py --passages 20000 --requests-per-client 20 --dense-passages 0
+
+The server runs in its own process (``openrlhf-search serve``, loopback), the clients here:
+
+1. batch 256: ``HTTPRetriever.search(256 queries)`` one request after another vs ``BM25Retriever.search`` in this
+   process on the same index (rounds interleaved);
+2. 16 concurrent clients sending batch-1 requests to the default server (micro-batching on): queries/s and
+   request latency p50/p90/p99. The clients are a minimal asyncio HTTP/1.1 keep-alive load generator (like
+   ``wrk``), so that the figure measures the server, not Python client overhead; the same run with 16 threads of
+   ``HTTPRetriever`` (httpx) is reported too;
+3. the "one by one" baselines for the same batch-1 requests:
+   a. the same 16 clients against a server started with ``--max-batch 1`` (each retrieval call serves one
+      request: what a server without micro-batching does with concurrent clients);
+   b. one client sending the requests sequentially to a server with ``--batch-wait-ms 0`` (the best case for
+      sequential serving);
+   the ratio ``concurrent_vs_one_by_one`` is taken against the FASTER baseline.
+
+Steps 2-3 run for BM25 on the 100k index and, unless ``--dense-passages 0``, for a dense Flat index (MiniLM) of
+``--dense-passages`` passages, where a retrieval call has a large fixed cost (one encoder forward pass).
+The BM25 index is built (or reused) under ``--workdir`` with the layout of ``benchmarks/retrieval_bm25.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from retrieval_common import DEFAULT_WORKDIR, batches, machine, sample_queries, synthetic_corpus  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(index_dir: Path, log: Path, *extra: str):
+    """Start ``openrlhf-search serve`` in a subprocess, wait for /health, yield its URL, always terminate it."""
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "openrlhf_search", "serve", "--index", str(index_dir), "--port", str(port), *extra]
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=fh)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"server did not start; see {log}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def concurrent_clients(url: str, requests: list[list[str]], clients: int, topk: int) -> dict:
+    """``clients`` threads share the requests round-robin; returns queries/s and latency quantiles (ms)."""
+    from openrlhf_search.retrieval.client import HTTPRetriever
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker(mine: list[list[str]]) -> None:
+        with HTTPRetriever(url, timeout=60, retries=0) as client:
+            for qs in mine:
+                t0 = time.perf_counter()
+                try:
+                    client.search(qs, topk)
+                except Exception as exc:  # counted and reported
+                    with lock:
+                        errors.append(repr(exc))
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=worker, args=(requests[i::clients],)) for i in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = np.asarray(latencies) * 1000
+    n_queries = sum(map(len, requests))
+    return {"clients": clients, "requests": len(requests), "errors": len(errors), "seconds": round(wall, 3),
+            "qps": round(n_queries / wall, 1), "latency_ms": {p: round(float(np.percentile(lat, q)), 2)
+                                                              for p, q in (("p50", 50), ("p90", 90), ("p99", 99))}}
+
+
+async def _raw_client(port: int, requests: list[list[str]], topk: int, latencies: list[float]) -> int:
+    """One keep-alive HTTP/1.1 connection sending ``requests`` in turn (a minimal load generator, like wrk)."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    errors = 0
+    try:
+        for qs in requests:
+            body = json.dumps({"queries": qs, "topk": topk, "return_scores": True}).encode()
+            head = (f"POST /retrieve HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode()
+            start = time.perf_counter()
+            writer.write(head + body)
+            header = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in header.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            payload = await reader.readexactly(length)
+            if not header.startswith(b"HTTP/1.1 200") or len(json.loads(payload)["result"]) != len(qs):
+                errors += 1
+            latencies.append(time.perf_counter() - start)
+    finally:
+        writer.close()
+    return errors
+
+
+def raw_clients(url: str, requests: list[list[str]], clients: int, topk: int) -> dict:
+    """``clients`` concurrent asyncio connections (round-robin share of the requests): server capacity."""
+    import asyncio
+
+    port = int(url.rsplit(":", 1)[1])
+    latencies: list[float] = []
+
+    async def run() -> int:
+        parts = [requests[i::clients] for i in range(clients)]
+        return sum(await asyncio.gather(*(_raw_client(port, part, topk, latencies) for part in parts)))
+
+    start = time.perf_counter()
+    errors = asyncio.run(run())
+    wall = time.perf_counter() - start
+    lat = np.asarray(latencies) * 1000
+    return {"clients": clients, "requests": len(requests), "errors": errors, "seconds": round(wall, 3),
+            "qps": round(sum(map(len, requests)) / wall, 1),
+            "latency_ms": {p: round(float(np.percentile(lat, q)), 2) for p, q in (("p50", 50), ("p90", 90),
+                                                                                 ("p99", 99))}}
+
+
+def concurrency_study(index_dir: Path, log: Path, singles: list[list[str]], clients: int, k: int,
+                      extra: tuple[str, ...] = ()) -> dict:
+    """Micro-batched server vs the two one-by-one baselines, with the raw load generator (and httpx threads)."""
+    out: dict = {}
+    warm = singles[: 2 * clients]
+    with serve(index_dir, log, *extra) as url:
+        raw_clients(url, warm, clients, k)
+        out["microbatched_16_clients"] = raw_clients(url, singles, clients, k)
+        out["microbatched_16_httpx_threads"] = concurrent_clients(url, singles, clients, k)
+    with serve(index_dir, log, "--max-batch", "1", *extra) as url:
+        raw_clients(url, warm, clients, k)
+        out["one_by_one_server_16_clients"] = raw_clients(url, singles, clients, k)
+    with serve(index_dir, log, "--batch-wait-ms", "0", *extra) as url:
+        raw_clients(url, warm, 1, k)
+        out["one_by_one_sequential_client"] = raw_clients(url, singles, 1, k)
+    baseline = max(out["one_by_one_server_16_clients"]["qps"], out["one_by_one_sequential_client"]["qps"])
+    out["concurrent_vs_one_by_one"] = round(out["microbatched_16_clients"]["qps"] / baseline, 2)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--passages", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=2048, help="queries for the batch-256 comparison")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--topk", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests-per-client", type=int, default=40)
+    parser.add_argument("--dense-passages", type=int, default=1000,
+                        help="also study concurrency on a dense (MiniLM, Flat) index of this many passages (0: skip)")
+    parser.add_argument("--dense-requests", type=int, default=320, help="batch-1 requests for the dense study")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    from openrlhf_search.retrieval.bm25 import BM25Index, BM25Retriever
+    from openrlhf_search.retrieval.client import HTTPRetriever
+
+    corpus = synthetic_corpus(args.workdir / f"corpus_{args.passages}.jsonl", args.passages)
+    index_dir = args.workdir / f"bm25_{args.passages}"
+    if not (index_dir / "manifest.json").exists():
+        BM25Index.build(corpus, index_dir, show_progress=True)
+    log = args.workdir / "server_bench.log"
+    queries = sample_queries(corpus, args.queries + args.clients * args.requests_per_client)
+    big = batches(queries[: args.queries], args.batch_size)
+    singles = [[q] for q in queries[args.queries :]]
+    k = args.topk
+    result: dict = {"machine": machine(), "passages": args.passages, "batch_size": args.batch_size, "topk": k}
+
+    local = BM25Retriever(BM25Index.load(index_dir))
+    with serve(index_dir, log) as url:
+        client = HTTPRetriever(url, timeout=120, retries=0)
+        assert client.search(big[0], k) == local.search(big[0], k), "HTTP and in-process results differ"
+        rates = {"in-process": [], "http": []}
+        for _ in range(args.rounds):
+            for name, fn in (("in-process", local.search), ("http", client.search)):
+                start = time.perf_counter()
+                for b in big:
+                    fn(b, k)
+                rates[name].append(args.queries / (time.perf_counter() - start))
+        client.close()
+        med = {name: float(np.median(r)) for name, r in rates.items()}
+        result["batch256"] = {"qps": {n: round(v, 1) for n, v in med.items()},
+                              "rounds": {n: [round(x, 1) for x in r] for n, r in rates.items()},
+                              "http_vs_in_process": round(med["http"] / med["in-process"], 3)}
+        with HTTPRetriever(url) as c:
+            result["server_metrics_after_batch256"] = c._request("GET", "/metrics").json()
+    result["bm25"] = concurrency_study(index_dir, log, singles, args.clients, k)
+    if args.dense_passages:
+        from openrlhf_search.retrieval.corpus import read_corpus
+        from openrlhf_search.retrieval.dense import DenseIndex
+
+        dense_dir = args.workdir / f"dense_{args.dense_passages}"
+        if not (dense_dir / "manifest.json").exists():
+            docs = []
+            for doc in read_corpus(corpus):
+                docs.append(doc)
+                if len(docs) == args.dense_passages:
+                    break
+            DenseIndex.build(docs, dense_dir, show_progress=True)
+        dense_singles = singles[: args.dense_requests]
+        result["dense_flat_minilm"] = concurrency_study(dense_dir, log, dense_singles, args.clients, k)
+        result["dense_flat_minilm"]["passages"] = args.dense_passages
+    result["machine"]["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
+    out = args.out or args.workdir / f"server_results_{args.passages}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""A Search-R1-compatible retrieval server that micro-batches concurrent requests.
+
+Protocol (Search-R1 ``retrieval_server.py``, so Search-R1 / verl search tools work unchanged)::
+
+    POST /retrieve  {"queries": ["q1", ...], "topk": 3, "return_scores": true}
+      -> {"result": [[{"document": {"id": ..., "contents": ...}, "score": s}, ...], ...]}
+         (with "return_scores": false each hit is the bare document, as in Search-R1)
+    GET /health   -> {"status": "ok", "documents": N, "method": ...}
+    GET /metrics  -> counters, latency p50/p90/p99, batch-size statistics
+
+Why micro-batching: Search-R1's server answers one request at a time inside the event loop, so 16 rollout workers
+each sending one query wait for each other, and every query pays a full retrieval call. Here every request goes
+into a queue; a single collector takes the first waiting request, keeps collecting until ``batch_wait_ms`` has
+passed or ``max_batch_queries`` are gathered, and runs ONE retrieval call for all of them in a worker thread (the
+event loop keeps accepting requests meanwhile; requests that arrive during a call form the next batch). The wait
+is skipped when no other request is being received at that moment, so a lone client pays no batching delay. Requests
+with different ``topk`` share the call: it retrieves ``max(topk)`` and each request keeps its own prefix, which is
+exact because hits are sorted.
+
+Robustness: the body is read with a size cap, decoded as strict UTF-8 and validated field by field; every bad
+request gets a 4xx JSON ``{"detail": message}``; a retrieval failure gets a 500 for the requests of that batch and
+the server keeps serving. It binds to 127.0.0.1 unless told otherwise and can require a bearer token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import json
+import socket
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import Request  # a core dependency; resolved at module level for FastAPI's annotation lookup
+
+from . import jsonfast
+from .inprocess import InProcessRetriever
+from .types import Retriever
+
+
+@dataclass
+class ServerConfig:
+    """Limits and batching of the retrieval server."""
+
+    host: str = "127.0.0.1"
+    """Bind address (loopback by default; use 0.0.0.0 deliberately, ideally with a token)."""
+    port: int = 8000
+    """TCP port (0: any free port)."""
+    token: str | None = None
+    """If set, ``/retrieve`` and ``/metrics`` require ``Authorization: Bearer <token>``."""
+    default_topk: int = 3
+    """``topk`` when the request omits it (Search-R1's default)."""
+    max_topk: int = 100
+    """Largest accepted ``topk``."""
+    max_queries_per_request: int = 1024
+    """Largest accepted ``len(queries)``."""
+    max_query_chars: int = 4096
+    """Longest accepted query, in characters."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Largest accepted request body."""
+    batch_wait_ms: float = 5.0
+    """How long the collector waits for more requests after the first one of a batch."""
+    max_batch_queries: int = 1024
+    """Upper bound on queries per retrieval call (a single larger request is never split: it runs alone)."""
+    latency_window: int = 10_000
+    """Number of recent requests kept for the latency quantiles."""
+
+
+class BadRequest(Exception):
+    """A client error: ``status`` and a message for the JSON body."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _decode_json_strictly(body: bytes):
+    """Slow path with precise messages: strict UTF-8, then stdlib JSON."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(400, f"request body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise BadRequest(400, f"request body is not valid JSON: {exc.msg} ({where})") from None
+
+
+def parse_retrieve_request(body: bytes, cfg: ServerConfig) -> tuple[list[str], int, bool]:
+    """Validate a ``/retrieve`` body; returns ``(queries, topk, return_scores)`` or raises :class:`BadRequest`."""
+    try:
+        payload = jsonfast.loads(body)
+    except ValueError:  # the fast decoder refused: redo it slowly for a message naming the problem
+        payload = _decode_json_strictly(body)
+    if not isinstance(payload, dict):
+        raise BadRequest(422, f"request body must be a JSON object, got {type(payload).__name__}")
+    if "queries" not in payload:
+        raise BadRequest(422, "field 'queries' is required (a list of strings)")
+    queries = payload["queries"]
+    if not isinstance(queries, list):
+        raise BadRequest(422, f"field 'queries' must be a list of strings, got {type(queries).__name__}")
+    if not queries:
+        raise BadRequest(422, "field 'queries' must not be empty")
+    if len(queries) > cfg.max_queries_per_request:
+        limit = cfg.max_queries_per_request
+        raise BadRequest(413, f"too many queries: {len(queries)} > max_queries_per_request={limit}")
+    for i, q in enumerate(queries):
+        if not isinstance(q, str):
+            raise BadRequest(422, f"queries[{i}] must be a string, got {type(q).__name__}")
+        if len(q) > cfg.max_query_chars:
+            raise BadRequest(413, f"queries[{i}] is {len(q)} characters long; the limit is {cfg.max_query_chars}")
+        try:
+            q.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(422, f"queries[{i}] contains an unpaired surrogate (not encodable as UTF-8)") from None
+    topk = payload.get("topk", None)
+    if topk is None:
+        topk = cfg.default_topk
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise BadRequest(422, f"field 'topk' must be an integer, got {type(topk).__name__}")
+    if not 1 <= topk <= cfg.max_topk:
+        raise BadRequest(422, f"field 'topk' must be between 1 and {cfg.max_topk}, got {topk}")
+    return_scores = payload.get("return_scores", False)
+    if not isinstance(return_scores, bool):
+        raise BadRequest(422, f"field 'return_scores' must be a boolean, got {type(return_scores).__name__}")
+    return queries, topk, return_scores
+
+
+class Metrics:
+    """Counters and recent latencies/batch sizes; ``snapshot()`` is what ``GET /metrics`` returns."""
+
+    def __init__(self, window: int):
+        self.started = time.time()
+        self.requests = 0
+        self.queries = 0
+        self.client_errors = 0
+        self.server_errors = 0
+        self.batches = 0
+        self.latencies: deque[float] = deque(maxlen=window)
+        self.batch_sizes: deque[int] = deque(maxlen=window)
+        self.retrieval_seconds = 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies, dtype=np.float64) * 1000.0
+        sizes = np.asarray(self.batch_sizes, dtype=np.float64)
+        q = (lambda a, p: float(np.percentile(a, p)) if a.size else None)
+        return {
+            "uptime_s": round(time.time() - self.started, 3),
+            "requests": self.requests,
+            "queries": self.queries,
+            "client_errors": self.client_errors,
+            "server_errors": self.server_errors,
+            "batches": self.batches,
+            "retrieval_seconds": round(self.retrieval_seconds, 6),
+            "latency_ms": {"p50": q(lat, 50), "p90": q(lat, 90), "p99": q(lat, 99), "window": int(lat.size)},
+            "batch_queries": {
+                "mean": float(sizes.mean()) if sizes.size else None,
+                "p50": q(sizes, 50),
+                "max": float(sizes.max()) if sizes.size else None,
+            },
+        }
+
+
+@dataclass
+class _Pending:
+    queries: list[str]
+    topk: int
+    return_scores: bool
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    """Collects concurrent requests into bounded batches and runs each batch in one worker thread."""
+
+    def __init__(self, retriever: Retriever, cfg: ServerConfig, metrics: Metrics):
+        self.retriever = retriever
+        self.cfg = cfg
+        self.metrics = metrics
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval")
+        self._task: asyncio.Task | None = None
+        self._carry: _Pending | None = None
+        self.arriving = 0
+        """Requests whose handler is reading/validating its body (they will be queued in a moment)."""
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, queries: list[str], topk: int, return_scores: bool) -> bytes:
+        """Queue one request; resolves to the JSON-encoded ``{"result": ...}`` body."""
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Pending(queries, topk, return_scores, future))
+        return await future
+
+    async def _collect(self) -> list[_Pending]:
+        first = self._carry or await self.queue.get()
+        self._carry = None
+        batch, size = [first], len(first.queries)
+        deadline = time.perf_counter() + self.cfg.batch_wait_ms / 1000.0
+        while size < self.cfg.max_batch_queries:
+            try:
+                item = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or not self.arriving:  # nobody else is on the way: do not make this batch wait
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            if size + len(item.queries) > self.cfg.max_batch_queries:
+                self._carry = item  # starts the next batch
+                break
+            batch.append(item)
+            size += len(item.queries)
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            start = time.perf_counter()
+            try:
+                bodies = await loop.run_in_executor(self.executor, self._retrieve, batch)
+            except Exception as exc:  # a failed retrieval fails its batch, not the server
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            finally:
+                self.metrics.retrieval_seconds += time.perf_counter() - start
+                self.metrics.batches += 1
+                self.metrics.batch_sizes.append(sum(len(item.queries) for item in batch))
+            for item, body in zip(batch, bodies):
+                if not item.future.done():  # the client may have gone away
+                    item.future.set_result(body)
+
+    def _retrieve(self, batch: list[_Pending]) -> list[bytes]:
+        """Worker thread: one retrieval call for the whole batch, then per-request JSON bodies."""
+        queries = [q for item in batch for q in item.queries]
+        k = max(item.topk for item in batch)
+        if isinstance(self.retriever, InProcessRetriever):  # fast path: rows -> JSON dicts, no Hit objects
+            rows, scores = self.retriever.search_rows(queries, k)
+            docs = self.retriever.docs
+            valid = rows >= 0
+            ids, contents = docs.fields(rows[valid])
+            flat = iter(zip(ids, contents, scores[valid].tolist()))
+            per_query = [
+                [({"id": i, "contents": c}, s) for i, c, s in itertools.islice(flat, n)]
+                for n in valid.sum(axis=1).tolist()
+            ]
+        else:
+            per_query = [[(h.document.to_json(), h.score) for h in hits] for hits in self.retriever.search(queries, k)]
+        bodies, offset = [], 0
+        for item in batch:
+            chunk = per_query[offset : offset + len(item.queries)]
+            offset += len(item.queries)
+            if item.return_scores:  # Search-R1: {"document": doc, "score": s}; without scores the bare doc
+                result = [[{"document": d, "score": s} for d, s in hits[: item.topk]] for hits in chunk]
+            else:
+                result = [[d for d, _ in hits[: item.topk]] for hits in chunk]
+            bodies.append(jsonfast.dumps({"result": result}))
+        return bodies
+
+
+def create_app(retriever: Retriever, cfg: ServerConfig | None = None, info: dict | None = None):
+    """The FastAPI application serving ``retriever`` (batching starts with the app's lifespan)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    cfg = cfg or ServerConfig()
+    metrics = Metrics(cfg.latency_window)
+    state: dict[str, MicroBatcher] = {}
+    info = dict(info or {})
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        batcher = MicroBatcher(retriever, cfg, metrics)
+        batcher.start()
+        state["batcher"] = batcher
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="openrlhf-search retrieval", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.metrics = metrics
+    app.state.config = cfg
+
+    def error(status: int, message: str) -> JSONResponse:
+        if status >= 500:
+            metrics.server_errors += 1
+        else:
+            metrics.client_errors += 1
+        return JSONResponse({"detail": message}, status_code=status)
+
+    def authorized(request: Request) -> bool:
+        if not cfg.token:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), cfg.token.encode())
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise BadRequest(400, f"invalid Content-Length header {declared!r}")
+            if int(declared) > cfg.max_body_bytes:
+                raise BadRequest(413, f"request body of {declared} bytes exceeds max_body_bytes={cfg.max_body_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cfg.max_body_bytes:
+                raise BadRequest(413, f"request body exceeds max_body_bytes={cfg.max_body_bytes}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, exc: RequestValidationError):
+        return error(422, str(exc.errors()))
+
+    @app.post("/retrieve")
+    async def retrieve(request: Request):
+        start = time.perf_counter()
+        metrics.requests += 1
+        if not authorized(request):
+            return error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')")
+        batcher = state["batcher"]
+        batcher.arriving += 1
+        try:
+            queries, topk, return_scores = parse_retrieve_request(await read_body(request), cfg)
+        except BadRequest as exc:
+            return error(exc.status, exc.message)
+        finally:
+            batcher.arriving -= 1
+        try:
+            body = await batcher.submit(queries, topk, return_scores)
+        except Exception as exc:
+            return error(500, f"retrieval failed: {type(exc).__name__}: {exc}")
+        metrics.queries += len(queries)
+        metrics.latencies.append(time.perf_counter() - start)
+        return Response(body, media_type="application/json")
+
+    @app.get("/health")
+    async def health():
+        size = len(retriever) if hasattr(retriever, "__len__") else None
+        return {"status": "ok", "documents": size, **info}
+
+    @app.get("/metrics")
+    async def get_metrics(request: Request):
+        if not authorized(request):
+            return error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')")
+        return {**metrics.snapshot(), "config": {k: v for k, v in asdict(cfg).items() if k != "token"}}
+
+    return app
+
+
+class RetrievalServer:
+    """Run :func:`create_app` under uvicorn in a background thread (tests, benchmarks, notebooks).
+
+    ``with RetrievalServer(retriever, ServerConfig(port=0)) as srv: HTTPRetriever(srv.url).search(...)``; the
+    socket is bound before the thread starts, so ``srv.port`` is known and there is no free-port race.
+    """
+
+    def __init__(self, retriever: Retriever, cfg: ServerConfig | None = None, info: dict | None = None):
+        import uvicorn
+
+        self.cfg = cfg or ServerConfig()
+        self.app = create_app(retriever, self.cfg, info)
+        self.sock = socket.socket(socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((self.cfg.host, self.cfg.port))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=30,
+                                timeout_graceful_shutdown=3)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> RetrievalServer:
+        self.thread.start()
+        deadline = time.time() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError(f"retrieval server on {self.url} did not start within {timeout} s")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> RetrievalServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_forever(retriever: Retriever, cfg: ServerConfig, info: dict | None = None) -> None:
+    """Blocking: serve until interrupted (the ``openrlhf-search serve`` entry point)."""
+    import uvicorn
+
+    app = create_app(retriever, cfg, info)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", access_log=False, timeout_keep_alive=30)
