@@ -13,7 +13,10 @@ What is measured (titles are compared exactly; a passage "hits" when its title i
   sub-question; hit if the evidence title is in the top k. This is what an agent issuing decomposed single-hop
   searches sees.
 * ``question recall@k``: for every top-level question with at least one covered evidence title, query = the
-  full question; recall = |covered gold titles in top k| / min(k, |covered gold titles|), averaged.
+  full question; recall = |covered gold titles in top k| / |covered gold titles|, averaged (monotone in k).
+  ``question hit@k``: share of those questions with at least one covered gold title in the top k.
+  (An earlier version divided by ``min(k, |gold|)``, a "capped" recall that is not monotone in k: a question with
+  3 covered pages scored 1.0 at k=1 with one hit but 0.33 at k=3 with the same hit, so recall@1 > recall@3.)
 
 BM25 is the project's (``openrlhf_search.retrieval.bm25``: bm25s, Lucene scoring, k1=0.9, b=0.4, English stemming
 and stop words, Search-R1's Pyserini defaults); ``--backend bm25s`` runs bm25s directly with the same parameters.
@@ -25,6 +28,16 @@ import argparse
 import json
 import sys
 import time
+
+
+def question_recall(gold: set[str], ranked: list[str], k: int) -> float:
+    """Share of the ``gold`` titles among the first ``k`` of ``ranked`` (0 for an empty ``gold``)."""
+    return len(gold & set(ranked[:k])) / len(gold) if gold else 0.0
+
+
+def question_hit(gold: set[str], ranked: list[str], k: int) -> float:
+    """1.0 if any ``gold`` title is among the first ``k`` of ``ranked``, else 0.0."""
+    return float(bool(gold & set(ranked[:k])))
 
 
 def build_search(docs, backend: str):
@@ -88,16 +101,17 @@ def run(ks: list[int], backend: str = "project") -> dict:
         "questions_with_covered_evidence": len(covered_q),
         "subquestion_recall": {},
         "question_recall": {},
+        "question_hit": {},
         "seconds": {"load": round(t_load, 2), "index": round(t_index, 2), "search": round(t_search, 2)},
     }
     for k in ks:
         hits = [q.metadata["evidence_titles"][0] in top[:k] for q, top in zip(subqs, sub_top)]
         result["subquestion_recall"][k] = sum(hits) / len(hits)
-        rec = []
-        for q, top in zip(covered_q, q_top):
-            gold = {t for t in q.metadata["evidence_titles"] if t in corpus_titles}
-            rec.append(len(gold & set(top[:k])) / min(k, len(gold)))
+        golds = [{t for t in q.metadata["evidence_titles"] if t in corpus_titles} for q in covered_q]
+        rec = [question_recall(gold, top, k) for gold, top in zip(golds, q_top)]
+        hit = [question_hit(gold, top, k) for gold, top in zip(golds, q_top)]
         result["question_recall"][k] = sum(rec) / len(rec)
+        result["question_hit"][k] = sum(hit) / len(hit)
     return result
 
 

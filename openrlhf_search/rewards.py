@@ -264,8 +264,13 @@ def available_rewards() -> list[str]:
 def get_reward_fn(name: str, **cfg) -> RewardFn:
     """Build the reward function registered under ``name``.
 
-    Returns ``fn(response_text, golden_answers, retrieved_text="") -> (score, info)`` where ``info`` holds
-    ``answer``, ``em``, ``subem``, ``f1``, ``valid_format``, ``format_error`` and ``retrieval_hit``.
+    Returns ``fn(response_text, golden_answers, retrieved_text="", *, answer=...) -> (score, info)`` where ``info``
+    holds ``answer``, ``em``, ``subem``, ``f1``, ``valid_format``, ``format_error`` and ``retrieval_hit``.
+    ``answer`` (keyword only) is the answer the environment parsed (``Trajectory.answer``; ``None`` = the trajectory
+    gave no accepted answer): when passed, it is scored instead of :func:`extract_answer` of the response, so an
+    ``<answer>`` block the environment rejected (inside a model-written ``<information>`` block, after the first
+    action of a turn, or closing the corrective message's ``<answer>``) earns nothing. The format check always reads
+    the whole response.
     ``cfg`` are the :class:`FormatRewardWeights` fields (for the format rewards).
     """
     if name not in _REWARDS:
@@ -273,9 +278,13 @@ def get_reward_fn(name: str, **cfg) -> RewardFn:
     return _REWARDS[name](**cfg)
 
 
-def _info(response_text: str, golden_answers, retrieved_text: str, protocol: str = "tags") -> dict:
+_EXTRACT = object()
+"""Default of the reward functions' ``answer`` keyword: read the answer from the response text."""
+
+
+def _info(response_text: str, golden_answers, retrieved_text: str, protocol: str = "tags", answer=_EXTRACT) -> dict:
     golds = _as_list(golden_answers)
-    answer = extract_answer(response_text)
+    answer = extract_answer(response_text) if answer is _EXTRACT else answer
     err = format_error(response_text, protocol)
     return {
         "answer": answer,
@@ -293,8 +302,8 @@ def _plain(metric: str) -> Callable[..., RewardFn]:
         if cfg:
             raise TypeError(f"reward {metric!r} takes no options, got {sorted(cfg)}")
 
-        def fn(response_text: str, golden_answers, retrieved_text: str = "") -> tuple[float, dict]:
-            info = _info(response_text, golden_answers, retrieved_text)
+        def fn(response_text: str, golden_answers, retrieved_text: str = "", *, answer=_EXTRACT) -> tuple[float, dict]:
+            info = _info(response_text, golden_answers, retrieved_text, answer=answer)
             return float(info[metric]), info
 
         fn.__name__ = f"reward_{metric}"
@@ -319,8 +328,8 @@ def _format_reward(metric: str, defaults: dict | None = None) -> Callable[..., R
     def factory(**cfg) -> RewardFn:
         w = _make_weights(cfg, defaults)
 
-        def fn(response_text: str, golden_answers, retrieved_text: str = "") -> tuple[float, dict]:
-            info = _info(response_text, golden_answers, retrieved_text, w.protocol)
+        def fn(response_text: str, golden_answers, retrieved_text: str = "", *, answer=_EXTRACT) -> tuple[float, dict]:
+            info = _info(response_text, golden_answers, retrieved_text, w.protocol, answer)
             m = float(info[metric])
             if info["valid_format"]:
                 r = w.wrong_valid + (w.correct_valid - w.wrong_valid) * m

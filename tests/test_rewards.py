@@ -159,6 +159,18 @@ def test_format_reward_weights_and_retrieval_bonus():
     assert fn(fake, ["Paris"])[1]["retrieval_hit"] is False
 
 
+@pytest.mark.parametrize("name", ["em", "subem", "f1", "format_em", "format_f1", "f1_x_format"])
+def test_answer_keyword_overrides_extraction(name):
+    fn = get_reward_fn(name)
+    text = "<answer>wrong</answer> <answer>Paris</answer>"
+    assert fn(text, ["Paris"])[1]["answer"] == "Paris"  # default: the last answer block of the text
+    score, info = fn(text, ["Paris"], answer="wrong")  # the environment's parsed answer wins
+    assert info["answer"] == "wrong" and info["em"] == 0.0 and info["valid_format"] is False
+    score_none, info_none = fn(text, ["Paris"], answer=None)  # no accepted answer: the metric is 0
+    assert info_none["answer"] is None and info_none["f1"] == 0.0 and score_none == score
+    assert fn("<answer>Paris</answer>", ["Paris"], answer="Paris") == fn("<answer>Paris</answer>", ["Paris"])
+
+
 def test_registry_errors():
     assert {"em", "subem", "f1", "format_em", "format_f1", "f1_x_format"} <= set(available_rewards())
     with pytest.raises(KeyError, match="unknown reward 'bleu'.*format_em"):

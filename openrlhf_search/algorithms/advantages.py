@@ -58,16 +58,24 @@ def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.T
         rewards: ``[B]`` float rewards.
         group_ids: ``[B]`` integer group ids (any values).
     Returns:
-        ``(count[B], mean[B], sq_dev_sum[B])`` of the row's group, where ``sq_dev_sum = sum_j (R_j - mean)^2``.
+        ``(count[B], mean[B], sq_dev_sum[B])`` of the row's group, where ``sq_dev_sum = sum_j (R_j - mean)^2``,
+        in float64 (the estimators cast their result back to the rewards' dtype).
     """
     rewards, group_ids = _check(rewards, group_ids)
+    # float64 accumulation: in float32 the mean of G equal F1 rewards (e.g. 0.7) is off by an ulp, and GRPO's
+    # division by (std + eps) would blow that rounding noise up into advantages of order 0.1.
+    r64 = rewards.double()
     _, inv = torch.unique(group_ids, return_inverse=True)
     n_groups = int(inv.max().item()) + 1 if inv.numel() else 0
-    zeros = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device)
-    count = zeros.clone().index_add_(0, inv, torch.ones_like(rewards))
-    total = zeros.clone().index_add_(0, inv, rewards)
+    zeros = torch.zeros(n_groups, dtype=r64.dtype, device=r64.device)
+    count = zeros.clone().index_add_(0, inv, torch.ones_like(r64))
+    total = zeros.clone().index_add_(0, inv, r64)
     mean = total / count
-    dev = rewards - mean[inv]
+    # a group whose rewards are all exactly equal has zero deviation by definition (no rounding residue)
+    hi = zeros.clone().scatter_reduce(0, inv, r64, "amax", include_self=False)
+    lo = zeros.clone().scatter_reduce(0, inv, r64, "amin", include_self=False)
+    mean = torch.where(hi == lo, hi, mean)
+    dev = r64 - mean[inv]
     sq = zeros.clone().index_add_(0, inv, dev * dev)
     return count[inv], mean[inv], sq[inv]
 
@@ -99,8 +107,8 @@ def _grpo(eps: float = 1e-6, unbiased: bool = True) -> AdvantageFn:
         rewards_f, _ = _check(rewards, group_ids)
         denom = (count - 1.0) if unbiased else count
         std = torch.sqrt(sq / denom.clamp(min=1.0))
-        adv = (rewards_f - mean) / (std + eps)
-        return torch.where(count > 1, adv, torch.zeros_like(adv))
+        adv = (rewards_f.double() - mean) / (std + eps)
+        return torch.where(count > 1, adv, torch.zeros_like(adv)).to(rewards_f.dtype)
 
     return fn
 
@@ -112,8 +120,8 @@ def _dr_grpo() -> AdvantageFn:
     def fn(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         count, mean, _ = group_stats(rewards, group_ids)
         rewards_f, _ = _check(rewards, group_ids)
-        adv = rewards_f - mean
-        return torch.where(count > 1, adv, torch.zeros_like(adv))
+        adv = rewards_f.double() - mean
+        return torch.where(count > 1, adv, torch.zeros_like(adv)).to(rewards_f.dtype)
 
     return fn
 
@@ -125,7 +133,7 @@ def _rloo() -> AdvantageFn:
     def fn(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         count, mean, _ = group_stats(rewards, group_ids)
         rewards_f, _ = _check(rewards, group_ids)
-        adv = count / (count - 1.0).clamp(min=1.0) * (rewards_f - mean)
-        return torch.where(count > 1, adv, torch.zeros_like(adv))
+        adv = count / (count - 1.0).clamp(min=1.0) * (rewards_f.double() - mean)
+        return torch.where(count > 1, adv, torch.zeros_like(adv)).to(rewards_f.dtype)
 
     return fn

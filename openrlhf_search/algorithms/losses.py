@@ -38,7 +38,8 @@ Names and their defaults (any field of :class:`PolicyLossConfig` can be overridd
   a k1 estimate of KL(pi_old || pi_theta) on positive-advantage tokens whose probability *drifted down* to at most
   ``t`` times the rollout's; it is differentiable through ``log pi_theta`` (it pulls those tokens back up) and it is
   not clipped. The denominator counts every model token of the non-negative-advantage sequences. With per-token
-  advantages the condition ``A >= 0`` is applied per token (identical for sequence-constant advantages).
+  advantages (CalibAdv) a sequence is non-negative when none of its model tokens has ``A < 0`` (identical to
+  ``A_i >= 0`` for sequence-constant advantages; a failed rollout whose good search turns CalibAdv zeroed stays out).
   ``t`` (``sapo_threshold``) and ``w`` (``sapo_coef``) were not published in what we could read; the defaults
   ``t = 0.5`` and ``w = 0.5`` are OURS, not the paper's. ``t = 0.5`` sits well below the PPO clip range
   (``1 - 0.2``), so the term only fires on tokens whose probability halved since sampling -- genuine drift, not
@@ -300,8 +301,12 @@ def clipped_policy_loss(
     pg_loss = aggregate_loss(pg, mask, cfg.loss_agg, cfg.loss_agg_norm)
     loss = pg_loss
 
-    # SAPO conditional KL: k1 of KL(old || theta) on drifted positive-advantage tokens, over all their tokens.
-    pos_seq_tok = mask & (adv >= 0)
+    # SAPO conditional KL: k1 of KL(old || theta) on drifted tokens of sequences with advantage >= 0, divided by all
+    # model tokens of those sequences. A sequence counts as non-negative when none of its model tokens has A < 0:
+    # exactly "A_i >= 0" for sequence advantages, and with CalibAdv token advantages a failed rollout whose good
+    # search turns were zeroed still counts as negative (its zeroed tokens are neither pulled up nor counted).
+    seq_nonneg = torch.where(mask, adv, torch.full_like(adv, float("inf"))).amin(-1, keepdim=True) >= 0
+    pos_seq_tok = mask & seq_nonneg
     drifted = pos_seq_tok & (token_ratio.detach() <= cfg.sapo_threshold)
     sapo_term = torch.where(drifted, -log_ratio, zeros).sum() / pos_seq_tok.sum().clamp(min=1)
     if cfg.sapo_coef > 0:

@@ -25,6 +25,7 @@ Invalid actions get the template's fixed corrective message (as Search-R1 does) 
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +72,15 @@ class EnvConfig:
         for name in ("max_turns", "max_tokens_per_turn", "max_total_tokens", "topk", "max_queries_per_turn"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EnvConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _accepts_keyword(fn, name: str) -> bool:
+    """True if ``fn`` can be called with keyword ``name`` (explicitly or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any((p.name == name and p.kind != p.POSITIONAL_ONLY) or p.kind == p.VAR_KEYWORD for p in params)
 
 
 def merge_hits(per_query: Sequence[Sequence[Hit]], limit: int | None = None) -> list[Hit]:
@@ -133,7 +143,8 @@ class SearchEnv:
         """New trajectories: ``n`` per sample (a GRPO group), consecutive, sharing ``meta["group_id"]``.
 
         ``samples`` are :class:`~openrlhf_search.data.types.QASample` or FlashRAG-like dicts; the group id is the
-        sample's ``group_id``, else its ``id``, else its position.
+        sample's ``group_id``, else its ``id``, else its position. A prompt that leaves no room under
+        ``max_total_tokens`` starts finished (``max_length``, no response): an engine is never asked for 0 tokens.
         """
         trajs = []
         for i, raw in enumerate(samples):
@@ -153,7 +164,10 @@ class SearchEnv:
                     "protocol": self.template.protocol,
                     "prompt_text": prompt_text,
                 }
-                trajs.append(Trajectory(prompt_ids=list(prompt_ids), meta=meta))
+                traj = Trajectory(prompt_ids=list(prompt_ids), meta=meta)
+                if self.room(traj) < 1:  # the prompt alone fills the context budget: nothing can be generated
+                    traj.finish_reason = "max_length"
+                trajs.append(traj)
         return trajs
 
     def live(self, trajs: Sequence[Trajectory]) -> list[Trajectory]:
@@ -236,8 +250,19 @@ class SearchEnv:
         return {"queries": len(queries), "retrieval_seconds": seconds, "finished": finished}
 
     def compute_rewards(self, trajs: Sequence[Trajectory], reward_fn) -> list[tuple[float, dict]]:
-        """Apply ``reward_fn(response_text, golden_answers, retrieved_text)`` to each trajectory."""
-        return [reward_fn(t.response_text, t.meta["golden_answers"], t.retrieved_text) for t in trajs]
+        """Apply ``reward_fn(response_text, golden_answers, retrieved_text, answer=traj.answer)`` to each trajectory.
+
+        The answer scored is the one the environment accepted (``Trajectory.answer``), not the last ``<answer>``
+        block of the text: otherwise an answer the parser rejected (written inside the model's own
+        ``<information>`` block, or a second answer after the first action) would still be rewarded. Reward
+        functions without an ``answer`` keyword are called with the three positional arguments only.
+        """
+        takes_answer = _accepts_keyword(reward_fn, "answer")
+        out = []
+        for t in trajs:
+            args = (t.response_text, t.meta["golden_answers"], t.retrieved_text)
+            out.append(reward_fn(*args, answer=t.answer) if takes_answer else reward_fn(*args))
+        return out
 
     # ------------------------------------------------------------------------------------------------- internals
     def _is_last_turn(self, traj: Trajectory) -> bool:

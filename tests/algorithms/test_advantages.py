@@ -46,6 +46,20 @@ def test_degenerate_groups_zero_no_nan(name):
     assert fn(torch.zeros(0), torch.zeros(0, dtype=torch.long)).numel() == 0
 
 
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
+@pytest.mark.parametrize("value", [0.1, 0.7, 1 / 3])
+@pytest.mark.parametrize("size", [7, 16])
+def test_equal_non_binary_rewards_give_exactly_zero(name, value, size):
+    # float32 F1 rewards: the group mean of 16 x 0.7 is off by an ulp in float32, and GRPO's /(std + eps) used to
+    # turn that residue into advantages of ~0.1 with arbitrary signs for an all-equal (signal-free) group
+    rewards = torch.cat([torch.full((size,), value), torch.tensor([0.0, 1.0])])
+    groups = torch.tensor([5] * size + [9, 9])
+    adv = get_advantage_estimator(name)(rewards, groups)
+    assert adv.dtype == torch.float32
+    assert torch.equal(adv[:size], torch.zeros(size))
+    assert adv[-1] > 0 > adv[-2]
+
+
 def test_eps_is_configurable():
     r, g = torch.tensor([1.0, 0.0]), torch.tensor([0, 0])
     adv = get_advantage_estimator("grpo", eps=1.0)(r, g)  # std = sqrt(.5)

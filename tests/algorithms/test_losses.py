@@ -88,6 +88,22 @@ def test_sapo_golden():
     assert g[0, 1].item() == pytest.approx(-0.9 / 6)
 
 
+def test_sapo_term_selects_whole_sequences_with_token_advantages():
+    # CalibAdv-style token advantages: row 1 is a failed rollout (A<0) whose good search turn (tokens 0-1) was zeroed.
+    # NOTES.md: the term covers the sequences with advantage >= 0 -- row 0 only -- and its denominator counts all of
+    # row 0's model tokens; the zeroed tokens of row 1 (one of them drifted) are neither pulled up nor counted.
+    fn = get_policy_loss("sapo", sapo_threshold=0.5, sapo_coef=1.0)
+    logp = torch.log(torch.tensor([[0.4, 0.9, 1.0], [0.2, 1.0, 1.0]], dtype=torch.float64)).requires_grad_()
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    adv = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, -1.0]], dtype=torch.float64)
+    _, m = fn(logp, old, adv, torch.ones(2, 3))
+    assert m["sapo_penalty"] == pytest.approx(-math.log(0.4) / 3)
+    assert m["sapo_token_share"] == pytest.approx(1 / 3)
+    # same numbers as the [B] advantages (1, -1): for sequence-constant advantages nothing changes
+    _, m_seq = fn(logp, old, torch.tensor([1.0, -1.0], dtype=torch.float64), torch.ones(2, 3))
+    assert m_seq["sapo_penalty"] == pytest.approx(m["sapo_penalty"])
+
+
 def test_aggregation_modes_golden():
     v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
     m = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]]).bool()  # third row: no model token

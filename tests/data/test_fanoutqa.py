@@ -69,6 +69,24 @@ def test_wiki_summaries_reader(tmp_path):
     assert [(d.id, d.title, d.text) for d in docs] == [("wiki-0", "A", "a"), ("wiki-1", "B", "b text")]
 
 
+def _load_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fanoutqa_recall", ROOT / "benchmarks" / "fanoutqa_recall.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_question_recall_is_monotone_in_k():
+    bench = _load_benchmark()
+    gold, ranked = {"A", "B", "C"}, ["A", "x", "y", "B", "z"]
+    # one of three pages at ranks 1-3, two at rank 4+: recall 1/3, 1/3, 2/3 (a min(k, |gold|) cap gave 1 at k=1)
+    assert [bench.question_recall(gold, ranked, k) for k in (1, 3, 5)] == pytest.approx([1 / 3, 1 / 3, 2 / 3])
+    assert [bench.question_hit(gold, ranked, k) for k in (1, 3)] == [1.0, 1.0]
+    assert bench.question_hit(gold, ["x", "A"], 1) == 0.0 and bench.question_recall(set(), ranked, 3) == 0.0
+
+
 @pytest.mark.slow
 def test_real_fanoutqa_bm25_recall():
     pytest.importorskip("bm25s")
@@ -85,3 +103,9 @@ def test_real_fanoutqa_bm25_recall():
     assert 0.0 < res["coverage"] < 1.0
     # BM25 finds most covered single-hop evidence pages but far from all
     assert 0.4 < res["subquestion_recall"]["3"] < 0.95
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fanoutqa_recall.py"), "--k", "1", "3", "10"],
+                         capture_output=True, text=True, timeout=300)
+    res = json.loads(out.stdout)
+    for key in ("subquestion_recall", "question_recall", "question_hit"):
+        values = [res[key][k] for k in ("1", "3", "10")]
+        assert values == sorted(values), (key, values)  # recall@k never decreases with k

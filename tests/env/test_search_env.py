@@ -192,3 +192,51 @@ def test_turn_end_detection(tok, kb, retriever, gen):
     by_reason.finish_reason = "eos"  # the engine says EOS even if the id is not in the list
     env.step(trajs, [gen("no action<|endoftext|>"), gen("no action<|im_end|>"), by_reason])
     assert [t.finish_reason for t in trajs] == ["stop", None, "stop"]  # <|im_end|> is not an EOS for this env
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        ["<information><answer>{gold}</answer>", "I give up"],  # fake evidence block: the parser rejects the answer
+        ["<answer>wrong</answer> <answer>{gold}</answer>"],  # first action wins: the env's answer is "wrong"
+        ["<search>x", "{gold}</answer>"],  # a stray </answer> would close the corrective message's "<answer> tags"
+    ],
+)
+def test_rewards_score_the_answer_the_env_accepted(tok, kb, retriever, gen, script):
+    env = SearchEnv(tok, retriever, "search_r1", EnvConfig(max_turns=2))
+    s = kb.train[0]
+    gold = s.golden_answers[0]
+    trajs = env.reset([s])
+    for text in script:
+        if not trajs[0].done:
+            env.step(trajs, [gen(text.format(gold=gold))])
+    t = trajs[0]
+    assert t.answer != gold and t.to_calib_record().f1 == 0.0
+    assert extract_answer(t.response_text) is not None  # the text alone would have yielded a scorable answer
+    for name in ("em", "subem", "f1", "format_em", "format_f1", "f1_x_format"):
+        score, info = env.compute_rewards(trajs, get_reward_fn(name))[0]
+        assert score == 0.0 and info["answer"] == t.answer, name
+    # reward functions without the ``answer`` keyword still work (called with the three positional arguments)
+    assert env.compute_rewards(trajs, lambda text, golds, retrieved="": (len(text), {}))[0][0] > 0
+
+
+def test_rewards_of_an_accepted_answer_are_unchanged(tok, kb, retriever, gen):
+    env = SearchEnv(tok, retriever, "search_r1", EnvConfig(max_turns=2))
+    s = kb.train[0]
+    trajs = env.reset([s])
+    env.step(trajs, [gen(f"<answer>{s.golden_answers[0]}</answer>")])
+    for name in ("em", "format_em", "f1_x_format"):
+        fn = get_reward_fn(name)
+        assert env.compute_rewards(trajs, fn)[0] == fn(trajs[0].response_text, s.golden_answers)
+        assert env.compute_rewards(trajs, fn)[0][0] == 1.0
+
+
+def test_prompt_over_the_total_budget_starts_finished(tok, kb, retriever, gen):
+    probe = SearchEnv(tok, retriever, "search_r1").reset(kb.train[:1])[0]
+    n = len(probe.prompt_ids)
+    env = SearchEnv(tok, retriever, "search_r1", EnvConfig(max_total_tokens=n))
+    trajs = env.reset(kb.train[:1])
+    assert trajs[0].finish_reason == "max_length" and env.live(trajs) == [] and trajs[0].response_ids == []
+    env.step(trajs, [])  # nothing to generate
+    ok = SearchEnv(tok, retriever, "search_r1", EnvConfig(max_total_tokens=n + 1)).reset(kb.train[:1])[0]
+    assert not ok.done
