@@ -98,6 +98,9 @@ class Episode:
     """Everything after the prompt: model turns and observations, as decoded."""
     retrieved_text: str = ""
     """Concatenated observation bodies (for the reward's retrieval-hit signal)."""
+    answer: str | None = None
+    """The answer the parser accepted (``None`` if the episode ended without one): this, not the last ``<answer>``
+    block of the text, is what the reward scores (same rule as ``SearchEnv.compute_rewards``)."""
     finish: str | None = None
     """``answer`` | ``stop`` | ``max_turns`` once the instance ended the episode; ``None`` if the budget ran out."""
     pending_outputs: list[Any] = field(default_factory=list)
@@ -236,6 +239,7 @@ class SearchAgentInstance(AgentInstanceBase):
         feedback, done = "", False
         if action.kind == "answer":
             ep.finish, done = "answer", True
+            ep.answer = action.answer
         elif action.kind == "search" and not last_turn:
             hits_per_query = await asyncio.to_thread(self.runtime.retriever.search, list(action.queries), cfg.topk)
             hits = merge_hits(hits_per_query, cfg.topk * cfg.max_queries_per_turn)
@@ -300,7 +304,9 @@ class AgentExecutor(MultiTurnAgentExecutor):
 
 async def finalize(result: dict, episode: Episode, cfg: AgentConfig) -> dict:
     """Outcome reward (computed once, whatever ended the episode), truncation flag, logs and CalibAdv record."""
-    score, info = get_runtime().reward_fn(episode.response_text, episode.golden_answers, episode.retrieved_text)
+    score, info = get_runtime().reward_fn(
+        episode.response_text, episode.golden_answers, episode.retrieved_text, answer=episode.answer
+    )
     finish = episode.finish or "max_length"
     result["reward"] = float(score)
     result["scores"] = float(score)
