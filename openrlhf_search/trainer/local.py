@@ -1,0 +1,647 @@
+"""The local trainer: one process, one readable loop (CPU or one GPU).
+
+``openrlhf-search train --config examples/configs/quickstart.yaml`` runs :func:`train`, which reads top to bottom::
+
+    setup: data, retriever, tokenizer + policy (+ optional SFT warm start), environment, engine, algorithm
+    for step in range(start, steps):
+        1. rollout     G samples per question, all turns batched, one retrieval call per turn     (rollout.runner)
+        2. reward      F1/EM x format on the final <answer>                                       (rewards)
+        3. filter      DSPO/DAPO: keep mixed-outcome groups, resample until the batch is full      (GroupBatcher)
+        4. advantages  group-relative (GRPO/Dr.GRPO/RLOO), optionally CalibAdv per token           (algorithms)
+        5. old log-probs: recomputed by the trainer, no grad, before any update (see below)
+        6. updates     ppo_epochs x num_minibatches steps of the preset's loss (+ KL to a reference if configured),
+                       NaN/inf guard, gradient clipping, LR schedule
+        7. log / sample / checkpoint
+
+Old log-probs. The importance ratios use log-probs recomputed by the trainer with the same weights, the same
+temperature and the same padding as the update's forward pass, not the engine's: engine and trainer numerics differ
+(KV cache vs full forward, vLLM kernels, bf16), and mixing them biases the ratio away from 1 at the first
+minibatch. The engine's log-probs are kept as a diagnostic (``rollout/engine_logprob_gap``, mean absolute
+difference on model tokens), which also catches a rollout engine that stopped receiving weight updates.
+
+The tiny quickstart model shares its weights with the HF engine (no copy); vLLM engines receive the weights through
+``update_weights`` after each optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from openrlhf_search.trainer.config import TrainConfig, config_to_dict, save_config
+
+
+class RetrieverDownError(RuntimeError):
+    """The retriever failed (after the client's own retries); the step cannot continue."""
+
+
+# ============================================================================================ setup helpers
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device):
+    """``auto``: bf16 on CUDA devices that support it, else float32 (CPU training stays in float32)."""
+    import torch
+
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+@dataclass
+class World:
+    """Everything the loop needs, built once by :func:`build_world`."""
+
+    cfg: TrainConfig
+    out: Path
+    device: Any
+    tokenizer: Any
+    policy: Any
+    engine: Any
+    env: Any
+    reward_fn: Any
+    train_samples: list
+    eval_samples: list
+    retriever: Any
+    timer: Any
+    kb: Any = None
+    extra: dict = field(default_factory=dict)
+
+
+def load_questions(cfg: TrainConfig, out: Path):
+    """``(train, eval, kb)``: the synthetic KB's splits (written to ``<out>/data``) or the configured files."""
+    if cfg.data.source == "synthetic":
+        from openrlhf_search.data.synthetic import generate_kb, write_kb
+
+        kb = generate_kb(seed=cfg.data.seed, n_entities=cfg.data.num_entities,
+                         two_hop_fraction=cfg.data.two_hop_fraction)
+        write_kb(kb, out / "data")
+        return kb.train[: cfg.data.num_train], kb.test[: cfg.data.num_eval], kb
+    if cfg.data.source == "files":
+        from openrlhf_search.data.formats import read_dataset as read_qa_file
+
+        if not cfg.data.train_files:
+            raise ValueError("data.source=files needs data.train_files")
+        train = [s for f in cfg.data.train_files for s in read_qa_file(f)][: cfg.data.num_train]
+        evals = [s for f in cfg.data.eval_files for s in read_qa_file(f)][: cfg.data.num_eval]
+        return train, evals, None
+    raise ValueError(f"data.source={cfg.data.source!r}: expected 'synthetic' or 'files'")
+
+
+def build_retriever(cfg: TrainConfig, out: Path, kb):
+    """The configured retriever, or a BM25 index over the synthetic corpus built into ``<out>/index``."""
+    from openrlhf_search.retrieval import load_retriever
+
+    if cfg.retriever.spec:
+        return load_retriever(cfg.retriever.spec)
+    if kb is None:
+        raise ValueError("retriever.spec is empty and data.source is not synthetic: give an index dir or URL")
+    from openrlhf_search.retrieval.bm25 import BM25Config, BM25Index, BM25Retriever
+
+    index_dir = out / "index"
+    if not (index_dir / "manifest.json").exists():
+        BM25Index.build(out / "data" / "corpus.jsonl", index_dir, config=BM25Config(), show_progress=False)
+    # numpy backend: on a few hundred passages it answers in well under a millisecond, while numba's first call
+    # spends ~12 s compiling (a large share of a 10-minute CPU budget).
+    return BM25Retriever(BM25Index.load(index_dir, backend="numpy"), n_threads=1)
+
+
+def probe_retriever(retriever, spec: str) -> None:
+    """One query before any training: a retriever that is down fails the run at once (after the client's retries),
+    not after minutes of warm-up."""
+    try:
+        retriever.search(["health check"], 1)
+    except Exception as exc:
+        if _is_retrieval_failure(exc):
+            raise RetrieverDownError(f"retriever {spec or '(built-in BM25)'} is not answering: {exc}") from exc
+        raise
+
+
+def build_tokenizer_and_model(cfg: TrainConfig, out: Path, kb, train_samples, device, resume_dir: Path | None):
+    """Tokenizer + policy: from the resume checkpoint, a pretrained path, or the tiny random-init Qwen2."""
+    import torch
+
+    from openrlhf_search.trainer.models import TinyModelSpec, build_tiny_qwen2, load_pretrained
+
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    if resume_dir is not None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(resume_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(resume_dir), dtype=dtype)
+    elif cfg.model.path == "tiny":
+        from openrlhf_search.data.tiny_tokenizer import build_tiny_tokenizer
+
+        texts = [d.contents for d in kb.corpus] if kb is not None else []
+        texts += [s.question for s in train_samples]
+        import openrlhf_search.trainer.templates  # noqa: F401  (registers search_r1_compact)
+        from openrlhf_search.env.templates import get_template
+
+        tmpl = get_template(cfg.env.template)
+        texts += [tmpl.render(s.question) for s in train_samples[:50]]
+        tok = build_tiny_tokenizer(texts, vocab_size=cfg.model.vocab_size, out_dir=out / "tokenizer")
+        spec = TinyModelSpec(cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_heads, cfg.model.num_kv_heads,
+                             cfg.model.intermediate_size)
+        model = build_tiny_qwen2(tok, spec, seed=cfg.model.seed).to(dtype)
+    else:
+        model, tok = load_pretrained(cfg.model.path, dtype=str(dtype).replace("torch.", ""))
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.to(device)
+    model.config.use_cache = True
+    torch.set_float32_matmul_precision("high")
+    return tok, model
+
+
+def build_env(cfg: TrainConfig, tokenizer, retriever):
+    import openrlhf_search.trainer.templates  # noqa: F401  (registers search_r1_compact)
+    from openrlhf_search.env.search_env import EnvConfig as SearchEnvConfig
+    from openrlhf_search.env.search_env import SearchEnv
+
+    env_cfg = SearchEnvConfig(
+        max_turns=cfg.env.max_turns,
+        max_tokens_per_turn=cfg.env.max_tokens_per_turn,
+        max_obs_tokens=cfg.env.max_obs_tokens,
+        max_response_tokens=cfg.env.max_response_tokens,
+        topk=cfg.retriever.topk,
+    )
+    return SearchEnv(tokenizer, retriever, cfg.env.template, env_cfg)
+
+
+def build_engine(cfg: TrainConfig, policy, tokenizer, out: Path):
+    if cfg.rollout.engine == "hf":
+        from openrlhf_search.rollout.hf import HFEngine
+
+        return HFEngine(policy, tokenizer, seed=cfg.seed)
+    if cfg.rollout.engine == "vllm":
+        from openrlhf_search.rollout.vllm import VLLMEngine
+
+        path = out / "rollout_weights"
+        policy.save_pretrained(str(path))
+        tokenizer.save_pretrained(str(path))
+        return VLLMEngine(str(path), seed=cfg.seed)
+    raise ValueError(f"rollout.engine={cfg.rollout.engine!r}: expected 'hf' or 'vllm'")
+
+
+# ============================================================================================ scoring / tensors
+def score_trajectories(trajs, reward_fn, tokenizer) -> tuple[list[float], list[dict]]:
+    """Reward of each trajectory: ``reward_fn(response_text, golden_answers, retrieved_text)``."""
+    del tokenizer  # the trajectory carries its decoded turns
+    rewards, infos = [], []
+    for t in trajs:
+        r, info = reward_fn(t.response_text, t.meta["golden_answers"], t.retrieved_text)
+        rewards.append(float(r))
+        infos.append(dict(info))
+    return rewards, infos
+
+
+@dataclass
+class PackedBatch:
+    """Trajectories as right-padded tensors; the response axis starts at each row's own prompt end."""
+
+    input_ids: Any  # [B, L] prompt + response, right padded
+    attention_mask: Any  # [B, L]
+    response_index: Any  # [B, T] positions (in L) of the response tokens; padded entries point at 0
+    action_mask: Any  # [B, T] 1 on model tokens
+    engine_logprobs: Any  # [B, T]
+    response_len: list[int]
+
+
+def pack(trajs, pad_id: int, device) -> PackedBatch:
+    """Right-pad ``prompt + response`` per row; ``response_index`` gathers the response axis ``T``."""
+    import torch
+
+    B = len(trajs)
+    L = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+    T = max(1, max(len(t.response_ids) for t in trajs))
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    index = torch.zeros((B, T), dtype=torch.long)
+    amask = torch.zeros((B, T), dtype=torch.float32)
+    elp = torch.zeros((B, T), dtype=torch.float32)
+    for i, t in enumerate(trajs):
+        p, r = len(t.prompt_ids), len(t.response_ids)
+        ids[i, : p + r] = torch.tensor(list(t.prompt_ids) + list(t.response_ids))
+        attn[i, : p + r] = 1
+        index[i, :r] = torch.arange(p, p + r)
+        amask[i, :r] = torch.tensor(list(t.action_mask), dtype=torch.float32)
+        elp[i, :r] = torch.tensor([float(x) for x in t.logprobs], dtype=torch.float32)
+    return PackedBatch(ids.to(device), attn.to(device), index.to(device), amask.to(device), elp.to(device),
+                       [len(t.response_ids) for t in trajs])
+
+
+def response_logprobs(model, batch: PackedBatch, rows, temperature: float):
+    """Log-probs ``[b, T]`` of the response tokens of ``rows`` under ``model`` (logits / temperature).
+
+    Uses ``algorithms.sampled_token_logprobs`` on the final hidden states, so the full ``[B, L, V]`` float32
+    log-softmax is never materialised (it would be 1.9 GB for SmolLM2's 49k vocabulary at 32 x 300 tokens).
+    """
+    import torch
+
+    from openrlhf_search.algorithms.logprobs import sampled_token_logprobs
+
+    ids, attn, index = batch.input_ids[rows], batch.attention_mask[rows], batch.response_index[rows]
+    width = int(attn.sum(-1).max().item())
+    ids, attn = ids[:, :width], attn[:, :width]
+    out = model.model(input_ids=ids, attention_mask=attn, use_cache=False)
+    hidden = out.last_hidden_state  # [b, L, H]
+    # the token at position p is predicted by the hidden state at p - 1
+    pred_pos = (index - 1).clamp(min=0)
+    h = hidden.gather(1, pred_pos[:, :, None].expand(-1, -1, hidden.size(-1)))  # [b, T, H]
+    targets = ids.gather(1, index.clamp(max=width - 1))
+    weight = model.get_output_embeddings().weight
+    bias = getattr(model.get_output_embeddings(), "bias", None)
+    lp = sampled_token_logprobs(h, weight, targets, bias=bias, temperature=temperature if temperature > 0 else 1.0)
+    return lp.float() if lp.dtype != torch.float32 else lp
+
+
+# ============================================================================================ evaluation
+def evaluate_policy(engine, env, samples, tokenizer, params) -> dict[str, float]:
+    """Single (greedy by default) rollouts over ``samples``: EM, subEM, F1 of the final answer, turns, searches."""
+    from openrlhf_search.rollout.runner import run_rollouts
+    from openrlhf_search.trainer.evaluate import score_rollouts
+
+    del tokenizer
+    if not samples:
+        return {}
+    return score_rollouts(run_rollouts(engine, env, samples, 1, params))
+
+
+# ============================================================================================ the loop
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run (or resume) a local RL run; returns a summary dict (also written to ``<output_dir>/summary.json``)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from openrlhf_search.algorithms.presets import get_algorithm
+    from openrlhf_search.rewards import get_reward_fn
+    from openrlhf_search.rollout.base import SamplingParams
+    from openrlhf_search.rollout.runner import PhaseTimer, TimedRetriever, collect_groups
+    from openrlhf_search.trainer.checkpoint import (
+        capture_rng_state,
+        latest_checkpoint,
+        load_trainer_state,
+        restore_rng_state,
+        save_checkpoint,
+    )
+    from openrlhf_search.trainer.data import QuestionStream
+    from openrlhf_search.trainer.logging import MetricsLogger, Progress, plot_reward_curve, render_trajectory
+
+    hf_logging.disable_progress_bar()
+    t_setup = time.perf_counter()
+    out = Path(cfg.logging.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resume_dir = latest_checkpoint(out / "checkpoints") if resume else None
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    save_config(cfg, out / "config.yaml")
+
+    # ---- data, retriever, tokenizer, policy, environment, engine
+    train_samples, eval_samples, kb = load_questions(cfg, out)
+    timer = PhaseTimer()
+    retriever = TimedRetriever(build_retriever(cfg, out, kb), timer)
+    probe_retriever(retriever, cfg.retriever.spec)
+    tokenizer, policy = build_tokenizer_and_model(cfg, out, kb, train_samples, device, resume_dir)
+    env = build_env(cfg, tokenizer, retriever)
+    engine = build_engine(cfg, policy, tokenizer, out)
+    reward_fn = get_reward_fn(cfg.env.reward, **cfg.env.reward_kwargs)
+    sample_params = SamplingParams(max_new_tokens=cfg.env.max_tokens_per_turn, temperature=cfg.rollout.temperature,
+                                   top_p=cfg.rollout.top_p)
+    eval_params = replace_params(sample_params, temperature=cfg.rollout.eval_temperature)
+    summary: dict[str, Any] = {"output_dir": str(out)}
+
+    # ---- supervised warm start (fresh runs only) and the held-out score before RL
+    if resume_dir is None and (cfg.sft.steps > 0 or cfg.sft.copy_steps > 0):
+        summary["sft"] = warm_start(cfg, policy, tokenizer, env, kb, retriever)
+    if resume_dir is None:
+        summary["eval_before"] = evaluate_policy(engine, env, eval_samples, tokenizer, eval_params)
+        (out / "eval_before.json").write_text(json.dumps(summary["eval_before"], indent=1))
+    else:
+        summary["eval_before"] = json.loads((out / "eval_before.json").read_text())
+
+    # ---- algorithm
+    preset = get_algorithm(cfg.algorithm.name)
+    loss_cfg = dict(cfg.algorithm.loss_overrides)
+    if cfg.algorithm.kl_coef > 0:
+        loss_cfg.update(kl_coef=cfg.algorithm.kl_coef, kl_estimator=cfg.algorithm.kl_estimator)
+    loss_fn = preset.build_loss(**loss_cfg)
+    estimator = preset.build_estimator()
+    reference = None
+    if cfg.algorithm.kl_coef > 0:
+        import copy
+
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+
+    # ---- optimiser, schedule, data stream
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
+                            weight_decay=cfg.optimizer.weight_decay)
+    total_updates = max(1, cfg.steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optimizer.schedule, cfg.optimizer.warmup_steps,
+                                                             total_updates))
+    stream = QuestionStream(train_samples, seed=cfg.data.seed)
+    start_step = 0
+    if resume_dir is not None:
+        state = load_trainer_state(resume_dir)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["data"])
+        restore_rng_state(state["rng"], getattr(engine, "generator", None))
+        start_step = int(state["step"])
+        print(f"[openrlhf-search] resumed from {resume_dir} at step {start_step}")
+
+    logger = MetricsLogger(out, cfg.logging.tensorboard, cfg.logging.wandb_project,
+                           resume_step=start_step if resume_dir is not None else None, run_config=config_to_dict(cfg))
+    progress = Progress(cfg.steps, initial=start_step, enabled=cfg.logging.progress)
+    samples_dir = out / "samples"
+    samples_dir.mkdir(exist_ok=True)
+
+    def checkpoint(step: int) -> Path:
+        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "data": stream.state_dict(), "rng": capture_rng_state(getattr(engine, "generator", None))}
+        return save_checkpoint(out / "checkpoints", step, policy, tokenizer, state, keep=cfg.logging.keep_checkpoints)
+
+    summary["setup_seconds"] = time.perf_counter() - t_setup
+    t_rl = time.perf_counter()
+    step = start_step
+    for step in range(start_step + 1, cfg.steps + 1):
+        t_step = time.perf_counter()
+        timer.reset()
+        metrics: dict[str, float] = {}
+
+        # 1-3. rollout, reward, DSPO/DAPO filtering (resampling until the batch is full, capped)
+        try:
+            batch = collect_groups(
+                engine, env, stream.take, lambda tr: score_trajectories(tr, reward_fn, tokenizer),
+                target_groups=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size, params=sample_params,
+                dynamic_filtering=preset.dynamic_filter, max_rounds=cfg.rollout.max_filter_rounds, timer=timer)
+        except Exception as exc:
+            if _is_retrieval_failure(exc):
+                raise RetrieverDownError(f"step {step}: the retriever failed: {exc}") from exc
+            raise
+        metrics.update(batch.metrics)
+        metrics["reward_mean"] = batch.metrics.get("reward_all_mean", _mean(batch.rewards))
+        metrics["samples"] = batch.samples_used
+        trajs = batch.trajectories
+
+        t_update = time.perf_counter()
+        if trajs:
+            metrics.update(trajectory_stats(trajs))
+            # 4. advantages: group-relative per sequence, then (CalibAdv) per token
+            rewards = torch.tensor(batch.rewards, dtype=torch.float32)
+            group_ids = torch.tensor(batch.group_ids)
+            seq_adv = estimator(rewards, group_ids)
+            packed = pack(trajs, tokenizer.pad_token_id, device)
+            advantages = seq_adv.to(device)
+            if preset.calibadv:
+                from openrlhf_search.algorithms.calibadv import CalibAdvConfig, calibrate_advantages
+
+                advantages, cal_metrics = calibrate_advantages(
+                    seq_adv, [t.to_calib_record() for t in trajs], packed.action_mask.cpu(), group_ids,
+                    CalibAdvConfig(target_ratio=cfg.algorithm.calib_lambda))
+                advantages = advantages.to(device)
+                metrics.update(cal_metrics)
+            metrics["adv_abs_mean"] = float(seq_adv.abs().mean())
+
+            # 5. old (and reference) log-probs, recomputed by the trainer
+            all_rows = torch.arange(len(trajs))
+            with torch.no_grad():
+                policy.eval()
+                old_lp = torch.cat([response_logprobs(policy, packed, r, cfg.rollout.temperature)
+                                    for r in all_rows.split(16)])
+                ref_lp = None
+                if reference is not None:
+                    ref_lp = torch.cat([response_logprobs(reference, packed, r, cfg.rollout.temperature)
+                                        for r in all_rows.split(16)])
+            m = packed.action_mask
+            metrics["rollout/engine_logprob_gap"] = float(((old_lp - packed.engine_logprobs).abs() * m).sum()
+                                                          / m.sum().clamp(min=1))
+
+            # 6. minibatch updates
+            policy.train()
+            upd = update_policy(policy, opt, sched, loss_fn, packed, old_lp, ref_lp, advantages, cfg)
+            policy.eval()
+            engine.update_weights(policy)
+            metrics.update(upd)
+        else:
+            metrics["update/skipped_empty_batch"] = 1.0
+        t_end = time.perf_counter()
+
+        # 7. timing, logging, samples, checkpoints
+        phases = timer.reset()
+        total = t_end - t_step
+        metrics["time/generation"] = phases.get("generation", 0.0)
+        metrics["time/retrieval"] = phases.get("retrieval", 0.0)
+        metrics["time/env"] = max(0.0, phases.get("env", 0.0) - metrics["time/retrieval"])
+        metrics["time/update"] = t_end - t_update
+        metrics["time/other"] = max(0.0, total - metrics["time/generation"] - metrics["time/retrieval"]
+                                    - metrics["time/env"] - metrics["time/update"])
+        metrics["time/step"] = total
+        metrics["lr"] = sched.get_last_lr()[0]
+        if cfg.logging.eval_every and step % cfg.logging.eval_every == 0 and step < cfg.steps:
+            ev = evaluate_policy(engine, env, eval_samples, tokenizer, eval_params)
+            metrics.update({f"eval/{k}": v for k, v in ev.items()})
+        logger.log(step, metrics)
+        if trajs and cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == start_step + 1):
+            best = max(range(len(trajs)), key=lambda i: batch.rewards[i])
+            (samples_dir / f"step_{step:06d}.txt").write_text(
+                render_trajectory(trajs[best], tokenizer, batch.rewards[best]) + "\n\n---\n\n"
+                + render_trajectory(trajs[0], tokenizer, batch.rewards[0]) + "\n")
+        progress.update(reward=metrics["reward_mean"], step_s=total)
+        if cfg.logging.save_every and step % cfg.logging.save_every == 0:
+            checkpoint(step)
+        if cfg.max_step_seconds and time.perf_counter() - t_rl > cfg.max_step_seconds:
+            print(f"\n[openrlhf-search] RL time budget max_step_seconds={cfg.max_step_seconds} reached at step {step}")
+            break
+    progress.close()
+    summary["steps_done"] = step
+    summary["rl_seconds"] = time.perf_counter() - t_rl
+
+    # ---- final checkpoint, held-out evaluation, plot
+    final_dir = checkpoint(step)
+    summary["checkpoint"] = str(final_dir)
+    summary["eval_after"] = evaluate_policy(engine, env, eval_samples, tokenizer, eval_params)
+    if eval_samples:
+        from openrlhf_search.rollout.runner import run_rollouts
+
+        final = run_rollouts(engine, env, eval_samples[:1], 1, eval_params)[0]
+        summary["final_sample"] = render_trajectory(final, tokenizer, score_trajectories([final], reward_fn,
+                                                                                         tokenizer)[0][0])
+    logger.close()
+    plot = plot_reward_curve(out / "metrics.jsonl", out / "reward_curve.png", title=f"{cfg.algorithm.name} reward")
+    summary.update(metrics_path=str(out / "metrics.jsonl"), plot=str(plot), samples_dir=str(samples_dir))
+    summary.update(reward_window_stats(out / "metrics.jsonl"))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# ============================================================================================ loop pieces
+def replace_params(params, **kw):
+    from dataclasses import replace
+
+    return replace(params, **kw)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the peak LR at optimiser step ``s``: linear warm-up then ``constant``/``linear``/``cosine``."""
+    if schedule not in ("constant", "linear", "cosine"):
+        raise ValueError(f"optimizer.schedule={schedule!r}: expected constant, linear or cosine")
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        frac = min(1.0, (s - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - frac
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
+        return 1.0
+
+    return f
+
+
+def update_policy(policy, opt, sched, loss_fn, packed: PackedBatch, old_lp, ref_lp, advantages, cfg) -> dict:
+    """``ppo_epochs`` x ``num_minibatches`` optimiser steps; NaN/inf loss or gradients skip the step (logged)."""
+    import torch
+
+    B = packed.input_ids.size(0)
+    n_mb = max(1, min(cfg.algorithm.num_minibatches, B))
+    agg: dict[str, list[float]] = {}
+    skipped = 0
+    grad_norms = []
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
+    for _ in range(cfg.algorithm.ppo_epochs):
+        perm = torch.randperm(B, generator=gen)
+        for rows in perm.chunk(n_mb):
+            lp = response_logprobs(policy, packed, rows, cfg.rollout.temperature)
+            extra = {"ref_log_probs": ref_lp[rows]} if ref_lp is not None else {}
+            adv = advantages[rows]
+            loss, m = loss_fn(lp, old_lp[rows], adv, packed.action_mask[rows], **extra)
+            for k, v in m.items():
+                agg.setdefault(k, []).append(float(v))
+            opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                skipped += 1
+                continue
+            loss.backward()
+            clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf")
+            gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
+            if not torch.isfinite(gnorm):
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            grad_norms.append(float(gnorm))
+            opt.step()
+            sched.step()
+    out = {f"loss/{k}" if "/" not in k else k: sum(v) / len(v) for k, v in agg.items() if v}
+    out["update/skipped_nonfinite"] = float(skipped)
+    out["update/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+    return out
+
+
+def trajectory_stats(trajs) -> dict[str, float]:
+    """Turns, searches, response length (model tokens / all tokens), finish reasons."""
+    n = len(trajs)
+    stats = {
+        "turns_per_traj": sum(len(t.turns) for t in trajs) / n,
+        "searches_per_traj": sum(t.num_searches for t in trajs) / n,
+        "response_len": sum(len(t.response_ids) for t in trajs) / n,
+        "model_tokens": sum(sum(t.action_mask) for t in trajs) / n,
+        "answered_frac": sum(1 for t in trajs if t.answer is not None) / n,
+    }
+    return stats
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _is_retrieval_failure(exc: BaseException) -> bool:
+    names = {type(e).__name__ for e in _chain(exc)}
+    return bool(names & {"RetrieverUnavailable", "RetrieverRequestError", "ConnectError", "ConnectionError",
+                         "ConnectionRefusedError"})
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def reward_window_stats(metrics_path: Path, window: int = 10) -> dict[str, float]:
+    """Mean ``reward_mean`` of the first and last ``window`` steps, and their difference."""
+    from openrlhf_search.trainer.logging import read_metrics
+
+    rows = [r for r in read_metrics(metrics_path) if isinstance(r.get("reward_mean"), (int, float))]
+    if not rows:
+        return {}
+    w = min(window, max(1, len(rows) // 2))
+    first = sum(r["reward_mean"] for r in rows[:w]) / w
+    last = sum(r["reward_mean"] for r in rows[-w:]) / w
+    return {"reward_first_window": first, "reward_last_window": last, "reward_gain": last - first, "window": w}
+
+
+def warm_start(cfg: TrainConfig, policy, tokenizer, env, kb, retriever) -> dict:
+    """SFT on imperfect synthetic demonstrations (prompt ids from the environment itself)."""
+    from openrlhf_search.data.synthetic import synthetic_trajectories
+    from openrlhf_search.env.templates import get_template
+    from openrlhf_search.trainer.sft import copy_examples, run_sft, tokenize_demonstration
+
+    if kb is None:
+        raise ValueError("sft.steps > 0 needs data.source=synthetic (demonstrations come from the synthetic KB)")
+    t0 = time.perf_counter()
+    result: dict = {}
+    if cfg.sft.copy_steps > 0:  # phase 0: the dense copy objective on the corpus' names and numbers
+        words = sorted({w.strip(".,") for d in kb.corpus for w in d.contents.replace('"', " ").split()
+                        if w[:1].isupper() or w[:1].isdigit()})
+        copies = copy_examples(words, tokenizer, cfg.sft.copy_steps * cfg.sft.copy_batch_size, seed=cfg.seed)
+
+        def log_copy(step: int, loss: float) -> None:
+            if cfg.logging.progress and (step + 1) % 100 == 0:
+                print(f"[copy] step {step + 1}/{cfg.sft.copy_steps} loss {loss:.3f} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+        closs = run_sft(policy, copies, cfg.sft.copy_steps, cfg.sft.copy_batch_size, cfg.sft.lr,
+                        tokenizer.pad_token_id, seed=cfg.seed, log=log_copy)
+        result.update(copy_loss_first=closs[0], copy_loss_last=closs[-1],
+                      copy_seconds=time.perf_counter() - t0)
+    demos = synthetic_trajectories(kb, "train", n=cfg.sft.num_demos, mistake_rate=cfg.sft.mistake_rate,
+                                   seed=cfg.data.seed + 1, retriever=retriever, topk=cfg.retriever.topk,
+                                   template=get_template(cfg.env.template))
+    prompts = env.reset([d.sample for d in demos])
+    examples = [tokenize_demonstration(list(p.prompt_ids), d.segments, tokenizer) for p, d in zip(prompts, demos)]
+    def log(step: int, loss: float) -> None:
+        if cfg.logging.progress and (step + 1) % 20 == 0:
+            print(f"[sft] step {step + 1}/{cfg.sft.steps} loss {loss:.3f} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+
+    losses = run_sft(policy, examples, cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, tokenizer.pad_token_id,
+                     seed=cfg.seed, log=log)
+    result.update(steps=cfg.sft.steps, loss_first=losses[0] if losses else None,
+                  loss_last=losses[-1] if losses else None,
+                  demo_accuracy=sum(d.correct for d in demos) / len(demos), seconds=time.perf_counter() - t0)
+    return result

@@ -1,0 +1,158 @@
+"""Run outputs: ``metrics.jsonl``, TensorBoard, optional W&B, readable sample trajectories, the reward plot.
+
+``metrics.jsonl`` holds one JSON object per RL step (``step``, ``reward_mean``, the loss diagnostics, turns and
+searches per trajectory, response length, and the wall-time split ``time/generation``, ``time/retrieval``,
+``time/update``, ``time/other``). On resume the file is truncated back to the checkpoint's step, so it never holds a
+step twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _jsonable(v: Any):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+    return v
+
+
+class MetricsLogger:
+    """Append per-step metrics to ``metrics.jsonl`` and mirror scalars to TensorBoard / W&B.
+
+    Args:
+        output_dir: run directory.
+        tensorboard: write ``<output_dir>/tb`` event files (``torch.utils.tensorboard``; skipped with a warning if
+            tensorboard is not installed).
+        wandb_project: W&B project name, or empty for none (``wandb`` imported lazily).
+        resume_step: drop lines of steps ``> resume_step`` left by an interrupted run (``None``: start a new file).
+        run_config: logged to W&B as the run config.
+    """
+
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True, wandb_project: str = "",
+                 resume_step: int | None = None, run_config: dict | None = None):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        if resume_step is None:
+            self.path.write_text("", encoding="utf-8")
+        elif self.path.exists():
+            kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        self._fh = open(self.path, "a", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.dir / "tb"))
+            except Exception as exc:  # tensorboard missing: metrics.jsonl is the source of truth anyway
+                print(f"[openrlhf-search] TensorBoard disabled ({exc})")
+        self.wandb = None
+        if wandb_project:
+            import wandb  # lazy, optional
+
+            self.wandb = wandb.init(project=wandb_project, dir=str(self.dir), config=run_config or {}, resume="allow")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Write one step (``metrics`` must not contain ``step``)."""
+        row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._fh.write(json.dumps(row) + "\n")
+        self._fh.flush()
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                if self.tb is not None:
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All rows of a ``metrics.jsonl``."""
+    return [json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def plot_reward_curve(metrics_path: str | Path, png_path: str | Path, keys=("reward_mean",), title: str = "") -> Path:
+    """Plot ``keys`` against ``step`` (raw and a 5-step moving average) into ``png_path`` (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        line = ax.plot(xs, ys, alpha=0.35, label=f"{key}")[0]
+        w = 5
+        avg = [sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
+        ax.plot(xs, avg, color=line.get_color(), label=f"{key} ({w}-step avg)")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("reward")
+    ax.set_title(title or str(Path(metrics_path).parent.name))
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(png_path), dpi=110)
+    plt.close(fig)
+    return Path(png_path)
+
+
+def render_trajectory(traj, tokenizer, reward: float | None = None) -> str:
+    """A readable transcript of one trajectory: the question, each model turn and observation, answer, reward.
+
+    Model tokens and observation tokens are decoded separately (using ``action_mask``), so the transcript shows
+    exactly which text the model wrote and which the environment inserted.
+    """
+    meta = getattr(traj, "meta", {}) or {}
+    lines = [f"question: {meta.get('question', '?')}", f"golden answers: {meta.get('golden_answers', '?')}"]
+    ids, mask = list(traj.response_ids), list(traj.action_mask)
+    start = 0
+    while start < len(ids):
+        end = start
+        while end < len(ids) and mask[end] == mask[start]:
+            end += 1
+        text = tokenizer.decode(ids[start:end], skip_special_tokens=False)
+        lines.append(("[model] " if mask[start] else "[env]   ") + text.strip())
+        start = end
+    lines.append(f"answer: {getattr(traj, 'answer', None)!r}  finish: {getattr(traj, 'finish_reason', '?')}")
+    if reward is not None:
+        lines.append(f"reward: {reward:.3f}")
+    return "\n".join(lines)
+
+
+class Progress:
+    """A progress bar (tqdm) showing reward, step time and ETA; silent when disabled."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "RL"):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, unit="step")
+
+    def update(self, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in postfix.items()})
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,128 @@
+"""Supervised warm start on demonstration trajectories (the quickstart's first phase).
+
+A randomly initialised model cannot produce the tag protocol at all, so RL would have no signal. A short
+cross-entropy pass on demonstrations (``openrlhf_search.data.synthetic.synthetic_trajectories``) teaches the format
+and the search-then-answer habit; the demonstrations are imperfect on purpose (some answer without searching, some
+copy a wrong entity), so the warm-started policy still makes mistakes that RL can remove.
+
+Tokenisation mirrors the environment exactly: the prompt ids come from the environment's own ``reset``; each
+demonstration segment is tokenised on its own (model segments as the model would sample them, observation segments
+as the environment tokenises observations), and only model segments carry loss.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+
+@dataclass
+class SFTExample:
+    """One tokenised demonstration."""
+
+    input_ids: list[int]
+    """Prompt ids followed by response ids."""
+    loss_mask: list[int]
+    """1 on model-written response tokens (the loss targets), 0 on the prompt and on observations."""
+
+
+def tokenize_demonstration(prompt_ids: list[int], segments: list[tuple[str, bool]], tokenizer,
+                           eos_after: bool = False) -> SFTExample:
+    """Turn ``(text, is_model)`` segments into ids and a loss mask (segments tokenised one by one)."""
+    ids, mask = list(prompt_ids), [0] * len(prompt_ids)
+    for text, is_model in segments:
+        seg = tokenizer.encode(text, add_special_tokens=False)
+        ids += seg
+        mask += [1 if is_model else 0] * len(seg)
+    if eos_after and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        mask.append(1)
+    return SFTExample(ids, mask)
+
+
+def copy_examples(words: list[str], tokenizer, n: int, seed: int = 0, min_words: int = 3,
+                  max_words: int = 8) -> list[SFTExample]:
+    """Copy-task sequences ``"w1 ... wk\nw1 ... wk"`` with loss on the second half only.
+
+    Why: a search agent must copy an entity from the question into its query and an answer from a retrieved passage
+    into ``<answer>``. A randomly initialised transformer learns that (induction heads) only after many steps of
+    next-token loss where copy targets are rare; a few hundred steps of this dense copy objective on the corpus'
+    own words build the circuit first (measured here: a 2-layer, 128-wide Qwen2 goes from 0% to ~84% copied tokens
+    in 350 steps of 32 short sequences), after which the demonstrations teach the protocol on top of it.
+    """
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ws = [rng.choice(words) for _ in range(rng.randint(min_words, max_words))]
+        src = tokenizer.encode(" ".join(ws) + "\n", add_special_tokens=False)
+        dst = tokenizer.encode(" ".join(ws), add_special_tokens=False)
+        out.append(SFTExample(src + dst, [0] * len(src) + [1] * len(dst)))
+    return out
+
+
+def sft_loss(model, batch: list[SFTExample], pad_id: int):
+    """Token-mean cross-entropy over model tokens of a right-padded batch; returns ``(loss, n_tokens)``."""
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        attn[i, :n] = 1
+        mask[i, :n] = torch.tensor(e.loss_mask)
+    device = next(model.parameters()).device
+    ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    targets, tmask = ids[:, 1:], mask[:, 1:].float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                            reduction="none").view_as(tmask)
+    n = tmask.sum().clamp(min=1.0)
+    return (nll * tmask).sum() / n, int(n.item())
+
+
+def run_sft(model, examples: list[SFTExample], steps: int, batch_size: int, lr: float, pad_id: int, seed: int = 0,
+            log=None, warmup_steps: int = 10) -> list[float]:
+    """AdamW with linear warm-up and cosine decay for ``steps`` steps over shuffled ``examples``.
+
+    Args:
+        log: optional callable ``log(step, loss)``.
+
+    Returns:
+        The loss of every step.
+    """
+    import torch
+
+    if steps <= 0 or not examples:
+        return []
+    rng = random.Random(seed)
+    order: list[int] = []
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+
+    def lr_scale(s: int) -> float:  # linear warm-up, cosine decay to 10%
+        return min(1.0, (s + 1) / max(1, warmup_steps)) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_scale)
+    model.train()
+    losses = []
+    for step in range(steps):
+        if len(order) < batch_size:
+            perm = list(range(len(examples)))
+            rng.shuffle(perm)
+            order += perm
+        batch = [examples[i] for i in order[:batch_size]]
+        del order[:batch_size]
+        loss, _ = sft_loss(model, batch, pad_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.item()))
+        if log is not None:
+            log(step, losses[-1])
+    model.eval()
+    return losses

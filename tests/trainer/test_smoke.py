@@ -1,0 +1,142 @@
+"""Subprocess smoke runs of the CLI with tiny budgets: train, resume after SIGKILL, retriever down, eval.
+
+Each run uses ``examples/configs/smoke.yaml`` (a 2-layer, 64-wide model, a few steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = str(REPO / "examples" / "configs" / "smoke.yaml")
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _cli(*args, timeout=180, **kw):
+    return subprocess.run([sys.executable, "-m", "openrlhf_search", *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env(), cwd=str(REPO), **kw)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_train_smoke_writes_metrics_and_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    res = _cli("train", "--config", SMOKE, f"logging.output_dir={out}", "steps=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert isinstance(r["reward_mean"], float)
+        for key in ("time/generation", "time/retrieval", "time/update", "time/other", "turns_per_traj",
+                    "searches_per_traj", "response_len"):
+            assert key in r, key
+    summary = json.loads((out / "summary.json").read_text())
+    ckpt = Path(summary["checkpoint"])
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
+    assert (out / "reward_curve.png").stat().st_size > 0
+    assert list((out / "samples").glob("step_*.txt"))
+
+
+def _stream_prefix(out: Path) -> list[str]:
+    """The order in which the run's question stream hands out training questions (from the saved data)."""
+    from openrlhf_search.data.formats import read_dataset
+    from openrlhf_search.trainer.data import QuestionStream
+
+    train = read_dataset(out / "data" / "train.jsonl")[:40]  # data.num_train of smoke.yaml
+    return [s.id for s in QuestionStream(train, seed=0).take(10_000)]
+
+
+def test_resume_after_sigkill_reaches_same_step_count_without_repeating_data(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--config", SMOKE, f"logging.output_dir={out}", "steps=5"]
+    proc = subprocess.Popen([sys.executable, "-m", "openrlhf_search", *args], env=_env(), cwd=str(REPO),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 150
+    try:
+        while time.time() < deadline:  # kill as soon as step 2 was logged (step 2's checkpoint may or may not exist)
+            if metrics.exists() and any(r["step"] >= 2 for r in _rows(metrics)):
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"run ended before it could be killed: {proc.stderr.read()[-3000:]}")
+            time.sleep(0.2)
+        else:
+            pytest.fail("run did not reach step 2 in time")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (out / "checkpoints" / "latest").is_file()
+    res = _cli("train", "--config", SMOKE, f"logging.output_dir={out}", "steps=5", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout
+    rows = _rows(metrics)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # every step exactly once
+    used = [q for r in rows for q in r["samples"]]
+    assert used == _stream_prefix(out)[: len(used)]  # the stream continued exactly: nothing lost or repeated
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block exits
+
+
+def test_retriever_down_fails_fast_with_a_clear_message(tmp_path):
+    url = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.time()
+    res = _cli("train", "--config", SMOKE, f"logging.output_dir={tmp_path / 'run'}", f"retriever.spec={url}",
+               "sft.steps=0", timeout=120)
+    assert res.returncode == 3, (res.stdout[-2000:], res.stderr[-3000:])
+    assert "retriever" in res.stderr and url in res.stderr
+    assert "Traceback" not in res.stderr
+    assert time.time() - t0 < 90
+
+
+def test_eval_on_a_tiny_dataset_writes_the_table(tmp_path):
+    from openrlhf_search.data.formats import write_dataset
+    from openrlhf_search.data.synthetic import generate_kb, write_kb
+    from openrlhf_search.data.tiny_tokenizer import build_tiny_tokenizer
+    from openrlhf_search.retrieval.bm25 import BM25Config, BM25Index
+    from openrlhf_search.trainer.models import TinyModelSpec, build_tiny_qwen2
+
+    kb = generate_kb(seed=0, n_entities=24)
+    write_kb(kb, tmp_path / "kb")
+    BM25Index.build(tmp_path / "kb" / "corpus.jsonl", tmp_path / "index", config=BM25Config(), show_progress=False)
+    tok = build_tiny_tokenizer([d.contents for d in kb.corpus], vocab_size=400)
+    model = build_tiny_qwen2(tok, TinyModelSpec(32, 1, 2, 1, 64))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "flashrag" / "bamboogle").mkdir(parents=True)
+    write_dataset(kb.test[:3], tmp_path / "flashrag" / "bamboogle" / "test.jsonl")
+    write_dataset(kb.test[3:5], tmp_path / "mine.jsonl")
+    res = _cli("eval", "--model", str(tmp_path / "model"), "--data", "bamboogle", str(tmp_path / "mine.jsonl"),
+               "--data-dir", str(tmp_path / "flashrag"), "--retriever", str(tmp_path / "index"),
+               "--output-dir", str(tmp_path / "eval"), "--max-turns", "2", "--max-tokens-per-turn", "8")
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "| bamboogle | 3 |" in table and "| mine | 2 |" in table and "| average | 5 |" in table
+    payload = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [d["dataset"] for d in payload["datasets"]] == ["bamboogle", "mine"]
+    assert {"em", "subem", "f1", "turns", "searches"} <= set(payload["average"])
+
+
+def test_eval_unknown_dataset_name_is_a_clear_error(tmp_path):
+    res = _cli("eval", "--model", str(tmp_path), "--data", "nq", "--retriever", str(tmp_path))
+    assert res.returncode == 2
+    assert "'nq' is a Search-R1 dataset name" in res.stderr
