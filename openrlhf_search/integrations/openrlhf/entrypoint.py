@@ -5,7 +5,9 @@ What it does, in order:
 1. parses the flags with OpenRLHF's own parser (:func:`.compat.openrlhf_argument_parser`), so a bad flag fails
    here with OpenRLHF's message;
 2. reads the :class:`~.config.PatchConfig` named by ``OPENRLHF_SEARCH_PATCH_CONFIG`` (none: plain OpenRLHF) and
-   swaps OpenRLHF's actor classes for ours (:func:`.patches.apply_patches`);
+   swaps OpenRLHF's actor classes for ours (:func:`.patches.apply_patches`); with the Megatron backend's
+   ``BackendConfig`` named by ``OPENRLHF_SEARCH_MEGATRON_CONFIG`` (``backend: megatron``), the policy, reference and
+   vLLM actor classes become the Megatron ones (:func:`.patches.apply_megatron_backend`);
 3. starts (or joins, with ``RAY_ADDRESS``) Ray with a runtime environment that carries the agent config *inline*
    to every worker on every node -- OpenRLHF then skips its own ``ray.init`` -- and, under the CPU shim, logical
    GPUs (:func:`.cpu_shim.ray_init_kwargs`);
@@ -21,8 +23,13 @@ from pathlib import Path
 
 from .config import AGENT_CONFIG_ENV, CPU_SHIM_ENV, PATCH_CONFIG_ENV, PatchConfig, from_env
 
+MEGATRON_CONFIG_ENV = "OPENRLHF_SEARCH_MEGATRON_CONFIG"
+"""Path of the Megatron ``BackendConfig`` JSON (same name as ``megatron.config.MEGATRON_CONFIG_ENV``)."""
+MEGATRON_CPU_SHIM_ENV = "OPENRLHF_SEARCH_MEGATRON_CPU_SHIM"
+"""Switch of megatron-core's CPU shim (``megatron/cpu_shim.py``) in the Megatron actors."""
+
 FORWARDED_ENV = (CPU_SHIM_ENV, "PYTHONPATH", "DS_ACCELERATOR", "GLOO_SOCKET_IFNAME", "VLLM_HOST_IP", "HF_HUB_OFFLINE",
-                 "TRANSFORMERS_OFFLINE", "OPENRLHF_SEARCH_ALLOW_VERSION_MISMATCH")  # fmt: skip
+                 "TRANSFORMERS_OFFLINE", "OPENRLHF_SEARCH_ALLOW_VERSION_MISMATCH", MEGATRON_CPU_SHIM_ENV)  # fmt: skip
 """Driver environment variables copied into Ray's runtime environment (workers on other nodes do not inherit)."""
 
 OPENRLHF_DEFAULT_ENV = {
@@ -72,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     args = hierarchize(openrlhf_argument_parser().parse_args(argv))
     patch = from_env(PatchConfig, PATCH_CONFIG_ENV) if os.environ.get(PATCH_CONFIG_ENV) else PatchConfig()
     apply_patches(patch, args)
+    if os.environ.get(MEGATRON_CONFIG_ENV):
+        from openrlhf_search.integrations.megatron.config import BackendConfig
+
+        from .patches import apply_megatron_backend
+
+        apply_megatron_backend(BackendConfig.from_env(), args)
     init_ray()
     sys.argv = ["openrlhf.cli.train_ppo_ray", *argv]
     runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)

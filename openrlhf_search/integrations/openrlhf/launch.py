@@ -131,6 +131,10 @@ class LaunchPlan:
     """Retrieval server to start first (``None`` when ``openrlhf.retrieval_url`` is given)."""
     notes: list[str] = field(default_factory=list)
     """Human-readable mapping decisions (printed with ``--dry-run``)."""
+    backend_config: Any = None
+    """The Megatron ``BackendConfig`` (``backend: megatron``), written to :attr:`backend_file`; None = DeepSpeed."""
+    backend_file: Path | None = None
+    """JSON path of :attr:`backend_config` (exported as ``OPENRLHF_SEARCH_MEGATRON_CONFIG``)."""
 
     def render(self) -> str:
         """Shell-pastable text of the plan (``--dry-run`` output)."""
@@ -288,13 +292,127 @@ SCHEDULES: dict[str, str] = {"constant": "constant_with_warmup", "cosine": "cosi
 """Our ``optimizer.schedule`` -> OpenRLHF's ``--actor.lr_scheduler`` (a transformers scheduler name)."""
 
 
-def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None) -> LaunchPlan:
-    """Translate ``config`` into a :class:`LaunchPlan` without touching the file system or network."""
+BACKEND_KEYS = ("backend", "megatron", "megatron_actor")
+"""Top-level YAML keys of the training backend (``openrlhf_search.integrations.megatron.config.BackendConfig``)."""
+
+MEGATRON_FROM_OPTIMIZER = {"lr": "lr", "weight_decay": "weight_decay", "clip_grad": "grad_clip"}
+"""``megatron.<key>`` filled from ``optimizer.<field>`` when the ``megatron:`` section does not set it."""
+
+
+def _raw_backend(config: Any, backend: Any) -> Any:
+    """The backend selection: the ``backend`` argument, else ``config.backend``/``config.megatron``... if the training
+    config ever carries them, else None (DeepSpeed)."""
+    if backend is not None:
+        return backend
+    if getattr(config, "backend", None) is None:
+        return None
+    raw = {k: getattr(config, k) for k in BACKEND_KEYS if getattr(config, k, None) is not None}
+    return {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in raw.items()}
+
+
+def resolve_backend(config: Any, orl: OpenRLHFConfig, backend: Any) -> tuple[Any, list[str], list[str]]:
+    """Resolve ``backend: megatron`` into a ``BackendConfig`` + extra OpenRLHF flags + notes (``(None, [], [])`` for
+    DeepSpeed).
+
+    ``backend`` is a ``BackendConfig`` (used as given) or the mapping of the YAML keys ``backend``, ``megatron``,
+    ``megatron_actor`` (then ``megatron.lr``/``weight_decay``/``clip_grad``/``adam_beta1``/``adam_beta2`` default to
+    the ``optimizer`` section and ``micro_batch_size`` to ``openrlhf.micro_train_batch_size``). In both cases the
+    Megatron actor's loss, temperature, epochs and per-rank batch come from ``algorithm``/``rollout``, so the same
+    YAML trains the same objective on either backend; ``algorithm.kl_coef``/``kl_estimator`` become the registry
+    loss's KL term against the Megatron reference actor's log-probs.
+    """
+    from openrlhf_search.integrations.megatron.config import BackendConfig
+
+    raw = _raw_backend(config, backend)
+    if raw is None:
+        return None, [], []
+    if isinstance(raw, dict):
+        unknown = sorted(set(raw) - set(BACKEND_KEYS))
+        if unknown:
+            raise ValueError(f"backend config: unknown key(s) {unknown}; valid: {list(BACKEND_KEYS)}")
+        if raw.get("backend", "deepspeed") != "megatron":
+            BackendConfig.from_dict(raw, source="config")  # validates the name
+            return None, [], []
+        opt = config.optimizer
+        megatron = dict(raw.get("megatron") or {})
+        for key, src in MEGATRON_FROM_OPTIMIZER.items():
+            megatron.setdefault(key, float(getattr(opt, src)))
+        megatron.setdefault("adam_beta1", float(opt.betas[0]))
+        megatron.setdefault("adam_beta2", float(opt.betas[1]))
+        megatron.setdefault("micro_batch_size", orl.micro_train_batch_size)
+        raw = {**raw, "megatron": megatron}
+        given_loss = (raw.get("megatron_actor") or {}).get("loss")
+        bc = BackendConfig.from_dict(raw, source="config")
+    else:
+        given_loss = None
+        bc = dataclasses.replace(raw, actor=dataclasses.replace(raw.actor))
+        if bc.backend != "megatron":
+            return None, [], []
+    from openrlhf_search.algorithms.presets import get_algorithm
+
+    alg, ro = config.algorithm, config.rollout
+    preset = get_algorithm(alg.name)
+    if given_loss is not None and given_loss != preset.policy_loss:
+        raise ValueError(f"megatron_actor.loss={given_loss!r} conflicts with algorithm.name={alg.name!r} (policy loss "
+                         f"{preset.policy_loss!r}); drop megatron_actor.loss, the algorithm defines it")  # fmt: skip
+    dup = bc.duplicate_actors
+    world = orl.actor_num_nodes * orl.actor_num_gpus_per_node
+    if world % dup:
+        raise ValueError(f"megatron.parallel: TP x PP x CP = {dup} does not divide the actor's "
+                         f"openrlhf.actor_num_nodes x actor_num_gpus_per_node = {world}")  # fmt: skip
+    if alg.kl_coef > 0 and (orl.ref_num_nodes * orl.ref_num_gpus_per_node) % dup:
+        raise ValueError(f"megatron.parallel: TP x PP x CP = {dup} does not divide the reference model's "
+                         "openrlhf.ref_num_nodes x ref_num_gpus_per_node")  # fmt: skip
+    if dup > 1 and orl.param_dtype != "bf16":
+        raise ValueError("backend: megatron with TP x PP x CP > 1 needs openrlhf.param_dtype=bf16 (OpenRLHF's "
+                         "DeepSpeed strategy asserts it whenever --ds.tensor_parallel_size > 1; Megatron's own "
+                         "precision is megatron.precision)")  # fmt: skip
+    dp = world // dup
+    step_sequences = ro.prompts_per_step * ro.group_size // alg.num_minibatches
+    micro = bc.megatron.micro_batch_size
+    if step_sequences % dp or (step_sequences // dp) % micro:
+        raise ValueError(f"backend: megatron: {step_sequences} sequences per optimizer step do not split into {dp} "
+                         f"data-parallel ranks x megatron.micro_batch_size={micro}")  # fmt: skip
+    bc.actor.loss = preset.policy_loss
+    bc.actor.loss_config = {**preset.loss_cfg, **alg.loss_overrides}
+    if alg.kl_coef > 0:  # OpenRLHF's KL loss lives in its DeepSpeed actor; the Megatron actor uses the loss's own term
+        bc.actor.loss_config.update(kl_coef=float(alg.kl_coef), kl_estimator=alg.kl_estimator)
+    from openrlhf_search.algorithms.losses import make_config
+
+    make_config(bc.actor.loss, **bc.actor.loss_config)  # validates the loss config before anything starts
+    bc.actor.temperature = float(ro.temperature)
+    bc.actor.max_epochs = int(alg.ppo_epochs)
+    bc.actor.train_batch_size = step_sequences // dp
+    p = bc.megatron.parallel
+    notes = [f"backend megatron: TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x CP "
+             f"{p.context_parallel_size} x DP {dp}; OpenRLHF's duplicate factor --ds.tensor_parallel_size {dup}; "
+             f"policy loss {bc.actor.loss} (openrlhf_search registry) in the Megatron actor; constant lr "
+             f"{bc.megatron.lr} (OpenRLHF's --actor.* optimizer flags do not apply)"]  # fmt: skip
+    if config.optimizer.schedule != "constant" or config.optimizer.warmup_steps:
+        notes.append("backend megatron: optimizer.schedule/warmup_steps are ignored (constant learning rate)")
+    if orl.packing_samples:
+        notes.append("backend megatron: sample packing disabled (the Megatron actor takes padded batches)")
+    return bc, ["--ds.tensor_parallel_size", str(dup)], notes
+
+
+def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None, backend: Any = None) -> LaunchPlan:
+    """Translate ``config`` into a :class:`LaunchPlan` without touching the file system or network.
+
+    ``backend``: the training backend selection (see :func:`resolve_backend`); None = OpenRLHF's DeepSpeed actors.
+    """
     orl = _orl_config(config, openrlhf).validate()
+    backend_config, backend_flags, backend_notes = resolve_backend(config, orl, backend)
+    if backend_config is not None and orl.packing_samples:
+        orl = dataclasses.replace(orl, packing_samples=False)
     output = Path(config.logging.output_dir).resolve()
     workdir = Path(orl.workdir).resolve() if orl.workdir else output / "openrlhf"
     paths = {"agent_py": AGENT_FILE, "prompts": workdir / "prompts.jsonl", "output": output / "openrlhf"}
     flags, patch, notes = build_flags(config, orl, paths)
+    if backend_config is not None:
+        extra = list(orl.extra_args)
+        flags = flags[: len(flags) - len(extra)] + backend_flags + extra  # extra_args still win
+        patch.loss, patch.loss_config = "", {}  # the Megatron actor runs the registry loss itself
+        notes = [n for n in notes if not n.startswith("loss ")] + backend_notes
     server_command = None
     retrieval_url = orl.retrieval_url
     if not retrieval_url:
@@ -322,14 +440,25 @@ def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None) -> La
     )
     agent_file, patch_file = workdir / "agent.json", workdir / "patch.json"
     env = {AGENT_CONFIG_ENV: str(agent_file), PATCH_CONFIG_ENV: str(patch_file)}
+    backend_file = None
+    if backend_config is not None:
+        from openrlhf_search.integrations.megatron.config import MEGATRON_CONFIG_ENV
+
+        backend_file = workdir / "megatron.json"
+        env[MEGATRON_CONFIG_ENV] = str(backend_file)
     if orl.ray_address:
         env["RAY_ADDRESS"] = orl.ray_address
     if orl.cpu_shim:
         env.update(cpu_shim_env())
+        if backend_config is not None:
+            from openrlhf_search.integrations.megatron.cpu_shim import ENV_SWITCH
+
+            env[ENV_SWITCH] = "1"
     command = [orl.python or sys.executable, "-m", "openrlhf_search.integrations.openrlhf.entrypoint", *flags]
     return LaunchPlan(command=command, env=env, workdir=workdir, prompt_file=paths["prompts"], agent_config=agent,
                       agent_file=agent_file, patch_config=patch, patch_file=patch_file, retrieval_url=retrieval_url,
-                      server_command=server_command, notes=notes)  # fmt: skip
+                      server_command=server_command, notes=notes, backend_config=backend_config,
+                      backend_file=backend_file)  # fmt: skip
 
 
 def cpu_shim_env(base_pythonpath: str | None = None) -> dict[str, str]:
@@ -390,6 +519,8 @@ def materialize(plan: LaunchPlan, config: Any) -> None:
                          config.seed)  # fmt: skip
     to_json_file(plan.agent_config, plan.agent_file)
     to_json_file(plan.patch_config, plan.patch_file)
+    if plan.backend_config is not None and plan.backend_file is not None:
+        plan.backend_config.to_json_file(str(plan.backend_file))
 
 
 def wait_for_health(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
@@ -410,10 +541,11 @@ def wait_for_health(url: str, timeout: float = 120.0, proc: subprocess.Popen | N
     raise RuntimeError(f"retrieval server at {url} did not answer /health within {timeout:.0f} s")
 
 
-def run_openrlhf(config: Any, dry_run: bool = False, openrlhf: OpenRLHFConfig | dict | None = None) -> int:
+def run_openrlhf(config: Any, dry_run: bool = False, openrlhf: OpenRLHFConfig | dict | None = None,
+                 backend: Any = None) -> int:  # fmt: skip
     """Run (or with ``dry_run`` print) the OpenRLHF training described by ``config``; return the exit code."""
     try:
-        plan = build_plan(config, openrlhf)
+        plan = build_plan(config, openrlhf, backend)
     except (ValueError, KeyError) as exc:
         print(f"openrlhf-search train --backend openrlhf: {exc}", file=sys.stderr)
         return 2
@@ -464,7 +596,7 @@ def load_configs(path: str | None, overrides: list[str]) -> tuple[Any, OpenRLHFC
         key, sep, raw = item.partition("=")
         if key.strip().startswith("openrlhf.") and sep:
             section[key.strip().removeprefix("openrlhf.")] = yaml.safe_load(raw) if raw else ""
-        else:
+        elif not _is_backend_key(key.strip()):
             train_overrides.append(item)
     if "openrlhf" in {f.name for f in dataclasses.fields(TrainConfig)}:
         cfg = load_config(path, train_overrides)
@@ -479,6 +611,8 @@ def load_configs(path: str | None, overrides: list[str]) -> tuple[Any, OpenRLHFC
         if not isinstance(tree, dict):
             raise ValueError(f"{p}: the top level must be a mapping of sections")
     file_section = tree.pop("openrlhf", None) or {}
+    for key in BACKEND_KEYS:
+        tree.pop(key, None)
     orl = from_dict(OpenRLHFConfig, {**file_section, **section}, f"{path or 'overrides'}: section 'openrlhf'")
     if not path:
         return load_config(None, train_overrides), orl
@@ -490,6 +624,37 @@ def load_configs(path: str | None, overrides: list[str]) -> tuple[Any, OpenRLHFC
         os.unlink(tmp.name)
 
 
+def _is_backend_key(key: str) -> bool:
+    return key in BACKEND_KEYS or any(key.startswith(k + ".") for k in BACKEND_KEYS)
+
+
+def load_backend(path: str | None, overrides: list[str]) -> dict | None:
+    """The backend keys (``backend``, ``megatron``, ``megatron_actor``) of a YAML config plus their ``key=value``
+    overrides (``backend=megatron``, ``megatron.parallel.tensor_model_parallel_size=2``...); None when absent.
+
+    :func:`load_configs` drops the same keys, so one YAML file carries the training and the backend config.
+    """
+    import yaml
+
+    tree: dict = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        tree = {k: loaded[k] for k in BACKEND_KEYS if isinstance(loaded, dict) and k in loaded}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not (sep and _is_backend_key(key)):
+            continue
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a mapping")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return tree or None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m openrlhf_search.integrations.openrlhf.launch --config F [--dry-run] [key=value ...]``."""
     import argparse
@@ -498,14 +663,16 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Train a search agent with OpenRLHF (Ray + vLLM + DeepSpeed).")
     parser.add_argument("--config", default=None, help="YAML training config (optional 'openrlhf:' section)")
     parser.add_argument("--dry-run", action="store_true", help="print the environment and command, run nothing")
-    parser.add_argument("overrides", nargs="*", help="section.key=value (openrlhf.<field>=... for the cluster)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value (openrlhf.<field>=... for the cluster, "
+                        "backend=megatron and megatron.<field>=... for the Megatron backend)")
     args = parser.parse_args(argv)
     try:
         cfg, orl = load_configs(args.config, args.overrides)
+        backend = load_backend(args.config, args.overrides)
     except ValueError as exc:
         print(f"openrlhf launch: {exc}", file=sys.stderr)
         return 2
-    return run_openrlhf(cfg, dry_run=args.dry_run, openrlhf=orl)
+    return run_openrlhf(cfg, dry_run=args.dry_run, openrlhf=orl, backend=backend)
 
 
 if __name__ == "__main__":

@@ -312,3 +312,83 @@ def apply_patches(patch: PatchConfig, args=None) -> None:
             cli.PolicyModelActor = ppo_actor_mod.PolicyModelActor
     if patch.calibadv or patch.dump_dir:
         ppo_trainer_mod.PPOTrainer = make_ppo_trainer_class(_PATCHED["PPOTrainer"], patch)
+
+
+# --------------------------------------------------------------------------------------------- Megatron backend
+def make_rollout_actor_class(base_remote_cls):
+    """OpenRLHF's vLLM Ray actor (``RolloutRayActor``) with the Megatron backend's bucketed weight receiver.
+
+    Its engines load :data:`..megatron.vllm_sync.WORKER_EXTENSION` (OpenRLHF's ``WorkerWrap`` plus
+    ``update_weight_bucket``) instead of OpenRLHF's ``WorkerWrap``, and the actor forwards ``update_weight_bucket``
+    to every worker with ``collective_rpc`` (as OpenRLHF's own ``update_weight``).
+    """
+    from openrlhf_search.integrations.megatron.vllm_sync import WORKER_EXTENSION
+
+    base = base_remote_cls.__ray_actor_class__
+
+    class MegatronRolloutRayActor(base):
+        async def __init__(self, *args, **kwargs):
+            kwargs["worker_extension_cls"] = WORKER_EXTENSION
+            await super().__init__(*args, **kwargs)
+
+        async def update_weight_bucket(self, meta):
+            from openrlhf_search.integrations.megatron.weight_sync import encode_meta
+
+            # pickled: vLLM's collective_rpc serialiser would turn the BucketMeta dataclass into a dict
+            return await self.llm.collective_rpc("update_weight_bucket", args=(encode_meta(meta),))
+
+    MegatronRolloutRayActor.__qualname__ = MegatronRolloutRayActor.__name__ = "MegatronRolloutRayActor"
+    return _as_remote(MegatronRolloutRayActor, base_remote_cls)
+
+
+def apply_megatron_backend(backend, args=None) -> None:
+    """Train with the Megatron actors (``backend: megatron``): swap OpenRLHF's ``PolicyModelActor`` and
+    ``ReferenceModelActor`` for :func:`openrlhf_search.integrations.megatron.actor.openrlhf_actor_classes` and its
+    vLLM actor for :func:`make_rollout_actor_class` (driver side, before ``train_ppo_ray.train``).
+
+    The classes capture ``backend`` (a :class:`~openrlhf_search.integrations.megatron.config.BackendConfig`), so Ray
+    ships the configuration with them. ``args`` (OpenRLHF's parsed flags) is checked: the duplicate factor
+    ``ds.ring_attn_size x ds.tensor_parallel_size`` must equal ``TP x PP x CP`` (the launcher sets
+    ``--ds.tensor_parallel_size``), the actor world size must be a multiple of it, and packing, dynamic batching and
+    async training are refused (the Megatron actors do not implement them).
+    """
+    from .compat import check_openrlhf_version
+
+    if backend.backend != "megatron":
+        return
+    check_openrlhf_version()
+    if args is not None:
+        dup = args.ds.ring_attn_size * args.ds.tensor_parallel_size
+        if dup != backend.duplicate_actors:
+            raise ValueError(
+                f"backend: megatron needs --ds.tensor_parallel_size {backend.duplicate_actors} (TP x PP x CP, "
+                f"OpenRLHF's duplicate factor) and --ds.ring_attn_size 1; got ring_attn_size x tensor_parallel_size "
+                f"= {dup}"
+            )
+        roles = ("actor", "ref") if args.algo.kl.init_coef > 0 else ("actor",)
+        for role in roles:
+            world = getattr(args, role).num_nodes * getattr(args, role).num_gpus_per_node
+            if world % dup:
+                raise ValueError(f"backend: megatron: {role} world size {world} is not divisible by TPxPPxCP={dup}")
+        refused = {"--ds.packing_samples": args.ds.packing_samples, "--train.async_enable": args.train.async_enable,
+                   "--train.dynamic_batch_enable": args.train.dynamic_batch_enable}  # fmt: skip
+        bad = [flag for flag, on in refused.items() if on]
+        if bad:
+            raise ValueError(f"backend: megatron does not support {', '.join(bad)}")
+    import openrlhf.trainer.ray.launcher as launcher_mod
+    import openrlhf.trainer.ray.ppo_actor as ppo_actor_mod
+    import openrlhf.trainer.ray.vllm_engine as vllm_engine_mod
+
+    from openrlhf_search.integrations.megatron.actor import openrlhf_actor_classes
+
+    for key, mod, name in (("MegatronPolicy", ppo_actor_mod, "PolicyModelActor"),
+                           ("MegatronReference", launcher_mod, "ReferenceModelActor"),
+                           ("MegatronRollout", vllm_engine_mod, "RolloutRayActor")):  # fmt: skip
+        _PATCHED.setdefault(key, getattr(mod, name))
+    policy_cls, reference_cls = openrlhf_actor_classes(backend)
+    ppo_actor_mod.PolicyModelActor = policy_cls
+    launcher_mod.ReferenceModelActor = reference_cls
+    vllm_engine_mod.RolloutRayActor = make_rollout_actor_class(_PATCHED["MegatronRollout"])
+    cli = sys.modules.get("openrlhf.cli.train_ppo_ray")
+    if cli is not None:
+        cli.PolicyModelActor, cli.ReferenceModelActor = policy_cls, reference_cls
