@@ -29,21 +29,26 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from openrlhf_search.trainer.config import ConfigError, load_config
 
+    if args.backend == "openrlhf":
+        # The OpenRLHF launcher owns the cluster sections (`openrlhf:`, `backend:`, `megatron:`, `megatron_actor:`)
+        # of the same YAML; it validates the rest with the trainer's own loader.
+        from openrlhf_search.integrations.openrlhf.launch import load_backend, load_configs, run_openrlhf
+
+        try:
+            cfg, cluster = load_configs(args.config, args.overrides)
+            backend = load_backend(args.config, args.overrides)
+        except (ConfigError, ValueError, KeyError) as exc:
+            print(f"openrlhf-search train --backend openrlhf: {exc}", file=sys.stderr)
+            return 2
+        return int(run_openrlhf(cfg, dry_run=args.dry_run, openrlhf=cluster, backend=backend) or 0)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"openrlhf-search train: {exc}", file=sys.stderr)
+        hint = ""
+        if any(f"'{key}'" in str(exc) for key in ("openrlhf", "backend", "megatron", "megatron_actor")):
+            hint = " (cluster sections are read by `--backend openrlhf`)"
+        print(f"openrlhf-search train: {exc}{hint}", file=sys.stderr)
         return 2
-    if args.backend == "openrlhf":
-        import importlib.util
-
-        if importlib.util.find_spec("openrlhf_search.integrations.openrlhf.launch") is None:
-            print("openrlhf-search train --backend openrlhf: openrlhf_search.integrations.openrlhf.launch is not "
-                  "available in this installation", file=sys.stderr)
-            return 2
-        from openrlhf_search.integrations.openrlhf.launch import run_openrlhf
-
-        return int(run_openrlhf(cfg, dry_run=args.dry_run) or 0)
     from openrlhf_search.trainer.local import RetrieverDownError, _is_retrieval_failure, train
 
     try:
