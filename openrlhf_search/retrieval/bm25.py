@@ -36,7 +36,7 @@ import numpy as np
 
 from .corpus import CorpusReader, read_corpus
 from .docstore import DocStore, DocStoreWriter, spill_documents
-from .inprocess import InProcessRetriever
+from .inprocess import IndexDirectory, InProcessRetriever
 from .manifest import Manifest, ManifestError
 from .types import Document
 
@@ -126,7 +126,7 @@ def _chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-class BM25Index:
+class BM25Index(IndexDirectory):
     """A bm25s score matrix + its tokenizer + the passages (a :class:`DocStore`), saved under one directory.
 
     Layout: ``manifest.json``, ``bm25/`` (bm25s arrays), ``tokenizer/`` (vocabulary, stop words), ``docs/``.
@@ -202,15 +202,6 @@ class BM25Index:
         self.tokenizer.save_vocab(str(directory / "tokenizer"))
         self.tokenizer.save_stopwords(str(directory / "tokenizer"))
         self.manifest.save(directory)
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the index to ``directory`` (copying the passages if the index lives elsewhere)."""
-        directory = Path(directory)
-        if directory.resolve() != self.directory.resolve():
-            directory.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(self.directory / "docs", directory / "docs", dirs_exist_ok=True)
-            self._write(directory)
-        return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, mmap: bool = True, backend: str = "auto") -> BM25Index:

@@ -41,7 +41,7 @@ import numpy as np
 
 from .corpus import read_corpus
 from .docstore import DocStore, DocStoreWriter
-from .inprocess import InProcessRetriever
+from .inprocess import IndexDirectory, InProcessRetriever
 from .manifest import Manifest, ManifestError
 from .types import Document
 
@@ -221,7 +221,7 @@ def to_gpus(index, fp16: bool):
     return faiss.index_cpu_to_all_gpus(index, co=options)
 
 
-class DenseIndex:
+class DenseIndex(IndexDirectory):
     """A FAISS index + the encoder config + the passages; layout ``manifest.json``, ``faiss.index``, ``docs/``."""
 
     def __init__(self, faiss_index, docs: DocStore, config: DenseConfig, directory: Path, manifest: Manifest):
@@ -304,15 +304,6 @@ class DenseIndex:
             index = faiss.index_gpu_to_cpu(index)  # GPU-only path, unverified here
         faiss.write_index(index, str(directory / "faiss.index"))
         self.manifest.save(directory)
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the index to ``directory`` (copying the passages if the index lives elsewhere)."""
-        directory = Path(directory)
-        if directory.resolve() != self.directory.resolve():
-            directory.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(self.directory / "docs", directory / "docs", dirs_exist_ok=True)
-            self._write(directory)
-        return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, mmap: bool = True, use_gpu: bool | None = None) -> DenseIndex:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import abc
 import itertools
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -57,3 +60,22 @@ def hits_from_rows(docs: DocStore, rows: np.ndarray, scores: np.ndarray) -> list
     for n in valid.sum(axis=1).tolist():
         out.append([Hit(Document(i, c), s) for i, c, s in itertools.islice(flat, n)])
     return out
+
+
+class IndexDirectory:
+    """Mixin of the on-disk indexes (BM25, dense): an index lives in ``self.directory`` (passages under ``docs/``)
+    and knows how to write its own files with ``self._write(directory)``."""
+
+    directory: Path
+
+    def _write(self, directory: Path) -> None:  # pragma: no cover - implemented by each index
+        raise NotImplementedError
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the index to ``directory`` (copying the passages if the index lives elsewhere)."""
+        directory = Path(directory)
+        if directory.resolve() != self.directory.resolve():
+            directory.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(self.directory / "docs", directory / "docs", dirs_exist_ok=True)
+            self._write(directory)
+        return directory
