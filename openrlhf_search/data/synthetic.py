@@ -429,6 +429,7 @@ def synthetic_trajectories(
     template=None,
     tokenizer=None,
     max_obs_tokens: int | None = None,
+    no_search_share: float = 0.5,
 ) -> list[Demonstration]:
     """Demonstrations in the tag protocol: think, search (one per hop), information, think, answer.
 
@@ -447,6 +448,9 @@ def synthetic_trajectories(
         tokenizer: passed to :func:`~openrlhf_search.env.observation.format_observation` (neutralization of its
             special tokens, token budget); None counts words.
         max_obs_tokens: observation budget as in the environment (None = unlimited).
+        no_search_share: share of the mistakes that answer (wrongly) without searching; the other mistakes search
+            and then answer with a wrong entity. 1.0 makes every mistake a skipped search, so the warm-started
+            policy's errors are one early decision RL can fix (search, then copy) rather than copying noise.
 
     Returns:
         list of :class:`Demonstration`.
@@ -484,7 +488,7 @@ def synthetic_trajectories(
             pool = [a for a in answers_of_kind[meta["relation"]] if a != gold] or ["unknown"]
             answer = rng.choice(pool)
         segs: list[tuple[str, bool]] = []
-        if mistake and rng.random() < 0.5:
+        if mistake and rng.random() < no_search_share:
             segs.append((f"<think>I think I already know this.</think>\n<answer>{answer}</answer>", True))
             out.append(Demonstration(s, segs, answer == gold))
             continue

@@ -179,6 +179,8 @@ class SFTConfig:
     mistake_rate: float = 0.3
     """Share of demonstrations that are imperfect on purpose (answer without searching, copy a wrong entity), so
     that RL has something to fix."""
+    no_search_share: float = 0.5
+    """Share of those mistakes that answer without searching (the rest search, then copy a wrong entity)."""
     num_demos: int = 800
     """Demonstrations generated."""
 

@@ -630,7 +630,8 @@ def warm_start(cfg: TrainConfig, policy, tokenizer, env, kb, retriever) -> dict:
         result.update(copy_loss_first=closs[0], copy_loss_last=closs[-1],
                       copy_seconds=time.perf_counter() - t0)
     demos = synthetic_trajectories(kb, "train", n=cfg.sft.num_demos, mistake_rate=cfg.sft.mistake_rate,
-                                   seed=cfg.data.seed + 1, retriever=retriever, topk=cfg.retriever.topk,
+                                   no_search_share=cfg.sft.no_search_share, seed=cfg.data.seed + 1,
+                                   retriever=retriever, topk=cfg.retriever.topk,
                                    template=get_template(cfg.env.template))
     prompts = env.reset([d.sample for d in demos])
     examples = [tokenize_demonstration(list(p.prompt_ids), d.segments, tokenizer) for p, d in zip(prompts, demos)]
