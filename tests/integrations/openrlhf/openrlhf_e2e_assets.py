@@ -1,4 +1,5 @@
-"""Assets and runner of the OpenRLHF end-to-end test (imported by ``test_openrlhf_e2e.py``; needs the OpenRLHF venv).
+"""Assets, runner and checks of the OpenRLHF end-to-end tests (imported by ``test_openrlhf_e2e.py`` and
+``test_megatron_e2e.py``; needs the OpenRLHF venv).
 
 Everything is built locally, nothing is downloaded: the synthetic knowledge base, its BM25 index, a byte-level BPE
 tokenizer trained on it, and a tiny Qwen2 warm-started with a few SFT steps on synthetic search demonstrations (a
@@ -91,8 +92,12 @@ def parse_steps(log: str) -> list[dict[str, float]]:
 
 
 def run_openrlhf_e2e(assets: Assets, workdir: Path, algorithm: str, steps: int, lr: float, port: int,
-                     timeout: float = 1200.0) -> RunResult:  # fmt: skip
-    """Train ``algorithm`` through OpenRLHF's real pipeline under the CPU shim; return logs and dumps."""
+                     prompts_per_step: int = 2, timeout: float = 1200.0) -> RunResult:  # fmt: skip
+    """Train ``algorithm`` through OpenRLHF's real pipeline under the CPU shim; return logs and dumps.
+
+    The prompt dataset has ``steps x prompts_per_step`` rows; with dynamic filtering (DSPO) filtered groups consume
+    rows too, so fewer than ``steps`` optimizer steps may run.
+    """
     from openrlhf_search.integrations.openrlhf.config import OpenRLHFConfig
     from openrlhf_search.integrations.openrlhf.launch import build_plan, materialize, wait_for_health
     from openrlhf_search.trainer.config import load_config
@@ -101,7 +106,7 @@ def run_openrlhf_e2e(assets: Assets, workdir: Path, algorithm: str, steps: int, 
         f"model.path={assets.model_dir}", f"retriever.spec={assets.index_dir}", "retriever.topk=2",
         "data.source=synthetic", f"data.seed={assets.kb_seed}", f"data.num_entities={assets.n_entities}",
         "data.num_train=64", f"steps={steps}", "seed=0",
-        "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.temperature=1.0",
+        f"rollout.prompts_per_step={prompts_per_step}", "rollout.group_size=4", "rollout.temperature=1.0",
         "env.max_turns=3", "env.max_tokens_per_turn=40", "env.max_obs_tokens=60", "env.max_response_tokens=240",
         f"algorithm.name={algorithm}", "algorithm.num_minibatches=1", "algorithm.ppo_epochs=1",
         f"optimizer.lr={lr}", "optimizer.warmup_steps=0", "optimizer.schedule=constant",
@@ -131,3 +136,60 @@ def run_openrlhf_e2e(assets: Assets, workdir: Path, algorithm: str, steps: int, 
         server.wait(timeout=30)
     text = log_path.read_text(errors="replace")
     return RunResult(proc.returncode, text, parse_steps(text), workdir / "dump", time.monotonic() - start)
+
+
+ENV_TEXT_STARTS = ("<information>", "That was not a valid action", "No searches are left")
+"""How every observation the search environment inserts begins (``env/templates.py``, after leading newlines)."""
+
+
+def masking_check(rows, tokenizer) -> tuple[int, int]:
+    """Retrieved tokens are masked, on every dumped sample: each action-mask-0 span inside a response is text the
+    environment inserted (a retrieval block or a hint) and each retrieval block is masked; returns (#masked retrieval
+    tokens, #model tokens).
+
+    Works on any policy, also a degenerate one writing ``<search>``/``<information>`` tags itself after a
+    large-learning-rate step (which a "search tags written => information returned" heuristic would misread).
+    """
+    retrieved = model_tokens = 0
+    for row in rows:
+        seq, mask = row["sequence"].tolist(), row["action_mask"].tolist()
+        first = mask.index(1) if 1 in mask else len(mask)
+        end = len(mask)
+        while end > first and mask[end - 1] == 0 and seq[end] == tokenizer.pad_token_id:
+            end -= 1  # right padding of the batch
+        runs: list[tuple[int, list[int]]] = []
+        for p in range(first, end):
+            if runs and runs[-1][0] == mask[p]:
+                runs[-1][1].append(seq[p + 1])
+            else:
+                runs.append((mask[p], [seq[p + 1]]))
+        for masked_flag, ids in runs:
+            if masked_flag:
+                model_tokens += len(ids)
+                continue
+            text = tokenizer.decode(ids).lstrip()
+            assert text.startswith(ENV_TEXT_STARTS), f"masked span is not environment text: {text[:200]!r}"
+            if text.startswith("<information>"):
+                assert "</information>" in text, text[:400]
+                retrieved += len(ids)
+    return retrieved, model_tokens
+
+
+def logprob_gaps(rows, model_dir: Path) -> tuple[float, float]:
+    """Mean |vLLM rollout log-prob - trainer log-prob| and |rollout - initial model| over model tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    to_trainer = to_initial = n = 0.0
+    for row in rows:
+        seq, mask = row["sequence"], row["action_mask"].bool()
+        length = mask.shape[0]
+        with torch.no_grad():
+            logits = initial(seq[None, : length + 1]).logits[0, :-1].float()
+        init_lp = torch.log_softmax(logits, -1).gather(-1, seq[1 : length + 1, None])[:, 0]
+        rollout = row["rollout_log_probs"][:length]
+        to_trainer += ((rollout - row["action_log_probs"][:length]).abs() * mask).sum().item()
+        to_initial += ((rollout - init_lp).abs() * mask).sum().item()
+        n += mask.sum().item()
+    return to_trainer / n, to_initial / n

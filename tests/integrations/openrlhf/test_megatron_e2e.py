@@ -41,8 +41,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 pytest.importorskip("mbridge", reason="mbridge is not installed")
 pytestmark = [pytest.mark.openrlhf, pytest.mark.megatron, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-from openrlhf_e2e_assets import RunResult, build_assets, parse_steps  # noqa: E402
-from test_openrlhf_e2e import _logprob_gaps  # noqa: E402
+from openrlhf_e2e_assets import RunResult, build_assets, logprob_gaps, masking_check, parse_steps  # noqa: E402
 
 LARGE_LR = 5e-3
 TP = 2
@@ -62,42 +61,6 @@ def assets(tmp_path_factory):
     cache = os.environ.get("OPENRLHF_SEARCH_E2E_CACHE")
     root = Path(cache) if cache else tmp_path_factory.mktemp("e2e_assets")
     return build_assets(root / "assets")
-
-
-ENV_TEXT_STARTS = ("<information>", "That was not a valid action", "No searches are left")
-"""How every observation the search environment inserts begins (``env/templates.py``, after leading newlines)."""
-
-
-def _masking_check(rows, tokenizer) -> tuple[int, int]:
-    """(b) on every sample: each action-mask-0 span inside a response is text the environment inserted (a retrieval
-    block or a hint) and each retrieval block is masked; returns (#masked retrieval tokens, #model tokens).
-
-    Works on any policy, also a degenerate one writing ``<search>``/``<information>`` tags itself after a
-    large-learning-rate step (which a "search tags written => information returned" heuristic would misread).
-    """
-    retrieved = model_tokens = 0
-    for row in rows:
-        seq, mask = row["sequence"].tolist(), row["action_mask"].tolist()
-        first = mask.index(1) if 1 in mask else len(mask)
-        end = len(mask)
-        while end > first and mask[end - 1] == 0 and seq[end] == tokenizer.pad_token_id:
-            end -= 1  # right padding of the batch
-        runs: list[tuple[int, list[int]]] = []
-        for p in range(first, end):
-            if runs and runs[-1][0] == mask[p]:
-                runs[-1][1].append(seq[p + 1])
-            else:
-                runs.append((mask[p], [seq[p + 1]]))
-        for masked_flag, ids in runs:
-            if masked_flag:
-                model_tokens += len(ids)
-                continue
-            text = tokenizer.decode(ids).lstrip()
-            assert text.startswith(ENV_TEXT_STARTS), f"masked span is not environment text: {text[:200]!r}"
-            if text.startswith("<information>"):
-                assert "</information>" in text, text[:400]
-                retrieved += len(ids)
-    return retrieved, model_tokens
 
 
 def run_megatron_e2e(assets, workdir: Path, steps: int, lr: float, port: int, timeout: float = 1500.0):
@@ -186,11 +149,11 @@ def test_grpo_step_with_megatron_actor_tp2_through_openrlhf(assets, tmp_path):
     # (b) retrieved tokens masked
     tok = AutoTokenizer.from_pretrained(assets.model_dir)
     rows = [r for p in dumps for r in torch.load(p)]
-    masked_retrieval, model_tokens = _masking_check(rows, tok)
+    masked_retrieval, model_tokens = masking_check(rows, tok)
     assert masked_retrieval > 0 and model_tokens > 0  # retrieval really happened and was masked
     # (c) vLLM sampled the last step from the Megatron-trained weights
-    synced, stale = _logprob_gaps(torch.load(dumps[-1]), assets.model_dir)
-    first_synced, _ = _logprob_gaps(torch.load(dumps[0]), assets.model_dir)
+    synced, stale = logprob_gaps(torch.load(dumps[-1]), assets.model_dir)
+    first_synced, _ = logprob_gaps(torch.load(dumps[0]), assets.model_dir)
     assert synced < 0.02, f"vLLM log-probs differ from the Megatron trainer's by {synced:.4f}: weight sync broken?"
     assert stale > 10 * synced and stale > 0.1, (synced, stale)
     print(f"Megatron TP=2 e2e: {result.seconds:.0f} s, step-1 rollout-trainer {first_synced:.4f}, after the sync "
