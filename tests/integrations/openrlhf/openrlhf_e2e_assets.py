@@ -99,7 +99,7 @@ def run_openrlhf_e2e(assets: Assets, workdir: Path, algorithm: str, steps: int, 
     rows too, so fewer than ``steps`` optimizer steps may run.
     """
     from openrlhf_search.integrations.openrlhf.config import OpenRLHFConfig
-    from openrlhf_search.integrations.openrlhf.launch import build_plan, materialize, wait_for_health
+    from openrlhf_search.integrations.openrlhf.launch import build_plan
     from openrlhf_search.trainer.config import load_config
 
     cfg = load_config(None, [
@@ -119,11 +119,19 @@ def run_openrlhf_e2e(assets: Assets, workdir: Path, algorithm: str, steps: int, 
         micro_train_batch_size=4, micro_rollout_batch_size=4, max_prompt_tokens=400,
         retrieval_port=port, cpu_shim=True, python=sys.executable,
     )  # fmt: skip
-    plan = build_plan(cfg, orl)
+    return execute_plan(build_plan(cfg, orl), cfg, workdir, timeout)
+
+
+def execute_plan(plan, cfg, workdir: Path, timeout: float, extra_env: dict | None = None) -> RunResult:
+    """Materialize ``plan`` (with step dumps in ``workdir/dump``), start its retrieval server, run OpenRLHF's
+    command with the log in ``workdir/openrlhf.log``, stop the server; return the parsed :class:`RunResult`."""
+    from openrlhf_search.integrations.openrlhf.launch import materialize, wait_for_health
+
     plan.patch_config.dump_dir = str(workdir / "dump")
     materialize(plan, cfg)
     env = {**os.environ, **plan.env, "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_DEDUP_LOGS": "0",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           **(extra_env or {})}  # fmt: skip
     log_path = workdir / "openrlhf.log"
     start = time.monotonic()
     server = subprocess.Popen(plan.server_command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +39,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 pytest.importorskip("mbridge", reason="mbridge is not installed")
 pytestmark = [pytest.mark.openrlhf, pytest.mark.megatron, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-from openrlhf_e2e_assets import RunResult, build_assets, logprob_gaps, masking_check, parse_steps  # noqa: E402
+from openrlhf_e2e_assets import build_assets, execute_plan, logprob_gaps, masking_check  # noqa: E402
 
 LARGE_LR = 5e-3
 TP = 2
@@ -66,7 +64,7 @@ def assets(tmp_path_factory):
 def run_megatron_e2e(assets, workdir: Path, steps: int, lr: float, port: int, timeout: float = 1500.0):
     """GRPO through OpenRLHF's pipeline with ``backend: megatron`` (TP=2) under the CPU shims; logs, dumps, plan."""
     from openrlhf_search.integrations.openrlhf.config import OpenRLHFConfig
-    from openrlhf_search.integrations.openrlhf.launch import build_plan, materialize, wait_for_health
+    from openrlhf_search.integrations.openrlhf.launch import build_plan
     from openrlhf_search.trainer.config import load_config
 
     cfg = load_config(None, [
@@ -93,22 +91,7 @@ def run_megatron_e2e(assets, workdir: Path, steps: int, lr: float, port: int, ti
                      "weight_sync_bucket_mb": 0.25},  # fmt: skip
     }
     plan = build_plan(cfg, orl, backend)
-    plan.patch_config.dump_dir = str(workdir / "dump")
-    materialize(plan, cfg)
-    env = {**os.environ, **plan.env, "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_DEDUP_LOGS": "0", "PYTHONWARNINGS": "ignore",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    log_path = workdir / "openrlhf.log"
-    start = time.monotonic()
-    server = subprocess.Popen(plan.server_command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        wait_for_health(plan.retrieval_url, proc=server)
-        with log_path.open("w") as log:
-            proc = subprocess.run(plan.command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    text = log_path.read_text(errors="replace")
-    return RunResult(proc.returncode, text, parse_steps(text), workdir / "dump", time.monotonic() - start), plan
+    return execute_plan(plan, cfg, workdir, timeout, extra_env={"PYTHONWARNINGS": "ignore"}), plan
 
 
 def test_grpo_step_with_megatron_actor_tp2_through_openrlhf(assets, tmp_path):
