@@ -159,14 +159,41 @@ def raw_clients(url: str, requests: list[list[str]], clients: int, topk: int) ->
                                                                                  ("p99", 99))}}
 
 
+def in_process_ceiling(index_dir: Path, singles: list[list[str]], clients: int, k: int, rounds: int = 3) -> dict:
+    """The most micro-batching can win, with no HTTP at all: in-process queries/s at batch 1 vs batch ``clients``.
+
+    With ``clients`` concurrent batch-1 clients a retrieval call holds at most ``clients`` queries, so
+    ``qps(batch=clients) / qps(batch=1)`` bounds the concurrent-vs-one-by-one ratio of any server on this machine
+    (HTTP handling only adds per-request cost). Rounds alternate the two batch sizes; medians are reported.
+    """
+    from openrlhf_search.retrieval import load_retriever
+
+    retriever = load_retriever(str(index_dir))
+    queries = [qs[0] for qs in singles]
+    retriever.search(queries[:clients], k)  # warm-up (numba compilation, encoder first call)
+    rates: dict[str, list[float]] = {"batch_1": [], f"batch_{clients}": []}
+    for _ in range(rounds):
+        for name, size in (("batch_1", 1), (f"batch_{clients}", clients)):
+            start = time.perf_counter()
+            for b in batches(queries, size):
+                retriever.search(b, k)
+            rates[name].append(len(queries) / (time.perf_counter() - start))
+    med = {n: float(np.median(r)) for n, r in rates.items()}
+    return {"qps": {n: round(v, 1) for n, v in med.items()},
+            "max_ratio": round(med[f"batch_{clients}"] / med["batch_1"], 2)}
+
+
 def concurrency_study(index_dir: Path, log: Path, singles: list[list[str]], clients: int, k: int,
                       extra: tuple[str, ...] = ()) -> dict:
     """Micro-batched server vs the two one-by-one baselines, with the raw load generator (and httpx threads)."""
-    out: dict = {}
+    import httpx
+
+    out: dict = {"in_process_ceiling": in_process_ceiling(index_dir, singles, clients, k)}
     warm = singles[: 2 * clients]
     with serve(index_dir, log, *extra) as url:
         raw_clients(url, warm, clients, k)
         out["microbatched_16_clients"] = raw_clients(url, singles, clients, k)
+        out["microbatched_16_clients"]["server_batch_queries"] = httpx.get(f"{url}/metrics").json()["batch_queries"]
         out["microbatched_16_httpx_threads"] = concurrent_clients(url, singles, clients, k)
     with serve(index_dir, log, "--max-batch", "1", *extra) as url:
         raw_clients(url, warm, clients, k)

@@ -25,13 +25,22 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from openrlhf_search.data.types import QASample
 from openrlhf_search.retrieval.types import Document, Hit
 
-__all__ = ["SyntheticKB", "Demonstration", "generate_kb", "write_kb", "synthetic_trajectories", "load_kb_dir"]
+__all__ = [
+    "SyntheticKB",
+    "Demonstration",
+    "generate_kb",
+    "name_words",
+    "write_kb",
+    "synthetic_trajectories",
+    "load_kb_dir",
+]
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "tr"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
@@ -107,7 +116,11 @@ def _doc(kind: str, idx: int, title: str, text: str) -> Document:
 
 
 def generate_kb(
-    seed: int = 0, n_entities: int = 120, test_fraction: float = 0.25, two_hop_fraction: float = 0.4
+    seed: int = 0,
+    n_entities: int = 120,
+    test_fraction: float = 0.25,
+    two_hop_fraction: float = 0.4,
+    reserved_words: Iterable[str] = (),
 ) -> SyntheticKB:
     """Generate the synthetic world, its passages and its questions.
 
@@ -116,6 +129,8 @@ def generate_kb(
         n_entities: number of people; cities, companies and countries scale with it (n/4, n/4, n/12, minimum 4).
         test_fraction: share of each entity kind assigned to the test sub-world.
         two_hop_fraction: share of two-hop questions among each split's questions (the rest single-hop).
+        reserved_words: name parts this world must not use (compared case-insensitively), e.g. every name word of
+            another world, so that demonstrations drawn from fresh worlds never mention an evaluation entity.
 
     Returns:
         :class:`SyntheticKB`. Questions are shuffled deterministically; ``metadata`` holds ``hops``,
@@ -127,6 +142,7 @@ def generate_kb(
         raise ValueError(f"generate_kb: test_fraction={test_fraction} must be in (0, 1)")
     rng = random.Random(seed)
     names = _Names(rng)
+    names.used.update(w.lower() for w in reserved_words)
     corpus: list[Document] = []
     world: dict[str, list[dict]] = {"country": [], "city": [], "company": [], "person": []}
     counts = {
@@ -351,6 +367,16 @@ def generate_kb(
                 )
             )
     return SyntheticKB(corpus=corpus, train=splits["train"], test=splits["test"], entities=world, seed=seed)
+
+
+def name_words(kb: SyntheticKB) -> set[str]:
+    """Every word of every invented name in ``kb`` (entities and rivers): the ``reserved_words`` of another world."""
+    words: set[str] = set()
+    for ents in kb.entities.values():
+        for e in ents:
+            for key in ("name", "river"):
+                words.update(str(e.get(key, "")).split())
+    return words
 
 
 def write_kb(kb: SyntheticKB, out_dir: str | Path) -> dict[str, Path]:

@@ -182,3 +182,34 @@ def test_server_thread_shuts_down(bm25_retriever):
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{srv.url}/health", timeout=2)
     assert threading.active_count() < 50
+
+
+def test_collector_waits_for_as_many_requests_as_the_last_batch_and_a_lone_client_never_waits():
+    """The micro-batcher's collection rule, driven directly (no HTTP, no timing bound on the retrieval)."""
+    import asyncio
+
+    from openrlhf_search.retrieval.server import Metrics, MicroBatcher, _Pending
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher(retriever=None, cfg=ServerConfig(batch_wait_ms=60_000), metrics=Metrics(16))
+
+        def pending(q):
+            return _Pending([q], 1, False, loop.create_future())
+
+        # A lone sequential client: one queued request, nobody being read -> a batch of 1 at once, even though
+        # batch_wait_ms is a minute (the outer wait_for would fail the test if the collector waited).
+        await batcher.queue.put(pending("a"))
+        assert len(await asyncio.wait_for(batcher._collect(), 5)) == 1
+        # Three requests queued together form one batch...
+        for q in "bcd":
+            await batcher.queue.put(pending(q))
+        assert len(await asyncio.wait_for(batcher._collect(), 5)) == 3
+        # ... so the next batch waits for three, even when the other two arrive 50 ms after the first.
+        await batcher.queue.put(pending("e"))
+        for q in "fg":
+            loop.call_later(0.05, batcher.queue.put_nowait, pending(q))
+        assert [p.queries[0] for p in await asyncio.wait_for(batcher._collect(), 5)] == ["e", "f", "g"]
+        batcher.executor.shutdown()
+
+    asyncio.run(scenario())
