@@ -37,6 +37,7 @@ __all__ = [
     "Demonstration",
     "generate_kb",
     "name_words",
+    "fresh_worlds",
     "write_kb",
     "synthetic_trajectories",
     "load_kb_dir",
@@ -377,6 +378,17 @@ def name_words(kb: SyntheticKB) -> set[str]:
             for key in ("name", "river"):
                 words.update(str(e.get(key, "")).split())
     return words
+
+
+def fresh_worlds(base: SyntheticKB, n_worlds: int, n_entities: int, two_hop_fraction: float = 0.0,
+                 seed: int = 1000) -> list[SyntheticKB]:
+    """``n_worlds`` new worlds (seeds ``seed``, ``seed + 1``, ...) that share no name word with ``base``.
+
+    For warm-start demonstrations that cannot leak a fact of ``base`` (its train or test questions).
+    """
+    reserved = name_words(base)
+    return [generate_kb(seed=seed + i, n_entities=n_entities, two_hop_fraction=two_hop_fraction,
+                        reserved_words=reserved) for i in range(n_worlds)]
 
 
 def write_kb(kb: SyntheticKB, out_dir: str | Path) -> dict[str, Path]:

@@ -6,7 +6,9 @@ What it does, with no download (2 CPU cores, under 10 minutes):
    and builds a BM25 index over its passages;
 2. trains a byte-level BPE tokenizer on that text and builds a randomly initialised Qwen2 (config in code);
 3. warms it up with a short supervised pass on search demonstrations that are imperfect on purpose (60% of them
-   answer without searching, and wrongly; the rest search and copy the answer from the passage);
+   answer without searching, and wrongly; the rest search and copy the answer from the passage). The
+   demonstrations are about 8 other invented worlds that share no name with the training world, so the warm start
+   cannot memorise a single fact it is trained or evaluated on: it must learn to read the retrieved passage;
 4. trains it with RL (DSPO by default: GSPO's sequence-level clipped loss + mixed-outcome group filtering) against
    the format-aware F1 reward, for a fixed wall-clock budget;
 5. evaluates on held-out questions (entities never seen in training) before and after RL, and prints where the
@@ -29,15 +31,14 @@ QUICKSTART: dict = {
     "model": {"path": "tiny", "hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
               "intermediate_size": 384, "vocab_size": 2048},
     "data": {"source": "synthetic", "num_entities": 240, "two_hop_fraction": 0.0, "num_train": 2000, "num_eval": 64},
-    "retriever": {"topk": 2},
+    "retriever": {"topk": 1},
     "env": {"template": "search_r1_compact", "max_turns": 3, "max_tokens_per_turn": 40, "max_obs_tokens": 160,
             "max_response_tokens": 400, "reward": "format_f1", "reward_kwargs": {"retrieval_bonus": 0.5}},
     "rollout": {"prompts_per_step": 4, "group_size": 8, "temperature": 0.7, "max_filter_rounds": 2},
     "algorithm": {"name": "dspo", "num_minibatches": 1, "ppo_epochs": 1},
     "optimizer": {"lr": 3.0e-4, "grad_clip": 1.0, "warmup_steps": 0, "schedule": "constant"},
-    "sft": {"copy_steps": 600, "copy_batch_size": 32, "steps": 400, "batch_size": 16, "lr": 3.0e-3,
-            "mistake_rate": 0.6, "no_search_share": 1.0,
-            "num_demos": 3200},
+    "sft": {"copy_steps": 600, "copy_batch_size": 32, "steps": 1200, "batch_size": 16, "lr": 3.0e-3,
+            "mistake_rate": 0.6, "no_search_share": 1.0, "num_demos": 6000, "demo_worlds": 8},
     "logging": {"output_dir": "runs/quickstart", "save_every": 25, "sample_every": 10},
 }
 """The quickstart configuration (see ``examples/configs/quickstart.yaml`` for the commented version)."""

@@ -183,6 +183,12 @@ class SFTConfig:
     """Share of those mistakes that answer without searching (the rest search, then copy a wrong entity)."""
     num_demos: int = 800
     """Demonstrations generated."""
+    demo_worlds: int = 0
+    """0: demonstrations answer the training world's train questions, observed through the configured retriever.
+    N > 0: they answer questions about N freshly generated synthetic worlds whose names share no word with the
+    training world (observation: the supporting passage plus ``topk - 1`` random passages of that world), and the
+    tiny tokenizer is trained on those worlds' text. Then the warm start cannot memorise a single fact it is trained
+    or evaluated on (it must learn to read the passage), and no training-world name gets a token of its own."""
 
 
 @dataclass

@@ -110,6 +110,18 @@ def load_questions(cfg: TrainConfig, out: Path):
     raise ValueError(f"data.source={cfg.data.source!r}: expected 'synthetic' or 'files'")
 
 
+def build_demo_worlds(cfg: TrainConfig, kb) -> list:
+    """The fresh synthetic worlds of the warm start's demonstrations (``sft.demo_worlds``; [] when 0)."""
+    if cfg.sft.demo_worlds <= 0 or cfg.model.path != "tiny" or (cfg.sft.steps <= 0 and cfg.sft.copy_steps <= 0):
+        return []
+    if kb is None:
+        raise ValueError("sft.demo_worlds > 0 needs data.source=synthetic")
+    from openrlhf_search.data.synthetic import fresh_worlds
+
+    return fresh_worlds(kb, cfg.sft.demo_worlds, cfg.data.num_entities, cfg.data.two_hop_fraction,
+                        seed=cfg.data.seed + 1000)
+
+
 def build_retriever(cfg: TrainConfig, out: Path, kb):
     """The configured retriever, or a BM25 index over the synthetic corpus built into ``<out>/index``."""
     from openrlhf_search.retrieval import load_retriever
@@ -139,8 +151,14 @@ def probe_retriever(retriever, spec: str) -> None:
         raise
 
 
-def build_tokenizer_and_model(cfg: TrainConfig, out: Path, kb, train_samples, device, resume_dir: Path | None):
-    """Tokenizer + policy: from the resume checkpoint, a pretrained path, or the tiny random-init Qwen2."""
+def build_tokenizer_and_model(cfg: TrainConfig, out: Path, kb, train_samples, device, resume_dir: Path | None,
+                              worlds: list | None = None):
+    """Tokenizer + policy: from the resume checkpoint, a pretrained path, or the tiny random-init Qwen2.
+
+    The tiny tokenizer is trained on the KB's passages plus the questions of the demonstration ``worlds`` when there
+    are any (else the training questions, which repeat each training name ~10 times and so give many of them a
+    token of their own: a model that learned to copy multi-token names then fails on exactly those).
+    """
     import torch
 
     from openrlhf_search.trainer.models import TinyModelSpec, build_tiny_qwen2, load_pretrained
@@ -155,12 +173,13 @@ def build_tokenizer_and_model(cfg: TrainConfig, out: Path, kb, train_samples, de
         from openrlhf_search.data.tiny_tokenizer import build_tiny_tokenizer
 
         texts = [d.contents for d in kb.corpus] if kb is not None else []
-        texts += [s.question for s in train_samples]
+        questions = [s.question for w in worlds for s in w.train] if worlds else [s.question for s in train_samples]
+        texts += [d.contents for w in worlds or () for d in w.corpus] + questions
         import openrlhf_search.trainer.templates  # noqa: F401  (registers search_r1_compact)
         from openrlhf_search.env.templates import get_template
 
         tmpl = get_template(cfg.env.template)
-        texts += [tmpl.render(s.question) for s in train_samples[:50]]
+        texts += [tmpl.render(q) for q in questions[:50]]
         tok = build_tiny_tokenizer(texts, vocab_size=cfg.model.vocab_size, out_dir=out / "tokenizer")
         spec = TinyModelSpec(cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_heads, cfg.model.num_kv_heads,
                              cfg.model.intermediate_size)
@@ -323,7 +342,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     timer = PhaseTimer()
     retriever = TimedRetriever(build_retriever(cfg, out, kb), timer)
     probe_retriever(retriever, cfg.retriever.spec)
-    tokenizer, policy = build_tokenizer_and_model(cfg, out, kb, train_samples, device, resume_dir)
+    worlds = build_demo_worlds(cfg, kb) if resume_dir is None else []
+    tokenizer, policy = build_tokenizer_and_model(cfg, out, kb, train_samples, device, resume_dir, worlds)
     env = build_env(cfg, tokenizer, retriever)
     engine = build_engine(cfg, policy, tokenizer, out)
     reward_fn = get_reward_fn(cfg.env.reward, **cfg.env.reward_kwargs)
@@ -334,7 +354,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     # ---- supervised warm start (fresh runs only) and the held-out score before RL
     if resume_dir is None and (cfg.sft.steps > 0 or cfg.sft.copy_steps > 0):
-        summary["sft"] = warm_start(cfg, policy, tokenizer, env, kb, retriever)
+        summary["sft"] = warm_start(cfg, policy, tokenizer, env, kb, retriever, worlds)
     if resume_dir is None:
         summary["eval_before"] = evaluate_policy(engine, env, eval_samples, tokenizer, eval_params)
         (out / "eval_before.json").write_text(json.dumps(summary["eval_before"], indent=1))
@@ -605,8 +625,12 @@ def reward_window_stats(metrics_path: Path, window: int = 10) -> dict[str, float
     return {"reward_first_window": first, "reward_last_window": last, "reward_gain": last - first, "window": w}
 
 
-def warm_start(cfg: TrainConfig, policy, tokenizer, env, kb, retriever) -> dict:
-    """SFT on imperfect synthetic demonstrations (prompt ids from the environment itself)."""
+def warm_start(cfg: TrainConfig, policy, tokenizer, env, kb, retriever, worlds: list | None = None) -> dict:
+    """SFT on imperfect synthetic demonstrations (prompt ids from the environment itself).
+
+    Demonstrations answer ``kb``'s train questions through ``retriever``, or, given ``worlds``
+    (:func:`build_demo_worlds`), the train questions of those fresh worlds with their supporting passage observed.
+    """
     from openrlhf_search.data.synthetic import synthetic_trajectories
     from openrlhf_search.env.templates import get_template
     from openrlhf_search.trainer.sft import copy_examples, run_sft, tokenize_demonstration
@@ -629,10 +653,19 @@ def warm_start(cfg: TrainConfig, policy, tokenizer, env, kb, retriever) -> dict:
                         tokenizer.pad_token_id, seed=cfg.seed, log=log_copy)
         result.update(copy_loss_first=closs[0], copy_loss_last=closs[-1],
                       copy_seconds=time.perf_counter() - t0)
-    demos = synthetic_trajectories(kb, "train", n=cfg.sft.num_demos, mistake_rate=cfg.sft.mistake_rate,
-                                   no_search_share=cfg.sft.no_search_share, seed=cfg.data.seed + 1,
-                                   retriever=retriever, topk=cfg.retriever.topk,
-                                   template=get_template(cfg.env.template))
+    common = dict(mistake_rate=cfg.sft.mistake_rate, no_search_share=cfg.sft.no_search_share,
+                  topk=cfg.retriever.topk, template=get_template(cfg.env.template))
+    if worlds:
+        demos = [d for i, w in enumerate(worlds) for d in synthetic_trajectories(w, "train", seed=cfg.data.seed + i,
+                                                                                 **common)]
+        random.Random(cfg.seed).shuffle(demos)
+        if len(demos) < cfg.sft.num_demos:
+            print(f"[sft] {len(worlds)} demonstration worlds hold {len(demos)} questions < sft.num_demos="
+                  f"{cfg.sft.num_demos}; cycling through them", flush=True)
+        demos = [demos[i % len(demos)] for i in range(cfg.sft.num_demos)]
+    else:
+        demos = synthetic_trajectories(kb, "train", n=cfg.sft.num_demos, seed=cfg.data.seed + 1, retriever=retriever,
+                                       **common)
     prompts = env.reset([d.sample for d in demos])
     examples = [tokenize_demonstration(list(p.prompt_ids), d.segments, tokenizer) for p, d in zip(prompts, demos)]
     def log(step: int, loss: float) -> None:

@@ -4,7 +4,14 @@ import re
 
 import pytest
 
-from openrlhf_search.data.synthetic import generate_kb, load_kb_dir, synthetic_trajectories, write_kb
+from openrlhf_search.data.synthetic import (
+    fresh_worlds,
+    generate_kb,
+    load_kb_dir,
+    name_words,
+    synthetic_trajectories,
+    write_kb,
+)
 from openrlhf_search.env.actions import parse_action
 from openrlhf_search.rewards import extract_answer, is_valid_format, normalize_answer
 
@@ -41,6 +48,20 @@ def test_train_and_test_worlds_are_disjoint(kb):
             if s.golden_answers[0] in name_split:  # names (not years) belong to the same world
                 assert name_split[s.golden_answers[0]] == split
     assert not {s.metadata["subject"] for s in kb.train} & {s.metadata["subject"] for s in kb.test}
+
+
+def test_fresh_worlds_share_no_name_word_with_the_base_world(kb):
+    """Warm-start demonstrations come from these worlds: no base-world fact or name may leak into them."""
+    worlds = fresh_worlds(kb, 2, n_entities=40, seed=500)
+    base_words = {w.lower() for w in name_words(kb)}
+    assert len(base_words) > 100  # every person has a first and a last name word, cities a river, ...
+    company_suffixes = {"works", "group", "labs", "company"}
+    for w in worlds:
+        assert not ({x.lower() for x in name_words(w)} - company_suffixes) & base_words
+        base_text = " ".join(d.contents for d in kb.corpus)
+        assert all(s.golden_answers[0] not in base_text for s in w.train if not s.golden_answers[0].isdigit())
+    assert worlds[0].corpus != worlds[1].corpus
+    assert fresh_worlds(kb, 1, n_entities=40, seed=500)[0].corpus == worlds[0].corpus  # deterministic
 
 
 def test_answers_only_in_the_corpus(kb):
