@@ -72,7 +72,8 @@ for pkg in torchvision torchaudio torchcodec triton; do
 done
 
 # Test tooling and this project (its runtime deps are light and already pulled in above or below).
-pip_install pytest pytest-timeout bm25s PyStemmer fastapi uvicorn httpx "torch==2.13.0"
+pip_install pytest pytest-timeout bm25s PyStemmer numba fastapi "uvicorn[standard]" orjson httpx pyarrow matplotlib rich \
+    "torch==2.13.0"
 pip_install --no-deps -e "${REPO_ROOT}"
 
 log "checking imports"

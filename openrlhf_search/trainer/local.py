@@ -220,7 +220,7 @@ def build_engine(cfg: TrainConfig, policy, tokenizer, out: Path):
         path = out / "rollout_weights"
         policy.save_pretrained(str(path))
         tokenizer.save_pretrained(str(path))
-        return VLLMEngine(str(path), seed=cfg.seed)
+        return VLLMEngine(str(path), seed=cfg.seed, dtype=str(next(policy.parameters()).dtype).replace("torch.", ""))
     raise ValueError(f"rollout.engine={cfg.rollout.engine!r}: expected 'hf' or 'vllm'")
 
 
@@ -355,6 +355,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     # ---- supervised warm start (fresh runs only) and the held-out score before RL
     if resume_dir is None and (cfg.sft.steps > 0 or cfg.sft.copy_steps > 0):
         summary["sft"] = warm_start(cfg, policy, tokenizer, env, kb, retriever, worlds)
+        engine.update_weights(policy)  # an engine holding its own copy (vLLM) was built from the pre-SFT weights
     if resume_dir is None:
         summary["eval_before"] = evaluate_policy(engine, env, eval_samples, tokenizer, eval_params)
         (out / "eval_before.json").write_text(json.dumps(summary["eval_before"], indent=1))

@@ -247,7 +247,9 @@ def _reload_pending(worker) -> None:
     pending = worker.__dict__.setdefault("_openrlhf_search_pending", [])
     worker.model_runner.reload_weights(weights_iterator=iter(pending), is_checkpoint_format=True)
     pending.clear()
-    _redispatch_tied_lm_head(worker.model_runner.get_model())
+    from openrlhf_search.rollout.vllm import refresh_tied_lm_head
+
+    refresh_tied_lm_head(worker.model_runner.get_model())
 
 
 def _update_weight_bucket_cpu(self, meta):
@@ -266,17 +268,6 @@ def _update_weight_bucket_cpu(self, meta):
     flat = torch.empty(meta.numel, dtype=meta.dtype, device="cpu")
     self._model_update_group.broadcast(flat, src=0)
     self.__dict__.setdefault("_openrlhf_search_pending", []).extend(unpack_bucket(meta, flat))
-
-
-def _redispatch_tied_lm_head(model) -> None:
-    """A tied ``lm_head`` keeps vLLM's CPU GEMM dispatch (possibly a prepacked copy) of the *old* embedding."""
-    lm_head = getattr(model, "lm_head", None)
-    config = getattr(model, "config", None)
-    if lm_head is None or not getattr(config, "tie_word_embeddings", False) or not hasattr(lm_head, "cpu_linear"):
-        return
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-    dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
 
 
 def patch_vllm_worker_wrap(module: types.ModuleType) -> None:
