@@ -19,9 +19,20 @@ from openrlhf_search.integrations.megatron.cpu_shim import ENV_SWITCH
 
 def free_port() -> int:
     """A TCP port free on loopback right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on loopback right now (all bound at once, so two calls' worth of ports cannot
+    coincide, as two successive :func:`free_port` calls may)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass
@@ -36,12 +47,15 @@ class RankResult:
     """Combined stdout/stderr."""
 
 
-def run_local_ranks(script: str, world_size: int, args: list[str], timeout: float = 300.0) -> list[RankResult]:
+def run_local_ranks(script: str, world_size: int, args: list[str], timeout: float = 300.0,
+                    master_port: int | None = None) -> list[RankResult]:
     """Run ``python script *args`` as ``world_size`` gloo ranks on this machine and wait for all of them.
 
     Raises ``RuntimeError`` with every failing rank's output tail if one exits non-zero or times out.
+    ``master_port``: the ranks' rendezvous port (default: a free one; pass one from :func:`free_ports` when the
+    script also listens on a port of its own).
     """
-    port = free_port()
+    port = master_port or free_port()
     procs = []
     for rank in range(world_size):
         env = dict(os.environ)

@@ -25,7 +25,7 @@ def actor_run(tmp_path_factory):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from openrlhf_search.integrations.megatron.launch import free_port, run_local_ranks
+    from openrlhf_search.integrations.megatron.launch import free_ports, run_local_ranks
 
     root = tmp_path_factory.mktemp("actor")
     torch.manual_seed(0)
@@ -43,7 +43,8 @@ def actor_run(tmp_path_factory):
     Qwen2ForCausalLM(cfg).save_pretrained(root / "qwen2")
     out = root / "out"
     out.mkdir()
-    args = ["--model", str(root / "qwen2"), "--out", str(out), "--sync-port", str(free_port())]
+    sync_port, master_port = free_ports(2)  # distinct: the ranks' rendezvous and the weight-sync store
+    args = ["--model", str(root / "qwen2"), "--out", str(out), "--sync-port", str(sync_port)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     receiver = subprocess.Popen(
         [sys.executable, WORKER, *args, "--receiver"],
@@ -53,7 +54,7 @@ def actor_run(tmp_path_factory):
         env=env,
     )
     try:
-        run_local_ranks(WORKER, 2, args, timeout=240)
+        run_local_ranks(WORKER, 2, args, timeout=240, master_port=master_port)
     finally:
         try:
             log, _ = receiver.communicate(timeout=120)
