@@ -38,7 +38,7 @@ from openrlhf_search.env.trajectory import Trajectory, TurnRecord
 from openrlhf_search.retrieval.types import Hit
 from openrlhf_search.rewards import normalize_answer
 
-__all__ = ["EnvConfig", "SearchEnv", "merge_hits"]
+__all__ = ["EnvConfig", "SearchEnv", "merge_hits", "turn_is_repeated"]
 
 
 @dataclass
@@ -92,6 +92,24 @@ def merge_hits(per_query: Sequence[Sequence[Hit]], limit: int | None = None) -> 
                 seen.add(h.document.id)
                 out.append(h)
     return out[:limit] if limit is not None else out
+
+
+def turn_is_repeated(queries: Sequence[str], doc_ids: Sequence[str], text: str, earlier: Sequence) -> bool:
+    """Whether a search turn brought nothing new (CalibAdv gives such turns no credit).
+
+    Repeated: every query was asked before (answer-normalised), or the documents it retrieved were all shown
+    before, or its text equals an earlier turn's (whitespace-normalised). ``earlier`` holds the previous turns of
+    the trajectory: anything with ``queries``, ``doc_ids`` and ``text`` (the local :class:`TurnRecord` and the
+    OpenRLHF agent's turn record both are), so both backends apply the same rule.
+    """
+    earlier_queries = {normalize_answer(q) for t in earlier for q in t.queries}
+    earlier_docs = {d for t in earlier for d in t.doc_ids}
+    earlier_texts = {" ".join(t.text.split()) for t in earlier}
+    return (
+        all(normalize_answer(q) in earlier_queries for q in queries)
+        or (bool(doc_ids) and set(doc_ids) <= earlier_docs)
+        or " ".join(text.split()) in earlier_texts
+    )
 
 
 class SearchEnv:
@@ -311,16 +329,9 @@ class SearchEnv:
         c = self.cfg
         limit = c.max_docs_per_turn if c.max_docs_per_turn is not None else c.topk * c.max_queries_per_turn
         hits = merge_hits(per_query, limit)
-        earlier_docs = {d for t in traj.turns[:-1] for d in t.doc_ids}
-        earlier_queries = {normalize_answer(q) for t in traj.turns[:-1] for q in t.queries}
-        earlier_texts = {" ".join(t.text.split()) for t in traj.turns[:-1]}
         turn.doc_ids = [h.document.id for h in hits]
         turn.scores = [float(h.score) for h in hits]
-        turn.repeated = (
-            all(normalize_answer(q) in earlier_queries for q in turn.queries)
-            or (bool(turn.doc_ids) and set(turn.doc_ids) <= earlier_docs)
-            or " ".join(turn.text.split()) in earlier_texts
-        )
+        turn.repeated = turn_is_repeated(turn.queries, turn.doc_ids, turn.text, traj.turns[:-1])
         # Room for the documents: what is left after this observation's wrapper and the next turn's minimum.
         hint = self._hint(traj)
         overhead = len(self.encode(self.template.wrap_observation("", turn_ended, hint)))

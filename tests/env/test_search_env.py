@@ -240,3 +240,17 @@ def test_prompt_over_the_total_budget_starts_finished(tok, kb, retriever, gen):
     env.step(trajs, [])  # nothing to generate
     ok = SearchEnv(tok, retriever, "search_r1", EnvConfig(max_total_tokens=n + 1)).reset(kb.train[:1])[0]
     assert not ok.done
+
+
+def test_turn_is_repeated_rule_shared_by_both_backends():
+    from types import SimpleNamespace
+
+    from openrlhf_search.env.search_env import turn_is_repeated
+
+    first = SimpleNamespace(queries=["Paris capital"], doc_ids=["d1", "d2"], text="<search>Paris capital</search>")
+    assert not turn_is_repeated(["Berlin"], ["d3"], "<search>Berlin</search>", [first])
+    assert turn_is_repeated(["paris  CAPITAL."], ["d9"], "<search>x</search>", [first])  # same query, normalised
+    assert turn_is_repeated(["Lyon"], ["d2", "d1"], "<search>Lyon</search>", [first])  # nothing new shown
+    assert turn_is_repeated(["a", "b"], [], "<search>Paris   capital</search>", [first])  # same text
+    assert not turn_is_repeated(["Lyon"], [], "<search>Lyon</search>", [first])  # no documents: not "all seen"
+    assert not turn_is_repeated(["Lyon"], ["d1"], "<search>Lyon</search>", [])  # first turn

@@ -217,8 +217,7 @@ class SearchAgentInstance(AgentInstanceBase):
         """Consume one model turn; see the module docstring for the termination rules."""
         from openrlhf_search.env.actions import parse_action
         from openrlhf_search.env.observation import format_observation
-        from openrlhf_search.env.search_env import merge_hits
-        from openrlhf_search.rewards import normalize_answer
+        from openrlhf_search.env.search_env import merge_hits, turn_is_repeated
 
         cfg, tpl, ep = self.runtime.config, self.runtime.template, self.episode
         out = ep.pending_outputs.pop(0) if ep.pending_outputs else None
@@ -243,15 +242,9 @@ class SearchAgentInstance(AgentInstanceBase):
         elif action.kind == "search" and not last_turn:
             hits_per_query = await asyncio.to_thread(self.runtime.retriever.search, list(action.queries), cfg.topk)
             hits = merge_hits(hits_per_query, cfg.topk * cfg.max_queries_per_turn)
-            earlier = ep.turns[:-1]
             turn.executed = True
             turn.doc_ids = [h.document.id for h in hits]
-            earlier_queries = {normalize_answer(x) for t in earlier for x in t.queries}
-            turn.repeated = (
-                all(normalize_answer(q) in earlier_queries for q in turn.queries)
-                or (bool(turn.doc_ids) and set(turn.doc_ids) <= {d for t in earlier for d in t.doc_ids})
-                or " ".join(action_text.split()) in {" ".join(t.text.split()) for t in earlier}
-            )
+            turn.repeated = turn_is_repeated(turn.queries, turn.doc_ids, action_text, ep.turns[:-1])
             body = format_observation(hits, tokenizer=ep.tokenizer, max_tokens=cfg.max_obs_tokens)
             ep.retrieved_text += body + "\n"
             feedback = tpl.wrap_observation(body, turn_ended=ended_by_eos, hint=hint)
