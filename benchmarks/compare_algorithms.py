@@ -111,20 +111,24 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
     keys = [("reward_mean", "reward_mean (5-step avg)"), ("loss/ratio_max", "max importance ratio"),
             ("loss/clip_frac_low", "clip fraction (low)"), ("loss/drift_share", "drift share (ratio <= t, A >= 0)")]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    colors = {algo: f"C{i}" for i, algo in enumerate(runs)}  # one color per algorithm in every panel
+    nan = float("nan")
     for ax, (key, title) in zip(axes.flat, keys):
         for algo, rs in runs.items():
             curves = [[row.get(key) for row in r["rows"]] for r in rs]
             n = min(len(c) for c in curves)
-            if n == 0 or any(v is None for c in curves for v in c[:n]):
+            # a step without an update (every group filtered out) has no loss metrics: a gap, not a dropped curve
+            steps = [[c[i] for c in curves if c[i] is not None] for i in range(n)]
+            if not any(steps):
                 continue
-            mean = [statistics.mean(c[i] for c in curves) for i in range(n)]
-            lo = [min(c[i] for c in curves) for i in range(n)]
-            hi = [max(c[i] for c in curves) for i in range(n)]
+            mean = [statistics.mean(v) if v else nan for v in steps]
+            lo = [min(v) if v else nan for v in steps]
+            hi = [max(v) if v else nan for v in steps]
             xs = list(range(1, n + 1))
             if key == "reward_mean":
                 mean, lo, hi = _moving(mean), _moving(lo), _moving(hi)
-            line = ax.plot(xs, mean, label=algo)[0]
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+            ax.plot(xs, mean, label=algo, color=colors[algo])
+            ax.fill_between(xs, lo, hi, color=colors[algo], alpha=0.15)
         ax.set_title(title)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
