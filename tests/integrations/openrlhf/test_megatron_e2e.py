@@ -26,8 +26,6 @@ are not exercised here.
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -39,7 +37,9 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 pytest.importorskip("mbridge", reason="mbridge is not installed")
 pytestmark = [pytest.mark.openrlhf, pytest.mark.megatron, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-from openrlhf_e2e_assets import build_assets, execute_plan, logprob_gaps, masking_check  # noqa: E402
+from openrlhf_e2e_assets import execute_plan, logprob_gaps, masking_check  # noqa: E402
+
+from openrlhf_search.integrations.megatron.launch import free_port  # noqa: E402
 
 LARGE_LR = 5e-3
 TP = 2
@@ -47,18 +47,6 @@ PROMPTS_PER_STEP = 4
 """4 groups of 4 rollouts per step: a step without any mixed-reward group (no learning signal) becomes rare."""
 STEPS = 3
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    cache = os.environ.get("OPENRLHF_SEARCH_E2E_CACHE")
-    root = Path(cache) if cache else tmp_path_factory.mktemp("e2e_assets")
-    return build_assets(root / "assets")
 
 
 def run_megatron_e2e(assets, workdir: Path, steps: int, lr: float, port: int, timeout: float = 1500.0):
@@ -98,7 +86,7 @@ def test_grpo_step_with_megatron_actor_tp2_through_openrlhf(assets, tmp_path):
     import torch
     from transformers import AutoTokenizer
 
-    result, plan = run_megatron_e2e(assets, tmp_path, steps=STEPS, lr=LARGE_LR, port=_free_port())
+    result, plan = run_megatron_e2e(assets, tmp_path, steps=STEPS, lr=LARGE_LR, port=free_port())
     # the launcher wiring: duplicate factor = TP, Megatron config exported, packing off, loss in the Megatron actor
     assert plan.command[plan.command.index("--ds.tensor_parallel_size") + 1] == str(TP)
     assert plan.env["OPENRLHF_SEARCH_MEGATRON_CONFIG"] == str(plan.backend_file) and plan.backend_file.is_file()

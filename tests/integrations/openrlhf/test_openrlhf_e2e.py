@@ -22,17 +22,15 @@ Opt-in (``-m openrlhf``, ``slow``): ~75-100 s per run on 2 cores; ``scripts/test
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("openrlhf")
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.openrlhf, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-from openrlhf_e2e_assets import build_assets, logprob_gaps, masking_check, run_openrlhf_e2e  # noqa: E402
+from openrlhf_e2e_assets import logprob_gaps, masking_check, run_openrlhf_e2e  # noqa: E402
+
+from openrlhf_search.integrations.megatron.launch import free_port  # noqa: E402
 
 PROMPTS_PER_STEP = 4
 """4 groups of 4 rollouts per step: a step without any mixed-reward group (no gradient, no update) becomes rare."""
@@ -50,18 +48,6 @@ DSPO_STEPS = 5
 """A 5 x 4 prompt dataset: room for the groups dynamic filtering drops (filtered prompts are consumed from the
 dataset) so that >= 2 steps run (measured: 3, 4 and 5 steps; once step 2 kept only 4 of 13 groups)."""
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    cache = os.environ.get("OPENRLHF_SEARCH_E2E_CACHE")
-    root = Path(cache) if cache else tmp_path_factory.mktemp("e2e_assets")
-    return build_assets(root / "assets")
 
 
 def _check_run(result, assets, required_metrics) -> str:
@@ -101,7 +87,7 @@ def _check_run(result, assets, required_metrics) -> str:
 
 
 def test_sapo_through_openrlhf(assets, tmp_path):
-    result = run_openrlhf_e2e(assets, tmp_path, "sapo", steps=SAPO_STEPS, lr=LARGE_LR, port=_free_port(),
+    result = run_openrlhf_e2e(assets, tmp_path, "sapo", steps=SAPO_STEPS, lr=LARGE_LR, port=free_port(),
                               prompts_per_step=PROMPTS_PER_STEP)  # fmt: skip
     gaps = _check_run(result, assets, ["search_loss/sapo_penalty", "search_loss/sapo_token_share",
                                        "search_loss/rollout_logprob_abs_diff", "search/num_searches",
@@ -110,7 +96,7 @@ def test_sapo_through_openrlhf(assets, tmp_path):
 
 
 def test_dspo_calibadv_through_openrlhf(assets, tmp_path):
-    result = run_openrlhf_e2e(assets, tmp_path, "dspo+calibadv", steps=DSPO_STEPS, lr=DSPO_LR, port=_free_port(),
+    result = run_openrlhf_e2e(assets, tmp_path, "dspo+calibadv", steps=DSPO_STEPS, lr=DSPO_LR, port=free_port(),
                               prompts_per_step=PROMPTS_PER_STEP)  # fmt: skip
     gaps = _check_run(result, assets, ["calibadv/missing_records", "search_loss/pg_loss",
                                        "search_loss/ratio_mean", "dynamic_filtering_pass_rate",

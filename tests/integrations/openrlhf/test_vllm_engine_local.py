@@ -17,15 +17,10 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.openrlhf, pytest.mark.slow, pytest.mark.timeout(900)]
 
-from openrlhf_e2e_assets import build_assets  # noqa: E402
-
 WORKER = Path(__file__).with_name("vllm_engine_worker.py")
 
 
-def test_vllm_engine_logprobs_stops_and_weight_update(tmp_path_factory):
-    cache = os.environ.get("OPENRLHF_SEARCH_E2E_CACHE")
-    root = Path(cache) if cache else tmp_path_factory.mktemp("e2e_assets")
-    assets = build_assets(root / "assets")
+def test_vllm_engine_logprobs_stops_and_weight_update(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("vllm_engine") / "result.json"
     proc = subprocess.run([sys.executable, str(WORKER), str(assets.model_dir), str(out)], capture_output=True,
                           text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
