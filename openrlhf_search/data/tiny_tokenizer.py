@@ -77,10 +77,10 @@ def build_tiny_tokenizer(
         pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
         clean_up_tokenization_spaces=False,
+        padding_side="left",  # an init kwarg, so it is saved and reloaded with the tokenizer
     )
     hf.add_tokens(PROTOCOL_TAGS)
     hf.chat_template = CHATML_TEMPLATE
-    hf.padding_side = "left"
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         hf.save_pretrained(str(out_dir))

@@ -161,13 +161,13 @@ def build_tokenizer_and_model(cfg: TrainConfig, out: Path, kb, train_samples, de
     """
     import torch
 
-    from openrlhf_search.trainer.models import TinyModelSpec, build_tiny_qwen2, load_pretrained
+    from openrlhf_search.trainer.models import TinyModelSpec, build_tiny_qwen2, load_pretrained, load_tokenizer
 
     dtype = resolve_dtype(cfg.model.dtype, device)
     if resume_dir is not None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        tok = AutoTokenizer.from_pretrained(str(resume_dir))
+        tok = load_tokenizer(resume_dir)  # exactly the run's tokenizer (AutoTokenizer would rebuild the tiny one)
         model = AutoModelForCausalLM.from_pretrained(str(resume_dir), dtype=dtype)
     elif cfg.model.path == "tiny":
         from openrlhf_search.data.tiny_tokenizer import build_tiny_tokenizer

