@@ -11,7 +11,10 @@
 * **Corpus jsonl** (Search-R1's wiki-18 layout): ``{"id": str, "contents": "\\"Title\\"\\ntext"}``; rows with
   ``title`` and ``text`` fields instead are accepted and converted.
 
-Every reader error names the file and the line (jsonl, 1-based) or row (parquet, 0-based) and the field.
+Every reader error is a :class:`DatasetFormatError` naming the file and the line (jsonl, 1-based) or row
+(parquet, 0-based) and the field: invalid JSON, a line that is not UTF-8 (with the byte's column), a missing or
+ill-typed field, an empty golden answer (it would give an empty answer EM 1), and a file
+with no rows at all.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
     "write_corpus_jsonl",
     "read_dataset",
     "read_qa_file",
+    "limit_question_length",
     "write_dataset",
     "convert",
     "FORMATS",
@@ -49,23 +53,37 @@ def _golds(value: Any, where: str, field: str) -> list[str]:
     if hasattr(value, "tolist"):  # numpy arrays from pandas-written parquet files
         value = value.tolist()
     if isinstance(value, str):
-        return [value]
+        value = [value]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, int, float)) for v in value):
-        return [str(v) for v in value]
+        golds = [str(v) for v in value]
+        for i, g in enumerate(golds):
+            if not g.strip():
+                raise DatasetFormatError(f"{where}: field '{field}' item {i} is empty ({g!r}): it would score an "
+                                         "empty answer EM 1; remove it or fix the answer")
+        return golds
     raise DatasetFormatError(f"{where}: field '{field}' must be a non-empty list of strings, got {value!r:.80}")
+
+
+def _no_rows(path: Path) -> DatasetFormatError:
+    return DatasetFormatError(f"{path}: the file holds no rows (empty dataset)")
 
 
 def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetFormatError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                                         f"{exc.start + 1}); re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DatasetFormatError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+                raise DatasetFormatError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(row, dict):
                 raise DatasetFormatError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield lineno, row
@@ -94,6 +112,8 @@ def read_flashrag_jsonl(path: str | Path) -> list[QASample]:
                 metadata=meta,
             )
         )
+    if not out:
+        raise _no_rows(path)
     return out
 
 
@@ -137,7 +157,9 @@ def read_searchr1_parquet(path: str | Path) -> list[QASample]:
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises several exception types for corrupt files
-        raise DatasetFormatError(f"{path}: not a readable parquet file ({exc})") from exc
+        raise DatasetFormatError(f"{path}: not a readable parquet file ({exc})") from None
+    if not rows:
+        raise _no_rows(path)
     out = []
     for i, row in enumerate(rows):
         where = f"{path} row {i}"
@@ -266,6 +288,39 @@ def _check(fmt: str) -> str:
 def read_dataset(path: str | Path, fmt: str | None = None) -> list[QASample]:
     """Read a QA dataset; the format is inferred from the extension unless given."""
     return FORMATS[_check(fmt or infer_format(path))][0](path)
+
+
+LONG_QUESTION_POLICIES = ("refuse", "truncate", "skip")
+"""What :func:`limit_question_length` does with a question over the limit (``data.long_questions``)."""
+
+
+def limit_question_length(samples: list[QASample], source: str, max_chars: int,
+                          policy: str = "refuse") -> tuple[list[QASample], int]:
+    """Apply the question-length cap; returns ``(samples, number truncated or skipped)``.
+
+    A question longer than any rollout budget only costs memory (a 1 MB question asked the policy's forward pass
+    for 68 GB): ``refuse`` raises a :class:`DatasetFormatError` naming ``source`` and the question's id and row,
+    ``truncate`` cuts it to ``max_chars`` characters, ``skip`` drops it. ``max_chars <= 0`` disables the cap.
+    """
+    from dataclasses import replace
+
+    if policy not in LONG_QUESTION_POLICIES:
+        raise DatasetFormatError(f"data.long_questions={policy!r}: expected one of {LONG_QUESTION_POLICIES}")
+    if max_chars <= 0:
+        return samples, 0
+    out, changed = [], 0
+    for i, smp in enumerate(samples):
+        if len(smp.question) <= max_chars:
+            out.append(smp)
+            continue
+        if policy == "refuse":
+            raise DatasetFormatError(
+                f"{source}: question {smp.id!r} (row {i + 1}) has {len(smp.question)} characters > "
+                f"data.max_question_chars={max_chars}; shorten it, or set data.long_questions=truncate or skip")
+        changed += 1
+        if policy == "truncate":
+            out.append(replace(smp, question=smp.question[:max_chars]))
+    return out, changed
 
 
 read_qa_file = read_dataset

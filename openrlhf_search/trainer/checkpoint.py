@@ -8,6 +8,11 @@ Layout under ``<output_dir>/checkpoints/``::
                 meta.json          step and anything small the trainer wants to read without torch
     latest                  a one-line file naming the newest complete checkpoint directory
 
+Integrity: the weights are checked before every write (a model with a NaN or inf parameter is never saved:
+:class:`~openrlhf_search.trainer.preemption.Diverged`), and :func:`find_resume_checkpoint` verifies a checkpoint
+before resuming from it (safetensors sizes against their headers, ``trainer_state.pt`` loads), falling back to the
+previous good one with a message naming both.
+
 Atomicity: a checkpoint is written into a hidden temporary sibling directory, fsynced, then renamed into place with
 ``os.replace`` (atomic on POSIX); ``latest`` is rewritten the same way (write a temp file, ``os.replace``). A crash
 (even SIGKILL) mid-save leaves the previous checkpoint and ``latest`` untouched; leftover temporaries are removed at
@@ -83,6 +88,12 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, tokenizer, trainer_
     """
     import torch
 
+    from openrlhf_search.trainer.preemption import Diverged, nonfinite_parameters
+
+    bad = nonfinite_parameters(model)
+    if bad:  # never write NaN/inf weights: the previous checkpoint stays the latest good one
+        raise Diverged(f"step {step}: non-finite parameters ({', '.join(bad)}, ...); checkpoint not written; "
+                       f"last good checkpoint: {latest_checkpoint(ckpt_root) or 'none'}")
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(".tmp_*"):  # debris of an interrupted save
@@ -158,3 +169,85 @@ def load_model_weights(model, ckpt_dir: str | Path) -> None:
                            f"unexpected={unexpected}")
     if tied:
         model.tie_weights()
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint (every candidate is missing files or corrupt); the message names each one."""
+
+
+def verify_safetensors(path: str | Path) -> None:
+    """Raise ``ValueError`` unless ``path`` is a complete safetensors file (header parses, size matches it)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path.name}: truncated ({size} bytes)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"{path.name}: truncated header ({size} bytes, header says {n})")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as exc:
+            raise ValueError(f"{path.name}: unreadable header ({exc})") from None
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        raise ValueError(f"{path.name}: {size} bytes, expected {8 + n + end} (truncated?)")
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> dict:
+    """Check a checkpoint directory and return its trainer state; ``ValueError`` names the broken file."""
+    ckpt = Path(ckpt_dir)
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise ValueError("no *.safetensors file")
+    for f in files:
+        verify_safetensors(f)
+    if not (ckpt / "trainer_state.pt").is_file():
+        raise ValueError("no trainer_state.pt")
+    try:
+        state = load_trainer_state(ckpt)
+    except Exception as exc:
+        raise ValueError(f"trainer_state.pt does not load ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError("trainer_state.pt holds no step")
+    return state
+
+
+def checkpoint_candidates(ckpt_root: str | Path) -> list[Path]:
+    """Checkpoint directories newest first: the one ``latest`` names, then the ``step_*`` directories."""
+    root = Path(ckpt_root)
+    out: list[Path] = []
+    pointer = root / LATEST
+    if pointer.is_file():
+        cand = root / pointer.read_text(encoding="utf-8").strip()
+        if cand.is_dir():
+            out.append(cand)
+    out += [p for p in sorted(root.glob("step_*"), reverse=True) if p.is_dir() and p not in out]
+    return out
+
+
+def find_resume_checkpoint(ckpt_root: str | Path, log=print) -> tuple[Path, dict] | None:
+    """``(dir, trainer_state)`` of the newest checkpoint that verifies, or ``None`` when there is none at all.
+
+    A corrupt newer checkpoint is skipped with a message naming it, the reason and the checkpoint used instead.
+
+    Raises:
+        CheckpointError: there are checkpoints but none of them verifies.
+    """
+    cands = checkpoint_candidates(ckpt_root)
+    if not cands:
+        return None
+    broken = []
+    for cand in cands:
+        try:
+            state = verify_checkpoint(cand)
+        except (ValueError, OSError) as exc:
+            broken.append(f"{cand} ({exc})")
+            continue
+        if broken:
+            log(f"[openrlhf-search] checkpoint {broken[-1]} is corrupt; resuming from the previous good one, {cand}"
+                if len(broken) == 1 else
+                f"[openrlhf-search] corrupt checkpoints: {'; '.join(broken)}; resuming from {cand}")
+        return cand, state
+    raise CheckpointError(f"no usable checkpoint under {ckpt_root}: {'; '.join(broken)}")

@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dotted config overrides, e.g. algorithm.name=grpo steps=40")
     parser.add_argument("--output-dir", default=None, help="run directory (default runs/quickstart)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in the output directory (default: refuse a non-empty one)")
+    start.add_argument("--resume", action="store_true", help="continue the run of the output directory")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from openrlhf_search.trainer.config import ConfigError, config_from_dict
-    from openrlhf_search.trainer.local import train
+    from openrlhf_search.trainer.local import run_mode, train_or_exit_code
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"[quickstart] tiny Qwen2 + synthetic KB + BM25, {cfg.algorithm.name}, up to {cfg.steps} RL steps "
           f"(RL budget {cfg.max_step_seconds:.0f} s) -> {cfg.logging.output_dir}", flush=True)
-    summary = train(cfg)
+    summary = train_or_exit_code(cfg, run_mode(args), "openrlhf-search quickstart")
+    if isinstance(summary, int):  # one line already printed (a non-empty run directory names --overwrite)
+        return summary
     report(summary, time.perf_counter() - t0)
     return 0
 

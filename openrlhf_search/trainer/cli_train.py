@@ -17,7 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML config (examples/configs/*.yaml); defaults if omitted")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. optimizer.lr=3e-4 rollout.group_size=4")
-    parser.add_argument("--resume", action="store_true", help="resume from the latest checkpoint of output_dir")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="resume from the newest good checkpoint of output_dir (an error when there is none)")
+    start.add_argument("--resume-or-start", action="store_true",
+                       help="resume when output_dir has a checkpoint, else start fresh there (requeued jobs)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="remove the run outputs already in output_dir and start fresh")
     parser.add_argument("--backend", choices=("local", "openrlhf"), default="local",
                         help="local (this process, HF/vLLM rollouts) or openrlhf (Ray + vLLM + DeepSpeed)")
     parser.add_argument("--dry-run", action="store_true", help="openrlhf backend: print the launch command only")
@@ -49,16 +55,11 @@ def run(args: argparse.Namespace) -> int:
             hint = " (cluster sections are read by `--backend openrlhf`)"
         print(f"openrlhf-search train: {exc}{hint}", file=sys.stderr)
         return 2
-    from openrlhf_search.trainer.local import RetrieverDownError, _is_retrieval_failure, train
+    from openrlhf_search.trainer.local import run_mode, train_or_exit_code
 
-    try:
-        summary = train(cfg, resume=args.resume)
-    except Exception as exc:  # a retriever that is down fails the run with one clear line, not a traceback
-        if isinstance(exc, RetrieverDownError) or _is_retrieval_failure(exc):
-            print(f"openrlhf-search train: retriever {cfg.retriever.spec or '(built-in BM25)'} failed: {exc}",
-                  file=sys.stderr)
-            return 3
-        raise
+    summary = train_or_exit_code(cfg, run_mode(args), "openrlhf-search train")
+    if isinstance(summary, int):
+        return summary
     print(json.dumps({k: summary[k] for k in ("steps_done", "reward_gain", "eval_before", "eval_after", "checkpoint")
                       if k in summary}, indent=1))
     return 0

@@ -68,6 +68,12 @@ class DataConfig:
     """Synthetic only (or a cap for files): number of held-out questions."""
     seed: int = 0
     """Seed of the synthetic generator and of the shuffling of training questions."""
+    max_question_chars: int = 4000
+    """Longest question accepted (characters; 0 = no limit): a question this long could never fit a rollout budget
+    (a 1 MB question tried to allocate 68 GB); what happens to longer ones is ``long_questions``."""
+    long_questions: str = "refuse"
+    """Questions longer than ``max_question_chars``: ``refuse`` (a data error naming file and line, exit 2),
+    ``truncate`` (cut to ``max_question_chars``, counted in the log) or ``skip`` (dropped, counted)."""
 
 
 @dataclass
@@ -160,6 +166,9 @@ class OptimizerConfig:
     """Linear warm-up, in optimizer steps."""
     schedule: str = "constant"
     """After warm-up: ``constant``, ``linear`` (to 0) or ``cosine`` (to 0)."""
+    max_skipped_steps: int = 3
+    """Stop the run (exit 4, last good checkpoint kept) after this many consecutive RL steps whose every update was
+    skipped for a non-finite loss or gradient (0 = never stop)."""
 
 
 @dataclass
@@ -199,7 +208,10 @@ class LoggingConfig:
     output_dir: str = "runs/quickstart"
     """Directory for metrics.jsonl, TensorBoard, samples, plot and checkpoints."""
     save_every: int = 0
-    """Checkpoint every N steps (0 = only at the end)."""
+    """Checkpoint every N steps (0 = by time only, ``save_every_seconds``; the end of the run always saves)."""
+    save_every_seconds: float = 900.0
+    """Also checkpoint when this many seconds passed since the last checkpoint (0 = off): a preempted or crashed
+    run loses at most this much work even with ``save_every: 0``."""
     keep_checkpoints: int = 2
     """Step checkpoints kept (oldest removed)."""
     eval_every: int = 0

@@ -100,14 +100,36 @@ def load_questions(cfg: TrainConfig, out: Path):
         write_kb(kb, out / "data")
         return kb.train[: cfg.data.num_train], kb.test[: cfg.data.num_eval], kb
     if cfg.data.source == "files":
-        from openrlhf_search.data.formats import read_dataset as read_qa_file
-
         if not cfg.data.train_files:
             raise ValueError("data.source=files needs data.train_files")
-        train = [s for f in cfg.data.train_files for s in read_qa_file(f)][: cfg.data.num_train]
-        evals = [s for f in cfg.data.eval_files for s in read_qa_file(f)][: cfg.data.num_eval]
+        train = read_question_files(cfg.data.train_files, cfg, "data.train_files")[: cfg.data.num_train]
+        evals = read_question_files(cfg.data.eval_files, cfg, "data.eval_files")[: cfg.data.num_eval]
         return train, evals, None
     raise ValueError(f"data.source={cfg.data.source!r}: expected 'synthetic' or 'files'")
+
+
+def read_question_files(files: list[str], cfg: TrainConfig, field_name: str) -> list:
+    """The questions of ``files`` with the question-length cap applied; data errors are ``DatasetFormatError``
+    (one line naming file, line and field)."""
+    from openrlhf_search.data.formats import DatasetFormatError, limit_question_length, read_dataset
+
+    out = []
+    for f in files:
+        try:
+            samples = read_dataset(f)
+        except FileNotFoundError as exc:
+            raise DatasetFormatError(f"{field_name}: {exc}") from None
+        except (KeyError, ValueError) as exc:
+            if isinstance(exc, DatasetFormatError):
+                raise
+            raise DatasetFormatError(f"{field_name}: {exc}") from None
+        samples, changed = limit_question_length(samples, str(f), cfg.data.max_question_chars,
+                                                 cfg.data.long_questions)
+        if changed:
+            print(f"[openrlhf-search] {f}: {changed} question(s) over data.max_question_chars="
+                  f"{cfg.data.max_question_chars} {cfg.data.long_questions.rstrip('e')}ed", flush=True)
+        out += samples
+    return out
 
 
 def build_demo_worlds(cfg: TrainConfig, kb) -> list:
@@ -309,8 +331,20 @@ def evaluate_policy(engine, env, samples, tokenizer, params) -> dict[str, float]
 
 
 # ============================================================================================ the loop
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run (or resume) a local RL run; returns a summary dict (also written to ``<output_dir>/summary.json``)."""
+def train(cfg: TrainConfig, resume: bool = False, mode: str | None = None) -> dict:
+    """Run (or resume) a local RL run; returns a summary dict (also written to ``<output_dir>/summary.json``).
+
+    ``mode`` (:mod:`~openrlhf_search.trainer.rundir`): ``fresh`` (default; refuses a non-empty run directory),
+    ``resume`` (the default when ``resume=True``), ``resume_or_start`` or ``overwrite``. SIGTERM/SIGINT checkpoint
+    at the end of the current step and raise :class:`~openrlhf_search.trainer.preemption.Preempted`.
+    """
+    from openrlhf_search.trainer.preemption import PreemptionGuard
+
+    with PreemptionGuard() as guard:
+        return _train(cfg, mode or ("resume" if resume else "fresh"), guard)
+
+
+def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -320,19 +354,23 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     from openrlhf_search.rollout.runner import PhaseTimer, TimedRetriever, collect_groups
     from openrlhf_search.trainer.checkpoint import (
         capture_rng_state,
-        latest_checkpoint,
-        load_trainer_state,
+        checkpoint_candidates,
+        find_resume_checkpoint,
         restore_rng_state,
         save_checkpoint,
     )
     from openrlhf_search.trainer.data import QuestionStream
     from openrlhf_search.trainer.logging import MetricsLogger, Progress, plot_reward_curve, render_trajectory
+    from openrlhf_search.trainer.preemption import Preempted, SkipMonitor
+    from openrlhf_search.trainer.rundir import prepare_run_dir
 
     hf_logging.disable_progress_bar()
     t_setup = time.perf_counter()
     out = Path(cfg.logging.output_dir)
+    resuming = prepare_run_dir(out, mode, lambda d: bool(checkpoint_candidates(d / "checkpoints")))
     out.mkdir(parents=True, exist_ok=True)
-    resume_dir = latest_checkpoint(out / "checkpoints") if resume else None
+    resume_dir, resume_state = (find_resume_checkpoint(out / "checkpoints") or (None, None)) if resuming else (None,
+                                                                                                              None)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     save_config(cfg, out / "config.yaml")
@@ -384,7 +422,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     stream = QuestionStream(train_samples, seed=cfg.data.seed)
     start_step = 0
     if resume_dir is not None:
-        state = load_trainer_state(resume_dir)
+        state = resume_state
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["data"])
@@ -398,16 +436,30 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     samples_dir = out / "samples"
     samples_dir.mkdir(exist_ok=True)
 
-    def checkpoint(step: int) -> Path:
-        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "data": stream.state_dict(), "rng": capture_rng_state(getattr(engine, "generator", None))}
-        return save_checkpoint(out / "checkpoints", step, policy, tokenizer, state, keep=cfg.logging.keep_checkpoints)
+    saves = {"t": time.perf_counter()}
+    if resume_dir is not None:
+        guard.saved = (resume_dir, start_step)
 
+    def checkpoint(step: int, snapshot: dict | None = None) -> Path:
+        """Save the state after ``step``; ``snapshot`` (data position, RNG) when taken at the start of step+1."""
+        if guard.saved is not None and guard.saved[1] == step:
+            return guard.saved[0]  # already saved (a periodic save right before the final or a preemption save)
+        snapshot = snapshot or {"data": stream.state_dict(),
+                                "rng": capture_rng_state(getattr(engine, "generator", None))}
+        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **snapshot}
+        path = save_checkpoint(out / "checkpoints", step, policy, tokenizer, state, keep=cfg.logging.keep_checkpoints)
+        guard.saved, saves["t"] = (path, step), time.perf_counter()
+        return path
+
+    skips = SkipMonitor(cfg.optimizer.max_skipped_steps)
     summary["setup_seconds"] = time.perf_counter() - t_setup
     t_rl = time.perf_counter()
     step = start_step
+    guard.deferred = True  # from here on SIGTERM/SIGINT checkpoint at the end of the step
     for step in range(start_step + 1, cfg.steps + 1):
         t_step = time.perf_counter()
+        # the state a checkpoint of step - 1 holds (saved if this step cannot complete: retriever outage)
+        snapshot = {"data": stream.state_dict(), "rng": capture_rng_state(getattr(engine, "generator", None))}
         timer.reset()
         metrics: dict[str, float] = {}
 
@@ -419,7 +471,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 dynamic_filtering=preset.dynamic_filter, max_rounds=cfg.rollout.max_filter_rounds, timer=timer)
         except Exception as exc:
             if _is_retrieval_failure(exc):
-                raise RetrieverDownError(f"step {step}: the retriever failed: {exc}") from exc
+                saved = checkpoint(step - 1, snapshot)
+                raise RetrieverDownError(f"step {step}: the retriever failed: {exc} (state after step {step - 1} "
+                                         f"saved in {saved}; rerun with --resume)") from exc
             raise
         metrics.update(batch.metrics)
         metrics["reward_mean"] = batch.metrics.get("reward_all_mean", _mean(batch.rewards))
@@ -465,6 +519,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             policy.eval()
             engine.update_weights(policy)
             metrics.update(upd)
+            skips.update(step, math.isnan(upd.get("update/grad_norm", float("nan"))),
+                         str(guard.saved[0]) if guard.saved else None)
         else:
             metrics["update/skipped_empty_batch"] = 1.0
         t_end = time.perf_counter()
@@ -492,6 +548,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         progress.update(reward=metrics["reward_mean"], step_s=total)
         if cfg.logging.save_every and step % cfg.logging.save_every == 0:
             checkpoint(step)
+        elif cfg.logging.save_every_seconds and time.perf_counter() - saves["t"] >= cfg.logging.save_every_seconds:
+            checkpoint(step)
+        if guard.requested:
+            progress.close()
+            logger.close()
+            raise Preempted(guard.requested, checkpoint(step), step)
         if cfg.max_step_seconds and time.perf_counter() - t_rl > cfg.max_step_seconds:
             print(f"\n[openrlhf-search] RL time budget max_step_seconds={cfg.max_step_seconds} reached at step {step}")
             break
@@ -501,6 +563,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     # ---- final checkpoint, held-out evaluation, plot
     final_dir = checkpoint(step)
+    guard.deferred = False  # a signal during the final evaluation stops at once (the checkpoint is written)
+    if guard.requested:
+        raise Preempted(guard.requested, final_dir, step)
     summary["checkpoint"] = str(final_dir)
     summary["eval_after"] = evaluate_policy(engine, env, eval_samples, tokenizer, eval_params)
     if eval_samples:
@@ -515,6 +580,51 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     summary.update(reward_window_stats(out / "metrics.jsonl"))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+# ============================================================================================ front-end glue
+def run_mode(args) -> str:
+    """The run-directory mode (:mod:`~openrlhf_search.trainer.rundir`) of the CLI flags."""
+    if getattr(args, "resume", False):
+        return "resume"
+    if getattr(args, "resume_or_start", False):
+        return "resume_or_start"
+    return "overwrite" if getattr(args, "overwrite", False) else "fresh"
+
+
+def train_or_exit_code(cfg: TrainConfig, mode: str, prog: str):
+    """:func:`train`, or the exit code of a failure that is the input's or the cluster's, not a bug (one line on
+    stderr; see :mod:`~openrlhf_search.trainer.preemption` for the codes)."""
+    import sys
+
+    from openrlhf_search.data.formats import DatasetFormatError
+    from openrlhf_search.trainer.checkpoint import CheckpointError
+    from openrlhf_search.trainer.preemption import (
+        EXIT_DIVERGED,
+        EXIT_PREEMPTED,
+        EXIT_RETRIEVER,
+        EXIT_USAGE,
+        Diverged,
+        Preempted,
+    )
+    from openrlhf_search.trainer.rundir import RunDirError
+
+    try:
+        return train(cfg, mode=mode)
+    except Preempted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    except (RunDirError, DatasetFormatError, CheckpointError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Diverged as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except Exception as exc:  # a retriever that is down fails the run with one clear line, not a traceback
+        if isinstance(exc, RetrieverDownError) or _is_retrieval_failure(exc):
+            print(f"{prog}: retriever {cfg.retriever.spec or '(built-in BM25)'} failed: {exc}", file=sys.stderr)
+            return EXIT_RETRIEVER
+        raise
 
 
 # ============================================================================================ loop pieces

@@ -3,7 +3,7 @@
 ``metrics.jsonl`` holds one JSON object per RL step (``step``, ``reward_mean``, the loss diagnostics, turns and
 searches per trajectory, response length, and the wall-time split ``time/generation``, ``time/retrieval``,
 ``time/update``, ``time/other``). On resume the file is truncated back to the checkpoint's step, so it never holds a
-step twice.
+step twice; a torn last line (a crash or a full disk mid-write) is dropped with a message instead of failing.
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ class MetricsLogger:
         if resume_step is None:
             self.path.write_text("", encoding="utf-8")
         elif self.path.exists():
-            kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            rows, torn = _parse_lines(self.path)
+            if torn:
+                print(f"[openrlhf-search] {self.path}: dropped {len(torn)} unreadable line(s) (line "
+                      f"{', '.join(str(n) for n in torn)}; a write torn by a crash or a full disk)", flush=True)
+            kept = [json.dumps(r) for r in rows if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
         self._fh = open(self.path, "a", encoding="utf-8")
         self.tb = None
@@ -80,9 +83,29 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def _parse_lines(path: Path) -> tuple[list[dict], list[int]]:
+    """``(rows, numbers of the lines that do not parse)``: a torn last line (disk full or a kill mid-write) is
+    tolerated, so is anything that is not a JSON object."""
+    rows, bad = [], []
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for n, ln in enumerate(text.splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except ValueError:
+            bad.append(n)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(n)
+    return rows, bad
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    """All rows of a ``metrics.jsonl``."""
-    return [json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    """All readable rows of a ``metrics.jsonl`` (unreadable lines, e.g. a torn last one, are skipped)."""
+    return _parse_lines(Path(path))[0]
 
 
 def plot_reward_curve(metrics_path: str | Path, png_path: str | Path, keys=("reward_mean",), title: str = "") -> Path:
