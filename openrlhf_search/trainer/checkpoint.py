@@ -6,6 +6,7 @@ Layout under ``<output_dir>/checkpoints/``::
                             checkpoint that ``from_pretrained``, vLLM and ``openrlhf-search eval`` load as is)
                 trainer_state.pt   optimizer, LR scheduler, RNG states (python, numpy, torch, sampler), data position
                 meta.json          step and anything small the trainer wants to read without torch
+                run_config.yaml    the run's config (``openrlhf-search eval`` rebuilds the run's environment from it)
     latest                  a one-line file naming the newest complete checkpoint directory
 
 Integrity: the weights are checked before every write (a model with a NaN or inf parameter is never saved:
@@ -72,7 +73,7 @@ def restore_rng_state(state: dict, extra_generator=None) -> None:
 
 
 def save_checkpoint(ckpt_root: str | Path, step: int, model, tokenizer, trainer_state: dict[str, Any],
-                    keep: int = 2) -> Path:
+                    keep: int = 2, extra_files: dict[str, str] | None = None) -> Path:
     """Write ``step_{step:06d}`` atomically and point ``latest`` at it; keep the ``keep`` newest step dirs.
 
     Args:
@@ -82,6 +83,8 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, tokenizer, trainer_
         tokenizer: saved alongside so the directory is self-contained.
         trainer_state: picklable dict (optimizer/scheduler ``state_dict``, RNG, data position, ...).
         keep: number of ``step_*`` directories kept (0 = keep all).
+        extra_files: small text files written into the checkpoint (the trainer adds ``run_config.yaml``, which
+            ``openrlhf-search eval`` reads to rebuild the run's environment).
 
     Returns:
         The final checkpoint directory.
@@ -105,6 +108,8 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, tokenizer, trainer_
         tokenizer.save_pretrained(str(tmp))
     torch.save(trainer_state, tmp / "trainer_state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step}), encoding="utf-8")
+    for fname, text in (extra_files or {}).items():
+        (tmp / fname).write_text(text, encoding="utf-8")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

@@ -4,6 +4,11 @@ Used by ``openrlhf-search eval`` and by the trainer (held-out score before and a
 same engine, environment and runner as training (greedy by default), so an evaluated policy behaves exactly as it
 did in training.
 
+Given a checkpoint of the local trainer, ``eval`` rebuilds the environment the run trained in from the run's
+saved config (:func:`eval_settings`: template, budgets, passages per query, held-out sampling), loads the run's own
+tokenizer (:func:`~openrlhf_search.trainer.models.load_tokenizer`) and checks the retriever before the first
+question, so it reproduces the trainer's own held-out figures on the same weights.
+
 Dataset names of the Search-R1 protocol are resolved in ``--data-dir`` (FlashRAG layout):
 ``<dir>/<name>/test.jsonl``, else ``<name>/dev.jsonl``, ``<name>/train.jsonl``, ``<dir>/<name>.jsonl`` or
 ``<dir>/<name>.parquet``. Anything else is treated as a file path.
@@ -41,6 +46,60 @@ def resolve_dataset(name_or_path: str, data_dir: str | Path | None) -> Path:
     if name_or_path in SEARCH_R1_DATASETS and data_dir is None:
         hint = f" ({name_or_path!r} is a Search-R1 dataset name: pass --data-dir with the FlashRAG files)"
     raise FileNotFoundError(f"dataset {name_or_path!r} not found{hint}; tried: {', '.join(tried)}")
+
+
+EVAL_SETTINGS = {
+    # setting: (section, key in the run's config.yaml, default without a run config)
+    "template": ("env", "template", "search_r1"),
+    "max_turns": ("env", "max_turns", 4),
+    "max_tokens_per_turn": ("env", "max_tokens_per_turn", 500),
+    "max_obs_tokens": ("env", "max_obs_tokens", 500),
+    "max_response_tokens": ("env", "max_response_tokens", None),
+    "topk": ("retriever", "topk", 3),
+    "temperature": ("rollout", "eval_temperature", 0.0),
+    "top_p": ("rollout", "top_p", 1.0),
+    "seed": (None, "seed", 0),
+}
+"""What ``openrlhf-search eval`` takes from the run's saved config: the environment the policy was trained in
+(template, turn/observation/response budgets, passages per query) and the trainer's held-out sampling."""
+
+RUN_CONFIG_NAMES = ("run_config.yaml", "../../config.yaml")
+"""Where a checkpoint's run config is looked up, relative to the checkpoint directory: the copy inside the
+checkpoint (written by the trainer), then the run directory's ``config.yaml`` (``<run>/checkpoints/step_N``)."""
+
+
+def find_run_config(model_dir: str | Path) -> Path | None:
+    """The saved config of the run that wrote the checkpoint ``model_dir``, or ``None`` (not a trainer
+    checkpoint: a hub model, ``smollm2``)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        return None
+    for name in RUN_CONFIG_NAMES:
+        cand = (d / name).resolve()
+        if cand.is_file():
+            return cand
+    return None
+
+
+def eval_settings(run_config: str | Path | None, explicit: dict | None = None) -> tuple[dict, dict]:
+    """``(settings, origin)``: each of :data:`EVAL_SETTINGS` from ``explicit`` (flags that were given, not
+    ``None``), else the run config, else the default; ``origin`` says where each came from."""
+    import yaml
+
+    tree = {}
+    if run_config is not None:
+        tree = yaml.safe_load(Path(run_config).read_text(encoding="utf-8")) or {}
+    explicit = {k: v for k, v in (explicit or {}).items() if v is not None}
+    settings, origin = {}, {}
+    for name, (section, key, default) in EVAL_SETTINGS.items():
+        node = tree.get(section, {}) if section else tree
+        if name in explicit:
+            settings[name], origin[name] = explicit[name], "flag"
+        elif isinstance(node, dict) and key in node:
+            settings[name], origin[name] = node[key], "run config"
+        else:
+            settings[name], origin[name] = default, "default"
+    return settings, origin
 
 
 @dataclass

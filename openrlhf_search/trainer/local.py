@@ -319,15 +319,23 @@ def response_logprobs(model, batch: PackedBatch, rows, temperature: float):
 
 
 # ============================================================================================ evaluation
-def evaluate_policy(engine, env, samples, tokenizer, params) -> dict[str, float]:
-    """Single (greedy by default) rollouts over ``samples``: EM, subEM, F1 of the final answer, turns, searches."""
+def evaluate_policy(engine, env, samples, tokenizer, params, rollouts_path: Path | None = None) -> dict[str, float]:
+    """Single (greedy by default) rollouts over ``samples``: EM, subEM, F1 of the final answer, turns, searches.
+
+    ``rollouts_path``: also write the trajectories there (the rows ``openrlhf-search eval`` writes).
+    """
     from openrlhf_search.rollout.runner import run_rollouts
     from openrlhf_search.trainer.evaluate import score_rollouts
 
     del tokenizer
     if not samples:
         return {}
-    return score_rollouts(run_rollouts(engine, env, samples, 1, params))
+    trajs = run_rollouts(engine, env, samples, 1, params)
+    if rollouts_path is not None:
+        with open(rollouts_path, "w", encoding="utf-8") as fh:
+            for t in trajs:
+                fh.write(json.dumps(t.to_dict(), default=str) + "\n")
+    return score_rollouts(trajs)
 
 
 # ============================================================================================ the loop
@@ -437,6 +445,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     samples_dir.mkdir(exist_ok=True)
 
     saves = {"t": time.perf_counter()}
+    run_config_text = (out / "config.yaml").read_text(encoding="utf-8")
     if resume_dir is not None:
         guard.saved = (resume_dir, start_step)
 
@@ -447,7 +456,8 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
         snapshot = snapshot or {"data": stream.state_dict(),
                                 "rng": capture_rng_state(getattr(engine, "generator", None))}
         state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **snapshot}
-        path = save_checkpoint(out / "checkpoints", step, policy, tokenizer, state, keep=cfg.logging.keep_checkpoints)
+        path = save_checkpoint(out / "checkpoints", step, policy, tokenizer, state, keep=cfg.logging.keep_checkpoints,
+                               extra_files={"run_config.yaml": run_config_text})
         guard.saved, saves["t"] = (path, step), time.perf_counter()
         return path
 
@@ -567,7 +577,8 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     if guard.requested:
         raise Preempted(guard.requested, final_dir, step)
     summary["checkpoint"] = str(final_dir)
-    summary["eval_after"] = evaluate_policy(engine, env, eval_samples, tokenizer, eval_params)
+    summary["eval_after"] = evaluate_policy(engine, env, eval_samples, tokenizer, eval_params,
+                                            rollouts_path=out / "eval_after_rollouts.jsonl")
     if eval_samples:
         from openrlhf_search.rollout.runner import run_rollouts
 
