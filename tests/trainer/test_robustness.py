@@ -318,3 +318,28 @@ def test_nan_guard_helper():
     mon.update(3, True, None)
     with pytest.raises(Exception, match="diverged"):
         mon.update(4, True, "ck")
+
+
+def test_slurm_script_forwards_sigterm_and_requeues(tmp_path):
+    """examples/scripts/local/slurm_local_train.sbatch: SIGTERM to the batch shell reaches the trainer, whose exit 75
+    makes the script requeue the job (a fake trainer and a fake scontrol stand in for the real ones)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "openrlhf-search").write_text(
+        "#!/bin/bash\necho \"$@\" > \"$LOG.args\"\ntrap 'echo got-term >> \"$LOG\"; exit 75' TERM\n"
+        "touch \"$LOG.ready\"\nfor _ in $(seq 600); do sleep 0.1; done\n")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho \"scontrol $*\" >> \"$LOG\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    log = tmp_path / "log"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LOG=str(log), SLURM_JOB_ID="123")
+    script = REPO / "examples" / "scripts" / "local" / "slurm_local_train.sbatch"
+    proc = subprocess.Popen(["bash", str(script), "cfg.yaml", "steps=5"], env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while not Path(f"{log}.ready").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 75, out
+    assert Path(f"{log}.args").read_text().split() == ["train", "--config", "cfg.yaml", "steps=5", "--resume-or-start"]
+    assert log.read_text().splitlines() == ["got-term", "scontrol requeue 123"]
