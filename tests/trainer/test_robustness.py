@@ -343,3 +343,10 @@ def test_slurm_script_forwards_sigterm_and_requeues(tmp_path):
     assert proc.returncode == 75, out
     assert Path(f"{log}.args").read_text().split() == ["train", "--config", "cfg.yaml", "steps=5", "--resume-or-start"]
     assert log.read_text().splitlines() == ["got-term", "scontrol requeue 123"]
+
+
+def test_quickstart_into_an_existing_run_is_refused(reference_run):
+    """Reproduced by: running `openrlhf-search quickstart` twice (the second run replaced the first one's outputs)."""
+    res = _cli("quickstart", "--output-dir", str(reference_run), timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "is not empty" in res.stderr and "--overwrite" in res.stderr and "Traceback" not in res.stderr
