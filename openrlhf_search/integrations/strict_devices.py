@@ -392,12 +392,19 @@ def _install_dist() -> None:
         if hasattr(dist, name):
             _DIST.saved[name] = getattr(dist, name)
             setattr(dist, name, _wrap_collective(name, getattr(dist, name)))
+    from torch.distributed import distributed_c10d
+
+    if hasattr(distributed_c10d, "_check_op"):  # P2POp accepts only the original isend/irecv: unwrap ours
+        original_check = distributed_c10d._check_op
+        _DIST.saved["c10d._check_op"] = original_check
+        distributed_c10d._check_op = lambda op: original_check(getattr(op, "__wrapped__", op))
     original_p2p = dist.batch_isend_irecv
     _DIST.saved["batch_isend_irecv"] = original_p2p
 
     def batch_isend_irecv(p2p_op_list):
         for op in p2p_op_list:
             _check_collective("batch_isend_irecv", [op.tensor], op.group)
+            op.op = getattr(op.op, "__wrapped__", op.op)  # c10d tells isend from irecv by identity
         return original_p2p(p2p_op_list)
 
     dist.batch_isend_irecv = batch_isend_irecv
@@ -424,9 +431,13 @@ def _install_dist() -> None:
 
 def _uninstall_dist() -> None:
     import torch.distributed as dist
+    from torch.distributed import distributed_c10d
 
     for name, value in _DIST.saved.items():
-        setattr(dist, name, value)
+        if name.startswith("c10d."):
+            setattr(distributed_c10d, name[5:], value)
+        else:
+            setattr(dist, name, value)
     _DIST.saved.clear()
 
 
