@@ -158,12 +158,14 @@ class MegatronActorCore:
     ) -> torch.Tensor:
         """Action log-probs ``[B, A]`` (float32, CPU), zero where ``action_mask`` is 0."""
         from openrlhf_search.integrations.megatron.engine import compute_logprobs
+        from openrlhf_search.integrations.megatron.model import model_device
 
+        device = model_device(self.model)  # the GPU: OpenRLHF hands over CPU tensors (Ray)
         logp, _ = compute_logprobs(
-            self.model, sequences.long().cpu(), attention_mask.long().cpu(), self.settings.temperature
+            self.model, sequences.long().to(device), attention_mask.long().to(device), self.settings.temperature
         )
         a = action_mask.shape[1]
-        return (logp[:, -a:] * action_mask.float().cpu()).cpu()
+        return (logp[:, -a:] * action_mask.to(device).float()).cpu()
 
     def append(self, experience: Any) -> None:
         """Queue one experience batch for the next :meth:`fit`."""
@@ -241,11 +243,11 @@ class MegatronActorCore:
         ``dtype`` casts every tensor first (vLLM's model dtype, e.g. bf16 engines fed by an fp32 trainer).
         Returns the :class:`.weight_sync.SyncStats` (time logged on rank 0).
         """
-        from openrlhf_search.integrations.megatron.model import iter_hf_weights
+        from openrlhf_search.integrations.megatron.model import iter_hf_weights, model_device
         from openrlhf_search.integrations.megatron.weight_sync import send_buckets
 
         bucket_bytes = int(self.cfg.weight_sync_bucket_mb * 2**20)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or model_device(self.model)  # the GPU (NCCL); the gathered weights are already there
         weights = iter_hf_weights(self.model)
         if dtype is not None:
             weights = ((name, t.to(dtype)) for name, t in weights)
@@ -286,6 +288,10 @@ def openrlhf_actor_classes(backend: BackendConfig | None = None) -> tuple[type, 
             self.vllm_engines = vllm_engines
             self.core = MegatronActorCore(pretrain, cfg, ActorSettings(**{**vars(settings), "role": self.role}))
             self._model_update_group = None
+            if self.role == "policy" and vllm_engines:
+                from openrlhf_search.integrations.megatron.vllm_sync import check_sync_layout
+
+                check_sync_layout(bool(getattr(getattr(strategy.args, "train", None), "colocate_all", False)))
             if self.role == "policy" and vllm_engines and torch.distributed.get_rank() == 0:
                 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
 

@@ -16,6 +16,11 @@ give the same numbers as a single process. The touchpoints (see ``docs/megatron.
   answered with the CUDA spelling when the caller is megatron code;
 * ``current_device``/``set_device``/``synchronize``/memory statistics, streams and events: no-op fakes.
 
+With ``OPENRLHF_SEARCH_STRICT_DEVICES=1`` the redirecting mode is the strict device proxy
+(``integrations/strict_devices.py``): CUDA placements still get CPU storage, but each tensor keeps its logical
+device, mixing devices raises as on a GPU, CPU tensors on NCCL-like groups raise, and
+``torch.cuda.current_device()`` is this process's fake GPU index instead of 0.
+
 The shim is applied only when CUDA is absent **and** ``OPENRLHF_SEARCH_MEGATRON_CPU_SHIM=1`` (or when
 :func:`apply_cpu_shim` is called explicitly), and it refuses megatron-core versions it was not checked on
 (override with ``OPENRLHF_SEARCH_MEGATRON_CPU_SHIM_ANY_VERSION=1``). A megatron-core upgrade that adds a new
@@ -364,6 +369,8 @@ def apply_cpu_shim(*, allow_cuda: bool = False) -> ShimState:
     global _STATE
     import torch
 
+    from openrlhf_search.integrations import strict_devices
+
     if _STATE is not None:
         return _STATE
     if torch.cuda.is_available() and not allow_cuda:
@@ -389,9 +396,16 @@ def apply_cpu_shim(*, allow_cuda: bool = False) -> ShimState:
     }
     original_type = torch.Tensor.type
 
+    strict = strict_devices.enabled()
+
     def tensor_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not args and not kwargs and self.device.type == "cpu" and _called_from_megatron():
-            return cuda_type_names.get(self.dtype, original_type(self))
+        if not args and not kwargs and _called_from_megatron():
+            if strict and strict_devices.logical_device(self) == strict_devices.CPU:
+                return original_type(self)  # a logical-CPU tensor answers like a CPU tensor on a GPU machine
+            with torch._C.DisableTorchFunction():
+                on_cpu = self.device.type == "cpu"
+            if on_cpu:
+                return cuda_type_names.get(self.dtype, original_type(self))
         return original_type(self, *args, **kwargs)
 
     _patch(torch.Tensor, "type", tensor_type)
@@ -404,8 +418,13 @@ def apply_cpu_shim(*, allow_cuda: bool = False) -> ShimState:
         lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
     )
 
-    mode = _make_redirect_mode()
-    mode.__enter__()
+    if strict:
+        # logical devices instead of erasing them: the strict mode redirects CUDA storage to the CPU as well
+        mode = strict_devices.install()
+        _patch(torch.cuda, "current_device", strict_devices.fake_gpu_index)
+    else:
+        mode = _make_redirect_mode()
+        mode.__enter__()
     _STATE.mode = mode
     _wrap_megatron_autograd_functions(mode)
     return _STATE
@@ -414,8 +433,12 @@ def apply_cpu_shim(*, allow_cuda: bool = False) -> ShimState:
 def remove_cpu_shim() -> None:
     """Undo :func:`apply_cpu_shim` (restore patched attributes, leave the redirect mode)."""
     global _STATE
+    from openrlhf_search.integrations import strict_devices
+
     if _STATE is None:
         return
+    if _STATE.mode is strict_devices.global_mode():  # the process-wide strict mode stays (it is the process's)
+        _STATE.mode = None
     for (owner, name), value in reversed(list(_STATE.saved.items())):
         setattr(owner, name, value)
     if _STATE.mode is not None:
@@ -502,7 +525,10 @@ class CudaTouchRecorder:
         class _RecordingMode(TorchFunctionMode):
             def __torch_function__(self, func, types_, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
-                if isinstance(out, torch.Tensor) and out.device.type != "cpu":
+                if isinstance(out, torch.Tensor):
+                    with torch._C.DisableTorchFunction():  # the real device (the strict proxy reports logical ones)
+                        real = out.device.type
+                if isinstance(out, torch.Tensor) and real != "cpu":
                     frame = sys._getframe(1)
                     name = getattr(func, "__name__", str(func))
                     recorder.touches.append(

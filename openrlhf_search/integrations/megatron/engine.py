@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from openrlhf_search.integrations.megatron.logprobs import next_token_logprobs_entropy
-from openrlhf_search.integrations.megatron.model import MegatronModel
+from openrlhf_search.integrations.megatron.model import MegatronModel, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +139,9 @@ def _prepare(model: MegatronModel, batch: dict[str, torch.Tensor | None]) -> tup
     return split_micro_batches(padded, model.cfg.micro_batch_size), s
 
 
-def _broadcast_from_last_stage(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
-    """Send a tensor that exists on the last pipeline stage to every stage of this PP group."""
+def _broadcast_from_last_stage(t: torch.Tensor | None, shape: tuple[int, ...], device: Any) -> torch.Tensor:
+    """Send a tensor that exists on the last pipeline stage to every stage of this PP group (NCCL: on ``device``,
+    the GPU)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
@@ -148,7 +149,7 @@ def _broadcast_from_last_stage(t: torch.Tensor | None, shape: tuple[int, ...]) -
         assert t is not None
         return t
     if t is None:
-        t = torch.empty(shape, dtype=torch.float32)
+        t = torch.empty(shape, dtype=torch.float32, device=device)
     dist.broadcast(t, src=mpu.get_pipeline_model_parallel_last_rank(), group=mpu.get_pipeline_model_parallel_group())
     return t
 
@@ -157,14 +158,17 @@ def _broadcast_from_last_stage(t: torch.Tensor | None, shape: tuple[int, ...]) -
 def compute_logprobs(
     model: MegatronModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token log-probs and entropies ``[B, S-1]`` (float32) on every rank of the model-parallel group.
+    """Next-token log-probs and entropies ``[B, S-1]`` (float32, on the model's device) on every rank of the
+    model-parallel group. The inputs may be on any device (they are moved to the model's).
 
     Positions whose target token is padding hold meaningless values; mask them with
     ``attention_mask[:, 1:]`` (or the action mask).
     """
     for chunk in model.chunks:
         chunk.eval()
-    micro_batches, s = _prepare(model, {"input_ids": input_ids, "attention_mask": attention_mask})
+    device = model_device(model)
+    batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    micro_batches, s = _prepare(model, batch)
 
     def loss_from_logits(logits, mb):
         logp, ent = next_token_logprobs_entropy(logits, mb["input_ids"], temperature)
@@ -178,7 +182,7 @@ def compute_logprobs(
         logp = torch.cat([o["log_probs"] for o in outputs])
         ent = torch.cat([o["entropy"] for o in outputs])
         stacked = torch.stack([logp, ent]).float().contiguous()
-    stacked = _broadcast_from_last_stage(stacked, shape)
+    stacked = _broadcast_from_last_stage(stacked, shape, device)
     return stacked[0, :, : s - 1], stacked[1, :, : s - 1]
 
 
@@ -239,7 +243,8 @@ def train_step(
     for key in ("old_log_probs", "advantages", "action_mask"):
         if batch.get(key) is None:
             raise ValueError(f"megatron.train_step: batch is missing {key!r}")
-    batch = dict(batch)
+    device = model_device(model)
+    batch = {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
     if batch["advantages"].dim() == 1:
         batch["advantages"] = batch["advantages"][:, None].expand_as(batch["old_log_probs"]).contiguous()
     # per-token tensors are [B, S-1]; pad them to [B, S] so they split/pad like input_ids.
@@ -270,7 +275,7 @@ def train_step(
             if torch.is_tensor(v) and v.numel() == 1:
                 reported[k] = v.detach().float().reshape(())
             elif isinstance(v, (int, float)):
-                reported[k] = torch.tensor(float(v))
+                reported[k] = torch.tensor(float(v), device=device)
         return loss, reported
 
     outputs = _run_schedule(model, micro_batches, loss_from_logits, forward_only=False)
@@ -281,7 +286,7 @@ def train_step(
     vec = None
     if outputs:
         vec = torch.stack([torch.stack([o[k].float() for k in keys]) for o in outputs]).mean(0)
-    vec = _broadcast_from_last_stage(vec, (len(keys),))
+    vec = _broadcast_from_last_stage(vec, (len(keys),), device)
     dist.all_reduce(vec, group=mpu.get_data_parallel_group())
     vec /= mpu.get_data_parallel_world_size()
     values = dict(zip(keys, vec.tolist(), strict=True))

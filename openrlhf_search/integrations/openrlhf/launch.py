@@ -363,6 +363,9 @@ def resolve_backend(config: Any, orl: OpenRLHFConfig, backend: Any) -> tuple[Any
     if alg.kl_coef > 0 and (orl.ref_num_nodes * orl.ref_num_gpus_per_node) % dup:
         raise ValueError(f"megatron.parallel: TP x PP x CP = {dup} does not divide the reference model's "
                          "openrlhf.ref_num_nodes x ref_num_gpus_per_node")  # fmt: skip
+    from openrlhf_search.integrations.megatron.vllm_sync import check_sync_layout
+
+    check_sync_layout(orl.colocate_all)  # NCCL refuses the colocated weight-sync group (GPU-only defect)
     if dup > 1 and orl.param_dtype != "bf16":
         raise ValueError("backend: megatron with TP x PP x CP > 1 needs openrlhf.param_dtype=bf16 (OpenRLHF's "
                          "DeepSpeed strategy asserts it whenever --ds.tensor_parallel_size > 1; Megatron's own "

@@ -128,7 +128,7 @@ def main() -> int:
             recorder = CudaTouchRecorder() if index == 0 else None
             if recorder is not None:
                 recorder.__enter__()
-            logp, ent = engine.compute_logprobs(model, ids, mask)
+            logp, ent = (t.cpu() for t in engine.compute_logprobs(model, ids, mask))  # on the model's (GPU) device
             res["logprob_max_abs_diff"] = float((logp - ref_logp)[valid].abs().max())
             res["entropy_max_abs_diff"] = float((ent - ref_ent)[valid].abs().max())
             res["logprob_valid_count"] = int(valid.sum())
@@ -155,7 +155,7 @@ def main() -> int:
             if recorder is not None:
                 recorder.__exit__(None, None, None)
                 res["unhandled_cuda"] = recorder.report()
-                res["redirects"] = state.redirects
+                res["redirects"] = state.redirects + getattr(state.mode, "redirects", 0)  # strict mode counts its own
                 # the recorder must flag a torch.cuda call it does not know, made from megatron code
                 probe = CudaTouchRecorder()
                 with probe:
@@ -165,7 +165,7 @@ def main() -> int:
             res["loss"] = step.loss
             res["grad_norm"] = step.grad_norm
             res["update_successful"] = step.update_successful
-            logp_after, _ = engine.compute_logprobs(model, ids, mask)
+            logp_after = engine.compute_logprobs(model, ids, mask)[0].cpu()
             res["logprob_change_after_step"] = float((logp_after - logp)[valid].abs().max())
             res["logprobs_after_step"] = logp_after[valid].tolist()
 
@@ -175,7 +175,7 @@ def main() -> int:
             fresh = mmodel.build_model(path, cfg, wrap_for_training=False)
             gathered = {}
             for hf_name, tensor in mmodel.iter_hf_weights(fresh):
-                gathered[hf_name] = tensor.detach().clone()
+                gathered[hf_name] = tensor.detach().cpu().clone()
             if getattr(hf_cfg, "tie_word_embeddings", False):
                 gathered.pop("lm_head.weight", None)
             res["gathered_names_equal"] = sorted(gathered) == sorted(original)

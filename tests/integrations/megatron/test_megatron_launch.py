@@ -33,7 +33,7 @@ def _flag(cmd: list[str], name: str) -> str:
 
 
 def test_megatron_backend_plan():
-    orl = OpenRLHFConfig(actor_num_gpus_per_node=8, cpu_shim=True, micro_train_batch_size=2)
+    orl = OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=8, cpu_shim=True, micro_train_batch_size=2)
     plan = launch.build_plan(make_config("algorithm.name=sapo"), orl, MEGATRON_TP2)
     bc = plan.backend_config
     assert _flag(plan.command, "--ds.tensor_parallel_size") == "2"  # OpenRLHF's duplicate factor = TP x PP x CP
@@ -50,7 +50,7 @@ def test_megatron_backend_plan():
 
 def test_megatron_explicit_fields_win_and_extra_args_last():
     backend = {**MEGATRON_TP2, "megatron": {**MEGATRON_TP2["megatron"], "lr": 1e-5, "micro_batch_size": 1}}
-    orl = OpenRLHFConfig(actor_num_gpus_per_node=2, extra_args=["--vllm.enforce_eager"])
+    orl = OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2, extra_args=["--vllm.enforce_eager"])
     plan = launch.build_plan(make_config(), orl, backend)
     megatron = plan.backend_config.megatron
     assert megatron.lr == pytest.approx(1e-5) and megatron.micro_batch_size == 1
@@ -58,7 +58,7 @@ def test_megatron_explicit_fields_win_and_extra_args_last():
 
 
 def test_kl_goes_into_the_megatron_loss():
-    orl = OpenRLHFConfig(actor_num_gpus_per_node=2, ref_num_gpus_per_node=2)
+    orl = OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2, ref_num_gpus_per_node=2)
     plan = launch.build_plan(make_config("algorithm.name=grpo", "algorithm.kl_coef=0.01"), orl, MEGATRON_TP2)
     assert plan.backend_config.actor.loss_config["kl_coef"] == pytest.approx(0.01)
     assert "--ref.num_gpus_per_node" in plan.command  # OpenRLHF creates the (Megatron) reference group
@@ -79,10 +79,13 @@ def test_deepspeed_backend_unchanged():
         ({**MEGATRON_TP2, "megatron": {**MEGATRON_TP2["megatron"], "micro_batch_size": 3}}, {}, "micro_batch_size=3"),
         ({"backend": "fsdp"}, {}, "backend='fsdp'"),
         ({**MEGATRON_TP2, "megatorn": {}}, {}, "unknown key"),
+        # NCCL refuses the weight-sync group of colocated ranks (two ranks on one GPU); no CUDA IPC path here
+        (MEGATRON_TP2, {"colocate_all": True}, "does not support openrlhf.colocate_all=true"),
     ],
 )
 def test_bad_megatron_configs_are_named(backend, orl, message):
     with pytest.raises(ValueError, match=message):
+        orl = {"colocate_all": False, **orl}
         launch.build_plan(make_config(), OpenRLHFConfig(actor_num_gpus_per_node=8, **orl), backend)
 
 
@@ -90,7 +93,8 @@ def test_backend_keys_from_yaml_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(
         "model: {path: /models/qwen}\nretriever: {spec: /idx}\nbackend: megatron\n"
-        "megatron: {parallel: {tensor_model_parallel_size: 4}}\nopenrlhf: {actor_num_gpus_per_node: 8}\n"
+        "megatron: {parallel: {tensor_model_parallel_size: 4}}\n"
+        "openrlhf: {actor_num_gpus_per_node: 8, colocate_all: false}\n"
     )
     overrides = ["megatron.parallel.pipeline_model_parallel_size=2", "rollout.group_size=4"]
     cfg, orl = launch.load_configs(str(path), overrides)  # the backend keys do not reach the trainer's loader
@@ -104,7 +108,7 @@ def test_backend_keys_from_yaml_and_overrides(tmp_path):
 
 def test_backend_file_written(tmp_path, monkeypatch):
     cfg = make_config(f"logging.output_dir={tmp_path}", "algorithm.name=grpo")
-    plan = launch.build_plan(cfg, OpenRLHFConfig(actor_num_gpus_per_node=2), MEGATRON_TP2)
+    plan = launch.build_plan(cfg, OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2), MEGATRON_TP2)
     monkeypatch.setattr(launch, "write_prompt_dataset", lambda *a, **k: None)
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
     launch.materialize(plan, cfg)

