@@ -218,6 +218,9 @@ class LoggingConfig:
     """Held-out evaluation every N steps (0 = only before and after training)."""
     sample_every: int = 10
     """Write a readable sample trajectory every N steps."""
+    rollout_every: int = 10
+    """Write every trajectory of the step (tokens, masks, advantages, ratios) to ``rollouts/step_N.jsonl`` every N
+    steps, and on the first step (0 = never); ``openrlhf-search view RUN_DIR`` renders them."""
     tensorboard: bool = True
     """Write TensorBoard event files under ``<output_dir>/tb``."""
     wandb_project: str = ""
