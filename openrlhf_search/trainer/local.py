@@ -303,6 +303,9 @@ def response_logprobs(model, batch: PackedBatch, rows, temperature: float):
 
     from openrlhf_search.algorithms.logprobs import sampled_token_logprobs
 
+    from openrlhf_search.trainer.lora import base_model
+
+    model = base_model(model)  # a LoRA policy: the transformers model inside peft's wrapper (adapters injected)
     ids, attn, index = batch.input_ids[rows], batch.attention_mask[rows], batch.response_index[rows]
     width = int(attn.sum(-1).max().item())
     ids, attn = ids[:, :width], attn[:, :width]
@@ -316,6 +319,22 @@ def response_logprobs(model, batch: PackedBatch, rows, temperature: float):
     bias = getattr(model.get_output_embeddings(), "bias", None)
     lp = sampled_token_logprobs(h, weight, targets, bias=bias, temperature=temperature if temperature > 0 else 1.0)
     return lp.float() if lp.dtype != torch.float32 else lp
+
+
+def setup_lora(cfg: TrainConfig, policy, out: Path, resume_dir: Path | None):
+    """Wrap ``policy`` with LoRA (:mod:`.lora`): a fresh run freezes and saves its base once; a resumed run restores
+    the saved base and the checkpoint's adapter, so it continues from exactly the weights it stopped with."""
+    from openrlhf_search.trainer import lora
+
+    m = cfg.model
+    if resume_dir is None:
+        lora.save_base(policy, out)
+    else:
+        lora.load_base(policy, out)
+    policy = lora.apply_lora(policy, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+    if resume_dir is not None:
+        lora.load_adapter(policy, resume_dir / lora.ADAPTER_DIR)
+    return policy
 
 
 # ============================================================================================ evaluation
@@ -371,6 +390,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     from openrlhf_search.trainer.logging import MetricsLogger, Progress, plot_reward_curve, render_trajectory
     from openrlhf_search.trainer.preemption import Preempted, SkipMonitor
     from openrlhf_search.trainer.rundir import prepare_run_dir
+    from openrlhf_search.trainer.lora import trainable_summary
 
     hf_logging.disable_progress_bar()
     t_setup = time.perf_counter()
@@ -407,6 +427,10 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
         (out / "eval_before.json").write_text(json.dumps(summary["eval_before"], indent=1))
     else:
         summary["eval_before"] = json.loads((out / "eval_before.json").read_text())
+    if cfg.model.lora_rank > 0:  # parameter-efficient RL: adapters on the (warm-started) policy
+        policy = setup_lora(cfg, policy, out, resume_dir)
+        engine.update_weights(policy)
+        summary["params"] = trainable_summary(policy)
 
     # ---- algorithm
     preset = get_algorithm(cfg.algorithm.name)
@@ -422,7 +446,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
 
     # ---- optimiser, schedule, data stream
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
                             weight_decay=cfg.optimizer.weight_decay)
     total_updates = max(1, cfg.steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optimizer.schedule, cfg.optimizer.warmup_steps,
