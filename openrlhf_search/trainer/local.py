@@ -302,7 +302,6 @@ def response_logprobs(model, batch: PackedBatch, rows, temperature: float):
     import torch
 
     from openrlhf_search.algorithms.logprobs import sampled_token_logprobs
-
     from openrlhf_search.trainer.lora import base_model
 
     model = base_model(model)  # a LoRA policy: the transformers model inside peft's wrapper (adapters injected)
@@ -446,7 +445,8 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
 
     # ---- optimiser, schedule, data stream
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapter only
+    opt = torch.optim.AdamW(trainable, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
                             weight_decay=cfg.optimizer.weight_decay)
     total_updates = max(1, cfg.steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optimizer.schedule, cfg.optimizer.warmup_steps,

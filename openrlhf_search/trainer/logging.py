@@ -167,9 +167,9 @@ class Progress:
     def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "RL"):
         self.bar = None
         if enabled:
-            from tqdm.auto import tqdm
-
             import sys
+
+            from tqdm.auto import tqdm
 
             # A terminal redraws in place; a log file (CI, Slurm) would get one line per redraw: redraw rarely there.
             tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
