@@ -6,7 +6,7 @@ trained (the base weights are frozen), so the optimiser state is a few MB even f
 Weights in the checkpoint and in the rollout engine (documented choice: **merged**):
 
 * every checkpoint holds the *merged* model (``W + scale * B A``) as an ordinary HF directory, so ``eval``, vLLM and
-  any other tool load it unchanged, plus the adapter alone in ``adapter/`` (peft's format; ``PeftModel.from_pretrained``
+  any other tool load it unchanged, plus the adapter alone in ``adapter/`` (peft format; ``PeftModel.from_pretrained``
   on the base reads it);
 * the frozen base is written once per run to ``<output_dir>/lora_base/`` (it never changes); ``--resume`` rebuilds
   ``base + adapter`` exactly from it and the checkpoint's ``adapter/``, so the resumed run continues bit for bit;
