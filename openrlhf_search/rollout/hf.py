@@ -27,6 +27,28 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def _cache_keyword(model) -> str:
+    """The forward keyword that takes the KV cache: ``cache`` in transformers >= 5.2x, ``past_key_values`` before.
+
+    transformers renamed it (``past_key_values`` now warns "deprecated ... use cache instead" on every call, which
+    flooded the training terminal once per decoding step); older releases (e.g. 5.17 on the GPU image) only know
+    ``past_key_values``. Reading the signature once keeps both working without a warning.
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(res):
+    """The KV cache of a forward output (``cache`` in new transformers, ``past_key_values`` in older ones)."""
+    cache = getattr(res, "cache", None)
+    return cache if cache is not None else res.past_key_values
+
+
 def sample_next(logits, params: SamplingParams, generator):
     """Sample one token per row.
 
@@ -135,7 +157,8 @@ class HFEngine:
         ids, attn = ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         res = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        cache, logits = res.past_key_values, res.logits[:, -1, :].float()
+        cache, logits = _output_cache(res), res.logits[:, -1, :].float()
+        cache_kw = _cache_keyword(self.model)
         next_pos = pos[:, -1] + 1
 
         tokens_out: list[list[int]] = [[] for _ in range(n)]
@@ -178,10 +201,10 @@ class HFEngine:
                 input_ids=tok[:, None],
                 attention_mask=attn,
                 position_ids=next_pos[:, None],
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_kw: cache},
             )
-            cache, logits = res.past_key_values, res.logits[:, -1, :].float()
+            cache, logits = _output_cache(res), res.logits[:, -1, :].float()
             next_pos = next_pos + 1
         return [Generation(tokens_out[i], logps_out[i], reasons[i], stops[i]) for i in range(n)]
 

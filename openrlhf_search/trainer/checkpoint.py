@@ -103,16 +103,23 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, tokenizer, trainer_
         shutil.rmtree(leftover, ignore_errors=True)
     name = f"step_{step:06d}"
     tmp = root / f".tmp_{name}_{os.getpid()}"
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    from openrlhf_search.trainer import lora
+
+    if lora.is_lora(model):  # the merged model (what eval and vLLM load) + the adapter alone
+        lora.save_merged(model, tmp)
+        lora.save_adapter(model, tmp / lora.ADAPTER_DIR)
+    else:
+        model.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     torch.save(trainer_state, tmp / "trainer_state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step}), encoding="utf-8")
     for fname, text in (extra_files or {}).items():
         (tmp / fname).write_text(text, encoding="utf-8")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     _fsync_dir(tmp)
     final = root / name
     if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)

@@ -44,6 +44,16 @@ class ModelConfig:
     ``bfloat16``."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the update's forward pass."""
+    lora_rank: int = 0
+    """LoRA rank (0 = train every weight). > 0 trains only adapter matrices (peft) after the warm start; checkpoints
+    hold the merged model plus ``adapter/`` (see ``openrlhf_search.trainer.lora``)."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (the adapter is scaled by ``lora_alpha / lora_rank``)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input (0 keeps rollout and training log-probs identical)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get adapters: ``all-linear`` (every linear layer but the output head) or module names
+    (``q_proj``, ``v_proj``...)."""
     seed: int = 0
     """Initialisation seed of the tiny model."""
 
@@ -218,6 +228,9 @@ class LoggingConfig:
     """Held-out evaluation every N steps (0 = only before and after training)."""
     sample_every: int = 10
     """Write a readable sample trajectory every N steps."""
+    rollout_every: int = 10
+    """Write every trajectory of the step (tokens, masks, advantages, ratios) to ``rollouts/step_N.jsonl`` every N
+    steps, and on the first step (0 = never); ``openrlhf-search view RUN_DIR`` renders them."""
     tensorboard: bool = True
     """Write TensorBoard event files under ``<output_dir>/tb``."""
     wandb_project: str = ""

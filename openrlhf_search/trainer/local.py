@@ -302,7 +302,9 @@ def response_logprobs(model, batch: PackedBatch, rows, temperature: float):
     import torch
 
     from openrlhf_search.algorithms.logprobs import sampled_token_logprobs
+    from openrlhf_search.trainer.lora import base_model
 
+    model = base_model(model)  # a LoRA policy: the transformers model inside peft's wrapper (adapters injected)
     ids, attn, index = batch.input_ids[rows], batch.attention_mask[rows], batch.response_index[rows]
     width = int(attn.sum(-1).max().item())
     ids, attn = ids[:, :width], attn[:, :width]
@@ -316,6 +318,22 @@ def response_logprobs(model, batch: PackedBatch, rows, temperature: float):
     bias = getattr(model.get_output_embeddings(), "bias", None)
     lp = sampled_token_logprobs(h, weight, targets, bias=bias, temperature=temperature if temperature > 0 else 1.0)
     return lp.float() if lp.dtype != torch.float32 else lp
+
+
+def setup_lora(cfg: TrainConfig, policy, out: Path, resume_dir: Path | None):
+    """Wrap ``policy`` with LoRA (:mod:`.lora`): a fresh run freezes and saves its base once; a resumed run restores
+    the saved base and the checkpoint's adapter, so it continues from exactly the weights it stopped with."""
+    from openrlhf_search.trainer import lora
+
+    m = cfg.model
+    if resume_dir is None:
+        lora.save_base(policy, out)
+    else:
+        lora.load_base(policy, out)
+    policy = lora.apply_lora(policy, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+    if resume_dir is not None:
+        lora.load_adapter(policy, resume_dir / lora.ADAPTER_DIR)
+    return policy
 
 
 # ============================================================================================ evaluation
@@ -371,6 +389,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     from openrlhf_search.trainer.logging import MetricsLogger, Progress, plot_reward_curve, render_trajectory
     from openrlhf_search.trainer.preemption import Preempted, SkipMonitor
     from openrlhf_search.trainer.rundir import prepare_run_dir
+    from openrlhf_search.trainer.lora import trainable_summary
 
     hf_logging.disable_progress_bar()
     t_setup = time.perf_counter()
@@ -407,6 +426,10 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
         (out / "eval_before.json").write_text(json.dumps(summary["eval_before"], indent=1))
     else:
         summary["eval_before"] = json.loads((out / "eval_before.json").read_text())
+    if cfg.model.lora_rank > 0:  # parameter-efficient RL: adapters on the (warm-started) policy
+        policy = setup_lora(cfg, policy, out, resume_dir)
+        engine.update_weights(policy)
+        summary["params"] = trainable_summary(policy)
 
     # ---- algorithm
     preset = get_algorithm(cfg.algorithm.name)
@@ -422,7 +445,8 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
 
     # ---- optimiser, schedule, data stream
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapter only
+    opt = torch.optim.AdamW(trainable, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
                             weight_decay=cfg.optimizer.weight_decay)
     total_updates = max(1, cfg.steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optimizer.schedule, cfg.optimizer.warmup_steps,
@@ -531,6 +555,8 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
             metrics.update(upd)
             skips.update(step, math.isnan(upd.get("update/grad_norm", float("nan"))),
                          str(guard.saved[0]) if guard.saved else None)
+            if cfg.logging.rollout_every and (step % cfg.logging.rollout_every == 0 or step == start_step + 1):
+                write_rollout_records(out, step, batch, packed, advantages, old_lp, policy, tokenizer, cfg)
         else:
             metrics["update/skipped_empty_batch"] = 1.0
         t_end = time.perf_counter()
@@ -702,6 +728,33 @@ def update_policy(policy, opt, sched, loss_fn, packed: PackedBatch, old_lp, ref_
     return out
 
 
+def write_rollout_records(out: Path, step: int, batch, packed: PackedBatch, advantages, old_lp, policy, tokenizer,
+                          cfg) -> Path:
+    """Every trajectory of the step as a viewer record (``rollouts/step_N.jsonl``; see :mod:`openrlhf_search.viewer`).
+
+    The ratio shown is ``pi_theta / pi_old`` after this step's update (one extra forward pass, only on logged steps):
+    the drift the next epoch, or the next step off-policy, would see; tokens below SAPO's threshold are marked.
+    """
+    import torch
+
+    from openrlhf_search.viewer.records import ROLLOUTS_DIR, trajectory_record, write_records
+
+    with torch.no_grad():
+        rows = torch.arange(len(batch.trajectories))
+        new_lp = torch.cat([response_logprobs(policy, packed, r, cfg.rollout.temperature) for r in rows.split(16)])
+    ratio = torch.exp((new_lp - old_lp).clamp(-20, 20)).cpu()
+    adv = advantages.detach().float().cpu()
+    if adv.dim() == 1:
+        adv = adv[:, None].expand(-1, ratio.size(1))
+    records = []
+    for i, t in enumerate(batch.trajectories):
+        n = len(t.response_ids)
+        records.append(trajectory_record(
+            t, tokenizer, step=step, reward=batch.rewards[i], reward_info=batch.reward_infos[i],
+            advantages=adv[i, :n].tolist(), ratios=ratio[i, :n].tolist()))
+    return write_records(out / ROLLOUTS_DIR / f"step_{step:06d}.jsonl", records)
+
+
 def trajectory_stats(trajs) -> dict[str, float]:
     """Turns, searches, response length (model tokens / all tokens), finish reasons."""
     n = len(trajs)
@@ -755,6 +808,7 @@ def warm_start(cfg: TrainConfig, policy, tokenizer, env, kb, retriever, worlds: 
     """
     from openrlhf_search.data.synthetic import synthetic_trajectories
     from openrlhf_search.env.templates import get_template
+    from openrlhf_search.trainer.logging import Progress
     from openrlhf_search.trainer.sft import copy_examples, run_sft, tokenize_demonstration
 
     if kb is None:
@@ -766,13 +820,10 @@ def warm_start(cfg: TrainConfig, policy, tokenizer, env, kb, retriever, worlds: 
                         if w[:1].isupper() or w[:1].isdigit()})
         copies = copy_examples(words, tokenizer, cfg.sft.copy_steps * cfg.sft.copy_batch_size, seed=cfg.seed)
 
-        def log_copy(step: int, loss: float) -> None:
-            if cfg.logging.progress and (step + 1) % 100 == 0:
-                print(f"[copy] step {step + 1}/{cfg.sft.copy_steps} loss {loss:.3f} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
-
+        bar = Progress(cfg.sft.copy_steps, enabled=cfg.logging.progress, desc="warm start: copy")
         closs = run_sft(policy, copies, cfg.sft.copy_steps, cfg.sft.copy_batch_size, cfg.sft.lr,
-                        tokenizer.pad_token_id, seed=cfg.seed, log=log_copy)
+                        tokenizer.pad_token_id, seed=cfg.seed, log=lambda step, loss: bar.update(loss=loss))
+        bar.close()
         result.update(copy_loss_first=closs[0], copy_loss_last=closs[-1],
                       copy_seconds=time.perf_counter() - t0)
     common = dict(mistake_rate=cfg.sft.mistake_rate, no_search_share=cfg.sft.no_search_share,
@@ -790,13 +841,10 @@ def warm_start(cfg: TrainConfig, policy, tokenizer, env, kb, retriever, worlds: 
                                        **common)
     prompts = env.reset([d.sample for d in demos])
     examples = [tokenize_demonstration(list(p.prompt_ids), d.segments, tokenizer) for p, d in zip(prompts, demos)]
-    def log(step: int, loss: float) -> None:
-        if cfg.logging.progress and (step + 1) % 20 == 0:
-            print(f"[sft] step {step + 1}/{cfg.sft.steps} loss {loss:.3f} ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
-
+    bar = Progress(cfg.sft.steps, enabled=cfg.logging.progress, desc="warm start: SFT")
     losses = run_sft(policy, examples, cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, tokenizer.pad_token_id,
-                     seed=cfg.seed, log=log)
+                     seed=cfg.seed, log=lambda step, loss: bar.update(loss=loss))
+    bar.close()
     result.update(steps=cfg.sft.steps, loss_first=losses[0] if losses else None,
                   loss_last=losses[-1] if losses else None,
                   demo_accuracy=sum(d.correct for d in demos) / len(demos), seconds=time.perf_counter() - t0)

@@ -167,13 +167,20 @@ class Progress:
     def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "RL"):
         self.bar = None
         if enabled:
+            import sys
+
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, unit="step")
+            # A terminal redraws in place; a log file (CI, Slurm) would get one line per redraw: redraw rarely there.
+            tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, unit="step",
+                            mininterval=0.5 if tty else 30.0)
 
     def update(self, **postfix) -> None:
         if self.bar is not None:
-            self.bar.set_postfix({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in postfix.items()})
+            # refresh=False: the postfix is drawn with the next (rate-limited) redraw, not on every step
+            self.bar.set_postfix({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                 refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:
