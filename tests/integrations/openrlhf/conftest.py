@@ -27,3 +27,42 @@ def assets(tmp_path_factory):
     cache = os.environ.get("OPENRLHF_SEARCH_E2E_CACHE")
     root = Path(cache) if cache else tmp_path_factory.mktemp("e2e_assets")
     return build_assets(root / "assets")
+
+
+OPTIN_STRICT_ENV = "OPENRLHF_SEARCH_OPTIN_STRICT"
+"""Set to 1 by ``scripts/test_openrlhf.sh``: inside the opt-in run a skipped opt-in test is a failure."""
+
+
+def _skipped_optin(session) -> list[str]:
+    """Opt-in tests (marked ``openrlhf``, wherever they live) that were skipped, and test modules whose source marks
+    tests ``openrlhf`` but which skipped themselves at import (e.g. ``pytest.importorskip("megatron.core")``)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    out = []
+    for rep in getattr(reporter, "stats", {}).get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        if isinstance(rep, pytest.CollectReport):
+            path = session.config.rootpath / rep.nodeid.split("::")[0]
+            if path.is_file() and "mark.openrlhf" in path.read_text(errors="replace"):
+                out.append(f"{rep.nodeid} (module skipped: {reason})")
+        elif "openrlhf" in rep.keywords:
+            out.append(f"{rep.nodeid} ({reason})")
+    return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With ``OPENRLHF_SEARCH_OPTIN_STRICT=1``: a piece of the opt-in environment that is missing (a skip) fails the
+    run instead of letting it exit 0 with the test unexercised."""
+    if os.environ.get(OPTIN_STRICT_ENV) != "1":
+        return
+    skipped = _skipped_optin(session)
+    if not skipped:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"{OPTIN_STRICT_ENV}=1: {len(skipped)} opt-in test(s) skipped -- the opt-in environment is incomplete "
+             "(scripts/setup_openrlhf_env.sh installs every piece):"] + [f"  {s}" for s in skipped]  # fmt: skip
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(line, red=True)
+        else:
+            print(line)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -8,6 +8,7 @@ random model never writes ``<search>``, so nothing would be retrieved or masked 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 STEP_LINE = re.compile(r"Global step (\d+): (\{.*\})")
 NUMBER_ITEM = re.compile(r"'([^']+)': (-?[0-9.]+(?:e[-+]?\d+)?|nan|inf)")
@@ -79,6 +81,10 @@ class RunResult:
     steps: list[dict[str, float]]
     dump_dir: Path
     seconds: float
+    prepared: Any = None
+    """What ``execute_plan``'s ``prepare`` callback returned (e.g. the poisoned questions)."""
+    plan: Any = None
+    """The launch plan (set by :func:`run_openrlhf_e2e`)."""
 
 
 def parse_steps(log: str) -> list[dict[str, float]]:
@@ -92,43 +98,85 @@ def parse_steps(log: str) -> list[dict[str, float]]:
 
 
 def run_openrlhf_e2e(assets: Assets, workdir: Path, algorithm: str, steps: int, lr: float, port: int,
-                     prompts_per_step: int = 2, timeout: float = 1200.0) -> RunResult:  # fmt: skip
+                     prompts_per_step: int = 2, num_minibatches: int = 1, ppo_epochs: int = 1,
+                     overrides: tuple[str, ...] = (), poison_every: int = 0, layout: dict | None = None,
+                     timeout: float = 1200.0) -> RunResult:  # fmt: skip
     """Train ``algorithm`` through OpenRLHF's real pipeline under the CPU shim; return logs and dumps.
 
     The prompt dataset has ``steps x prompts_per_step`` rows; with dynamic filtering (DSPO) filtered groups consume
-    rows too, so fewer than ``steps`` optimizer steps may run.
+    rows too, so fewer than ``steps`` optimizer steps may run. ``num_minibatches`` / ``ppo_epochs`` > 1 make the
+    update off-policy (every optimizer step after the first sees ``pi_theta != pi_old``). One micro-batch per
+    optimizer step (``micro_train_batch_size`` = the minibatch): OpenRLHF's ``policy_loss`` is then exactly the
+    loss our adapter returned, comparable with the loss's own ``search_loss/*`` metrics. ``poison_every=k`` makes
+    every k-th prompt unanswerable (:func:`poison_prompts`). ``overrides`` are extra config overrides; ``layout``
+    overrides :class:`OpenRLHFConfig` fields (ranks, ZeRO stage, colocation, sleep mode).
     """
     from openrlhf_search.integrations.openrlhf.config import OpenRLHFConfig
     from openrlhf_search.integrations.openrlhf.launch import build_plan
     from openrlhf_search.trainer.config import load_config
 
+    minibatch = prompts_per_step * GROUP_SIZE // num_minibatches
     cfg = load_config(None, [
         f"model.path={assets.model_dir}", f"retriever.spec={assets.index_dir}", "retriever.topk=2",
         "data.source=synthetic", f"data.seed={assets.kb_seed}", f"data.num_entities={assets.n_entities}",
         "data.num_train=64", f"steps={steps}", "seed=0",
-        f"rollout.prompts_per_step={prompts_per_step}", "rollout.group_size=4", "rollout.temperature=1.0",
+        f"rollout.prompts_per_step={prompts_per_step}", f"rollout.group_size={GROUP_SIZE}", "rollout.temperature=1.0",
         "env.max_turns=3", "env.max_tokens_per_turn=40", "env.max_obs_tokens=60", "env.max_response_tokens=240",
-        f"algorithm.name={algorithm}", "algorithm.num_minibatches=1", "algorithm.ppo_epochs=1",
+        f"algorithm.name={algorithm}", f"algorithm.num_minibatches={num_minibatches}",
+        f"algorithm.ppo_epochs={ppo_epochs}",
         f"optimizer.lr={lr}", "optimizer.warmup_steps=0", "optimizer.schedule=constant",
-        f"logging.output_dir={workdir}", "logging.tensorboard=false",
+        f"logging.output_dir={workdir}", "logging.tensorboard=false", *overrides,
     ])  # fmt: skip
     orl = OpenRLHFConfig(
         actor_num_gpus_per_node=1, ref_num_gpus_per_node=1, vllm_num_engines=1, vllm_sync_backend="gloo",
         vllm_enable_sleep=False, vllm_enforce_eager=True, colocate_all=False, zero_stage=2, param_dtype="bf16",
         attn_implementation="eager", gradient_checkpointing=False, packing_samples=False,
-        micro_train_batch_size=4, micro_rollout_batch_size=4, max_prompt_tokens=400,
+        micro_train_batch_size=minibatch, micro_rollout_batch_size=4, max_prompt_tokens=400,
         retrieval_port=port, cpu_shim=True, python=sys.executable,
     )  # fmt: skip
-    return execute_plan(build_plan(cfg, orl), cfg, workdir, timeout)
+    if layout:
+        orl = dataclasses.replace(orl, **layout)
+    plan = build_plan(cfg, orl)
+    prepare = (lambda: poison_prompts(plan.prompt_file, poison_every)) if poison_every else None
+    result = execute_plan(plan, cfg, workdir, timeout, prepare=prepare)
+    result.plan = plan
+    return result
 
 
-def execute_plan(plan, cfg, workdir: Path, timeout: float, extra_env: dict | None = None) -> RunResult:
-    """Materialize ``plan`` (with step dumps in ``workdir/dump``), start its retrieval server, run OpenRLHF's
-    command with the log in ``workdir/openrlhf.log``, stop the server; return the parsed :class:`RunResult`."""
+GROUP_SIZE = 4
+"""Rollouts per prompt in every end-to-end run."""
+POISON_ANSWER = "qzxv jkwq"
+"""The golden answer of a poisoned prompt: no policy writes it, so its F1 (and an F1 x format reward) is 0."""
+
+
+def poison_prompts(prompt_file: Path, every: int) -> list[str]:
+    """Make every ``every``-th prompt of OpenRLHF's JSONL dataset unanswerable (golden answer
+    :data:`POISON_ANSWER`): with an F1 x format reward all its rollouts score 0, so dynamic filtering must drop its
+    group and sample a replacement. Returns the poisoned questions."""
+    import json
+
+    rows = [json.loads(line) for line in prompt_file.read_text().splitlines() if line.strip()]
+    poisoned = []
+    for i, row in enumerate(rows):
+        if i % every == 0:
+            label = json.loads(row["label"])
+            label["golden_answers"] = [POISON_ANSWER]
+            row["label"] = json.dumps(label)
+            poisoned.append(label["question"])
+    prompt_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return poisoned
+
+
+def execute_plan(plan, cfg, workdir: Path, timeout: float, extra_env: dict | None = None,
+                 prepare=None) -> RunResult:  # fmt: skip
+    """Materialize ``plan`` (with step dumps in ``workdir/dump``), call ``prepare()`` (if given; its return value is
+    kept as ``RunResult.prepared``), start its retrieval server, run OpenRLHF's command with the log in
+    ``workdir/openrlhf.log``, stop the server; return the parsed :class:`RunResult`."""
     from openrlhf_search.integrations.openrlhf.launch import materialize, wait_for_health
 
     plan.patch_config.dump_dir = str(workdir / "dump")
     materialize(plan, cfg)
+    prepared = prepare() if prepare is not None else None
     env = {**os.environ, **plan.env, "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_DEDUP_LOGS": "0",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            **(extra_env or {})}  # fmt: skip
@@ -143,7 +191,8 @@ def execute_plan(plan, cfg, workdir: Path, timeout: float, extra_env: dict | Non
         server.terminate()
         server.wait(timeout=30)
     text = log_path.read_text(errors="replace")
-    return RunResult(proc.returncode, text, parse_steps(text), workdir / "dump", time.monotonic() - start)
+    return RunResult(proc.returncode, text, parse_steps(text), workdir / "dump", time.monotonic() - start,
+                     prepared=prepared)  # fmt: skip
 
 
 ENV_TEXT_STARTS = ("<information>", "That was not a valid action", "No searches are left")
@@ -201,3 +250,64 @@ def logprob_gaps(rows, model_dir: Path) -> tuple[float, float]:
         to_initial += ((rollout - init_lp).abs() * mask).sum().item()
         n += mask.sum().item()
     return to_trainer / n, to_initial / n
+
+
+def load_dumps(dump_dir: Path) -> list[list[dict]]:
+    """The per-step experience dumps (``step_N.pt``, in step order)."""
+    import torch
+
+    paths = sorted(dump_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    return [torch.load(p) for p in paths]
+
+
+def outcome_advantage_gap(rows: list[dict], group_size: int = GROUP_SIZE) -> float:
+    """Max over model tokens of ``|dumped advantage - OpenRLHF's group_norm outcome advantage|``, the latter
+    recomputed here from the dumped rewards (``(r - mean_g) / (std_g + 1e-9)``, groups = ``index // group_size``).
+
+    ~0 (float noise) when the advantages OpenRLHF trains on are its own outcome advantages; CalibAdv (per-turn
+    scaling of negative rollouts' search turns, re-balancing of positive answer tokens) makes it large.
+    """
+    import torch
+
+    groups: dict[int, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["index"] // group_size, []).append(row)
+    gap = 0.0
+    for members in groups.values():
+        if len(members) != group_size:
+            raise AssertionError(f"group with {len(members)} dumped rows, expected {group_size}")
+        r = torch.tensor([m["reward"] for m in members], dtype=torch.float32)
+        adv = (r - r.mean()) / (r.std() + 1e-9)
+        for a, m in zip(adv.tolist(), members):
+            mask = m["action_mask"].bool()
+            dumped = m["advantages"][: mask.shape[0]][mask].float()
+            if dumped.numel():
+                gap = max(gap, (dumped - a).abs().max().item())
+    return gap
+
+
+def weight_change(initial_dir: Path, final_dir: Path) -> tuple[float, int]:
+    """``(||W_final - W_init|| / ||W_init||`` over all tensors, #tensors that changed)`` between two HF checkpoints
+    (safetensors files); the final one is OpenRLHF's ``save_model`` export at the end of the run."""
+    from safetensors.torch import load_file
+
+    def load(d: Path) -> dict:
+        out = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        if not out:
+            raise AssertionError(f"no safetensors weights in {d}")
+        return out
+
+    a, b = load(initial_dir), load(final_dir)
+    missing = sorted(set(a) ^ set(b))
+    assert not missing, f"checkpoints differ in tensor names: {missing[:5]}"
+    num = den = 0.0
+    changed = 0
+    for k in a:
+        x, y = a[k].double(), b[k].double()
+        d = (y - x).norm().item()
+        changed += d > 0
+        num += d**2
+        den += x.norm().item() ** 2
+    return (num / den) ** 0.5, changed

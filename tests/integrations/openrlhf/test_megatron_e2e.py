@@ -20,8 +20,10 @@ group (no gradient) cannot leave the weights unchanged. The test proves
     end-to-end test.
 
 Opt-in (``-m openrlhf``, ``slow``; ~80 s on 2 cores); ``scripts/test_openrlhf.sh`` runs it. Needs megatron-core
-0.16.1 + mbridge in the OpenRLHF environment. GPU paths (NCCL broadcast, the CUDA bucket receiver, Transformer Engine)
-are not exercised here.
+0.16.1 + mbridge in the OpenRLHF environment (``scripts/setup_openrlhf_env.sh`` installs them; inside
+``scripts/test_openrlhf.sh`` their absence fails the run instead of skipping this test). Also checked: the reward
+OpenRLHF logs is finite and the final HF export differs from the initial model. GPU paths (NCCL broadcast, the
+CUDA bucket receiver, Transformer Engine) are not exercised here.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 pytest.importorskip("mbridge", reason="mbridge is not installed")
 pytestmark = [pytest.mark.openrlhf, pytest.mark.megatron, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-from openrlhf_e2e_assets import execute_plan, logprob_gaps, masking_check  # noqa: E402
+from openrlhf_e2e_assets import execute_plan, logprob_gaps, masking_check, weight_change  # noqa: E402
 
 from openrlhf_search.integrations.megatron.launch import free_port  # noqa: E402
 
@@ -83,6 +85,8 @@ def run_megatron_e2e(assets, workdir: Path, steps: int, lr: float, port: int, ti
 
 
 def test_grpo_step_with_megatron_actor_tp2_through_openrlhf(assets, tmp_path):
+    import math
+
     import torch
     from transformers import AutoTokenizer
 
@@ -114,6 +118,10 @@ def test_grpo_step_with_megatron_actor_tp2_through_openrlhf(assets, tmp_path):
     # the actor's own rollout-vs-trainer gap after the sync (computed inside fit from OpenRLHF's experiences)
     assert last["megatron/rollout_logprob_abs_diff"] < 0.02
     assert (tmp_path / "openrlhf" / "model" / "model.safetensors").is_file()  # save_model: HF export
+    # the reward OpenRLHF logs is finite every step; the exported weights differ from the initial model
+    assert all(math.isfinite(s["reward"]) and 0.0 <= s["reward"] <= 1.0 for s in result.steps), result.steps
+    change, n_changed = weight_change(assets.model_dir, tmp_path / "openrlhf" / "model")
+    assert change > 1e-3 and n_changed > 0, f"Megatron export barely differs from the initial model: {change:.2e}"
 
     dumps = sorted(result.dump_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     assert len(dumps) == STEPS
@@ -128,4 +136,4 @@ def test_grpo_step_with_megatron_actor_tp2_through_openrlhf(assets, tmp_path):
     assert synced < 0.02, f"vLLM log-probs differ from the Megatron trainer's by {synced:.4f}: weight sync broken?"
     assert stale > 10 * synced and stale > 0.1, (synced, stale)
     print(f"Megatron TP=2 e2e: {result.seconds:.0f} s, step-1 rollout-trainer {first_synced:.4f}, after the sync "
-          f"rollout-trainer {synced:.4f}, rollout-initial {stale:.3f}")  # fmt: skip
+          f"rollout-trainer {synced:.4f}, rollout-initial {stale:.3f}, weights changed by {change:.3f}")  # fmt: skip
