@@ -45,6 +45,13 @@ _LAZY: dict[str, str] = {
     "DenseRetriever": "dense",
     "HybridRetriever": "hybrid",
     "reciprocal_rank_fusion": "hybrid",
+    "CachedRetriever": "cache",
+    "RetrievalCache": "cache",
+    "CacheMiss": "cache",
+    "IndexIntegrityError": "integrity",
+    "check_index": "integrity",
+    "retrieval_metrics": "metrics",
+    "TimedRetriever": "metrics",
     "HTTPRetriever": "client",
     "RetrieverUnavailable": "client",
     "RetrieverRequestError": "client",
@@ -67,33 +74,50 @@ def _resolve(target: str) -> Callable:
     return obj
 
 
-def load_retriever(spec: str | os.PathLike | Retriever, **kwargs) -> Retriever:
-    """Build a :class:`Retriever` from a spec.
+def load_retriever(spec: str | os.PathLike | Retriever | None, *, token: str | None = None,
+                   cache: str | os.PathLike | None = None, cache_mode: str = "record", **kwargs) -> Retriever:
+    """Build a :class:`Retriever` from a spec (the one entry point of the trainer, eval and the OpenRLHF agent).
 
     Args:
-        spec: an index directory written by ``openrlhf-search index`` (its ``manifest.json`` names the method),
-            an ``http(s)://host:port`` URL of ``openrlhf-search serve`` (-> :class:`HTTPRetriever`), or an object
-            that already is a retriever (returned unchanged).
-        **kwargs: forwarded to the loader (e.g. ``n_threads`` for BM25, ``timeout``/``retries``/``token`` for HTTP).
+        spec: an index directory written by ``openrlhf-search index`` (its ``manifest.json`` names the method; every
+            index file is checked first, :func:`~openrlhf_search.retrieval.integrity.check_index`), an
+            ``http(s)://host:port`` URL of ``openrlhf-search serve`` (-> :class:`HTTPRetriever`), an object that
+            already is a retriever (returned unchanged unless ``cache`` is given), or ``None`` with a ``replay``
+            cache (answers only from the recording).
+        token: bearer token of an HTTP server; ``None`` -> ``$OPENRLHF_SEARCH_RETRIEVER_TOKEN`` (ignored for
+            in-process indexes).
+        cache: path of a record/replay cache (:mod:`openrlhf_search.retrieval.cache`); ``None``: no cache.
+        cache_mode: ``record``, ``replay`` or ``reuse``.
+        **kwargs: forwarded to the loader (e.g. ``n_threads`` for BM25, ``timeout``/``retries`` for HTTP).
 
     Raises:
-        ValueError: the spec is neither a URL nor a directory with a manifest; the manifest's method is unknown.
+        ValueError: the spec is neither a URL nor a directory with a manifest; the manifest's method is unknown;
+            :class:`~openrlhf_search.retrieval.integrity.IndexIntegrityError` (a ``ValueError``): a damaged index.
     """
+    from .cache import with_cache
+
+    if spec is None or (isinstance(spec, str) and not spec and cache_mode == "replay"):
+        if not cache or cache_mode != "replay":
+            raise ValueError("load_retriever: no spec; only a replay cache (cache=..., cache_mode='replay') "
+                             "can answer without a retriever")
+        return with_cache(None, cache, cache_mode)
     if not isinstance(spec, (str, os.PathLike)):
         if isinstance(spec, Retriever):
-            return spec
+            return with_cache(spec, cache, cache_mode)
         raise TypeError(f"load_retriever: expected a path, a URL or a Retriever, got {type(spec).__name__}")
     text = os.fspath(spec)
     if text.startswith(("http://", "https://")):
         from .client import HTTPRetriever
 
-        return HTTPRetriever(text, **kwargs)
+        return with_cache(HTTPRetriever(text, token=token, **kwargs), cache, cache_mode)
+    from .integrity import check_index
     from .manifest import Manifest
 
     directory = Path(text)
     if not directory.is_dir():
         raise ValueError(f"load_retriever: {text!r} is neither an http(s):// URL nor an index directory")
+    check_index(directory)
     method = Manifest.load(directory).method
     if method not in LOADERS:
         raise ValueError(f"{directory}: unknown index method {method!r}; known: {sorted(LOADERS)}")
-    return _resolve(LOADERS[method])(directory, **kwargs)
+    return with_cache(_resolve(LOADERS[method])(directory, **kwargs), cache, cache_mode)

@@ -256,7 +256,7 @@ class BM25Retriever(InProcessRetriever):
         empty = self._empty_id
         return [[t for t in q if t != empty] for q in ids]
 
-    def search_rows(self, queries: list[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
+    def score_rows(self, queries: list[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
         n_docs = len(self.docs)
         k = min(topk, n_docs)
         rows = np.full((len(queries), k), -1, dtype=np.int64)

@@ -5,9 +5,12 @@ Example::
     openrlhf-search serve --index indexes/wiki-bm25 --corpus wiki-18.jsonl --port 8000
     curl -s 127.0.0.1:8000/retrieve -d '{"queries": ["who wrote hamlet"], "topk": 3, "return_scores": true}'
 
-``--corpus`` makes the server check the corpus against the index manifest (size, then SHA-256) and refuse to
-start on a mismatch. The bearer token can come from ``--token`` or the ``OPENRLHF_SEARCH_TOKEN`` variable (which
-keeps it out of ``ps``).
+Every index file is checked first (:func:`~openrlhf_search.retrieval.integrity.check_index`): a damaged index is
+refused with one line naming the file and what is wrong, exit status 2, no traceback. ``--corpus`` makes the server
+also check the corpus against the index manifest (size, then SHA-256). The bearer token can come from ``--token`` or
+the ``OPENRLHF_SEARCH_RETRIEVER_TOKEN`` variable (which keeps it out of ``ps``; our client, trainer, eval and the
+OpenRLHF agent read the same variable). ``--cache PATH --cache-mode record|replay|reuse`` puts the record/replay
+cache (:mod:`~openrlhf_search.retrieval.cache`) in front of the index.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import ipaddress
 import os
 import sys
 
-TOKEN_ENV = "OPENRLHF_SEARCH_TOKEN"
+from .client import TOKEN_ENV
+
+LEGACY_TOKEN_ENV = "OPENRLHF_SEARCH_TOKEN"
+"""Read too (older name), after ``OPENRLHF_SEARCH_RETRIEVER_TOKEN``."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="micro-batching: how long to wait for more requests after the first")
     parser.add_argument("--max-batch", type=int, default=d.max_batch_queries, help="max queries per retrieval call")
     parser.add_argument("--n-threads", type=int, default=0, help="BM25 retrieval threads (0: all cores)")
+    parser.add_argument("--cache", default=None, help="record/replay cache file (sqlite); default: none")
+    parser.add_argument("--cache-mode", choices=("record", "replay", "reuse"), default=d.cache_mode,
+                        help="record: store every answer; replay: answer only from the cache; reuse: both")
 
 
 def _is_loopback(host: str) -> bool:
@@ -51,27 +60,39 @@ def _is_loopback(host: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from . import load_retriever
+    from .integrity import check_index
     from .manifest import Manifest, ManifestError
     from .server import ServerConfig, serve_forever
 
     try:
+        check_index(args.index)
         manifest = Manifest.load(args.index)
         if args.corpus is not None:
             manifest.check_corpus(args.corpus, args.index)
     except (ManifestError, OSError) as exc:
         print(f"openrlhf-search serve: refusing to start: {exc}", file=sys.stderr)
         return 2
-    token = args.token or os.environ.get(TOKEN_ENV) or None
+    token = args.token or os.environ.get(TOKEN_ENV) or os.environ.get(LEGACY_TOKEN_ENV) or None
     if not _is_loopback(args.host) and not token:
         print(f"openrlhf-search serve: WARNING: binding {args.host} without a token; anyone who can reach this "
               "port can query the index", file=sys.stderr)
     cfg = ServerConfig(host=args.host, port=args.port, token=token, default_topk=args.default_topk,
                        max_topk=args.max_topk, max_queries_per_request=args.max_queries,
                        max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes,
-                       batch_wait_ms=args.batch_wait_ms, max_batch_queries=args.max_batch)
+                       batch_wait_ms=args.batch_wait_ms, max_batch_queries=args.max_batch,
+                       cache=args.cache, cache_mode=args.cache_mode)
     kwargs = {"n_threads": args.n_threads} if manifest.method in ("bm25", "hybrid") else {}
-    retriever = load_retriever(args.index, **kwargs)
-    retriever.search(["warm up"], topk=1)  # JIT / encoder load before the first real request
+    try:
+        retriever = load_retriever(args.index, **kwargs)
+        retriever.search(["warm up"], topk=1)  # JIT / encoder load before the first real request (not cached)
+        if args.cache:
+            from .cache import RetrievalCache
+
+            RetrievalCache(args.cache)  # an unusable cache file is refused now, not on the first request
+    except Exception as exc:  # one line, no traceback: a damaged file that the cheap checks could not see
+        print(f"openrlhf-search serve: refusing to start: {args.index}: {type(exc).__name__}: "
+              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", file=sys.stderr)
+        return 2
     print(f"serving {manifest.count} passages ({manifest.method}) from {args.index} on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)
     serve_forever(retriever, cfg, info={"method": manifest.method, "index": str(args.index)})

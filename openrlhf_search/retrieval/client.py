@@ -9,16 +9,35 @@ that rejects its input):
   last error -- the trainer catches it;
 * 4xx responses are the caller's bug: :class:`RetrieverRequestError` at once, with the server's message;
 * a 200 whose body does not have the protocol's shape is :class:`RetrieverUnavailable` (a wrong service).
+
+Large batches: before its first search the client reads the server's advertised limits from ``GET /health``
+(``limits.max_queries_per_request`` / ``max_body_bytes``; a server without them -- e.g. Search-R1's own, which has
+no ``/health`` -- is sent whole batches) and splits any larger batch into consecutive chunks, reassembled in order,
+so a batch that in-process retrieval accepts is accepted over HTTP too.
+
+Token: ``token=`` or, when it is not given, the environment variable ``OPENRLHF_SEARCH_RETRIEVER_TOKEN`` (the
+variable the server reads too), sent as ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass
 
 from . import jsonfast
 from .types import Hit
+
+TOKEN_ENV = "OPENRLHF_SEARCH_RETRIEVER_TOKEN"
+"""The environment variable holding the retrieval server's bearer token (read by the server and this client)."""
+
+
+def resolve_token(token: str | None = None) -> str | None:
+    """``token`` if given (``""`` means none), else ``$OPENRLHF_SEARCH_RETRIEVER_TOKEN``, else ``None``."""
+    if token is None:
+        token = os.environ.get(TOKEN_ENV)
+    return token or None
 
 
 class RetrieverUnavailable(RuntimeError):
@@ -68,6 +87,11 @@ def parse_result(url: str, payload: object, n_queries: int) -> list[list[Hit]]:
         raise RetrieverUnavailable(f"retrieval server {url} returned malformed hits: {exc}") from None
 
 
+def _check_queries(queries) -> None:
+    if isinstance(queries, str):
+        raise TypeError("search() takes a list of query strings, not a single string")
+
+
 class HTTPRetriever:
     """A :class:`Retriever` that calls ``openrlhf-search serve`` (or Search-R1's own server) over HTTP.
 
@@ -75,15 +99,20 @@ class HTTPRetriever:
     """
 
     def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
-                 token: str | None = None, max_backoff: float = 10.0):
+                 token: str | None = None, max_backoff: float = 10.0, max_queries_per_request: int | None = None):
         import httpx
 
         if retries < 0 or timeout <= 0 or backoff < 0:
             raise ValueError(f"need retries >= 0, timeout > 0, backoff >= 0; got {retries}, {timeout}, {backoff}")
         self.url = _base_url(url)
         self.config = ClientConfig(timeout=timeout, retries=retries, backoff=backoff, max_backoff=max_backoff)
+        token = resolve_token(token)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(base_url=self.url, timeout=timeout, headers=self._headers)
+        self._limits: dict | None = None
+        if max_queries_per_request is not None:
+            self._limits = {"max_queries_per_request": int(max_queries_per_request)}
+        self._health: dict | None = None
 
     def _delay(self, attempt: int) -> float:
         base = min(self.config.backoff * (2**attempt), self.config.max_backoff)
@@ -125,8 +154,7 @@ class HTTPRetriever:
 
     @staticmethod
     def _payload(queries: list[str], topk: int) -> bytes:
-        if isinstance(queries, str):
-            raise TypeError("search() takes a list of query strings, not a single string")
+        _check_queries(queries)
         return jsonfast.dumps({"queries": list(queries), "topk": int(topk), "return_scores": True})
 
     def _hits(self, response, n_queries: int) -> list[list[Hit]]:
@@ -137,13 +165,45 @@ class HTTPRetriever:
                                        f"{response.text[:200]!r}") from None
         return parse_result(self.url, payload, n_queries)
 
+    def limits(self) -> dict:
+        """The server's advertised request limits (``/health`` ``limits``; ``{}`` if it advertises none)."""
+        if self._limits is None:
+            try:
+                health = self._cached_health()
+            except (RetrieverRequestError, ValueError):  # Search-R1's server has no /health: no advertised limits
+                health = {}
+            limits = health.get("limits") if isinstance(health, dict) else None
+            self._limits = dict(limits) if isinstance(limits, dict) else {}
+        return self._limits
+
+    def chunks(self, queries: list[str]) -> list[tuple[int, int]]:
+        """``[start, end)`` slices of ``queries`` that each fit the server's query-count and body-size limits."""
+        limits = self.limits() if queries else {}
+        max_n = int(limits.get("max_queries_per_request") or len(queries) or 1)
+        max_bytes = int(limits.get("max_body_bytes") or 0)
+        out, start, size = [], 0, 64  # 64: the JSON envelope and topk/return_scores fields
+        for i, q in enumerate(queries):
+            cost = len(q.encode("utf-8", "surrogatepass")) * 2 + 8  # upper bound of its JSON escaping, roughly
+            if i > start and (i - start >= max_n or (max_bytes and size + cost > max_bytes)):
+                out.append((start, i))
+                start, size = i, 64
+            size += cost
+        if start < len(queries):
+            out.append((start, len(queries)))
+        return out
+
     def search(self, queries: list[str], topk: int = 3) -> list[list[Hit]]:
-        """``Retriever.search`` over HTTP: one ``POST /retrieve`` for the whole batch."""
-        body = self._payload(queries, topk)
+        """``Retriever.search`` over HTTP: one ``POST /retrieve`` per chunk of the server's size (usually one)."""
+        _check_queries(queries)
         if not queries:
             return []
-        response = self._request("POST", "/retrieve", content=body, headers=_JSON)
-        return self._hits(response, len(queries))
+        queries = list(queries)
+        out: list[list[Hit]] = []
+        for start, end in self.chunks(queries):
+            part = queries[start:end]
+            response = self._request("POST", "/retrieve", content=self._payload(part, topk), headers=_JSON)
+            out.extend(self._hits(response, len(part)))
+        return out
 
     async def asearch(self, queries: list[str], topk: int = 3) -> list[list[Hit]]:
         """``search`` for asyncio callers (e.g. OpenRLHF's async agent ``step``): same retries, non-blocking."""
@@ -151,27 +211,54 @@ class HTTPRetriever:
 
         import httpx
 
-        body = self._payload(queries, topk)
+        _check_queries(queries)
         if not queries:
             return []
-        attempts, last = self.config.retries + 1, ""
+        queries = list(queries)
+        spans = await asyncio.to_thread(self.chunks, queries)
+        out: list[list[Hit]] = []
         async with httpx.AsyncClient(base_url=self.url, timeout=self.config.timeout, headers=self._headers) as client:
-            for attempt in range(attempts):
-                try:
-                    response = await client.post("/retrieve", content=body, headers=_JSON)
-                except httpx.TransportError as exc:
-                    last = f"{type(exc).__name__}: {exc}"
-                else:
-                    ok, last = self._outcome("/retrieve", response)
-                    if ok is not None:
-                        return self._hits(ok, len(queries))
-                if attempt + 1 < attempts:
-                    await asyncio.sleep(self._delay(attempt))
+            for start, end in spans:
+                part = queries[start:end]
+                out.extend(await self._apost(client, self._payload(part, topk), len(part)))
+        return out
+
+    async def _apost(self, client, body: bytes, n: int) -> list[list[Hit]]:
+        import asyncio
+
+        import httpx
+
+        attempts, last = self.config.retries + 1, ""
+        for attempt in range(attempts):
+            try:
+                response = await client.post("/retrieve", content=body, headers=_JSON)
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                ok, last = self._outcome("/retrieve", response)
+                if ok is not None:
+                    return self._hits(ok, n)
+            if attempt + 1 < attempts:
+                await asyncio.sleep(self._delay(attempt))
         raise self._unavailable("/retrieve", attempts, last)
+
+    @property
+    def fingerprint(self) -> str:
+        """The served index's fingerprint (``/health``), else ``http:<url>`` (keys the record/replay cache)."""
+        try:
+            health = self._cached_health()
+        except (RetrieverRequestError, ValueError):
+            health = {}
+        fp = health.get("fingerprint") if isinstance(health, dict) else None
+        return str(fp) if fp else f"http:{self.url}"
 
     def health(self) -> dict:
         """``GET /health`` (with the same retry policy)."""
-        return self._request("GET", "/health").json()
+        self._health = self._request("GET", "/health").json()
+        return self._health
+
+    def _cached_health(self) -> dict:
+        return self._health if self._health is not None else self.health()
 
     def close(self) -> None:
         self._client.close()

@@ -363,7 +363,7 @@ class DenseRetriever(InProcessRetriever):
     def from_dir(cls, directory: str | os.PathLike, mmap: bool = True, n_threads: int = 0, **_) -> DenseRetriever:
         return cls(DenseIndex.load(directory, mmap=mmap), n_threads=n_threads)
 
-    def search_rows(self, queries: list[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
+    def score_rows(self, queries: list[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
         import time
 
         k = min(topk, len(self.docs))

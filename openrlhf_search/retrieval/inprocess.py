@@ -1,10 +1,16 @@
 """The in-process retriever base: score rows with an index, read the winners from the :class:`DocStore`.
 
 Concrete retrievers (:class:`~openrlhf_search.retrieval.bm25.BM25Retriever`,
-:class:`~openrlhf_search.retrieval.dense.DenseRetriever`, :class:`~openrlhf_search.retrieval.hybrid.HybridRetriever`)
-implement one method, :meth:`InProcessRetriever.search_rows`, returning row numbers and scores as arrays; the shared
-:meth:`InProcessRetriever.search` turns them into :class:`Hit` lists (the ``Retriever`` protocol). The HTTP server
-and the hybrid fusion work on the arrays, so documents are only decoded for the rows actually returned.
+:class:`~openrlhf_search.retrieval.dense.DenseRetriever`) implement one method, :meth:`InProcessRetriever.score_rows`
+(an index's own top-k, in whatever order it breaks ties); the shared :meth:`InProcessRetriever.search_rows` makes
+that deterministic and :meth:`InProcessRetriever.search` turns the rows into :class:`Hit` lists (the ``Retriever``
+protocol). The HTTP server works on the arrays, so documents are only decoded for the rows actually returned.
+
+Determinism: hits are ordered by decreasing score, then by increasing document row (the index's document number,
+like Lucene's doc id), for every ``topk`` and every batch composition. An index's top-k selection keeps an arbitrary
+subset of the documents tied at the k-th score, so when the k-th score ties with the last candidate fetched,
+``search_rows`` fetches twice as many candidates for that query (until the tie is inside the fetched set or the
+whole corpus is fetched) before sorting; a top-k is then always the prefix of a top-(k+1).
 """
 
 from __future__ import annotations
@@ -28,13 +34,34 @@ class InProcessRetriever(abc.ABC):
     """Passage ids and texts, addressed by row."""
 
     @abc.abstractmethod
-    def search_rows(self, queries: list[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
-        """Score a batch of queries.
+    def score_rows(self, queries: list[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index's own top-k of a batch of queries (ties in any order).
 
         Returns:
             ``(rows, scores)``, both ``[len(queries), k]`` with ``k = min(topk, len(docs))``, each row sorted by
             decreasing score; ``rows`` is ``int64`` with ``-1`` marking "no hit" (then the score is ``-inf``).
         """
+
+    def search_rows(self, queries: list[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`score_rows` with ties broken by document row, independent of ``topk`` (module docstring)."""
+        n = len(self.docs)
+        k = min(topk, n)
+        rows, scores = self.score_rows(queries, k)
+        fetched = k
+        while fetched < n and rows.size:
+            # a query needs more candidates when its k-th score (a real hit) equals its last fetched score
+            kth, last = scores[:, k - 1], scores[:, -1]
+            tied = np.flatnonzero((rows[:, k - 1] >= 0) & (kth == last))
+            if not tied.size:
+                break
+            fetched = min(n, 2 * fetched)
+            more_rows, more_scores = self.score_rows([queries[i] for i in tied], fetched)
+            wide_rows = np.full((len(queries), fetched), -1, dtype=np.int64)
+            wide_scores = np.full((len(queries), fetched), -np.inf, dtype=np.float32)
+            wide_rows[:, : rows.shape[1]], wide_scores[:, : rows.shape[1]] = rows, scores
+            wide_rows[tied], wide_scores[tied] = more_rows, more_scores
+            rows, scores = wide_rows, wide_scores
+        return stable_topk(rows, scores, k)
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -49,6 +76,16 @@ class InProcessRetriever(abc.ABC):
             return []
         rows, scores = self.search_rows(list(queries), topk)
         return hits_from_rows(self.docs, rows, scores)
+
+
+def stable_topk(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` columns after sorting each row of ``(rows, scores)`` by (score desc, row asc); no-hits last."""
+    if rows.size == 0:
+        return rows[:, :k], scores[:, :k]
+    big = np.iinfo(np.int64).max
+    key_rows = np.where(rows >= 0, rows, big)  # "no hit" (-1, score -inf) sorts after every real row
+    order = np.lexsort((key_rows, -scores.astype(np.float64)), axis=1)[:, :k]
+    return np.take_along_axis(rows, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
 def hits_from_rows(docs: DocStore, rows: np.ndarray, scores: np.ndarray) -> list[list[Hit]]:

@@ -4,8 +4,8 @@ Protocol (Search-R1 ``retrieval_server.py``, so Search-R1 / verl search tools wo
 
     POST /retrieve  {"queries": ["q1", ...], "topk": 3, "return_scores": true}
       -> {"result": [[{"document": {"id": ..., "contents": ...}, "score": s}, ...], ...]}
-         (with "return_scores": false each hit is the bare document, as in Search-R1)
-    GET /health   -> {"status": "ok", "documents": N, "method": ...}
+         (with "return_scores": false each hit is the bare document, as in Search-R1; "queries": [] -> "result": [])
+    GET /health   -> {"status": "ok", "documents": N, "method": ..., "fingerprint": ..., "limits": {...}}
     GET /metrics  -> counters, latency p50/p90/p99, batch-size statistics
 
 Why micro-batching: Search-R1's server answers one request at a time inside the event loop, so 16 rollout workers
@@ -16,7 +16,9 @@ event loop keeps accepting requests meanwhile; requests that arrive during a cal
 wait ends early once no other request is being received and the batch holds as many requests as the previous one,
 so a lone sequential client pays no batching delay while 16 concurrent clients are not split into batches of 1 + 15.
 Requests with different ``topk`` share the call: it retrieves ``max(topk)`` and each request keeps its own prefix,
-which is exact because hits are sorted.
+which is exact because in-process retrievers order hits by (score, document row) -- ties included -- so a top-k is
+always the prefix of a top-(k+1) (see :meth:`InProcessRetriever.search_rows`); other retrievers get one call per
+distinct ``topk``.
 
 Robustness: the body is read with a size cap, decoded as strict UTF-8 and validated field by field; every bad
 request gets a 4xx JSON ``{"detail": message}``; a retrieval failure gets a 500 for the requests of that batch and
@@ -59,18 +61,24 @@ class ServerConfig:
     """``topk`` when the request omits it (Search-R1's default)."""
     max_topk: int = 100
     """Largest accepted ``topk``."""
-    max_queries_per_request: int = 1024
-    """Largest accepted ``len(queries)``."""
+    max_queries_per_request: int = 4096
+    """Largest accepted ``len(queries)``: above the 2,560 that Search-R1's shipped GRPO recipe sends in one POST
+    (512 prompts x 5 samples); advertised in ``/health`` so our client splits larger batches."""
     max_query_chars: int = 4096
     """Longest accepted query, in characters."""
-    max_body_bytes: int = 8 * 1024 * 1024
-    """Largest accepted request body."""
+    max_body_bytes: int = 64 * 1024 * 1024
+    """Largest accepted request body (advertised in ``/health``)."""
     batch_wait_ms: float = 5.0
     """How long the collector waits for more requests after the first one of a batch."""
     max_batch_queries: int = 1024
     """Upper bound on queries per retrieval call (a single larger request is never split: it runs alone)."""
     latency_window: int = 10_000
     """Number of recent requests kept for the latency quantiles."""
+    cache: str | None = None
+    """Path of a record/replay cache (sqlite, see :mod:`openrlhf_search.retrieval.cache`); ``None``: no cache."""
+    cache_mode: str = "record"
+    """``record`` (store every answer), ``replay`` (answer only from the cache) or ``reuse`` (hits from the cache,
+    misses retrieved and stored)."""
 
 
 class BadRequest(Exception):
@@ -93,13 +101,16 @@ def _decode_json_strictly(body: bytes):
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno}, column {exc.colno}"
         raise BadRequest(400, f"request body is not valid JSON: {exc.msg} ({where})") from None
+    except RecursionError:
+        raise BadRequest(400, "request body is nested too deeply (JSON arrays/objects more than ~1000 levels "
+                              "deep); send {\"queries\": [...], \"topk\": k}") from None
 
 
 def parse_retrieve_request(body: bytes, cfg: ServerConfig) -> tuple[list[str], int, bool]:
     """Validate a ``/retrieve`` body; returns ``(queries, topk, return_scores)`` or raises :class:`BadRequest`."""
     try:
         payload = jsonfast.loads(body)
-    except ValueError:  # the fast decoder refused: redo it slowly for a message naming the problem
+    except (ValueError, RecursionError):  # the fast decoder refused: redo it slowly for a message naming the problem
         payload = _decode_json_strictly(body)
     if not isinstance(payload, dict):
         raise BadRequest(422, f"request body must be a JSON object, got {type(payload).__name__}")
@@ -108,8 +119,6 @@ def parse_retrieve_request(body: bytes, cfg: ServerConfig) -> tuple[list[str], i
     queries = payload["queries"]
     if not isinstance(queries, list):
         raise BadRequest(422, f"field 'queries' must be a list of strings, got {type(queries).__name__}")
-    if not queries:
-        raise BadRequest(422, "field 'queries' must not be empty")
     if len(queries) > cfg.max_queries_per_request:
         limit = cfg.max_queries_per_request
         raise BadRequest(413, f"too many queries: {len(queries)} > max_queries_per_request={limit}")
@@ -275,8 +284,17 @@ class MicroBatcher:
                 [({"id": i, "contents": c}, s) for i, c, s in itertools.islice(flat, n)]
                 for n in valid.sum(axis=1).tolist()
             ]
-        else:
-            per_query = [[(h.document.to_json(), h.score) for h in hits] for hits in self.retriever.search(queries, k)]
+        else:  # a generic retriever (hybrid, cache, HTTP...) is not promised to be prefix-exact: one call per topk
+            per_query = [None] * len(queries)
+            positions: dict[int, list[int]] = {}
+            offset = 0
+            for item in batch:
+                positions.setdefault(item.topk, []).extend(range(offset, offset + len(item.queries)))
+                offset += len(item.queries)
+            for topk, idx in positions.items():
+                found = self.retriever.search([queries[i] for i in idx], topk)
+                for i, hits in zip(idx, found):
+                    per_query[i] = [(h.document.to_json(), h.score) for h in hits]
         bodies, offset = [], 0
         for item in batch:
             chunk = per_query[offset : offset + len(item.queries)]
@@ -302,6 +320,22 @@ def create_app(retriever: Retriever, cfg: ServerConfig | None = None, info: dict
     metrics = Metrics(cfg.latency_window)
     state: dict[str, MicroBatcher] = {}
     info = dict(info or {})
+    documents = len(retriever) if hasattr(retriever, "__len__") else None
+    if "fingerprint" not in info:
+        from .cache import index_fingerprint
+
+        try:
+            info["fingerprint"] = index_fingerprint(retriever)
+        except ValueError:
+            pass
+    cache_stats = None
+    if cfg.cache:
+        from .cache import CachedRetriever
+
+        retriever = CachedRetriever(retriever, cfg.cache, mode=cfg.cache_mode, fingerprint=info.get("fingerprint"))
+        cache_stats = retriever.stats
+    limits = {"max_queries_per_request": cfg.max_queries_per_request, "max_topk": cfg.max_topk,
+              "max_query_chars": cfg.max_query_chars, "max_body_bytes": cfg.max_body_bytes}
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -320,7 +354,8 @@ def create_app(retriever: Retriever, cfg: ServerConfig | None = None, info: dict
             metrics.server_errors += 1
         else:
             metrics.client_errors += 1
-        return JSONResponse({"detail": message}, status_code=status)
+        headers = {"WWW-Authenticate": 'Bearer realm="openrlhf-search"'} if status == 401 else None
+        return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
     def authorized(request: Request) -> bool:
         if not cfg.token:
@@ -352,6 +387,10 @@ def create_app(retriever: Retriever, cfg: ServerConfig | None = None, info: dict
     async def validation_error(_request, exc: RequestValidationError):
         return error(422, str(exc.errors()))
 
+    @app.exception_handler(Exception)
+    async def internal_error(_request, exc: Exception):  # never a plain-text 500, and always counted
+        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+
     @app.post("/retrieve")
     async def retrieve(request: Request):
         start = time.perf_counter()
@@ -364,8 +403,13 @@ def create_app(retriever: Retriever, cfg: ServerConfig | None = None, info: dict
             queries, topk, return_scores = parse_retrieve_request(await read_body(request), cfg)
         except BadRequest as exc:
             return error(exc.status, exc.message)
+        except Exception as exc:  # a malformed body must never be a 5xx
+            return error(400, f"malformed request body: {type(exc).__name__}: {exc}")
         finally:
             batcher.arriving -= 1
+        if not queries:  # Search-R1's server: an empty batch is an empty result (its clients send one)
+            metrics.latencies.append(time.perf_counter() - start)
+            return Response(b'{"result":[]}', media_type="application/json")
         try:
             body = await batcher.submit(queries, topk, return_scores)
         except Exception as exc:
@@ -376,14 +420,16 @@ def create_app(retriever: Retriever, cfg: ServerConfig | None = None, info: dict
 
     @app.get("/health")
     async def health():
-        size = len(retriever) if hasattr(retriever, "__len__") else None
-        return {"status": "ok", "documents": size, **info}
+        return {"status": "ok", "documents": documents, **info, "limits": limits}
 
     @app.get("/metrics")
     async def get_metrics(request: Request):
         if not authorized(request):
             return error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')")
-        return {**metrics.snapshot(), "config": {k: v for k, v in asdict(cfg).items() if k != "token"}}
+        snap = {**metrics.snapshot(), "config": {k: v for k, v in asdict(cfg).items() if k != "token"}}
+        if cache_stats is not None:
+            snap["cache"] = cache_stats()
+        return snap
 
     return app
 
