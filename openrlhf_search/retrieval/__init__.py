@@ -51,7 +51,6 @@ _LAZY: dict[str, str] = {
     "IndexIntegrityError": "integrity",
     "check_index": "integrity",
     "retrieval_metrics": "metrics",
-    "TimedRetriever": "metrics",
     "HTTPRetriever": "client",
     "RetrieverUnavailable": "client",
     "RetrieverRequestError": "client",

@@ -95,6 +95,13 @@ class RetrieverConfig:
     synthetic corpus into ``<output_dir>/index``."""
     topk: int = 3
     """Passages returned per query."""
+    token: str | None = None
+    """Bearer token of a retrieval server; ``None``: ``$OPENRLHF_SEARCH_RETRIEVER_TOKEN`` (keeps it out of files)."""
+    cache: str = ""
+    """Record/replay cache file (sqlite, ``openrlhf_search.retrieval.cache``); empty = no cache."""
+    cache_mode: str = "record"
+    """``record`` (store every answer), ``replay`` (answer only from the cache; a miss fails the step, naming the
+    query) or ``reuse`` (cached answers, misses retrieved and stored)."""
 
 
 @dataclass

@@ -147,9 +147,11 @@ def build_demo_worlds(cfg: TrainConfig, kb) -> list:
 def build_retriever(cfg: TrainConfig, out: Path, kb):
     """The configured retriever, or a BM25 index over the synthetic corpus built into ``<out>/index``."""
     from openrlhf_search.retrieval import load_retriever
+    from openrlhf_search.retrieval.cache import with_cache
 
-    if cfg.retriever.spec:
-        return load_retriever(cfg.retriever.spec)
+    rc = cfg.retriever
+    if rc.spec or rc.cache_mode == "replay":
+        return load_retriever(rc.spec or None, token=rc.token, cache=rc.cache or None, cache_mode=rc.cache_mode)
     if kb is None:
         raise ValueError("retriever.spec is empty and data.source is not synthetic: give an index dir or URL")
     from openrlhf_search.retrieval.bm25 import BM25Config, BM25Index, BM25Retriever
@@ -159,7 +161,8 @@ def build_retriever(cfg: TrainConfig, out: Path, kb):
         BM25Index.build(out / "data" / "corpus.jsonl", index_dir, config=BM25Config(), show_progress=False)
     # numpy backend: on a few hundred passages it answers in well under a millisecond, while numba's first call
     # spends ~12 s compiling (a large share of a 10-minute CPU budget).
-    return BM25Retriever(BM25Index.load(index_dir, backend="numpy"), n_threads=1)
+    return with_cache(BM25Retriever(BM25Index.load(index_dir, backend="numpy"), n_threads=1), rc.cache or None,
+                      rc.cache_mode)
 
 
 def probe_retriever(retriever, spec: str) -> None:
@@ -375,6 +378,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     from transformers.utils import logging as hf_logging
 
     from openrlhf_search.algorithms.presets import get_algorithm
+    from openrlhf_search.retrieval.metrics import retrieval_metrics
     from openrlhf_search.rewards import get_reward_fn
     from openrlhf_search.rollout.base import SamplingParams
     from openrlhf_search.rollout.runner import PhaseTimer, TimedRetriever, collect_groups
@@ -495,6 +499,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
         # the state a checkpoint of step - 1 holds (saved if this step cannot complete: retriever outage)
         snapshot = {"data": stream.state_dict(), "rng": capture_rng_state(getattr(engine, "generator", None))}
         timer.reset()
+        retrieval_calls = retriever.calls
         metrics: dict[str, float] = {}
 
         # 1-3. rollout, reward, DSPO/DAPO filtering (resampling until the batch is full, capped)
@@ -517,6 +522,8 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
         t_update = time.perf_counter()
         if trajs:
             metrics.update(trajectory_stats(trajs))
+            calls = retriever.calls - retrieval_calls
+            metrics.update(retrieval_metrics(trajs, timer.seconds.get("retrieval", 0.0), calls))
             # 4. advantages: group-relative per sequence, then (CalibAdv) per token
             rewards = torch.tensor(batch.rewards, dtype=torch.float32)
             group_ids = torch.tensor(batch.group_ids)
