@@ -357,27 +357,58 @@ def create_app(retriever: Retriever, cfg: ServerConfig | None = None, info: dict
         headers = {"WWW-Authenticate": 'Bearer realm="openrlhf-search"'} if status == 401 else None
         return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
-    def authorized(request: Request) -> bool:
+    def authorized(header: str) -> bool:
         if not cfg.token:
             return True
-        header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), cfg.token.encode())
 
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
+    def fail(status: int, message: str) -> tuple[int, bytes, list]:
+        """``error`` as raw ASGI parts (counted the same way)."""
+        response = error(status, message)
+        return status, response.body, [(k.encode(), v.encode()) for k, v in response.headers.items()
+                                       if k.lower() != "content-length"]
+
+    async def read_body(declared: str | None, chunks) -> bytes:
         if declared is not None:
             if not declared.isdigit():
                 raise BadRequest(400, f"invalid Content-Length header {declared!r}")
             if int(declared) > cfg.max_body_bytes:
                 raise BadRequest(413, f"request body of {declared} bytes exceeds max_body_bytes={cfg.max_body_bytes}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
+        parts, size = [], 0
+        async for chunk in chunks:
             size += len(chunk)
             if size > cfg.max_body_bytes:
                 raise BadRequest(413, f"request body exceeds max_body_bytes={cfg.max_body_bytes}")
-            chunks.append(chunk)
-        return b"".join(chunks)
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def handle_retrieve(auth: str, declared: str | None, chunks) -> tuple[int, bytes, list]:
+        """``POST /retrieve``: ``(status, JSON body, extra headers)``; shared by the raw ASGI path and FastAPI."""
+        start = time.perf_counter()
+        metrics.requests += 1
+        if not authorized(auth):
+            return fail(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')")
+        batcher = state["batcher"]
+        batcher.arriving += 1
+        try:
+            queries, topk, return_scores = parse_retrieve_request(await read_body(declared, chunks), cfg)
+        except BadRequest as exc:
+            return fail(exc.status, exc.message)
+        except Exception as exc:  # a malformed body must never be a 5xx
+            return fail(400, f"malformed request body: {type(exc).__name__}: {exc}")
+        finally:
+            batcher.arriving -= 1
+        if not queries:  # Search-R1's server: an empty batch is an empty result (its clients send one)
+            metrics.latencies.append(time.perf_counter() - start)
+            return 200, b'{"result":[]}', []
+        try:
+            body = await batcher.submit(queries, topk, return_scores)
+        except Exception as exc:
+            return fail(500, f"retrieval failed: {type(exc).__name__}: {exc}")
+        metrics.queries += len(queries)
+        metrics.latencies.append(time.perf_counter() - start)
+        return 200, body, []
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):
@@ -392,31 +423,11 @@ def create_app(retriever: Retriever, cfg: ServerConfig | None = None, info: dict
         return error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     @app.post("/retrieve")
-    async def retrieve(request: Request):
-        start = time.perf_counter()
-        metrics.requests += 1
-        if not authorized(request):
-            return error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')")
-        batcher = state["batcher"]
-        batcher.arriving += 1
-        try:
-            queries, topk, return_scores = parse_retrieve_request(await read_body(request), cfg)
-        except BadRequest as exc:
-            return error(exc.status, exc.message)
-        except Exception as exc:  # a malformed body must never be a 5xx
-            return error(400, f"malformed request body: {type(exc).__name__}: {exc}")
-        finally:
-            batcher.arriving -= 1
-        if not queries:  # Search-R1's server: an empty batch is an empty result (its clients send one)
-            metrics.latencies.append(time.perf_counter() - start)
-            return Response(b'{"result":[]}', media_type="application/json")
-        try:
-            body = await batcher.submit(queries, topk, return_scores)
-        except Exception as exc:
-            return error(500, f"retrieval failed: {type(exc).__name__}: {exc}")
-        metrics.queries += len(queries)
-        metrics.latencies.append(time.perf_counter() - start)
-        return Response(body, media_type="application/json")
+    async def retrieve(request: Request):  # reached only when the app is mounted without the fast path
+        status, body, headers = await handle_retrieve(request.headers.get("authorization", ""),
+                                                      request.headers.get("content-length"), request.stream())
+        return Response(body, status_code=status, media_type="application/json",
+                        headers={k.decode(): v.decode() for k, v in headers if k.lower() != b"content-type"})
 
     @app.get("/health")
     async def health():
@@ -424,14 +435,56 @@ def create_app(retriever: Retriever, cfg: ServerConfig | None = None, info: dict
 
     @app.get("/metrics")
     async def get_metrics(request: Request):
-        if not authorized(request):
+        if not authorized(request.headers.get("authorization", "")):
             return error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')")
         snap = {**metrics.snapshot(), "config": {k: v for k, v in asdict(cfg).items() if k != "token"}}
         if cache_stats is not None:
             snap["cache"] = cache_stats()
         return snap
 
-    return app
+    return FastRetrieve(app, handle_retrieve)
+
+
+class FastRetrieve:
+    """ASGI front of the FastAPI app: ``POST /retrieve`` is answered here, everything else by FastAPI.
+
+    Measured (benchmarks/README.md, "where the per-request time goes"): with batch-1 requests FastAPI/Starlette's
+    per-request machinery (routing, dependency solving, telemetry context, Request/Response objects) cost more CPU
+    than the retrieval of the query itself; this path reads the body from ``receive`` and writes the JSON bytes with
+    two ``send`` calls. Attributes (``state``, ``routes``...) are the FastAPI app's.
+    """
+
+    def __init__(self, app, handle):
+        self.app = app
+        self._handle = handle
+
+    def __getattr__(self, name):
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/retrieve" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        auth, declared = "", None
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                auth = value.decode("latin-1")
+            elif key == b"content-length":
+                declared = value.decode("latin-1")
+
+        async def chunks():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                yield message.get("body", b"")
+                if not message.get("more_body", False):
+                    return
+
+        status, body, headers = await self._handle(auth, declared, chunks())
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                *[(k, v) for k, v in headers if k.lower() != b"content-type"]]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class RetrievalServer:
