@@ -48,6 +48,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVER_PIDS: dict[str, int] = {}
+"""url -> pid of the servers started by :func:`serve` (the profile script reads their CPU time)."""
+
+
 @contextmanager
 def serve(index_dir: Path, log: Path, *extra: str):
     """Start ``openrlhf-search serve`` in a subprocess, wait for /health, yield its URL, always terminate it."""
@@ -69,6 +73,7 @@ def serve(index_dir: Path, log: Path, *extra: str):
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"server did not start; see {log}")
             time.sleep(0.2)
+        SERVER_PIDS[url] = proc.pid
         yield url
     finally:
         proc.terminate()
@@ -184,8 +189,9 @@ def in_process_ceiling(index_dir: Path, singles: list[list[str]], clients: int, 
 
 
 def concurrency_study(index_dir: Path, log: Path, singles: list[list[str]], clients: int, k: int,
-                      extra: tuple[str, ...] = ()) -> dict:
-    """Micro-batched server vs the two one-by-one baselines, with the raw load generator (and httpx threads)."""
+                      extra: tuple[str, ...] = (), baselines: bool = True) -> dict:
+    """Micro-batched server vs in-process batch-``clients`` retrieval (the target ratio, same run) and vs the two
+    one-by-one baselines, with the raw load generator (and httpx threads)."""
     import httpx
 
     out: dict = {"in_process_ceiling": in_process_ceiling(index_dir, singles, clients, k)}
@@ -194,6 +200,10 @@ def concurrency_study(index_dir: Path, log: Path, singles: list[list[str]], clie
         raw_clients(url, warm, clients, k)
         out["microbatched_16_clients"] = raw_clients(url, singles, clients, k)
         out["microbatched_16_clients"]["server_batch_queries"] = httpx.get(f"{url}/metrics").json()["batch_queries"]
+        out["microbatched_vs_in_process_batch16"] = round(
+            out["microbatched_16_clients"]["qps"] / out["in_process_ceiling"]["qps"][f"batch_{clients}"], 3)
+        if not baselines:
+            return out
         out["microbatched_16_httpx_threads"] = concurrent_clients(url, singles, clients, k)
     with serve(index_dir, log, "--max-batch", "1", *extra) as url:
         raw_clients(url, warm, clients, k)
@@ -220,10 +230,11 @@ def main() -> int:
     parser.add_argument("--dense-requests", type=int, default=320, help="batch-1 requests for the dense study")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--ratio-only", action="store_true",
+                        help="only the 16-client vs in-process batch-16 ratio (no batch-256 run, no baselines)")
     args = parser.parse_args()
 
-    from openrlhf_search.retrieval.bm25 import BM25Index, BM25Retriever
-    from openrlhf_search.retrieval.client import HTTPRetriever
+    from openrlhf_search.retrieval.bm25 import BM25Index
 
     corpus = synthetic_corpus(args.workdir / f"corpus_{args.passages}.jsonl", args.passages)
     index_dir = args.workdir / f"bm25_{args.passages}"
@@ -236,17 +247,35 @@ def main() -> int:
     k = args.topk
     result: dict = {"machine": machine(), "passages": args.passages, "batch_size": args.batch_size, "topk": k}
 
+    if not args.ratio_only:
+        batch256(index_dir, log, big, k, args.rounds, result)
+    result["bm25"] = concurrency_study(index_dir, log, singles, args.clients, k, baselines=not args.ratio_only)
+    if args.dense_passages:
+        dense_study(args, corpus, log, singles, k, result)
+    result["machine"]["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
+    out = args.out or args.workdir / f"server_results_{args.passages}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def batch256(index_dir: Path, log: Path, big: list[list[str]], k: int, rounds: int, result: dict) -> None:
+    """HTTPRetriever at batch 256 vs in-process, rounds interleaved."""
+    from openrlhf_search.retrieval.bm25 import BM25Index, BM25Retriever
+    from openrlhf_search.retrieval.client import HTTPRetriever
+
+    n_queries = sum(map(len, big))
     local = BM25Retriever(BM25Index.load(index_dir))
     with serve(index_dir, log) as url:
         client = HTTPRetriever(url, timeout=120, retries=0)
         assert client.search(big[0], k) == local.search(big[0], k), "HTTP and in-process results differ"
         rates = {"in-process": [], "http": []}
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for name, fn in (("in-process", local.search), ("http", client.search)):
                 start = time.perf_counter()
                 for b in big:
                     fn(b, k)
-                rates[name].append(args.queries / (time.perf_counter() - start))
+                rates[name].append(n_queries / (time.perf_counter() - start))
         client.close()
         med = {name: float(np.median(r)) for name, r in rates.items()}
         result["batch256"] = {"qps": {n: round(v, 1) for n, v in med.items()},
@@ -254,27 +283,25 @@ def main() -> int:
                               "http_vs_in_process": round(med["http"] / med["in-process"], 3)}
         with HTTPRetriever(url) as c:
             result["server_metrics_after_batch256"] = c._request("GET", "/metrics").json()
-    result["bm25"] = concurrency_study(index_dir, log, singles, args.clients, k)
-    if args.dense_passages:
-        from openrlhf_search.retrieval.corpus import read_corpus
-        from openrlhf_search.retrieval.dense import DenseIndex
 
-        dense_dir = args.workdir / f"dense_{args.dense_passages}"
-        if not (dense_dir / "manifest.json").exists():
-            docs = []
-            for doc in read_corpus(corpus):
-                docs.append(doc)
-                if len(docs) == args.dense_passages:
-                    break
-            DenseIndex.build(docs, dense_dir, show_progress=True)
-        dense_singles = singles[: args.dense_requests]
-        result["dense_flat_minilm"] = concurrency_study(dense_dir, log, dense_singles, args.clients, k)
-        result["dense_flat_minilm"]["passages"] = args.dense_passages
-    result["machine"]["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
-    out = args.out or args.workdir / f"server_results_{args.passages}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    return 0
+
+def dense_study(args, corpus: Path, log: Path, singles: list[list[str]], k: int, result: dict) -> None:
+    """The concurrency study on a dense (MiniLM, Flat) index of ``--dense-passages`` passages."""
+    from openrlhf_search.retrieval.corpus import read_corpus
+    from openrlhf_search.retrieval.dense import DenseIndex
+
+    dense_dir = args.workdir / f"dense_{args.dense_passages}"
+    if not (dense_dir / "manifest.json").exists():
+        docs = []
+        for doc in read_corpus(corpus):
+            docs.append(doc)
+            if len(docs) == args.dense_passages:
+                break
+        DenseIndex.build(docs, dense_dir, show_progress=True)
+    dense_singles = singles[: args.dense_requests]
+    result["dense_flat_minilm"] = concurrency_study(dense_dir, log, dense_singles, args.clients, k,
+                                                    baselines=not args.ratio_only)
+    result["dense_flat_minilm"]["passages"] = args.dense_passages
 
 
 if __name__ == "__main__":

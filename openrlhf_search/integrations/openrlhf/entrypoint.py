@@ -29,7 +29,8 @@ MEGATRON_CPU_SHIM_ENV = "OPENRLHF_SEARCH_MEGATRON_CPU_SHIM"
 """Switch of megatron-core's CPU shim (``megatron/cpu_shim.py``) in the Megatron actors."""
 
 FORWARDED_ENV = (CPU_SHIM_ENV, "PYTHONPATH", "DS_ACCELERATOR", "GLOO_SOCKET_IFNAME", "VLLM_HOST_IP", "HF_HUB_OFFLINE",
-                 "TRANSFORMERS_OFFLINE", "OPENRLHF_SEARCH_ALLOW_VERSION_MISMATCH", MEGATRON_CPU_SHIM_ENV)  # fmt: skip
+                 "TRANSFORMERS_OFFLINE", "OPENRLHF_SEARCH_ALLOW_VERSION_MISMATCH", MEGATRON_CPU_SHIM_ENV,
+                 "OPENRLHF_SEARCH_RETRIEVER_TOKEN")  # fmt: skip
 """Driver environment variables copied into Ray's runtime environment (workers on other nodes do not inherit)."""
 
 OPENRLHF_DEFAULT_ENV = {
