@@ -95,7 +95,11 @@ class HybridRetriever:
         params = manifest.params
         parts = [BM25Retriever.from_dir(directory / "bm25", n_threads=n_threads),
                  DenseRetriever.from_dir(directory / "dense")]
-        return cls(parts, k=params.get("rrf_k", 60.0), depth=params.get("depth", 20), weights=params.get("weights"))
+        from .cache import manifest_fingerprint
+
+        hybrid = cls(parts, k=params.get("rrf_k", 60.0), depth=params.get("depth", 20), weights=params.get("weights"))
+        hybrid.fingerprint = manifest_fingerprint(manifest)  # keys the record/replay cache, reported by /health
+        return hybrid
 
 
 def build_hybrid_index(corpus: str | os.PathLike, out_dir: str | os.PathLike, bm25_config, dense_config,

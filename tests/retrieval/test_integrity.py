@@ -119,7 +119,7 @@ def test_load_retriever_checks_too(tmp_path, bm25_dir):
         load_retriever(index)
 
 
-def test_damaged_faiss_index_is_named(tmp_path):
+def test_damaged_faiss_index_is_named(tmp_path, bm25_dir):
     """faiss.index of a dense index (written with a raw FAISS index; no encoder needed for the check)."""
     import faiss
 
@@ -147,3 +147,19 @@ def test_damaged_faiss_index_is_named(tmp_path):
     with pytest.raises(IndexIntegrityError, match=r"faiss\.index: unreadable FAISS index") as info:
         check_index(index)
     assert "\n" not in str(info.value)
+
+    # a hybrid index: both parts are checked, and their counts against the hybrid manifest
+    flat = faiss.IndexFlatIP(8)
+    flat.add(np.random.default_rng(0).standard_normal((48, 8)).astype(np.float32))
+    hybrid = tmp_path / "hybrid"
+    shutil.copytree(bm25_dir, hybrid / "bm25")
+    with DocStoreWriter(hybrid / "dense" / "docs") as writer:
+        for i in range(48):
+            writer.add(Document(str(i), f"passage {i}"))
+    faiss.write_index(flat, str(hybrid / "dense" / "faiss.index"))
+    Manifest(method="dense", count=48, params={"dim": 8}).save(hybrid / "dense")
+    Manifest(method="hybrid", count=48).save(hybrid)
+    check_index(hybrid)
+    _truncate(hybrid / "dense" / "docs" / "contents.bin")
+    with pytest.raises(IndexIntegrityError, match=r"dense/docs/contents\.bin: truncated"):
+        check_index(hybrid)
