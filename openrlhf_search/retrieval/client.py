@@ -183,7 +183,7 @@ class HTTPRetriever:
         max_bytes = int(limits.get("max_body_bytes") or 0)
         out, start, size = [], 0, 64  # 64: the JSON envelope and topk/return_scores fields
         for i, q in enumerate(queries):
-            cost = len(q.encode("utf-8", "surrogatepass")) * 2 + 8  # upper bound of its JSON escaping, roughly
+            cost = len(jsonfast.dumps(q)) + 1 if max_bytes else 0  # the query's exact JSON size and its comma
             if i > start and (i - start >= max_n or (max_bytes and size + cost > max_bytes)):
                 out.append((start, i))
                 start, size = i, 64

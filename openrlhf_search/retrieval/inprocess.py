@@ -10,7 +10,10 @@ Determinism: hits are ordered by decreasing score, then by increasing document r
 like Lucene's doc id), for every ``topk`` and every batch composition. An index's top-k selection keeps an arbitrary
 subset of the documents tied at the k-th score, so when the k-th score ties with the last candidate fetched,
 ``search_rows`` fetches twice as many candidates for that query (until the tie is inside the fetched set or the
-whole corpus is fetched) before sorting; a top-k is then always the prefix of a top-(k+1).
+whole corpus, or :data:`TIE_FETCH_LIMIT` candidates, are fetched) before sorting; a top-k is then always the prefix
+of a top-(k+1). A tie wider than the limit (a term in millions of equal-length passages) is cut where the index's
+own top-``TIE_FETCH_LIMIT`` cuts it: still the same answer for every ``topk`` and batch, as that top-N depends only
+on the query, but its documents are not then the lowest rows of the tie.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ import numpy as np
 
 from .docstore import DocStore
 from .types import Document, Hit
+
+TIE_FETCH_LIMIT = 4096
+"""Most candidates fetched per query to resolve a tie at the k-th score (see the module docstring)."""
 
 
 class InProcessRetriever(abc.ABC):
@@ -47,14 +53,14 @@ class InProcessRetriever(abc.ABC):
         n = len(self.docs)
         k = min(topk, n)
         rows, scores = self.score_rows(queries, k)
-        fetched = k
-        while fetched < n and rows.size:
+        fetched, limit = k, min(n, max(k, TIE_FETCH_LIMIT))
+        while fetched < limit and rows.size:
             # a query needs more candidates when its k-th score (a real hit) equals its last fetched score
             kth, last = scores[:, k - 1], scores[:, -1]
             tied = np.flatnonzero((rows[:, k - 1] >= 0) & (kth == last))
             if not tied.size:
                 break
-            fetched = min(n, 2 * fetched)
+            fetched = min(limit, 2 * fetched)
             more_rows, more_scores = self.score_rows([queries[i] for i in tied], fetched)
             wide_rows = np.full((len(queries), fetched), -1, dtype=np.int64)
             wide_scores = np.full((len(queries), fetched), -np.inf, dtype=np.float32)
