@@ -6,7 +6,9 @@ route vs the raw ``POST /retrieve`` path (no socket), and the whole server proce
     nice -n 10 python benchmarks/retrieval_server_profile.py            # BM25 on the 100k synthetic corpus
     nice -n 10 python benchmarks/retrieval_server_profile.py --requests 1600
 
-The index and queries are those of ``benchmarks/retrieval_server.py`` (built there if missing).
+The index and queries are those of ``benchmarks/retrieval_server.py`` (built there if missing). Retrieval runs
+with one thread everywhere (``--n-threads 1`` for the server): numba's idle workers spin, and CPU time would count
+the spinning.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ from retrieval_server import SERVER_PIDS, raw_clients, serve  # noqa: E402
 
 
 def _cpu() -> float:
-    t = os.times()
-    return t.user + t.system
+    return time.process_time()  # this process, all threads
 
 
 def _proc_cpu(pid: int) -> float:
@@ -65,6 +66,22 @@ async def _asgi_requests(app, lifespan_app, bodies: list[bytes], clients: int) -
         return (_cpu() - start) / len(bodies)
 
 
+def _Stub(docs):
+    """An in-process retriever that returns rows 0..k-1 at once (isolates the server's own per-request cost)."""
+    import numpy as np
+
+    from openrlhf_search.retrieval.inprocess import InProcessRetriever
+
+    class Stub(InProcessRetriever):
+        def score_rows(self, queries, topk):
+            rows = np.tile(np.arange(topk, dtype=np.int64), (len(queries), 1))
+            return rows, np.tile(np.arange(topk, 0, -1, dtype=np.float32), (len(queries), 1))
+
+    stub = Stub()
+    stub.docs = docs
+    return stub
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passages", type=int, default=100_000)
@@ -85,35 +102,39 @@ def main() -> int:
     queries = sample_queries(corpus, args.requests)
     k, n, c = args.topk, args.requests, args.clients
     bodies = [json.dumps({"queries": [q], "topk": k, "return_scores": True}).encode() for q in queries]
-    retriever = BM25Retriever(BM25Index.load(index_dir))
+    # one retrieval thread everywhere: numba's idle worker threads spin, which CPU time would count as work
+    retriever = BM25Retriever(BM25Index.load(index_dir), n_threads=1)
     retriever.search(queries[:c], k)
     us: dict[str, float] = {}
 
-    start = _cpu()
-    for i in range(0, n, c):
-        retriever.search(queries[i : i + c], k)
-    us["in-process search, batch 16, per query"] = (_cpu() - start) / n * 1e6
-    start = _cpu()
-    for q in queries:
-        retriever.search([q], k)
-    us["in-process search, batch 1, per query"] = (_cpu() - start) / n * 1e6
+    for name, size in (("batch 16", c), ("batch 1", 1), ("batch 16, again", c)):
+        start = _cpu()
+        for i in range(0, n, size):
+            retriever.search(queries[i : i + size], k)
+        us[f"in-process search, {name}, per query"] = (_cpu() - start) / n * 1e6
     cfg = ServerConfig()
     start = _cpu()
-    for b in bodies:
-        parse_retrieve_request(b, cfg)
-    us["parse + validate one body"] = (_cpu() - start) / n * 1e6
+    for _ in range(10):
+        for b in bodies:
+            parse_retrieve_request(b, cfg)
+    us["parse + validate one body"] = (_cpu() - start) / n / 10 * 1e6
     hits = [[{"document": h.document.to_json(), "score": h.score} for h in retriever.search([queries[0]], k)[0]]]
     start = _cpu()
-    for _ in range(n):
+    for _ in range(10 * n):
         jsonfast.dumps({"result": hits})
-    us["encode one batch-1 response"] = (_cpu() - start) / n * 1e6
+    us["encode one batch-1 response"] = (_cpu() - start) / n / 10 * 1e6
+    stub_app = create_app(_Stub(retriever.docs), cfg)  # no retrieval work: what the framework alone costs
+    us["ASGI app via FastAPI's route, stub retriever (framework + batcher only), per request"] = asyncio.run(
+        _asgi_requests(stub_app.app, stub_app.app, bodies, c)) * 1e6
+    us["ASGI app via the raw POST /retrieve path, stub retriever, per request"] = asyncio.run(
+        _asgi_requests(stub_app, stub_app.app, bodies, c)) * 1e6
     app = create_app(retriever, cfg)
     us["ASGI app via FastAPI's route (batcher + retrieval), per request"] = asyncio.run(
         _asgi_requests(app.app, app.app, bodies, c)) * 1e6
     us["ASGI app via the raw POST /retrieve path (batcher + retrieval), per request"] = asyncio.run(
         _asgi_requests(app, app.app, bodies, c)) * 1e6
     log = args.workdir / "server_profile.log"
-    with serve(index_dir, log) as url:
+    with serve(index_dir, log, "--n-threads", "1") as url:
         singles = [[q] for q in queries]
         raw_clients(url, singles[: 2 * c], c, k)
         pid = SERVER_PIDS[url]
