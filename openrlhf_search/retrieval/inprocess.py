@@ -8,8 +8,9 @@ protocol). The HTTP server works on the arrays, so documents are only decoded fo
 
 Determinism: hits are ordered by decreasing score, then by increasing document row (the index's document number,
 like Lucene's doc id), for every ``topk`` and every batch composition. An index's top-k selection keeps an arbitrary
-subset of the documents tied at the k-th score, so when the k-th score ties with the last candidate fetched,
-``search_rows`` fetches twice as many candidates for that query (until the tie is inside the fetched set or the
+subset of the documents tied at the k-th score, so ``search_rows`` fetches k + 1 candidates (the extra one shows
+whether the k-th score is tied with a document left out) and, when the k-th score ties with the last candidate
+fetched, twice as many for that query (until the tie is inside the fetched set or the
 whole corpus, or :data:`TIE_FETCH_LIMIT` candidates, are fetched) before sorting; a top-k is then always the prefix
 of a top-(k+1). A tie wider than the limit (a term in millions of equal-length passages) is cut where the index's
 own top-``TIE_FETCH_LIMIT`` cuts it: still the same answer for every ``topk`` and batch, as that top-N depends only
@@ -52,8 +53,9 @@ class InProcessRetriever(abc.ABC):
         """:meth:`score_rows` with ties broken by document row, independent of ``topk`` (module docstring)."""
         n = len(self.docs)
         k = min(topk, n)
-        rows, scores = self.score_rows(queries, k)
-        fetched, limit = k, min(n, max(k, TIE_FETCH_LIMIT))
+        # one candidate beyond k shows whether the k-th score is tied with a document left out
+        fetched, limit = min(n, k + 1), min(n, max(k + 1, TIE_FETCH_LIMIT))
+        rows, scores = self.score_rows(queries, fetched)
         while fetched < limit and rows.size:
             # a query needs more candidates when its k-th score (a real hit) equals its last fetched score
             kth, last = scores[:, k - 1], scores[:, -1]
