@@ -13,7 +13,8 @@ that rejects its input):
 Large batches: before its first search the client reads the server's advertised limits from ``GET /health``
 (``limits.max_queries_per_request`` / ``max_body_bytes``; a server without them -- e.g. Search-R1's own, which has
 no ``/health`` -- is sent whole batches) and splits any larger batch into consecutive chunks, reassembled in order,
-so a batch that in-process retrieval accepts is accepted over HTTP too.
+so a batch that in-process retrieval accepts is accepted over HTTP too. A 413 (a server restarted with lower
+limits) makes ``search`` re-read the limits once and re-split the rest of the batch.
 
 Token: ``token=`` or, when it is not given, the environment variable ``OPENRLHF_SEARCH_RETRIEVER_TOKEN`` (the
 variable the server reads too), sent as ``Authorization: Bearer <token>``.
@@ -110,7 +111,8 @@ class HTTPRetriever:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(base_url=self.url, timeout=timeout, headers=self._headers)
         self._limits: dict | None = None
-        if max_queries_per_request is not None:
+        self._explicit_limits = max_queries_per_request is not None
+        if self._explicit_limits:
             self._limits = {"max_queries_per_request": int(max_queries_per_request)}
         self._health: dict | None = None
 
@@ -199,10 +201,20 @@ class HTTPRetriever:
             return []
         queries = list(queries)
         out: list[list[Hit]] = []
-        for start, end in self.chunks(queries):
-            part = queries[start:end]
-            response = self._request("POST", "/retrieve", content=self._payload(part, topk), headers=_JSON)
-            out.extend(self._hits(response, len(part)))
+        refreshed = False
+        while len(out) < len(queries):
+            rest = queries[len(out) :]
+            for start, end in self.chunks(rest):
+                part = rest[start:end]
+                try:
+                    response = self._request("POST", "/retrieve", content=self._payload(part, topk), headers=_JSON)
+                except RetrieverRequestError as exc:
+                    if exc.status != 413 or refreshed or self._explicit_limits:
+                        raise
+                    refreshed = True  # the server may have restarted with lower limits: re-read them once
+                    self._limits = self._health = None
+                    break
+                out.extend(self._hits(response, len(part)))
         return out
 
     async def asearch(self, queries: list[str], topk: int = 3) -> list[list[Hit]]:

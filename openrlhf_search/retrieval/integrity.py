@@ -15,7 +15,7 @@ into a traceback on the first query. :func:`check_index` verifies, without readi
 * hybrid: both sub-indexes, and their counts equal the hybrid manifest's.
 
 Not checked (it would read every byte): that every passage is valid UTF-8 and every BM25 document index is in
-range; a bad byte there still fails the request that reads it, with a 500 naming the row.
+range; a bad byte there still fails the requests that read it (a JSON 500), not the server.
 """
 
 from __future__ import annotations

@@ -119,6 +119,10 @@ def test_client_splits_a_batch_to_the_advertised_limits_in_order(bm25_retriever,
         import asyncio
 
         assert asyncio.run(client.asearch(queries, 2)) == bm25_retriever.search(queries, 2)
+        client._limits = {"max_queries_per_request": 1000}  # stale (a server restarted with lower limits): one 413,
+        assert client.search(queries, 2) == bm25_retriever.search(queries, 2)  # then re-read and re-split
+        with pytest.raises(Exception, match="HTTP 413"):  # limits given explicitly are not second-guessed
+            HTTPRetriever(srv.url, max_queries_per_request=8).search(queries, 2)
     assert client.chunks([]) == []
 
 
