@@ -308,7 +308,8 @@ class MicroBatcher:
 
 
 def create_app(retriever: Retriever, cfg: ServerConfig | None = None, info: dict | None = None):
-    """The FastAPI application serving ``retriever`` (batching starts with the app's lifespan)."""
+    """The ASGI application serving ``retriever``: :class:`FastRetrieve` in front of a FastAPI app (batching starts
+    with the lifespan)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
