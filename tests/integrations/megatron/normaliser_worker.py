@@ -83,6 +83,7 @@ def main() -> int:
     ids, mask, action, adv = fixed_batch(model.hf_config.vocab_size)
     logp, _ = engine.compute_logprobs(model, ids, mask)
     g = torch.Generator().manual_seed(11)
+    logp = logp.cpu()  # on the model's device (logical CUDA under the strict proxy); the batch is built on the host
     old = (logp + 0.3 * torch.randn(logp.shape, generator=g)).detach()
     ref = (logp + 0.1 * torch.randn(logp.shape, generator=g)).detach()
     dp, rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
