@@ -16,7 +16,7 @@ SCRIPTS = sorted(
     p
     for p in [*(ROOT / "examples" / "scripts").rglob("*.sh"), *(ROOT / "examples" / "scripts").rglob("*.sbatch")]
     if "megatron" not in p.relative_to(ROOT / "examples" / "scripts").parts
-) + [ROOT / "scripts" / "setup_openrlhf_env.sh", ROOT / "scripts" / "test_openrlhf.sh"]
+) + [ROOT / "scripts" / n for n in ("setup_openrlhf_env.sh", "test_openrlhf.sh", "gpu_check.sh")]
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile*"))
 
 

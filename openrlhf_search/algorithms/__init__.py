@@ -4,6 +4,7 @@ Pure PyTorch (imports nothing heavier than torch). Public API (binding, see docs
 docs/algorithms.md)::
 
     get_policy_loss(name, **cfg) -> fn(log_probs, old_log_probs, advantages, action_mask, **extra) -> (loss, metrics)
+    loss_normalizer(action_mask, mode) / step_normalizers(micro_batches, cfg, group) -> the step's normaliser
     get_advantage_estimator(name, **cfg) -> fn(rewards[B], group_ids[B]) -> advantages[B]
     mixed_outcome_groups(rewards, group_ids) -> bool[B];  GroupBatcher(target_groups, max_rounds, on_cap)
     calibrate_advantages(seq_adv, records, action_mask, group_ids, cfg) -> (token_adv, metrics)
@@ -16,7 +17,14 @@ from .calibadv import CalibAdvConfig, CalibRecord, SearchTurn, calibrate_advanta
 from .filtering import BatchNotFilledError, BatchReport, GroupBatch, GroupBatcher, mixed_outcome_groups
 from .kl import kl_penalty
 from .logprobs import entropy_from_logits, logprobs_from_logits, sampled_token_logprobs
-from .losses import PolicyLossConfig, get_policy_loss, register_policy_loss
+from .losses import (
+    PolicyLossConfig,
+    get_policy_loss,
+    loss_normalizer,
+    register_policy_loss,
+    sapo_normalizer,
+    step_normalizers,
+)
 from .presets import AlgorithmPreset, get_algorithm
 from .registry import Registry
 
@@ -38,8 +46,11 @@ __all__ = [
     "get_policy_loss",
     "kl_penalty",
     "logprobs_from_logits",
+    "loss_normalizer",
     "mixed_outcome_groups",
     "register_advantage_estimator",
     "register_policy_loss",
     "sampled_token_logprobs",
+    "sapo_normalizer",
+    "step_normalizers",
 ]

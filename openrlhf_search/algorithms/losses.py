@@ -2,7 +2,8 @@
 
 Every loss is built by ``get_policy_loss(name, **cfg)`` and has the uniform signature::
 
-    loss, metrics = fn(log_probs, old_log_probs, advantages, action_mask, ref_log_probs=None, entropy=None)
+    loss, metrics = fn(log_probs, old_log_probs, advantages, action_mask, ref_log_probs=None, entropy=None,
+                       normalizer=None, sapo_normalizer=None)
 
 ``log_probs`` ``[B, T]`` are the current policy's log-probs of the sampled tokens (differentiable);
 ``old_log_probs`` ``[B, T]`` those of the rollout policy; ``advantages`` ``[B]`` (one per trajectory, broadcast)
@@ -49,19 +50,37 @@ Names and their defaults (any field of :class:`PolicyLossConfig` can be overridd
   further (0.0056, 0.0041), all at the same final reward within seed noise; 0.5 is the smallest weight with a
   clear effect. A toy is not a search agent: the trainer may retune both on real runs.
 
-Aggregation modes (``loss_agg``), over model tokens ``m_it`` of the micro-batch:
+Aggregation modes (``loss_agg``), over model tokens ``m_it`` of the optimizer step (see the distributed note):
 
 * ``token-mean``: ``sum_it m l / sum_it m`` (DAPO, OpenRLHF's default);
 * ``seq-mean-token-mean``: mean over sequences with at least one model token of their token-mean (GRPO paper);
 * ``seq-mean-token-sum``: mean over sequences of their token *sum*;
 * ``seq-mean-token-sum-norm``: ``sum_it m l / (n_seq * norm)`` with ``norm = loss_agg_norm`` (e.g. the
   generation budget ``max_len``; Dr. GRPO) or ``T`` (the padded length) when unset. Set ``loss_agg_norm`` if the
-  loss must not depend on how much padding a batch carries.
+  loss must not depend on how much padding a batch carries (with ``T``, micro-batches padded to different widths
+  use different ``T``).
 
 Optional terms: ``kl_coef * agg(k(log pi, log ref))`` with estimator ``kl_estimator`` (needs ``ref_log_probs``)
-and ``- entropy_coef * agg(entropy)`` (needs ``entropy``). Distributed note: token-mean over micro-batches or
-data-parallel ranks is only exact if the caller rescales by the global token count; that path is the trainer's
-and is not exercised here (CPU only).
+and ``- entropy_coef * agg(entropy)`` (needs ``entropy``), aggregated with the same mode and normaliser.
+
+Distributed note (one objective on every backend): each name means ONE objective over the whole optimizer step,
+however the step is cut into micro-batches (gradient accumulation) and data-parallel ranks. Every aggregate is
+written ``sum / count``; a backend passes ``normalizer=`` = the step's global count (model tokens for
+``token-mean``, sequences with >= 1 model token for ``seq-mean-*``), obtained by summing
+:func:`loss_normalizer` over its micro-batches and all-reducing (SUM) over the data-parallel group --
+:func:`step_normalizers` does both. Each micro-batch's loss is then its share ``local sum / global count``, and the
+SUM of the micro-batch losses over the step is the step's objective; a backend must therefore neither divide by
+the number of micro-batches nor average gradients over ranks without undoing it (the local trainer sums;
+OpenRLHF/DeepSpeed and Megatron multiply by ``grad-accum steps x dp_size`` to cancel their ``1/gas`` and DP
+averaging). Sequence modes are exact because a sequence never spans micro-batches (its token-mean is local).
+SAPO's KL term is a mean over the model tokens of non-negative-advantage sequences: globally, its denominator is
+that count over the whole step (``sapo_normalizer=``, from :func:`sapo_normalizer`, summed and all-reduced the same
+way; :func:`step_normalizers` adds it when ``sapo_coef > 0``), so the term is also micro-batch invariant -- not
+the micro-batch mean of the paper's single-batch listing, which would weigh tokens of small micro-batches more.
+Without ``normalizer`` each call uses its local counts (a single micro-batch on one rank is then exact).
+Verified on CPU: 1, 2 and 4 micro-batches give the same gradient for every name and mode
+(tests/algorithms/test_loss_normaliser.py), and so do the local trainer's micro-batches, OpenRLHF's
+adapter and Megatron at DP=1 and DP=2 (gloo).
 """
 
 from __future__ import annotations
@@ -83,34 +102,133 @@ PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 LOSS_AGGREGATIONS: Registry[Callable[..., torch.Tensor]] = Registry("loss aggregation")
 
 
+def _denominator(local: torch.Tensor, normalizer, like: torch.Tensor) -> torch.Tensor:
+    """``normalizer`` (the whole step's count) as a tensor like ``like``, else the local count; never 0."""
+    if normalizer is None:
+        return local.clamp(min=1).to(like.dtype)
+    n = torch.as_tensor(normalizer, dtype=like.dtype, device=like.device)
+    return torch.where(n > 0, n, torch.ones_like(n))  # an all-masked step has a zero sum: 0 / 1, not NaN
+
+
 @LOSS_AGGREGATIONS.register("token-mean")
-def _token_mean(values: torch.Tensor, mask: torch.Tensor, norm: float | None = None) -> torch.Tensor:
-    return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp(min=1)
+def _token_mean(values: torch.Tensor, mask: torch.Tensor, norm: float | None = None, normalizer=None) -> torch.Tensor:
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / _denominator(mask.sum(), normalizer, total)
 
 
 @LOSS_AGGREGATIONS.register("seq-mean-token-mean")
-def _seq_mean_token_mean(values: torch.Tensor, mask: torch.Tensor, norm: float | None = None) -> torch.Tensor:
+def _seq_mean_token_mean(
+    values: torch.Tensor, mask: torch.Tensor, norm: float | None = None, normalizer=None
+) -> torch.Tensor:
     n_tok = mask.sum(-1)
     per_seq = torch.where(mask, values, torch.zeros_like(values)).sum(-1) / n_tok.clamp(min=1)
-    return per_seq.sum() / (n_tok > 0).sum().clamp(min=1)
+    total = per_seq.sum()
+    return total / _denominator((n_tok > 0).sum(), normalizer, total)
 
 
 @LOSS_AGGREGATIONS.register("seq-mean-token-sum")
-def _seq_mean_token_sum(values: torch.Tensor, mask: torch.Tensor, norm: float | None = None) -> torch.Tensor:
-    per_seq = torch.where(mask, values, torch.zeros_like(values)).sum(-1)
-    return per_seq.sum() / (mask.sum(-1) > 0).sum().clamp(min=1)
+def _seq_mean_token_sum(
+    values: torch.Tensor, mask: torch.Tensor, norm: float | None = None, normalizer=None
+) -> torch.Tensor:
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / _denominator((mask.sum(-1) > 0).sum(), normalizer, total)
 
 
 @LOSS_AGGREGATIONS.register("seq-mean-token-sum-norm")
-def _seq_mean_token_sum_norm(values: torch.Tensor, mask: torch.Tensor, norm: float | None = None) -> torch.Tensor:
+def _seq_mean_token_sum_norm(
+    values: torch.Tensor, mask: torch.Tensor, norm: float | None = None, normalizer=None
+) -> torch.Tensor:
     norm = float(values.shape[-1]) if norm is None else float(norm)
-    per_seq = torch.where(mask, values, torch.zeros_like(values)).sum(-1)
-    return per_seq.sum() / ((mask.sum(-1) > 0).sum().clamp(min=1) * norm)
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / (_denominator((mask.sum(-1) > 0).sum(), normalizer, total) * norm)
 
 
-def aggregate_loss(values: torch.Tensor, mask: torch.Tensor, mode: str, norm: float | None = None) -> torch.Tensor:
-    """Reduce per-token ``values[B, T]`` over the bool ``mask[B, T]`` with aggregation ``mode``."""
-    return LOSS_AGGREGATIONS.get(mode)(values, mask.bool(), norm)
+TOKEN_MODES = frozenset({"token-mean"})
+"""Aggregations whose normaliser counts model tokens; every other mode counts sequences with >= 1 model token."""
+
+
+def aggregate_loss(
+    values: torch.Tensor, mask: torch.Tensor, mode: str, norm: float | None = None, normalizer=None
+) -> torch.Tensor:
+    """Reduce per-token ``values[B, T]`` over the bool ``mask[B, T]`` with aggregation ``mode``.
+
+    ``normalizer`` (float or 0-dim tensor): the whole optimizer step's count (:func:`loss_normalizer` summed over
+    micro-batches and data-parallel ranks) replacing the local count in the denominator; None keeps the local one.
+    """
+    return LOSS_AGGREGATIONS.get(mode)(values, mask.bool(), norm, normalizer)
+
+
+def loss_normalizer(action_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """This micro-batch's share of the normaliser of aggregation ``mode`` (int64 0-dim tensor, mask's device).
+
+    ``token-mean``: the number of model tokens; ``seq-mean-*``: the number of sequences with at least one model
+    token. Sum it over the optimizer step's micro-batches and all-reduce (SUM) it over the data-parallel group,
+    then pass the total as ``normalizer=`` to the loss (or use :func:`step_normalizers`, which does all of it).
+    """
+    if mode not in LOSS_AGGREGATIONS:
+        valid = ", ".join(LOSS_AGGREGATIONS.names())
+        raise KeyError(f"loss_normalizer: unknown aggregation {mode!r} (valid: {valid})")
+    mask = action_mask.bool()
+    if mask.dim() != 2:
+        raise ValueError(f"loss_normalizer: action_mask must be [B, T], got shape {tuple(mask.shape)}")
+    return mask.sum() if mode in TOKEN_MODES else (mask.sum(-1) > 0).sum()
+
+
+def _nonnegative_sequences(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, 1]`` True for sequences none of whose model tokens has a negative advantage (SAPO's A_i >= 0)."""
+    return torch.where(mask, adv, torch.full_like(adv, float("inf"))).amin(-1, keepdim=True) >= 0
+
+
+def sapo_normalizer(action_mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """This micro-batch's share of SAPO's KL denominator: model tokens of non-negative-advantage sequences.
+
+    ``advantages`` is ``[B]`` or ``[B, T]`` as for the loss. int64 0-dim tensor; sum/all-reduce like
+    :func:`loss_normalizer` and pass the total as ``sapo_normalizer=``.
+    """
+    mask = action_mask.bool()
+    adv = advantages[:, None].expand(mask.shape) if advantages.dim() == 1 else advantages
+    adv = adv.detach().to(torch.float32)
+    return (mask & _nonnegative_sequences(adv, mask)).sum()
+
+
+def step_normalizers(micro_batches, config: PolicyLossConfig, group=None, device=None) -> dict[str, torch.Tensor]:
+    """The global normalisers of one optimizer step, ready to pass to the loss as ``**kwargs``.
+
+    Args:
+        micro_batches: iterable of ``(action_mask[B, T], advantages[B] or [B, T])``, every micro-batch of the
+            step on this rank (advantages are only read when the config has a SAPO term).
+        config: the loss's :class:`PolicyLossConfig` (``loss_fn.config``).
+        group: the data-parallel process group; when ``torch.distributed`` is initialised the counts are
+            all-reduced (SUM) over it (``None`` = the default group). Every rank of the group must call this.
+        device: device of the all-reduced tensor (NCCL needs CUDA); default: the first mask's device.
+    Returns:
+        ``{"normalizer": n}`` plus ``"sapo_normalizer"`` when ``config.sapo_coef > 0`` (float64 0-dim tensors).
+    """
+    sapo = config.sapo_coef > 0
+    counts = None
+    for mask, adv in micro_batches:
+        local = [loss_normalizer(mask, config.loss_agg)]
+        if sapo:
+            local.append(sapo_normalizer(mask, adv))
+        vec = torch.stack(local).to(torch.float64)
+        counts = vec if counts is None else counts + vec.to(counts.device)
+        device = device if device is not None else mask.device
+    if counts is None:
+        raise ValueError("step_normalizers: no micro-batches")
+    counts = counts.to(device)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    out = {"normalizer": counts[0]}
+    if sapo:
+        out["sapo_normalizer"] = counts[1]
+    return out
+
+
+ADDITIVE_METRICS = ("loss", "pg_loss", "kl_loss", "sapo_penalty")
+"""Metrics that, when the loss is called with ``normalizer=``, are this micro-batch's *share* of the step's value:
+sum them over micro-batches and data-parallel ranks (every other metric is a local mean)."""
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -260,6 +378,8 @@ def clipped_policy_loss(
     *,
     ref_log_probs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    sapo_normalizer: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The shared clipped surrogate behind every built-in loss name (see the module docstring).
 
@@ -271,8 +391,16 @@ def clipped_policy_loss(
         config: a validated :class:`PolicyLossConfig`.
         ref_log_probs: ``[B, T]`` reference log-probs, required when ``config.kl_coef > 0``.
         entropy: ``[B, T]`` token entropies, required when ``config.entropy_coef > 0`` (else only logged).
+        normalizer: the whole optimizer step's count (model tokens for ``token-mean``, sequences with >= 1 model
+            token for ``seq-mean-*``; :func:`loss_normalizer` summed over micro-batches and data-parallel ranks).
+            Every aggregate (policy, KL and entropy terms) then divides its sum by it instead of the local count,
+            so the sum of the micro-batch losses is the step's loss. None: local means (unchanged behaviour).
+        sapo_normalizer: the step's count of model tokens of non-negative-advantage sequences
+            (:func:`sapo_normalizer` summed likewise), the denominator of SAPO's KL term; required when
+            ``normalizer`` is given and ``config.sapo_coef > 0``.
     Returns:
-        ``(loss, metrics)`` with a scalar loss and a dict of Python floats.
+        ``(loss, metrics)`` with a scalar loss and a dict of Python floats; with ``normalizer`` the metrics in
+        :data:`ADDITIVE_METRICS` are this micro-batch's share of the step's value.
     """
     cfg = config
     advantages, mask = _check_inputs(log_probs, old_log_probs, advantages, action_mask)
@@ -298,17 +426,22 @@ def clipped_policy_loss(
     pg = torch.maximum(pg_unclipped, pg_clipped)
     if cfg.dual_clip is not None:
         pg = torch.where(adv < 0, torch.minimum(pg, -adv * cfg.dual_clip), pg)
-    pg_loss = aggregate_loss(pg, mask, cfg.loss_agg, cfg.loss_agg_norm)
+    if normalizer is not None and cfg.sapo_coef > 0 and sapo_normalizer is None:
+        raise ValueError(
+            "a global normalizer with sapo_coef > 0 also needs sapo_normalizer= (the step's model tokens of "
+            "non-negative-advantage sequences: losses.step_normalizers or losses.sapo_normalizer)"
+        )
+    pg_loss = aggregate_loss(pg, mask, cfg.loss_agg, cfg.loss_agg_norm, normalizer)
     loss = pg_loss
 
     # SAPO conditional KL: k1 of KL(old || theta) on drifted tokens of sequences with advantage >= 0, divided by all
     # model tokens of those sequences. A sequence counts as non-negative when none of its model tokens has A < 0:
     # exactly "A_i >= 0" for sequence advantages, and with CalibAdv token advantages a failed rollout whose good
     # search turns were zeroed still counts as negative (its zeroed tokens are neither pulled up nor counted).
-    seq_nonneg = torch.where(mask, adv, torch.full_like(adv, float("inf"))).amin(-1, keepdim=True) >= 0
-    pos_seq_tok = mask & seq_nonneg
+    pos_seq_tok = mask & _nonnegative_sequences(adv, mask)
     drifted = pos_seq_tok & (token_ratio.detach() <= cfg.sapo_threshold)
-    sapo_term = torch.where(drifted, -log_ratio, zeros).sum() / pos_seq_tok.sum().clamp(min=1)
+    sapo_sum = torch.where(drifted, -log_ratio, zeros).sum()
+    sapo_term = sapo_sum / _denominator(pos_seq_tok.sum(), sapo_normalizer, sapo_sum)
     if cfg.sapo_coef > 0:
         loss = loss + cfg.sapo_coef * sapo_term
 
@@ -317,13 +450,13 @@ def clipped_policy_loss(
         if ref_log_probs is None:
             raise ValueError("kl_coef > 0 needs ref_log_probs=[B, T] (the reference policy's log-probs)")
         kl_tok = kl_penalty(log_probs, ref_log_probs.detach(), mask, cfg.kl_estimator, cfg.log_ratio_clamp)
-        kl_loss = aggregate_loss(kl_tok, mask, cfg.loss_agg, cfg.loss_agg_norm)
+        kl_loss = aggregate_loss(kl_tok, mask, cfg.loss_agg, cfg.loss_agg_norm, normalizer)
         loss = loss + cfg.kl_coef * kl_loss
         metrics["kl_loss"] = kl_loss.item()
     if cfg.entropy_coef > 0:
         if entropy is None:
             raise ValueError("entropy_coef > 0 needs entropy=[B, T] (token entropies, differentiable)")
-        loss = loss - cfg.entropy_coef * aggregate_loss(entropy, mask, cfg.loss_agg, cfg.loss_agg_norm)
+        loss = loss - cfg.entropy_coef * aggregate_loss(entropy, mask, cfg.loss_agg, cfg.loss_agg_norm, normalizer)
 
     metrics.update(
         loss=loss.item(),

@@ -163,6 +163,9 @@ class AlgorithmConfig:
     """Passes over each rollout batch."""
     num_minibatches: int = 2
     """Optimizer steps per epoch (the batch is split into this many minibatches)."""
+    micro_batches: int = 1
+    """Gradient-accumulation micro-batches per minibatch (memory only: the loss is normalised over the whole
+    minibatch, ``algorithms.step_normalizers``, so the step does not depend on this number)."""
     calib_lambda: float = 1.0
     """CalibAdv's lambda (positive/negative mass balance)."""
 

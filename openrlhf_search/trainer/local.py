@@ -697,8 +697,15 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 def update_policy(policy, opt, sched, loss_fn, packed: PackedBatch, old_lp, ref_lp, advantages, cfg) -> dict:
-    """``ppo_epochs`` x ``num_minibatches`` optimiser steps; NaN/inf loss or gradients skip the step (logged)."""
+    """``ppo_epochs`` x ``num_minibatches`` optimiser steps; NaN/inf loss or gradients skip the step (logged).
+
+    Each minibatch runs as ``cfg.algorithm.micro_batches`` gradient-accumulation micro-batches, each loss divided
+    by the minibatch's normaliser (``algorithms.step_normalizers``) and the losses summed: the gradient is the
+    minibatch objective's for any number of micro-batches (the same contract as the OpenRLHF and Megatron backends).
+    """
     import torch
+
+    from openrlhf_search.algorithms.losses import ADDITIVE_METRICS, step_normalizers
 
     B = packed.input_ids.size(0)
     n_mb = max(1, min(cfg.algorithm.num_minibatches, B))
@@ -709,17 +716,31 @@ def update_policy(policy, opt, sched, loss_fn, packed: PackedBatch, old_lp, ref_
     for _ in range(cfg.algorithm.ppo_epochs):
         perm = torch.randperm(B, generator=gen)
         for rows in perm.chunk(n_mb):
-            lp = response_logprobs(policy, packed, rows, cfg.rollout.temperature)
-            extra = {"ref_log_probs": ref_lp[rows]} if ref_lp is not None else {}
-            adv = advantages[rows]
-            loss, m = loss_fn(lp, old_lp[rows], adv, packed.action_mask[rows], **extra)
-            for k, v in m.items():
-                agg.setdefault(k, []).append(float(v))
+            micro = rows.chunk(max(1, min(cfg.algorithm.micro_batches, len(rows))))
+            config = getattr(loss_fn, "config", None)  # registry losses carry theirs; a bare callable has none
+            norms = step_normalizers([(packed.action_mask[r], advantages[r]) for r in micro], config) if config else {}
             opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
+            step: dict[str, float] = {}
+            finite = True
+            for r in micro:
+                lp = response_logprobs(policy, packed, r, cfg.rollout.temperature)
+                extra = {"ref_log_probs": ref_lp[r]} if ref_lp is not None else {}
+                loss, m = loss_fn(lp, old_lp[r], advantages[r], packed.action_mask[r], **extra, **norms)
+                if not norms:  # no normaliser: each call is a local mean, average them
+                    loss = loss / len(micro)
+                for k, v in m.items():  # shares of the step's value add up; local means are averaged
+                    share = norms and k in ADDITIVE_METRICS
+                    step[k] = step.get(k, 0.0) + float(v) * (1.0 if share else len(r) / len(rows))
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+            for k, v in step.items():
+                agg.setdefault(k, []).append(v)
+            if not finite:
+                opt.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
-            loss.backward()
             clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf")
             gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
             if not torch.isfinite(gnorm):

@@ -109,3 +109,50 @@ def test_lr_schedules():
     assert lr_lambda("constant", 0, 10)(9) == 1.0
     with pytest.raises(ValueError, match="optimizer.schedule"):
         lr_lambda("exp", 0, 10)
+
+
+def _uneven_trajs(tok):
+    texts = ["who is 3", "<search> who is 12 and 7", "who is 41 and 5 and 6", "<answer> 9"]
+    out = []
+    for i, text in enumerate(texts):
+        resp = [5 + (j * 7 + i) % 200 for j in range(2 + 3 * i)]
+        amask = [1] * len(resp)
+        if len(resp) > 6:
+            amask[2:4] = [0, 0]  # a retrieved passage
+        out.append(SimpleNamespace(prompt_ids=tok.encode(text), response_ids=resp, action_mask=amask,
+                                   logprobs=[0.0] * len(resp)))
+    return out
+
+
+@pytest.mark.parametrize(("name", "agg"), [("grpo", "token-mean"), ("gspo", "seq-mean-token-mean"),
+                                           ("sapo", "seq-mean-token-sum"), ("dapo", "seq-mean-token-sum-norm")])
+def test_normaliser_local_trainer_micro_batches_give_the_same_step(tiny, name, agg):
+    """One minibatch as 1, 2 or 4 gradient-accumulation micro-batches: the same SGD step (= the same gradient)."""
+    from openrlhf_search.algorithms import get_policy_loss
+
+    tok, model = tiny
+    packed = pack(_uneven_trajs(tok), tok.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        lp = response_logprobs(model, packed, torch.arange(4), temperature=1.0)
+    old = lp + 0.4 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(0))
+    adv = torch.tensor([1.0, -0.5, 0.7, -1.2])
+    loss_fn = get_policy_loss(name, loss_agg=agg, sapo_threshold=0.9)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    results = {}
+    for micro in (1, 2, 4):
+        model.load_state_dict(start)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        cfg = TrainConfig()
+        cfg.algorithm.num_minibatches, cfg.algorithm.micro_batches, cfg.optimizer.grad_clip = 1, micro, 0.0
+        torch.manual_seed(1)
+        metrics = update_policy(model, opt, sched, loss_fn, packed, old, None, adv, cfg)
+        results[micro] = ({k: v.detach() - start[k] for k, v in model.state_dict().items()}, metrics)
+    model.load_state_dict(start)
+    ref, ref_metrics = results[1]
+    assert sum(float(d.abs().sum()) for d in ref.values()) > 1e-3  # the step moved the weights
+    for micro in (2, 4):
+        delta, metrics = results[micro]
+        for k in ref:
+            assert torch.allclose(delta[k], ref[k], atol=1e-6, rtol=1e-4), f"{name} {agg} {micro} micro {k}"
+        assert metrics["loss/loss"] == pytest.approx(ref_metrics["loss/loss"], rel=1e-5, abs=1e-7)

@@ -8,9 +8,13 @@ columns; this module takes the full ``S-1`` width and an ``action_mask`` with ze
 Each micro-batch runs ``GPTModel(input_ids, position_ids, mask)``; on the last pipeline stage the TP-sharded
 logits go straight into :func:`..logprobs.next_token_logprobs_entropy` (never gathering the vocabulary) and,
 for training, into a registry policy loss ``fn(log_probs, old_log_probs, advantages, action_mask, **extra)``.
-megatron's schedule divides each micro-batch loss by the number of micro-batches and DDP averages gradients
-over data-parallel ranks, so a step equals the mean of per-micro-batch losses over the global batch on any
-layout.
+Loss normalisation (the contract of :mod:`openrlhf_search.algorithms.losses`): :func:`train_step` computes the
+step's global normaliser (:func:`~openrlhf_search.algorithms.losses.step_normalizers`: model tokens or sequences
+over all micro-batches, all-reduced over the data-parallel group) and passes it to every micro-batch's loss, whose
+value is then its share ``local sum / global count``. megatron's schedule divides each micro-batch loss by the
+number of micro-batches and DDP averages gradients over data-parallel ranks; the loss is multiplied by
+``num_microbatches x dp_size`` to cancel both, so the gradient is that of the global objective on any layout and
+any micro-batch size (``token-mean`` is one mean over the step's tokens, not a mean of micro-batch means).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 import torch
 
+from openrlhf_search.algorithms.losses import ADDITIVE_METRICS
 from openrlhf_search.integrations.megatron.logprobs import next_token_logprobs_entropy
 from openrlhf_search.integrations.megatron.model import MegatronModel, model_device
 
@@ -81,7 +86,7 @@ class StepResult:
     """Outcome of one optimizer step (identical on every rank)."""
 
     loss: float
-    """Mean over micro-batches (and data-parallel ranks) of the policy loss."""
+    """The step's policy loss (with a registry loss: the global objective; else the mean of micro-batch losses)."""
     grad_norm: float
     """Global L2 norm of the gradient before clipping (over all TP/PP/DP shards)."""
     update_successful: bool
@@ -219,6 +224,27 @@ def build_optimizer(model: MegatronModel) -> Any:
     return optimizer
 
 
+def step_loss_normalizers(micro_batches: list[dict[str, Any]], loss_fn: Callable[..., Any]) -> tuple[dict, float]:
+    """``(normalizer kwargs, loss scale)`` of one optimizer step over this rank's ``micro_batches``.
+
+    The kwargs are the step's global counts (all-reduced over the data-parallel group; every DP rank calls this),
+    the scale ``num_microbatches x dp_size`` cancels megatron's averaging. A loss without a
+    :class:`~openrlhf_search.algorithms.losses.PolicyLossConfig` (a bare callable) gets no normaliser and scale 1:
+    megatron's mean of micro-batch means, as before.
+    """
+    from megatron.core import parallel_state as mpu
+
+    from openrlhf_search.algorithms.losses import step_normalizers
+
+    config = getattr(loss_fn, "config", None)
+    if config is None:
+        return {}, 1.0
+    pairs = [(mb["action_mask"][:, :-1], mb["advantages"][:, :-1]) for mb in micro_batches]
+    device = pairs[0][0].device  # the model's (train_step moves the batch there): NCCL needs the GPU
+    norms = step_normalizers(pairs, config, group=mpu.get_data_parallel_group(), device=device)
+    return norms, float(len(micro_batches) * mpu.get_data_parallel_world_size())
+
+
 def train_step(
     model: MegatronModel,
     optimizer: Any,
@@ -257,6 +283,7 @@ def train_step(
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     micro_batches, s = _prepare(model, batch)
+    norms, scale = step_loss_normalizers(micro_batches, loss_fn)
 
     def loss_from_logits(logits, mb):
         logp, ent = next_token_logprobs_entropy(logits, mb["input_ids"], temperature)
@@ -269,13 +296,17 @@ def train_step(
             mb["advantages"][:, :-1].float(),
             mb["action_mask"][:, :-1],
             **extra,
+            **norms,
         )
+        loss = loss * scale  # cancels the schedule's 1/num_microbatches and DDP's 1/dp_size (module docstring)
         reported = {"loss": loss.detach().clone()}
         for k, v in (metrics or {}).items():
+            # shares of the step's value (ADDITIVE_METRICS) are scaled like the loss: their mean is then their sum
+            factor = scale if (norms and k in ADDITIVE_METRICS) else 1.0
             if torch.is_tensor(v) and v.numel() == 1:
-                reported[k] = v.detach().float().reshape(())
+                reported[k] = v.detach().float().reshape(()) * factor
             elif isinstance(v, (int, float)):
-                reported[k] = torch.tensor(float(v), device=device)
+                reported[k] = torch.tensor(float(v) * factor, device=device)
         return loss, reported
 
     outputs = _run_schedule(model, micro_batches, loss_from_logits, forward_only=False)

@@ -48,16 +48,17 @@ def _loss_module_base():
 class OpenRLHFPolicyLoss(_loss_module_base()):
     """OpenRLHF's ``PolicyLoss`` interface around a loss of our registry.
 
-    Normalization: our losses average over the micro-batch they see (``token-mean`` or a sequence mean).
-    OpenRLHF instead divides by the *global* count of the optimizer step (``batch_num_tokens`` or
-    ``global_batch_size``, already divided by the gradient-accumulation steps) times ``dp_size``, so that
-    DeepSpeed's ``1/gas`` scaling and data-parallel averaging yield one mean over the step. The adapter rescales::
-
-        token modes:    loss * n_tokens(micro-batch) * dp_size / batch_num_tokens
-        sequence modes: loss * n_sequences_with_tokens(micro-batch) * dp_size / global_batch_size
-
-    which reproduces OpenRLHF's aggregation exactly for ``token-mean`` and ``seq-mean-*``. Without the global
-    counts (single micro-batch) the loss is returned as is.
+    Normalization (one objective on every backend, see :mod:`openrlhf_search.algorithms.losses`): OpenRLHF passes
+    the optimizer step's global counts -- ``batch_num_tokens`` (model tokens) and ``global_batch_size`` (sequences
+    with >= 1 model token), summed over the step's micro-batches and all-reduced over the DP group, *divided by the
+    gradient-accumulation steps* ``gas`` (``openrlhf.utils.loss_utils._optimizer_step_loss_norm``). DeepSpeed then
+    scales every backward by ``1/gas`` and averages gradients over the ``dp_size`` ranks. The adapter passes our
+    loss ``normalizer = count / dp_size`` (the count of the loss's mode), so each micro-batch loss is
+    ``local sum x gas x dp_size / N`` and the final gradient is exactly that of ``sum over the step / N``, the
+    objective our loss defines. SAPO's KL denominator (model tokens of non-negative-advantage sequences) is not
+    among OpenRLHF's counts: :func:`install_loss` wraps OpenRLHF's ``iter_grad_accum_global_norm`` so that, per
+    optimizer-step window, :meth:`begin_step` sums and all-reduces it the same way. Without the counts (a bare call
+    outside ``ppo_train``) the loss uses its local means.
 
     Metrics of the last call are kept in :attr:`last_metrics` (floats): our loss's diagnostics plus
     ``rollout_logprob_abs_diff``, the mean ``|log pi_old - log pi_rollout|`` over model tokens when vLLM's log-probs
@@ -72,6 +73,28 @@ class OpenRLHFPolicyLoss(_loss_module_base()):
         self.loss_fn = get_policy_loss(loss_name, **(loss_config or {}))
         self.loss_agg = self.loss_fn.config.loss_agg
         self.last_metrics: dict[str, float] = {}
+        self.sapo_count: Any = None
+        """SAPO's denominator of the current optimizer step / gas (set by :meth:`begin_step`)."""
+
+    @property
+    def needs_sapo_count(self) -> bool:
+        return self.loss_fn.config.sapo_coef > 0
+
+    def begin_step(self, experiences: list, gas: int = 1, dp_group: Any = None) -> None:
+        """Count SAPO's denominator over one optimizer step's micro-batches (``experiences``), all-reduced over
+        ``dp_group`` when torch.distributed is initialised, divided by ``gas`` like OpenRLHF's own counts."""
+        import torch
+        import torch.distributed as dist
+
+        from openrlhf_search.algorithms.losses import sapo_normalizer
+
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        count = torch.zeros((), dtype=torch.float32, device=device)
+        for exp in experiences:
+            count += sapo_normalizer(exp.action_mask.to(device), exp.advantages.to(device)).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(count, op=dist.ReduceOp.SUM, group=dp_group)
+        self.sapo_count = count / max(int(gas), 1)
 
     def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
                 batch_num_tokens=None, global_batch_size=None):  # fmt: skip
@@ -81,11 +104,20 @@ class OpenRLHFPolicyLoss(_loss_module_base()):
         if action_mask is None:
             action_mask = torch.ones_like(log_probs, dtype=torch.bool)
         mask = action_mask.bool()
-        loss, metrics = self.loss_fn(log_probs, old_log_probs, advantages, mask)
-        if self.loss_agg == "token-mean" and batch_num_tokens is not None:
-            loss = loss * (mask.sum().float() * dp_size / batch_num_tokens)
-        elif self.loss_agg != "token-mean" and global_batch_size is not None:
-            loss = loss * ((mask.sum(-1) > 0).sum().float() * dp_size / global_batch_size)
+        from openrlhf_search.algorithms.losses import TOKEN_MODES
+
+        count = batch_num_tokens if self.loss_agg in TOKEN_MODES else global_batch_size
+        extra = {}
+        if count is not None:  # see the class docstring: count / dp_size cancels DeepSpeed's 1/gas and DP mean
+            extra["normalizer"] = count / dp_size
+            if self.needs_sapo_count:
+                if self.sapo_count is None:
+                    raise RuntimeError(
+                        f"policy loss {self.loss_name!r} (SAPO term) got OpenRLHF's global counts but no SAPO "
+                        "count for the step: call begin_step() per optimizer step (install_loss wires it)"
+                    )
+                extra["sapo_normalizer"] = self.sapo_count / dp_size
+        loss, metrics = self.loss_fn(log_probs, old_log_probs, advantages, mask, **extra)
         with torch.no_grad():
             n_tok = mask.sum().clamp(min=1)
             log_ratio = torch.where(mask, log_probs.detach() - old_log_probs, torch.zeros_like(log_probs))
@@ -188,6 +220,9 @@ def install_loss(trainer, patch: PatchConfig) -> None:
         return
     loss = OpenRLHFPolicyLoss(patch.loss, patch.loss_config)
     trainer.actor_loss_fn = loss
+    if loss.needs_sapo_count:
+        trainer.strategy._search_policy_loss = loss
+        _wrap_step_windows()
     original_step = trainer.training_step
 
     def training_step(experience, kl_ctl, step, loss_batch_info=None):
@@ -200,6 +235,39 @@ def install_loss(trainer, patch: PatchConfig) -> None:
         return status
 
     trainer.training_step = training_step
+
+
+def _wrap_step_windows() -> None:
+    """Wrap OpenRLHF's ``iter_grad_accum_global_norm`` (its optimizer-step windows, as ``ppo_train`` uses them) so
+    that a SAPO loss installed on the strategy counts its denominator per window before the window trains."""
+    import openrlhf.trainer.ray.ppo_actor as ppo_actor_mod
+
+    original = ppo_actor_mod.iter_grad_accum_global_norm
+    if getattr(original, "_search_wrapped", False):
+        return
+
+    def iter_grad_accum_global_norm(data_iter, strategy, accumulated_gradient, mask_fn):
+        from openrlhf.utils.loss_utils import _get_dp_group
+
+        loss = getattr(strategy, "_search_policy_loss", None)
+        inner = original(data_iter, strategy, accumulated_gradient, mask_fn)
+        if loss is None:
+            yield from inner
+            return
+        gas = max(int(accumulated_gradient), 1)
+        window: list = []
+        for pair in inner:
+            window.append(pair)
+            if len(window) == gas:
+                loss.begin_step([item for item, _ in window], gas, _get_dp_group(strategy))
+                yield from window
+                window = []
+        if window:  # trailing partial step: OpenRLHF still divides its counts by gas
+            loss.begin_step([item for item, _ in window], gas, _get_dp_group(strategy))
+            yield from window
+
+    iter_grad_accum_global_norm._search_wrapped = True  # type: ignore[attr-defined]
+    ppo_actor_mod.iter_grad_accum_global_norm = iter_grad_accum_global_norm
 
 
 def make_ppo_trainer_class(base_remote_cls, patch: PatchConfig):

@@ -121,6 +121,7 @@ def test_injected_loss_receives_exactly_what_openrlhf_passes():
 
     loss_module.forward = spy
     batch_info = {"dp_size": 1, "batch_num_tokens": exp.action_mask.sum().float(), "global_batch_size": 4.0}
+    loss_module.begin_step([exp])  # SAPO's step count (ppo_train's wrapped window iterator does this)
     status = trainer.training_step(exp, 0.0, 0, batch_info)
     assert len(calls) == 1
     args, kwargs = calls[0]
@@ -139,6 +140,39 @@ def test_injected_loss_receives_exactly_what_openrlhf_passes():
         ((exp.action_log_probs - exp.rollout_log_probs).abs() * exp.action_mask).sum().item()
         / exp.action_mask.sum().item(), rel=1e-5)  # fmt: skip
     assert "policy_loss" in metrics and "ppo_kl" in metrics
+
+
+@pytest.mark.parametrize(("loss_name", "agg"), [("sapo", "token-mean"), ("sapo", "seq-mean-token-mean"),
+                                                ("gspo", "seq-mean-token-sum")])
+def test_normaliser_openrlhf_windows_and_training_step_give_the_global_gradient(loss_name, agg):
+    """OpenRLHF's own optimizer-step windows (``iter_grad_accum_global_norm``, wrapped by install_loss) and its own
+    ``training_step`` over 4 uneven micro-batches (gas = 4, DeepSpeed's 1/gas emulated): the accumulated gradient
+    is the gradient of our loss on the whole step, SAPO's KL term included."""
+    import openrlhf.trainer.ray.ppo_actor as ppo_actor_mod
+
+    trainer, base = _fake_actor_trainer(loss_name, {"loss_agg": agg, "sapo_threshold": 0.99})
+    gas = 4
+    trainer.strategy.backward = lambda loss, m, o: (loss / gas).backward()  # DeepSpeed scales by 1/gas
+    exps = [_experience(base, seed=s) for s in range(gas)]
+    for k, e in enumerate(exps):
+        e.action_mask[k % 4, 1 + k :] = False  # uneven token counts per micro-batch
+        e.advantages = e.advantages * e.action_mask
+    if loss_name == "sapo":
+        assert getattr(ppo_actor_mod.iter_grad_accum_global_norm, "_search_wrapped", False)
+    windows = ppo_actor_mod.iter_grad_accum_global_norm(exps, trainer.strategy, gas, lambda e: e.action_mask)
+    for step, (exp, info) in enumerate(windows):
+        trainer.training_step(exp, 0.0, step, info)
+    accumulated = trainer.actor.shift.grad.clone()
+
+    shift = torch.zeros(base.shape[1], requires_grad=True)
+    cat = {k: torch.cat([getattr(e, k) for e in exps]) for k in ("action_log_probs", "advantages", "action_mask")}
+    loss, metrics = trainer.actor_loss_fn.loss_fn((base + shift).repeat(gas, 1), cat["action_log_probs"],
+                                                  cat["advantages"], cat["action_mask"].bool())  # fmt: skip
+    loss.backward()
+    if loss_name == "sapo":
+        assert metrics["sapo_token_share"] > 0
+    assert shift.grad.abs().sum() > 0
+    assert torch.allclose(accumulated, shift.grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("ours", "theirs"), [("grpo", {"policy_loss_type": "ppo"}),

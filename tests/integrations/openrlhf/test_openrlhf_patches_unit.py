@@ -38,20 +38,37 @@ def test_loss_adapter_matches_our_loss_on_one_micro_batch():
     assert torch.allclose(ppo_kl, expected_kl.detach())
 
 
-@pytest.mark.parametrize("loss_name", ["grpo", "dspo"])
-def test_loss_adapter_global_normalization_sums_to_one_mean(loss_name):
-    """Two micro-batches with OpenRLHF's global counts (dp_size=1, gas=2 -> counts/2) add up to the full-batch mean
-    after DeepSpeed's 1/gas scaling."""
-    new, old, adv, mask = _batch(b=4, seed=1)
-    ours = OpenRLHFPolicyLoss(loss_name)
-    full, _ = ours.loss_fn(new, old, adv, mask)
+@pytest.mark.parametrize("loss_name", ["grpo", "dspo", "sapo"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_loss_adapter_normaliser_gives_the_global_gradient(loss_name, agg):
+    """2 DP ranks x 2 micro-batches with OpenRLHF's counts (global / gas) and DeepSpeed's scaling (1/gas per
+    backward, mean over ranks) give the gradient of our loss on the whole step, SAPO term included."""
+    new, old, adv, mask = _batch(b=8, t=6, seed=1)
+    mask[5, 1:] = False  # uneven micro-batches
+    new.data[0] -= 1.5  # drifted tokens in a positive row: SAPO's term is active
+    adv[0] = 1.0
+    cfg = {"loss_agg": agg, "sapo_threshold": 0.6} if loss_name == "sapo" else {"loss_agg": agg}
+    ours = OpenRLHFPolicyLoss(loss_name, cfg)
+    full, metrics = ours.loss_fn(new, old, adv, mask)
+    (g_full,) = torch.autograd.grad(full, new)
+    if loss_name == "sapo":
+        assert metrics["sapo_token_share"] > 0
+    dp, gas = 2, 2
+    rows = [slice(2 * i, 2 * i + 2) for i in range(dp * gas)]  # rank r gets micro-batches 2r, 2r+1
     n_tok, n_seq = mask.sum().float(), (mask.sum(-1) > 0).sum().float()
-    parts = [
-        ours(new[s], old[s], adv[s], action_mask=mask[s], dp_size=1, batch_num_tokens=n_tok / 2,
-             global_batch_size=n_seq / 2)[0]
-        for s in (slice(0, 2), slice(2, 4))
-    ]  # fmt: skip
-    assert torch.allclose(sum(p / 2 for p in parts), full, atol=1e-6)
+    info = {"dp_size": dp, "batch_num_tokens": n_tok / gas, "global_batch_size": n_seq / gas}
+    ours.begin_step([SimpleNamespace(action_mask=mask[r], advantages=adv[r]) for r in rows], gas)  # = all-reduced
+    total = sum(ours(new[r], old[r], adv[r], action_mask=mask[r], **info)[0] / gas for r in rows) / dp
+    (g_parts,) = torch.autograd.grad(total, new)
+    assert torch.allclose(total, full, atol=1e-6)
+    assert torch.allclose(g_parts, g_full, atol=1e-6, rtol=1e-5)
+
+
+def test_loss_adapter_sapo_without_its_step_count_is_refused():
+    new, old, adv, mask = _batch()
+    ours = OpenRLHFPolicyLoss("sapo")
+    with pytest.raises(RuntimeError, match="begin_step"):
+        ours(new, old, adv, action_mask=mask, dp_size=1, batch_num_tokens=mask.sum().float(), global_batch_size=3.0)
 
 
 def test_rollout_mismatch_metric():
