@@ -18,14 +18,16 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from openrlhf_search.registry import Registry
+
 from .types import Document, Hit, Retriever
 
-# manifest "method" -> "module:callable(directory, **kwargs) -> Retriever"
-LOADERS: dict[str, str] = {
-    "bm25": "openrlhf_search.retrieval.bm25:BM25Retriever.from_dir",
-    "dense": "openrlhf_search.retrieval.dense:DenseRetriever.from_dir",
-    "hybrid": "openrlhf_search.retrieval.hybrid:HybridRetriever.from_dir",
-}
+LOADERS: Registry[str | Callable] = Registry("retriever kind")
+"""Index manifest ``method`` -> ``"module:callable"`` (or a callable) ``(directory, **kwargs) -> Retriever``. A plugin
+adds a kind with ``LOADERS.add("mine", "my_pkg.index:MyRetriever.from_dir")``."""
+LOADERS.add("bm25", "openrlhf_search.retrieval.bm25:BM25Retriever.from_dir")
+LOADERS.add("dense", "openrlhf_search.retrieval.dense:DenseRetriever.from_dir")
+LOADERS.add("hybrid", "openrlhf_search.retrieval.hybrid:HybridRetriever.from_dir")
 
 # public name -> submodule defining it (resolved on first attribute access)
 _LAZY: dict[str, str] = {
@@ -59,7 +61,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _resolve(target: str) -> Callable:
+def _resolve(target: str | Callable) -> Callable:
+    if callable(target):
+        return target
     module, _, attr = target.partition(":")
     obj = importlib.import_module(module)
     for part in attr.split("."):
@@ -95,5 +99,5 @@ def load_retriever(spec: str | os.PathLike | Retriever, **kwargs) -> Retriever:
         raise ValueError(f"load_retriever: {text!r} is neither an http(s):// URL nor an index directory")
     method = Manifest.load(directory).method
     if method not in LOADERS:
-        raise ValueError(f"{directory}: unknown index method {method!r}; known: {sorted(LOADERS)}")
-    return _resolve(LOADERS[method])(directory, **kwargs)
+        raise ValueError(f"{directory}: index method: {LOADERS.unknown_message(method)}")
+    return _resolve(LOADERS.get(method))(directory, **kwargs)
