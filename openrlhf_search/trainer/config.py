@@ -490,9 +490,18 @@ def _parse_overrides(tree: dict, overrides: list[str] | None, ctx: _Ctx) -> None
         _set_dotted(tree, key, value, ctx)
 
 
-def _finish(tree: dict, overrides: list[str] | None, ctx: _Ctx) -> TrainConfig:
+def _finish(tree: dict, overrides: list[str] | None, ctx: _Ctx, collect: list | None = None) -> TrainConfig:
+    """Apply overrides, build the tree; raise one :class:`ConfigError` with every problem, or -- with ``collect`` --
+    append the problems there and return the tree built from the valid keys (defaults elsewhere), so that a caller
+    can report them together with the validation's."""
     _parse_overrides(tree, overrides, ctx)
     cfg = _build(TrainConfig, tree, "", ctx)
+    if collect is not None:
+        collect.extend(ctx.problems)
+        if cfg is _BAD:
+            return None
+        cfg._origin = ctx.lines
+        return cfg
     if ctx.problems:
         raise ConfigError("\n  ".join([f"{len(ctx.problems)} config problem(s):", *ctx.problems])
                           if len(ctx.problems) > 1 else ctx.problems[0])  # fmt: skip
@@ -500,14 +509,15 @@ def _finish(tree: dict, overrides: list[str] | None, ctx: _Ctx) -> TrainConfig:
     return cfg
 
 
-def config_from_dict(tree: dict, overrides: list[str] | None = None, source: str = "built-in config") -> TrainConfig:
+def config_from_dict(tree: dict, overrides: list[str] | None = None, source: str = "built-in config",
+                     collect: list | None = None) -> TrainConfig:
     """Like :func:`load_config` for an in-memory tree (e.g. the quickstart's built-in config)."""
     import copy
 
     tree = copy.deepcopy(tree)
     lines: dict[str, str] = {}
     _record_keys(tree, "", source, lines)
-    return _finish(tree, overrides, _Ctx(source, lines))
+    return _finish(tree, overrides, _Ctx(source, lines), collect)
 
 
 class _MarkedDict(dict):
@@ -571,7 +581,8 @@ def read_yaml(path: str | Path) -> tuple[dict, dict[str, str]]:
     return _plain(loaded, "", str(p), lines), lines
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                collect: list | None = None) -> TrainConfig:
     """Build the one :class:`TrainConfig` (every backend) from an optional YAML file and ``section.key=value``
     overrides.
 
@@ -579,14 +590,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     checked against the dataclass annotations; a string where a number belongs is converted when it parses (YAML 1.1
     reads ``1e-6`` as the string ``'1e-6'``), else it is an error. All problems are reported at once.
 
+    ``collect``: a list that receives the problems instead of an exception (the tree is then built from the valid
+    keys; None if even that is impossible) -- how the front ends report load and validation problems together.
+
     Raises:
         ConfigError: unknown keys (named with ``file:line`` or the override, plus the nearest valid key), wrong
             types, malformed overrides.
     """
     if not path:
-        return _finish({}, overrides, _Ctx("defaults"))
+        return _finish({}, overrides, _Ctx("defaults"), collect)
     tree, lines = read_yaml(path)
-    return _finish(tree, overrides, _Ctx(str(path), lines))
+    return _finish(tree, overrides, _Ctx(str(path), lines), collect)
 
 
 def build_typed(cls, data: dict, source: str, prefix: str = ""):

@@ -217,7 +217,8 @@ def validate_config(cfg: TrainConfig, backend: str = "local") -> list[str]:
     m = cfg.model
     if m.dtype not in MODEL_DTYPES:
         p.add("model.dtype", f"expected one of {list(MODEL_DTYPES)}{did_you_mean(m.dtype, MODEL_DTYPES)}", m.dtype)
-    if m.path not in ("tiny", "smollm2") and not Path(m.path).exists() and m.path.count("/") != 1:
+    local_path = m.path in ("tiny", "smollm2") or Path(m.path).exists() or m.path.count("/") == 1
+    if backend == "local" and not local_path:
         p.add("model.path", "not 'tiny', 'smollm2', an existing checkpoint directory or a hub id (org/name)"
               + did_you_mean(m.path, ["tiny", "smollm2"]), m.path)
     if m.path == "tiny":
@@ -244,6 +245,11 @@ def validate_config(cfg: TrainConfig, backend: str = "local") -> list[str]:
     if backend == "local" and cfg.backend != "deepspeed":
         p.add("backend", "selects the training actors of `train --backend openrlhf`; the local trainer trains in "
               "this process", cfg.backend)
+    if backend == "openrlhf":
+        try:
+            cfg.openrlhf.validate()
+        except ValueError as exc:
+            p.add("", str(exc))
     if backend == "openrlhf" and not p.items:
         # the launcher's own translation checks (pure: no files, no network)
         from openrlhf_search.integrations.openrlhf.launch import build_plan
@@ -328,16 +334,22 @@ def load_and_validate(path: str | None, overrides: list[str], backend: str = "lo
                       tree: dict | None = None, source: str = "built-in config") -> TrainConfig | None:
     """Load (``path`` or the in-memory ``tree``) + overrides, then :func:`check_config`; on any problem print it
     (``prog: ...``) and return None (the caller exits 2)."""
-    from openrlhf_search.plugins import PluginError
-
+    problems: list[str] = []
     try:
         if tree is not None:
             from .config import config_from_dict
 
-            cfg = config_from_dict(tree, overrides, source=source)
+            cfg = config_from_dict(tree, overrides, source=source, collect=problems)
         else:
-            cfg = load_config(path, overrides)
-        return check_config(cfg, backend)
-    except (ConfigError, PluginError) as exc:
+            cfg = load_config(path, overrides, collect=problems)
+    except ConfigError as exc:  # the file itself (missing, invalid YAML)
         report(prog, exc)
         return None
+    if cfg is not None:
+        flagged = {p.split(": ")[1].split("'")[1] for p in problems if "'" in p}  # keys the loader already named
+        problems += [p for p in validate_config(cfg, backend) if p.split("=")[0].split(":")[0] not in flagged]
+    if problems:
+        report(prog, ConfigError("\n  ".join([f"{len(problems)} config problem(s):", *problems])
+                                 if len(problems) > 1 else problems[0]))  # fmt: skip
+        return None
+    return cfg

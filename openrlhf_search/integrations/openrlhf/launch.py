@@ -444,6 +444,9 @@ def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None, backe
 
     ``backend``: the training backend selection (see :func:`resolve_backend`); None = OpenRLHF's DeepSpeed actors.
     """
+    from openrlhf_search.plugins import load_plugins
+
+    load_plugins(getattr(config, "plugins", None), source="plugins")  # the driver resolves names too
     orl = _orl_config(config, openrlhf).validate()
     backend_config, backend_flags, backend_notes = resolve_backend(config, orl, backend)
     if backend_config is not None and orl.packing_samples:
