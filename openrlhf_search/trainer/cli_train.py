@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     # one loader and one validation pass for every backend: all problems at once, before any expensive work
     prog = "openrlhf-search train" + (" --backend openrlhf" if args.backend == "openrlhf" else "")
-    cfg = load_and_validate(args.config, args.overrides, backend=args.backend, prog=prog)
+    cfg = load_and_validate(args.config, args.overrides, backend=args.backend, prog=prog,
+                            check_files=not args.dry_run)  # a dry run may be planned before the data exists
     if cfg is None:
         return 2
     if args.backend == "openrlhf":

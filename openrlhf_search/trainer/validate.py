@@ -74,8 +74,10 @@ def _templates():
     return available_templates, get_template
 
 
-def validate_config(cfg: TrainConfig, backend: str = "local") -> list[str]:
-    """Every problem of ``cfg`` for ``backend`` (``local`` or ``openrlhf``), as one line each; ``[]`` if none."""
+def validate_config(cfg: TrainConfig, backend: str = "local", check_files: bool = True) -> list[str]:
+    """Every problem of ``cfg`` for ``backend`` (``local`` or ``openrlhf``), as one line each; ``[]`` if none.
+
+    ``check_files=False`` (a ``--dry-run``) skips the existence of data files and index directories."""
     p = _Problems(cfg)
 
     # ---- plugins first: they may register the names checked below
@@ -196,7 +198,7 @@ def validate_config(cfg: TrainConfig, backend: str = "local") -> list[str]:
     p.check("retriever.topk", r.topk >= 1, "must be >= 1")
     p.check("retriever.timeout", _finite(r.timeout) and r.timeout > 0, "must be > 0")
     if not (backend == "openrlhf" and cfg.openrlhf.retrieval_url):
-        _check_retriever_spec(cfg, p, backend)
+        _check_retriever_spec(cfg, p, backend, check_files)
 
     # ---- data, model, sft, logging
     d = cfg.data
@@ -206,7 +208,7 @@ def validate_config(cfg: TrainConfig, backend: str = "local") -> list[str]:
     elif d.source == "files":
         if not d.train_files:
             p.add("data.train_files", "data.source=files needs at least one training file", d.train_files)
-        for key in ("train_files", "eval_files"):
+        for key in ("train_files", "eval_files") if check_files else ():
             missing = [f for f in getattr(d, key) if not Path(f).exists()]
             if missing:
                 p.add(f"data.{key}", f"file(s) not found: {missing}")
@@ -279,7 +281,7 @@ def _check_tools(cfg: TrainConfig, p: _Problems) -> None:
             p.add("env.tools", registry.unknown_message(name), name)
 
 
-def _check_retriever_spec(cfg: TrainConfig, p: _Problems, backend: str) -> None:
+def _check_retriever_spec(cfg: TrainConfig, p: _Problems, backend: str, check_files: bool = True) -> None:
     spec = cfg.retriever.spec
     if not spec:
         if backend == "openrlhf":
@@ -288,6 +290,8 @@ def _check_retriever_spec(cfg: TrainConfig, p: _Problems, backend: str) -> None:
         elif cfg.data.source != "synthetic":
             p.add("retriever.spec", "empty (a BM25 index over the synthetic corpus) needs data.source=synthetic; give "
                   "an index directory or http(s)://host:port", spec)  # fmt: skip
+        return
+    if not check_files and not spec.startswith(("http://", "https://")) and "://" not in spec:
         return
     p.items.extend(f"retriever.spec={spec!r}: {msg}" + (f" [{origin(cfg, 'retriever.spec')}]"
                    if origin(cfg, "retriever.spec") else "") for msg in retriever_spec_problems(spec))  # fmt: skip
@@ -316,9 +320,9 @@ def retriever_spec_problems(spec: str) -> list[str]:
     return [] if method in LOADERS else [f"{manifest}: {LOADERS.unknown_message(method)}"]
 
 
-def check_config(cfg: TrainConfig, backend: str = "local") -> TrainConfig:
+def check_config(cfg: TrainConfig, backend: str = "local", check_files: bool = True) -> TrainConfig:
     """Raise :class:`ConfigError` listing every problem of :func:`validate_config`; return ``cfg``."""
-    problems = validate_config(cfg, backend)
+    problems = validate_config(cfg, backend, check_files)
     if problems:
         raise ConfigError("\n  ".join([f"{len(problems)} config problem(s):", *problems]) if len(problems) > 1
                           else problems[0])  # fmt: skip
@@ -331,7 +335,8 @@ def report(prog: str, exc: Exception) -> None:
 
 
 def load_and_validate(path: str | None, overrides: list[str], backend: str = "local", prog: str = "openrlhf-search",
-                      tree: dict | None = None, source: str = "built-in config") -> TrainConfig | None:
+                      tree: dict | None = None, source: str = "built-in config",
+                      check_files: bool = True) -> TrainConfig | None:
     """Load (``path`` or the in-memory ``tree``) + overrides, then :func:`check_config`; on any problem print it
     (``prog: ...``) and return None (the caller exits 2)."""
     problems: list[str] = []
@@ -347,7 +352,8 @@ def load_and_validate(path: str | None, overrides: list[str], backend: str = "lo
         return None
     if cfg is not None:
         flagged = {p.split(": ")[1].split("'")[1] for p in problems if "'" in p}  # keys the loader already named
-        problems += [p for p in validate_config(cfg, backend) if p.split("=")[0].split(":")[0] not in flagged]
+        found = validate_config(cfg, backend, check_files)
+        problems += [p for p in found if p.split("=")[0].split(":")[0] not in flagged]
     if problems:
         report(prog, ConfigError("\n  ".join([f"{len(problems)} config problem(s):", *problems])
                                  if len(problems) > 1 else problems[0]))  # fmt: skip

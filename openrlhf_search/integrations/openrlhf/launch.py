@@ -637,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from openrlhf_search.trainer.validate import load_and_validate
 
-    cfg = load_and_validate(args.config, args.overrides, backend="openrlhf", prog="openrlhf launch")
+    cfg = load_and_validate(args.config, args.overrides, backend="openrlhf", prog="openrlhf launch",
+                            check_files=not args.dry_run)  # a dry run may be planned before the data exists
     if cfg is None:
         return 2
     return run_openrlhf(cfg, dry_run=args.dry_run)
