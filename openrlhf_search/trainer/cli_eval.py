@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 EVAL_KEYS = {"template": "env.template", "max_turns": "env.max_turns",
-             "max_tokens_per_turn": "env.max_tokens_per_turn", "max_obs_tokens": "env.max_obs_tokens", "max_response_tokens": "env.max_response_tokens",
+             "max_tokens_per_turn": "env.max_tokens_per_turn", "max_obs_tokens": "env.max_obs_tokens",
+             "max_response_tokens": "env.max_response_tokens",
              "topk": "retriever.topk", "temperature": "rollout.eval_temperature", "top_p": "rollout.top_p",
              "seed": "seed"}  # fmt: skip
 """Eval setting -> key of the config tree."""
