@@ -239,9 +239,23 @@ def validate_config(cfg: TrainConfig, backend: str = "local", check_files: bool 
     for key in ("mistake_rate", "no_search_share"):
         p.check(f"sft.{key}", _finite(getattr(s, key)) and 0 <= getattr(s, key) <= 1, "must be in [0, 1]")
     lg = cfg.logging
-    for key in ("save_every", "eval_every", "sample_every"):
+    for key in ("save_every", "eval_every", "sample_every", "rollout_every"):
+        if not hasattr(lg, key):
+            continue
         p.check(f"logging.{key}", getattr(lg, key) >= 0, "must be >= 0")
     p.check("logging.keep_checkpoints", lg.keep_checkpoints >= 1, "must be >= 1")
+    if hasattr(lg, "save_every_seconds"):
+        p.check("logging.save_every_seconds", _finite(lg.save_every_seconds) and lg.save_every_seconds >= 0,
+                "must be >= 0 (0 = off)")
+    if hasattr(opt, "max_skipped_steps"):
+        p.check("optimizer.max_skipped_steps", opt.max_skipped_steps >= 0, "must be >= 0 (0 = never stop)")
+    if hasattr(d, "long_questions") and d.long_questions not in ("refuse", "truncate", "skip"):
+        p.add("data.long_questions", "expected refuse, truncate or skip"
+              + did_you_mean(d.long_questions, ["refuse", "truncate", "skip"]), d.long_questions)
+    if hasattr(d, "max_question_chars"):
+        p.check("data.max_question_chars", d.max_question_chars >= 0, "must be >= 0 (0 = no limit)")
+    if hasattr(m, "lora_rank"):
+        p.check("model.lora_rank", m.lora_rank >= 0, "must be >= 0 (0 = full fine-tuning)")
 
     # ---- backend-specific
     if backend == "local" and cfg.backend != "deepspeed":
