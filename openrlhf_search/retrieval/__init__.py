@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from openrlhf_search.registry import Registry
+from openrlhf_search.registry import Registry, did_you_mean
 
 from .types import Document, Hit, Retriever
 
@@ -99,5 +99,6 @@ def load_retriever(spec: str | os.PathLike | Retriever, **kwargs) -> Retriever:
         raise ValueError(f"load_retriever: {text!r} is neither an http(s):// URL nor an index directory")
     method = Manifest.load(directory).method
     if method not in LOADERS:
-        raise ValueError(f"{directory}: index method: {LOADERS.unknown_message(method)}")
+        raise ValueError(f"{directory}: unknown index method {method!r}{did_you_mean(str(method), LOADERS)}; known: "
+                         f"{LOADERS.names()} (a plugin adds a kind to openrlhf_search.retrieval.LOADERS)")
     return _resolve(LOADERS.get(method))(directory, **kwargs)

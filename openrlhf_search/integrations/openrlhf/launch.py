@@ -225,7 +225,9 @@ def resolve_algorithm(config: Any) -> tuple[list[str], PatchConfig, list[str]]:
         flags += ["--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", "0.0", "1.0"]
         notes.append("dynamic filtering: OpenRLHF's (keeps groups with 0 < mean score < 1); filtered prompts are "
                      "consumed from the steps x prompts_per_step dataset, so fewer optimizer steps may run")
-    if chain:
+    if any(n == "calibadv" for n, _ in chain):
+        notes.append("CalibAdv: injected after OpenRLHF's advantage computation")
+    if any(n != "calibadv" for n, _ in chain):
         notes.append(f"advantage post-processors {[n for n, _ in chain]}: injected after OpenRLHF's advantages")
     if alg.kl_coef > 0:
         flags += ["--algo.kl.use_loss", "--algo.kl.init_coef", _num(alg.kl_coef), "--algo.kl.estimator",
