@@ -8,6 +8,7 @@ docs/algorithms.md)::
     get_advantage_estimator(name, **cfg) -> fn(rewards[B], group_ids[B]) -> advantages[B]
     mixed_outcome_groups(rewards, group_ids) -> bool[B];  GroupBatcher(target_groups, max_rounds, on_cap)
     calibrate_advantages(seq_adv, records, action_mask, group_ids, cfg) -> (token_adv, metrics)
+    apply_postprocessors(chain, adv, action_mask, group_ids, records) -> (token_adv, metrics)  (CalibAdv & plugins)
     get_algorithm(name) -> AlgorithmPreset
     sampled_token_logprobs / logprobs_from_logits / entropy_from_logits
 """
@@ -25,10 +26,12 @@ from .losses import (
     sapo_normalizer,
     step_normalizers,
 )
+from .postprocess import ADVANTAGE_POSTPROCESSORS, apply_postprocessors, register_advantage_postprocessor
 from .presets import AlgorithmPreset, get_algorithm
 from .registry import Registry
 
 __all__ = [
+    "ADVANTAGE_POSTPROCESSORS",
     "AlgorithmPreset",
     "BatchNotFilledError",
     "BatchReport",
@@ -39,6 +42,7 @@ __all__ = [
     "PolicyLossConfig",
     "Registry",
     "SearchTurn",
+    "apply_postprocessors",
     "calibrate_advantages",
     "entropy_from_logits",
     "get_advantage_estimator",
@@ -49,6 +53,7 @@ __all__ = [
     "loss_normalizer",
     "mixed_outcome_groups",
     "register_advantage_estimator",
+    "register_advantage_postprocessor",
     "register_policy_loss",
     "sampled_token_logprobs",
     "sapo_normalizer",

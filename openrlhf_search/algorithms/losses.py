@@ -291,7 +291,9 @@ class PolicyLossConfig:
 
 
 # --------------------------------------------------------------------------------------------- registry
-POLICY_LOSSES: Registry[Callable[..., PolicyLossFn]] = Registry("policy loss")
+POLICY_LOSSES: Registry[Callable[..., PolicyLossFn]] = Registry(
+    "policy loss", hints={k: "Note: 'sapo' here is Search Agent PO (arXiv 2603.10069), not verl/TRL/AReaL's Soft "
+                          "Adaptive PO (arXiv 2511.20347)." for k in ("soft", "adaptive", "sapo")})
 
 
 def register_policy_loss(name: str):

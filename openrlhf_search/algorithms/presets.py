@@ -20,6 +20,9 @@ sapo       grpo           sapo         ppo + SAPO term (t=0.5, w=0.5; ours, see 
 Dr. GRPO uses a constant (the generation budget): trainers should pass
 ``build_loss(loss_agg_norm=max_response_tokens)``.
 
+``sapo`` is **Search Agent PO** (arXiv 2603.10069), not the Soft Adaptive PO (arXiv 2511.20347) that verl, TRL and
+AReaL call ``sapo`` (see :data:`SAPO_NOTE`).
+
 Modifiers (any number, after or before the base, joined with ``+``):
 
 * ``calibadv`` -- apply :func:`.calibadv.calibrate_advantages` between the estimator and the loss
@@ -35,8 +38,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from openrlhf_search.registry import UnknownNameError, did_you_mean
+
 from .advantages import ADVANTAGE_ESTIMATORS
+from .losses import _DEFAULTS as _BUILTIN_LOSS_DEFAULTS
 from .losses import POLICY_LOSSES, default_loss_config
+
+SAPO_NOTE = (
+    "Note: 'sapo' here is Search Agent Policy Optimization (arXiv 2603.10069: PPO + a conditional KL term on drifted "
+    "positive tokens), NOT Soft Adaptive Policy Optimization (arXiv 2511.20347), which verl, TRL and AReaL call "
+    "'sapo'; Soft Adaptive PO is not implemented here (register it as a loss from a plugin module)."
+)
+"""Said wherever a user chooses ``sapo`` or a near miss of it (help text, docs, the unknown-name error)."""
+
+NEAR_MISS_HINTS = {"soft": SAPO_NOTE, "adaptive": SAPO_NOTE, "sapo": SAPO_NOTE}
+"""Near-miss patterns of algorithm/loss names -> extra sentence of the unknown-name error."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +114,8 @@ BASE_ALGORITHMS: dict[str, AlgorithmPreset] = {
         _base("dapo", "grpo", "dapo", dynamic_filter=True, description="DAPO: clip-higher + dynamic sampling"),
         _base("gspo", "grpo", "gspo", description="GSPO: sequence-level ratio, tight clip, sequence-mean"),
         _base("dspo", "grpo", "dspo", dynamic_filter=True, description="DSPO: GSPO loss + mixed-outcome filtering"),
-        _base("sapo", "grpo", "sapo", description="SAPO: PPO + conditional KL on drifted positive tokens"),
+        _base("sapo", "grpo", "sapo", description="SAPO = Search Agent PO (arXiv 2603.10069): PPO + conditional KL "
+              "on drifted positive tokens (not verl/TRL/AReaL's Soft Adaptive PO, arXiv 2511.20347)"),
     )
 }
 
@@ -122,7 +139,10 @@ def get_algorithm(name: str) -> AlgorithmPreset:
         raise ValueError(f"algorithm {name!r}: a component is repeated")
     unknown = [p for p in parts if p not in BASE_ALGORITHMS and p not in MODIFIERS]
     if unknown:
-        raise KeyError(f"algorithm {name!r}: unknown component(s) {unknown}; valid components: {valid}")
+        hints = "".join(did_you_mean(p, algorithm_names()) for p in unknown)
+        notes = "".join(dict.fromkeys(h for p in unknown for k, h in NEAR_MISS_HINTS.items() if k in p))
+        raise UnknownNameError(f"algorithm {name!r}: unknown component(s) {unknown}{hints}; valid components: "
+                               f"{valid} (combine with '+', e.g. dspo+calibadv)" + (f". {notes}" if notes else ""))
     bases = [p for p in parts if p in BASE_ALGORITHMS]
     if len(bases) > 1:
         raise ValueError(f"algorithm {name!r}: at most one base algorithm, got {bases} (modifiers: {MODIFIERS})")
@@ -140,3 +160,39 @@ def get_algorithm(name: str) -> AlgorithmPreset:
         dynamic_filter=base.dynamic_filter or "filter" in mods,
         description=base.description + "".join(f" + {m}" for m in mods),
     )
+
+
+def preset_for(algorithm: object) -> AlgorithmPreset:
+    """The preset of a config's ``algorithm`` section: :func:`get_algorithm` of ``algorithm.name``, with
+    ``algorithm.policy_loss`` (when set) replacing the preset's loss (and its loss defaults). Every backend resolves
+    the section through this function and :func:`advantage_pipeline`."""
+    preset = get_algorithm(algorithm.name)
+    loss = getattr(algorithm, "policy_loss", "") or ""
+    if loss and loss != preset.policy_loss:
+        POLICY_LOSSES.get(loss)  # unknown names fail here, with "did you mean"
+        defaults = default_loss_config(loss) if loss in _BUILTIN_LOSS_DEFAULTS else {}
+        preset = replace(preset, policy_loss=loss, loss_cfg=defaults,
+                         description=f"{preset.description} (policy loss {loss})")
+    return preset
+
+
+def advantage_pipeline(preset: AlgorithmPreset, algorithm: object = None) -> tuple[str, dict, list[tuple[str, dict]]]:
+    """``(estimator, estimator_config, post-processor chain)`` of a preset and the config's ``algorithm`` section.
+
+    The ONE resolution every backend uses (local trainer, OpenRLHF patch, hence Megatron too):
+    ``algorithm.advantage_estimator`` replaces the preset's estimator when set; the chain is ``calibadv`` first when
+    the preset has it (CalibAdv needs outcome advantages), then ``algorithm.advantage_postprocessors`` in order, each
+    with its ``algorithm.postprocessor_config`` entry (CalibAdv's ``target_ratio`` defaults to ``calib_lambda``).
+    """
+    estimator = getattr(algorithm, "advantage_estimator", "") or preset.advantage_estimator
+    estimator_cfg = {**preset.advantage_cfg, **(getattr(algorithm, "estimator_config", None) or {})}
+    extra = list(getattr(algorithm, "advantage_postprocessors", None) or [])
+    names = (["calibadv"] if preset.calibadv else []) + [n for n in extra if not (n == "calibadv" and preset.calibadv)]
+    per_name = getattr(algorithm, "postprocessor_config", None) or {}
+    chain = []
+    for name in names:
+        cfg = dict(per_name.get(name) or {})
+        if name == "calibadv":
+            cfg.setdefault("target_ratio", float(getattr(algorithm, "calib_lambda", 1.0)))
+        chain.append((name, cfg))
+    return estimator, estimator_cfg, chain

@@ -18,14 +18,16 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from openrlhf_search.registry import Registry, did_you_mean
+
 from .types import Document, Hit, Retriever
 
-# manifest "method" -> "module:callable(directory, **kwargs) -> Retriever"
-LOADERS: dict[str, str] = {
-    "bm25": "openrlhf_search.retrieval.bm25:BM25Retriever.from_dir",
-    "dense": "openrlhf_search.retrieval.dense:DenseRetriever.from_dir",
-    "hybrid": "openrlhf_search.retrieval.hybrid:HybridRetriever.from_dir",
-}
+LOADERS: Registry[str | Callable] = Registry("retriever kind")
+"""Index manifest ``method`` -> ``"module:callable"`` (or a callable) ``(directory, **kwargs) -> Retriever``. A plugin
+adds a kind with ``LOADERS.add("mine", "my_pkg.index:MyRetriever.from_dir")``."""
+LOADERS.add("bm25", "openrlhf_search.retrieval.bm25:BM25Retriever.from_dir")
+LOADERS.add("dense", "openrlhf_search.retrieval.dense:DenseRetriever.from_dir")
+LOADERS.add("hybrid", "openrlhf_search.retrieval.hybrid:HybridRetriever.from_dir")
 
 # public name -> submodule defining it (resolved on first attribute access)
 _LAZY: dict[str, str] = {
@@ -65,7 +67,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _resolve(target: str) -> Callable:
+def _resolve(target: str | Callable) -> Callable:
+    if callable(target):
+        return target
     module, _, attr = target.partition(":")
     obj = importlib.import_module(module)
     for part in attr.split("."):
@@ -118,5 +122,6 @@ def load_retriever(spec: str | os.PathLike | Retriever | None, *, token: str | N
     check_index(directory)
     method = Manifest.load(directory).method
     if method not in LOADERS:
-        raise ValueError(f"{directory}: unknown index method {method!r}; known: {sorted(LOADERS)}")
-    return with_cache(_resolve(LOADERS[method])(directory, **kwargs), cache, cache_mode)
+        raise ValueError(f"{directory}: unknown index method {method!r}{did_you_mean(str(method), LOADERS)}; known: "
+                         f"{LOADERS.names()} (a plugin adds a kind to openrlhf_search.retrieval.LOADERS)")
+    return with_cache(_resolve(LOADERS.get(method))(directory, **kwargs), cache, cache_mode)

@@ -3,9 +3,16 @@
 Heavy backends are imported lazily: ``HFEngine`` needs torch + transformers, ``VLLMEngine`` needs vllm.
 """
 
+from openrlhf_search.registry import Registry
 from openrlhf_search.rollout.base import Engine, Generation, SamplingParams, match_stop_string
 
-__all__ = ["Engine", "Generation", "SamplingParams", "match_stop_string", "HFEngine", "VLLMEngine", "run_rollouts"]
+__all__ = ["ENGINES", "Engine", "Generation", "SamplingParams", "match_stop_string", "HFEngine", "VLLMEngine",
+           "run_rollouts"]
+
+ENGINES: Registry[str] = Registry("rollout engine")
+"""``rollout.engine`` names -> ``module:class`` of the engine (imported lazily)."""
+ENGINES.add("hf", "openrlhf_search.rollout.hf:HFEngine")
+ENGINES.add("vllm", "openrlhf_search.rollout.vllm:VLLMEngine")
 
 
 def __getattr__(name):  # lazy: keep ``import openrlhf_search.rollout`` free of torch

@@ -45,10 +45,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="rollout engine")
 
 
+EVAL_KEYS = {"template": "env.template", "max_turns": "env.max_turns",
+             "max_tokens_per_turn": "env.max_tokens_per_turn", "max_obs_tokens": "env.max_obs_tokens",
+             "max_response_tokens": "env.max_response_tokens",
+             "topk": "retriever.topk", "temperature": "rollout.eval_temperature", "top_p": "rollout.top_p",
+             "seed": "seed"}  # fmt: skip
+"""Eval setting -> key of the config tree."""
+
+
+def eval_config(args: argparse.Namespace, settings: dict, run_config: Path | None):
+    """The eval settings as the one config tree (the run's saved config when it loads, with the settings on top,
+    so the environment is built by ``search_env_config`` exactly as in training), validated in one pass: every
+    problem at once, before the data or the model is loaded. Returns ``(TrainConfig, problems)``."""
+    from openrlhf_search.registry import did_you_mean
+    from openrlhf_search.rollout import ENGINES
+    from openrlhf_search.trainer.config import ConfigError, config_from_dict, load_config
+    from openrlhf_search.trainer.validate import _templates, retriever_spec_problems
+
+    overrides = [f"{EVAL_KEYS[k]}={'null' if v is None else v}" for k, v in settings.items()]
+    problems: list[str] = []
+    tree = None
+    if run_config is not None:
+        try:
+            tree = load_config(run_config, overrides)
+        except ConfigError:  # a run config of another layout: only the eval settings then
+            tree = None
+    if tree is None:
+        tree = config_from_dict({}, overrides, source="eval settings", collect=problems)
+    s = settings
+    checks = {"max_turns": s["max_turns"] >= 1, "max_tokens_per_turn": s["max_tokens_per_turn"] >= 1,
+              "topk": s["topk"] >= 1, "max_obs_tokens": s["max_obs_tokens"] >= 0,
+              "max_response_tokens": s["max_response_tokens"] is None or s["max_response_tokens"] >= 1,
+              "temperature": s["temperature"] >= 0, "top_p": 0 < s["top_p"] <= 1}  # fmt: skip
+    need = {"temperature": ">= 0 (0 = greedy)", "top_p": "in (0, 1]", "max_obs_tokens": ">= 0",
+            "max_response_tokens": ">= 1 or unset"}  # fmt: skip
+    problems += [f"{k.replace('_', '-')}={s[k]!r}: must be {need.get(k, '>= 1')}" for k, ok in checks.items()
+                 if not ok]  # fmt: skip
+    for flag in ("batch_size", "max_samples"):
+        if getattr(args, flag) < (1 if flag == "batch_size" else 0):
+            problems.append(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= "
+                            f"{1 if flag == 'batch_size' else 0}")  # fmt: skip
+    available, _ = _templates()
+    if s["template"] not in available() and not Path(str(s["template"])).is_file():
+        problems.append(f"template={s['template']!r}: unknown template{did_you_mean(s['template'], available())}; "
+                        f"valid names: {', '.join(available())} (or a template file)")  # fmt: skip
+    if args.engine not in ENGINES:
+        problems.append(f"--engine={args.engine!r}: {ENGINES.unknown_message(args.engine)}")
+    problems += [f"--retriever={args.retriever!r}: {m}" for m in retriever_spec_problems(args.retriever)]
+    return tree, problems
+
+
 def run(args: argparse.Namespace) -> int:
     import openrlhf_search.trainer.templates  # noqa: F401  (registers search_r1_compact, the quickstart's template)
     from openrlhf_search.data.formats import read_dataset
-    from openrlhf_search.env.search_env import EnvConfig, SearchEnv
+    from openrlhf_search.env.search_env import SearchEnv
     from openrlhf_search.env.templates import get_template
     from openrlhf_search.retrieval import load_retriever
     from openrlhf_search.rollout.base import SamplingParams
@@ -86,15 +136,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"[eval] environment of the training run {run_config}: "
               + ", ".join(f"{k}={v}" + (" (flag)" if origin[k] == "flag" else "") for k, v in cfg.items()),
               flush=True)
+    tree, problems = eval_config(args, cfg, run_config)
     datasets = {}
-    try:
-        for name in args.data:
+    for name in args.data:  # data errors join the same report
+        try:
             path = resolve_dataset(name, args.data_dir)
             samples = read_dataset(path)
-            label = path.stem if Path(name).is_file() else name  # a file -> its stem; a dataset name -> itself
-            datasets[label] = samples[: args.max_samples] if args.max_samples else samples
-    except (FileNotFoundError, ValueError) as exc:
-        return fail(str(exc))
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(str(exc))
+            continue
+        label = path.stem if Path(name).is_file() else name  # a file -> its stem; a dataset name -> itself
+        datasets[label] = samples[: args.max_samples] if args.max_samples else samples
+    if problems:
+        return fail((f"{len(problems)} problem(s):\n  " if len(problems) > 1 else "") + "\n  ".join(problems))
     try:
         retriever = load_retriever(args.retriever)
     except Exception as exc:
@@ -116,10 +170,9 @@ def run(args: argparse.Namespace) -> int:
         from openrlhf_search.rollout.hf import HFEngine
 
         engine = HFEngine(model.eval(), tokenizer, seed=cfg["seed"])
-    env = SearchEnv(tokenizer, retriever, cfg["template"],
-                    EnvConfig(max_turns=cfg["max_turns"], max_tokens_per_turn=cfg["max_tokens_per_turn"],
-                              max_obs_tokens=cfg["max_obs_tokens"], max_response_tokens=cfg["max_response_tokens"],
-                              topk=cfg["topk"]))
+    from openrlhf_search.trainer.config import search_env_config
+
+    env = SearchEnv(tokenizer, retriever, cfg["template"], search_env_config(tree))  # the one EnvConfig builder
     params = SamplingParams(max_new_tokens=cfg["max_tokens_per_turn"], temperature=cfg["temperature"],
                             top_p=cfg["top_p"], seed=cfg["seed"] if cfg["temperature"] > 0 else None)
     try:

@@ -62,23 +62,22 @@ def run(args: argparse.Namespace) -> int:
     # Sleep instead of spinning in OpenMP barriers: on a shared 2-core machine spinning threads made the update
     # ~10x slower under contention (measured here); must be set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import sys
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from openrlhf_search.trainer.validate import load_and_validate
+
+    overrides = list(args.overrides) + ([f"logging.output_dir={args.output_dir}"] if args.output_dir else [])
+    # every problem at once, within seconds, before the data, the model and the warm start
+    cfg = load_and_validate(None, overrides, prog="openrlhf-search quickstart", tree=QUICKSTART,
+                            source="quickstart config")
+    if cfg is None:
+        return 2
     import torch
 
-    from openrlhf_search.trainer.config import ConfigError, config_from_dict
     from openrlhf_search.trainer.local import run_mode, train_or_exit_code
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = list(args.overrides) + ([f"logging.output_dir={args.output_dir}"] if args.output_dir else [])
-    try:
-        cfg = config_from_dict(QUICKSTART, overrides, source="quickstart config")
-    except ConfigError as exc:
-        print(f"openrlhf-search quickstart: {exc}", file=sys.stderr)
-        return 2
     t0 = time.perf_counter()
     print(f"[quickstart] tiny Qwen2 + synthetic KB + BM25, {cfg.algorithm.name}, up to {cfg.steps} RL steps "
           f"(RL budget {cfg.max_step_seconds:.0f} s) -> {cfg.logging.output_dir}", flush=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,28 +32,18 @@ def run(args: argparse.Namespace) -> int:
     # Sleep instead of spinning in OpenMP barriers: on a shared 2-core machine spinning threads made the update
     # ~10x slower under contention (measured here); must be set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from openrlhf_search.trainer.config import ConfigError, load_config
+    from openrlhf_search.trainer.validate import load_and_validate
 
-    if args.backend == "openrlhf":
-        # The OpenRLHF launcher owns the cluster sections (`openrlhf:`, `backend:`, `megatron:`, `megatron_actor:`)
-        # of the same YAML; it validates the rest with the trainer's own loader.
-        from openrlhf_search.integrations.openrlhf.launch import load_backend, load_configs, run_openrlhf
-
-        try:
-            cfg, cluster = load_configs(args.config, args.overrides)
-            backend = load_backend(args.config, args.overrides)
-        except (ConfigError, ValueError, KeyError) as exc:
-            print(f"openrlhf-search train --backend openrlhf: {exc}", file=sys.stderr)
-            return 2
-        return int(run_openrlhf(cfg, dry_run=args.dry_run, openrlhf=cluster, backend=backend) or 0)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        hint = ""
-        if any(f"'{key}'" in str(exc) for key in ("openrlhf", "backend", "megatron", "megatron_actor")):
-            hint = " (cluster sections are read by `--backend openrlhf`)"
-        print(f"openrlhf-search train: {exc}{hint}", file=sys.stderr)
+    # one loader and one validation pass for every backend: all problems at once, before any expensive work
+    prog = "openrlhf-search train" + (" --backend openrlhf" if args.backend == "openrlhf" else "")
+    cfg = load_and_validate(args.config, args.overrides, backend=args.backend, prog=prog,
+                            check_files=not args.dry_run)  # a dry run may be planned before the data exists
+    if cfg is None:
         return 2
+    if args.backend == "openrlhf":
+        from openrlhf_search.integrations.openrlhf.launch import run_openrlhf
+
+        return int(run_openrlhf(cfg, dry_run=args.dry_run) or 0)
     from openrlhf_search.trainer.local import run_mode, train_or_exit_code
 
     summary = train_or_exit_code(cfg, run_mode(args), "openrlhf-search train")

@@ -151,7 +151,9 @@ def build_retriever(cfg: TrainConfig, out: Path, kb):
 
     rc = cfg.retriever
     if rc.spec or rc.cache_mode == "replay":
-        return load_retriever(rc.spec or None, token=rc.token, cache=rc.cache or None, cache_mode=rc.cache_mode)
+        http = rc.spec.startswith(("http://", "https://"))
+        return load_retriever(rc.spec or None, token=rc.token, cache=rc.cache or None, cache_mode=rc.cache_mode,
+                              **({"timeout": rc.timeout} if http else {}))
     if kb is None:
         raise ValueError("retriever.spec is empty and data.source is not synthetic: give an index dir or URL")
     from openrlhf_search.retrieval.bm25 import BM25Config, BM25Index, BM25Retriever
@@ -221,17 +223,10 @@ def build_tokenizer_and_model(cfg: TrainConfig, out: Path, kb, train_samples, de
 
 def build_env(cfg: TrainConfig, tokenizer, retriever):
     import openrlhf_search.trainer.templates  # noqa: F401  (registers search_r1_compact)
-    from openrlhf_search.env.search_env import EnvConfig as SearchEnvConfig
     from openrlhf_search.env.search_env import SearchEnv
+    from openrlhf_search.trainer.config import search_env_config
 
-    env_cfg = SearchEnvConfig(
-        max_turns=cfg.env.max_turns,
-        max_tokens_per_turn=cfg.env.max_tokens_per_turn,
-        max_obs_tokens=cfg.env.max_obs_tokens,
-        max_response_tokens=cfg.env.max_response_tokens,
-        topk=cfg.retriever.topk,
-    )
-    return SearchEnv(tokenizer, retriever, cfg.env.template, env_cfg)
+    return SearchEnv(tokenizer, retriever, cfg.env.template, search_env_config(cfg))
 
 
 def build_engine(cfg: TrainConfig, policy, tokenizer, out: Path):
@@ -377,7 +372,10 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from openrlhf_search.algorithms.presets import get_algorithm
+    from openrlhf_search.algorithms.advantages import get_advantage_estimator
+    from openrlhf_search.algorithms.postprocess import apply_postprocessors, needs_records
+    from openrlhf_search.algorithms.presets import advantage_pipeline, preset_for
+    from openrlhf_search.plugins import load_plugins
     from openrlhf_search.retrieval.metrics import retrieval_metrics
     from openrlhf_search.rewards import get_reward_fn
     from openrlhf_search.rollout.base import SamplingParams
@@ -396,6 +394,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     from openrlhf_search.trainer.rundir import prepare_run_dir
 
     hf_logging.disable_progress_bar()
+    load_plugins(cfg.plugins)  # before any name is resolved
     t_setup = time.perf_counter()
     out = Path(cfg.logging.output_dir)
     resuming = prepare_run_dir(out, mode, lambda d: bool(checkpoint_candidates(d / "checkpoints")))
@@ -436,12 +435,13 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
         summary["params"] = trainable_summary(policy)
 
     # ---- algorithm
-    preset = get_algorithm(cfg.algorithm.name)
+    preset = preset_for(cfg.algorithm)  # name (+ policy_loss override), the same resolution on every backend
     loss_cfg = dict(cfg.algorithm.loss_overrides)
     if cfg.algorithm.kl_coef > 0:
         loss_cfg.update(kl_coef=cfg.algorithm.kl_coef, kl_estimator=cfg.algorithm.kl_estimator)
     loss_fn = preset.build_loss(**loss_cfg)
-    estimator = preset.build_estimator()
+    estimator_name, estimator_cfg, adv_chain = advantage_pipeline(preset, cfg.algorithm)  # same on every backend
+    estimator = get_advantage_estimator(estimator_name, **estimator_cfg)
     reference = None
     if cfg.algorithm.kl_coef > 0:
         import copy
@@ -530,12 +530,10 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
             seq_adv = estimator(rewards, group_ids)
             packed = pack(trajs, tokenizer.pad_token_id, device)
             advantages = seq_adv.to(device)
-            if preset.calibadv:
-                from openrlhf_search.algorithms.calibadv import CalibAdvConfig, calibrate_advantages
-
-                advantages, cal_metrics = calibrate_advantages(
-                    seq_adv, [t.to_calib_record() for t in trajs], packed.action_mask.cpu(), group_ids,
-                    CalibAdvConfig(target_ratio=cfg.algorithm.calib_lambda))
+            if adv_chain:  # advantage post-processors (CalibAdv, plugins), the chain the OpenRLHF patch runs too
+                records = [t.to_calib_record() for t in trajs] if needs_records(adv_chain) else None
+                advantages, cal_metrics = apply_postprocessors(adv_chain, seq_adv, packed.action_mask.cpu(),
+                                                               group_ids, records)
                 advantages = advantages.to(device)
                 metrics.update(cal_metrics)
             metrics["adv_abs_mean"] = float(seq_adv.abs().mean())

@@ -59,7 +59,10 @@ def _train(tmp_path, *overrides):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "openrlhf_search", "train", "--config",
                            str(REPO / "examples" / "configs" / "smoke.yaml"), f"logging.output_dir={tmp_path / 'run'}",
-                           "data.source=files", *overrides], capture_output=True, text=True, timeout=120, env=env,
+                           # a retriever is required with data.source=files (validated before the data is read);
+                           # a URL is not contacted before the data is loaded
+                           "data.source=files", "retriever.spec=http://127.0.0.1:9", *overrides], capture_output=True,
+                          text=True, timeout=120, env=env,
                           cwd=str(REPO))
 
 

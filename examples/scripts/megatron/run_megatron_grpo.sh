@@ -18,7 +18,7 @@ set -euo pipefail
 : "${RECOMPUTE:=full}"           # none | selective | full
 : "${VLLM_TP:=2}"                # tensor parallel size of one vLLM engine
 : "${VLLM_MEM:=0.4}"             # vLLM share of GPU memory (colocated with training)
-: "${LOSS:=grpo}"                # any registry loss: grpo, dapo, gspo, dspo, sapo
+: "${LOSS:=grpo}"                # algorithm.name: grpo, dapo, gspo, dspo, sapo (Search Agent PO, not Soft Adaptive PO)
 : "${LR:=1e-6}"
 : "${MICRO_BATCH:=1}"
 : "${BUCKET_MB:=512}"            # weight-sync bucket bound (MiB)
@@ -60,8 +60,6 @@ megatron:
   lr: ${LR}
   micro_batch_size: ${MICRO_BATCH}
   weight_sync_bucket_mb: ${BUCKET_MB}
-megatron_actor:
-  loss: ${LOSS}
 openrlhf:
   actor_num_nodes: ${NNODES}
   actor_num_gpus_per_node: ${GPUS_PER_NODE}

@@ -136,9 +136,9 @@ class MegatronActorCore:
         self.optimizer = engine.build_optimizer(self.model) if training else None
         self.loss_fn = None
         if training:
-            from openrlhf_search.algorithms import get_policy_loss
+            from openrlhf_search.integrations.megatron.config import build_actor_loss
 
-            self.loss_fn = get_policy_loss(self.settings.loss, **self.settings.loss_config)
+            self.loss_fn = build_actor_loss(self.settings)  # imports the config's plugins first
         self.replay: list[Any] = []
         self.steps = 0
         self.last_sync: Any = None

@@ -112,7 +112,9 @@ class MegatronTrainConfig:
         punknown = sorted(set(parallel) - pknown)
         if punknown:
             raise ValueError(f"{where}.parallel: unknown field(s) {punknown}; known: {sorted(pknown)}")
-        return cls(parallel=MegatronParallelConfig(**parallel), **data)
+        from openrlhf_search.trainer.config import build_typed
+
+        return build_typed(cls, {**data, "parallel": parallel}, where, prefix="megatron.")  # types checked
 
 
 @dataclass
@@ -131,11 +133,26 @@ class ActorSettings:
     """Sequences per optimizer step on this data-parallel rank; None = everything appended in one step."""
     max_epochs: int = 1
     """Passes over the appended experience per ``fit``."""
+    plugins: list[str] = field(default_factory=list)
+    """The config tree's ``plugins``: imported by the actor before it resolves :attr:`loss`."""
+
+
+def build_actor_loss(settings: ActorSettings):
+    """The policy loss of a Megatron actor: import ``settings.plugins`` (a user's loss may live there), then resolve
+    ``settings.loss`` in the registry (the same path as the local trainer and the OpenRLHF loss patch)."""
+    from openrlhf_search.algorithms import get_policy_loss
+    from openrlhf_search.plugins import load_plugins
+
+    load_plugins(settings.plugins, source="megatron_actor.plugins")
+    return get_policy_loss(settings.loss, **settings.loss_config)
 
 
 @dataclass
 class BackendConfig:
-    """Backend selection of an OpenRLHF run: YAML ``backend: megatron`` plus a ``megatron:`` section.
+    """What the Megatron actors receive: a view of the one config tree (``backend``, ``megatron`` and the actor
+    settings derived from ``algorithm``/``rollout``/``plugins``), built by the launcher's ``resolve_backend`` and
+    serialised to JSON for the Ray actors. In YAML it is written as ``backend: megatron`` plus a ``megatron:`` section
+    of the tree.
 
     Example::
 
@@ -175,7 +192,10 @@ class BackendConfig:
         unknown = sorted(set(actor_data) - known)
         if unknown:
             raise ValueError(f"{source}: megatron_actor: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(backend=backend, megatron=megatron, actor=ActorSettings(**actor_data))
+        from openrlhf_search.trainer.config import build_typed
+
+        actor = build_typed(ActorSettings, actor_data, f"{source}: megatron_actor", prefix="megatron_actor.")
+        return cls(backend=backend, megatron=megatron, actor=actor)
 
     def to_json_file(self, path: str) -> str:
         """Write as JSON (for :data:`MEGATRON_CONFIG_ENV`); returns ``path``."""

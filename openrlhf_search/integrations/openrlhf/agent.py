@@ -124,10 +124,12 @@ class AgentRuntime:
 def get_runtime() -> AgentRuntime:
     """Build the :class:`AgentRuntime` from ``OPENRLHF_SEARCH_AGENT_CONFIG`` (cached per process)."""
     from openrlhf_search.env.templates import get_template
+    from openrlhf_search.plugins import load_plugins
     from openrlhf_search.retrieval import load_retriever
     from openrlhf_search.rewards import get_reward_fn
 
     cfg = from_env(AgentConfig, AGENT_CONFIG_ENV)
+    load_plugins(cfg.plugins, source="agent config plugins")  # before the template, reward and tools resolve
     http = cfg.retrieval_url.startswith(("http://", "https://"))
     return AgentRuntime(
         config=cfg,

@@ -2,13 +2,17 @@
 
 Three dataclasses, three audiences:
 
-* :class:`OpenRLHFConfig` -- the cluster side the local trainer's :class:`~openrlhf_search.trainer.config.TrainConfig`
-  does not describe (GPUs per role, vLLM engines, DeepSpeed ZeRO stage, the retrieval server). The launcher reads it
-  from the ``openrlhf:`` section of the YAML config (or builds the default).
-* :class:`AgentConfig` -- what the search agent needs inside *every* vLLM rollout actor. OpenRLHF builds the agent
-  executor with no arguments, so the launcher writes this as JSON and points :data:`AGENT_CONFIG_ENV` at the file.
-* :class:`PatchConfig` -- which of our losses / advantage calibrations replace OpenRLHF's inside its training actors;
-  same transport through :data:`PATCH_CONFIG_ENV`.
+* :class:`OpenRLHFConfig` -- the ``openrlhf:`` section of the one config tree
+  (:class:`~openrlhf_search.trainer.config.TrainConfig`): GPUs per role, vLLM engines, DeepSpeed ZeRO stage, the
+  retrieval server. Loaded, type-checked and overridden (``openrlhf.<field>=...``) like every other section.
+* :class:`AgentConfig` -- what the search agent needs inside *every* vLLM rollout actor: a derived view of the tree,
+  built only by :func:`agent_config_from_tree`. OpenRLHF builds the agent executor with no arguments, so the launcher
+  writes it as JSON and points :data:`AGENT_CONFIG_ENV` at the file.
+* :class:`PatchConfig` -- which of our losses / advantage estimators / post-processors replace OpenRLHF's inside its
+  training actors (a view built by the launcher's ``resolve_algorithm``); same transport through
+  :data:`PATCH_CONFIG_ENV`.
+
+Both views carry the tree's ``plugins`` list: each process imports those modules before it resolves a name.
 
 Nothing here imports OpenRLHF, Ray or torch: the launcher's dry run and its tests stay light.
 """
@@ -21,6 +25,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from openrlhf_search.env.search_env import EnvConfig as _SearchEnvConfig
+
+_ENV = _SearchEnvConfig()
+"""The environment's defaults (= the tree's ``env`` defaults; a test keeps them equal)."""
 
 AGENT_CONFIG_ENV = "OPENRLHF_SEARCH_AGENT_CONFIG"
 """Environment variable holding the path of the :class:`AgentConfig` JSON file (read in the vLLM actors)."""
@@ -123,33 +132,70 @@ class OpenRLHFConfig:
 
 @dataclass
 class AgentConfig:
-    """Everything the search agent executor needs inside a vLLM rollout actor (serialised to JSON)."""
+    """Everything the search agent executor needs inside a vLLM rollout actor (serialised to JSON).
+
+    A view of the one config tree (:func:`agent_config_from_tree`); the environment fields are those of
+    :class:`openrlhf_search.env.search_env.EnvConfig` with the same defaults, and :meth:`search_env_config` rebuilds
+    that object, so the agent and the local environment run with identical limits.
+    """
 
     retrieval_url: str
     """Retrieval server URL (``http://host:port``) reached through ``HTTPRetriever`` (an index directory also works,
     in-process: tests only, every vLLM actor would load its own copy)."""
-    topk: int = 3
-    """Passages per query."""
-    max_queries_per_turn: int = 3
-    """Queries kept from one search action (as the local environment's ``EnvConfig.max_queries_per_turn``)."""
+    topk: int = _ENV.topk
+    """Passages per query (``retriever.topk``)."""
+    max_queries_per_turn: int = _ENV.max_queries_per_turn
+    """Queries kept from one search action (``env.max_queries_per_turn``)."""
     template: str = "search_r1"
     """Prompt/action template name of :mod:`openrlhf_search.env` (defines the tags and stop strings)."""
-    max_turns: int = 4
+    max_turns: int = _ENV.max_turns
     """Maximum model turns (the last one must answer)."""
-    max_tokens_per_turn: int = 500
+    max_tokens_per_turn: int = _ENV.max_tokens_per_turn
     """Cap on tokens generated in one turn (OpenRLHF otherwise gives a turn the whole remaining budget)."""
-    max_obs_tokens: int = 500
+    max_obs_tokens: int = _ENV.max_obs_tokens
     """Retrieved observation text is truncated to this many tokens before it is appended."""
-    reward: str = "f1_x_format"
-    """Reward name of :func:`openrlhf_search.rewards.get_reward_fn`."""
+    max_total_tokens: int = _ENV.max_total_tokens
+    """``env.max_total_tokens``."""
+    max_response_tokens: int | None = _ENV.max_response_tokens
+    """``env.max_response_tokens``."""
+    max_docs_per_turn: int | None = _ENV.max_docs_per_turn
+    """``env.max_docs_per_turn``."""
+    forbid_search_on_last_turn: bool = _ENV.forbid_search_on_last_turn
+    """``env.forbid_search_on_last_turn``."""
+    end_on_eos: bool = _ENV.end_on_eos
+    """``env.end_on_eos``."""
+    min_turn_tokens: int = _ENV.min_turn_tokens
+    """``env.min_turn_tokens``."""
+    reward: str = "format_em"
+    """Reward name of :func:`openrlhf_search.rewards.get_reward_fn` (``env.reward``)."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
     """Options of the reward (``FormatRewardWeights`` fields)."""
     record_logprobs: bool = True
     """Request vLLM log-probs of sampled tokens on every turn."""
     calib_records: bool = False
-    """Publish per-turn CalibAdv records to the trainer (set when CalibAdv is enabled)."""
+    """Publish per-turn CalibAdv records to the trainer (set when a post-processor needs them, e.g. CalibAdv)."""
     request_timeout: float = 60.0
-    """Seconds before a retrieval request fails."""
+    """Seconds before a retrieval request fails (``retriever.timeout``)."""
+    plugins: list[str] = field(default_factory=list)
+    """The tree's ``plugins``: imported in the vLLM actor before the template, reward and tools are resolved."""
+
+    def search_env_config(self):
+        """The :class:`openrlhf_search.env.search_env.EnvConfig` these fields describe."""
+        names = {f.name for f in dataclasses.fields(_SearchEnvConfig)}
+        return _SearchEnvConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+def agent_config_from_tree(cfg: Any, retrieval_url: str, record_logprobs: bool = True,
+                           calib_records: bool = False) -> AgentConfig:
+    """The :class:`AgentConfig` view of a :class:`~openrlhf_search.trainer.config.TrainConfig` (the only builder)."""
+    from openrlhf_search.trainer.config import search_env_config
+
+    env = dataclasses.asdict(search_env_config(cfg))
+    names = {f.name for f in dataclasses.fields(AgentConfig)}
+    return AgentConfig(retrieval_url=retrieval_url, template=cfg.env.template, reward=cfg.env.reward,
+                       reward_kwargs=dict(cfg.env.reward_kwargs), record_logprobs=record_logprobs,
+                       calib_records=calib_records, request_timeout=float(cfg.retriever.timeout),
+                       plugins=list(cfg.plugins), **{k: v for k, v in env.items() if k in names})  # fmt: skip
 
 
 @dataclass
@@ -163,7 +209,18 @@ class PatchConfig:
     calibadv: bool = False
     """Apply ``calibrate_advantages`` after OpenRLHF computed the advantages."""
     calibadv_config: dict[str, Any] = field(default_factory=dict)
-    """Config of ``CalibAdvConfig`` (e.g. ``target_ratio``, the paper's lambda)."""
+    """Config of ``CalibAdvConfig`` (e.g. ``target_ratio``, the paper's lambda); used when :attr:`postprocessors`
+    is empty and :attr:`calibadv` is set (older patch files)."""
+    estimator: str = ""
+    """Our advantage estimator (registry name) recomputing the outcome advantages from the rewards after
+    OpenRLHF's own computation; empty = keep OpenRLHF's (a native estimator computing the same thing)."""
+    estimator_config: dict[str, Any] = field(default_factory=dict)
+    """Keyword config of :attr:`estimator`."""
+    postprocessors: list[list[Any]] = field(default_factory=list)
+    """Advantage post-processor chain ``[[name, config], ...]`` (``openrlhf_search.algorithms.postprocess``), run on
+    OpenRLHF's experiences after the advantages (CalibAdv is ``["calibadv", {...}]``)."""
+    plugins: list[str] = field(default_factory=list)
+    """The tree's ``plugins``: imported in the driver and in every patched actor before a name is resolved."""
     dump_dir: str = ""
     """If set, every step's experiences (tokens, action mask, advantages, trainer and vLLM log-probs) are written
     to ``<dump_dir>/step_<n>.pt`` after the advantages are computed (debugging; the end-to-end test reads them)."""
@@ -171,7 +228,18 @@ class PatchConfig:
     @property
     def active(self) -> bool:
         """True when anything is patched."""
-        return bool(self.loss) or self.calibadv or bool(self.dump_dir)
+        return bool(self.loss) or self.advantages_patched or bool(self.dump_dir)
+
+    @property
+    def advantages_patched(self) -> bool:
+        """True when the experience maker's advantages are recomputed or post-processed."""
+        return bool(self.estimator) or bool(self.postprocessors) or self.calibadv
+
+    def chain(self) -> list[tuple[str, dict]]:
+        """The post-processor chain as ``[(name, config)]`` (CalibAdv from :attr:`calibadv` for older files)."""
+        if self.postprocessors:
+            return [(str(n), dict(c or {})) for n, c in self.postprocessors]
+        return [("calibadv", dict(self.calibadv_config))] if self.calibadv else []
 
 
 def to_json_file(obj: Any, path: str | Path) -> Path:
@@ -202,10 +270,9 @@ def from_dict(cls: type, data: dict, source: str) -> Any:
     unknown = sorted(set(data) - valid)
     if unknown:
         raise ValueError(f"{source}: unknown {cls.__name__} key(s) {unknown}; valid: {sorted(valid)}")
-    try:
-        return cls(**data)
-    except TypeError as exc:  # a missing required field
-        raise ValueError(f"{source}: {cls.__name__}: {exc}") from exc
+    from openrlhf_search.trainer.config import build_typed
+
+    return build_typed(cls, data, source)  # types checked ('1e-6' -> 1e-06 where a float belongs)
 
 
 def from_env(cls: type, env_var: str) -> Any:

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from openrlhf_search.registry import Registry
+
 from .config import (
     AGENT_CONFIG_ENV,
     CPU_SHIM_ENV,
@@ -45,6 +47,7 @@ from .config import (
     AgentConfig,
     OpenRLHFConfig,
     PatchConfig,
+    agent_config_from_tree,
     from_dict,
     to_json_file,
 )
@@ -55,8 +58,11 @@ AGENT_FILE = PACKAGE_DIR / "agent_func.py"
 SITECUSTOMIZE_DIR = PACKAGE_DIR / "sitecustomize"
 """Put on ``PYTHONPATH`` (with ``OPENRLHF_SEARCH_CPU_SHIM=1``) to load the CPU shim in every process."""
 
-ESTIMATORS: dict[str, str] = {"grpo": "group_norm", "dr_grpo": "dr_grpo", "rloo": "rloo"}
-"""Our advantage estimator name -> OpenRLHF's ``--algo.advantage.estimator`` computing the same outcome advantage."""
+ESTIMATORS: Registry[str] = Registry("OpenRLHF-native advantage estimator")
+"""Our advantage estimator name -> OpenRLHF's ``--algo.advantage.estimator`` computing the same outcome advantage.
+Any other estimator of our registry (a plugin's included) runs in the patched experience maker instead."""
+for _ours, _theirs in (("grpo", "group_norm"), ("dr_grpo", "dr_grpo"), ("rloo", "rloo")):
+    ESTIMATORS.add(_ours, _theirs)
 
 
 def _plain_terms(cfg: dict) -> bool:
@@ -89,13 +95,10 @@ def _native_gspo(cfg: dict, calibadv: bool) -> list[str] | None:
             "--actor.eps_clip_low_high", _num(cfg["clip_low"]), _num(cfg["clip_high"])]  # fmt: skip
 
 
-NATIVE_LOSSES: dict[str, Callable[[dict, bool], list[str] | None]] = {
-    "ppo": _native_ppo,
-    "grpo": _native_ppo,
-    "dapo": _native_ppo,
-    "gspo": _native_gspo,
-    "dspo": _native_gspo,
-}
+NATIVE_LOSSES: Registry[Callable[[dict, bool], list[str] | None]] = Registry("OpenRLHF-native loss")
+for _name, _fn in (("ppo", _native_ppo), ("grpo", _native_ppo), ("dapo", _native_ppo), ("gspo", _native_gspo),
+                   ("dspo", _native_gspo)):  # fmt: skip
+    NATIVE_LOSSES.add(_name, _fn)
 """Our loss name -> function of its *resolved* config (every ``PolicyLossConfig`` field) giving OpenRLHF's native
 flags, or ``None`` when OpenRLHF cannot express it (then :mod:`.patches` injects ours). Losses not listed
 (``sapo``, user-registered ones) are always injected."""
@@ -160,6 +163,7 @@ def _pairs(argv: list[str]) -> list[str]:
 
 
 def _orl_config(config: Any, openrlhf: OpenRLHFConfig | dict | None) -> OpenRLHFConfig:
+    """The ``openrlhf`` section: the argument when given (programmatic use), else the tree's."""
     value = openrlhf if openrlhf is not None else getattr(config, "openrlhf", None)
     if value is None:
         return OpenRLHFConfig()
@@ -168,20 +172,38 @@ def _orl_config(config: Any, openrlhf: OpenRLHFConfig | dict | None) -> OpenRLHF
     return value
 
 
+def advantage_chain(config: Any, preset: Any) -> tuple[str, dict, list[tuple[str, dict]]]:
+    """``(estimator, estimator_config, post-processor chain)`` of ``config.algorithm`` on top of ``preset``: the
+    same resolution as the local trainer (:func:`openrlhf_search.trainer.local.advantage_pipeline`)."""
+    from openrlhf_search.algorithms.presets import advantage_pipeline
+
+    return advantage_pipeline(preset, config.algorithm)
+
+
 def resolve_algorithm(config: Any) -> tuple[list[str], PatchConfig, list[str]]:
     """Map ``config.algorithm`` onto OpenRLHF flags and a :class:`PatchConfig`; also return explanatory notes."""
-    from openrlhf_search.algorithms.presets import get_algorithm
+    from openrlhf_search.algorithms.presets import preset_for
+    from openrlhf_search.plugins import load_plugins
 
+    plugins = list(getattr(config, "plugins", []) or [])
+    load_plugins(plugins, source="plugins")
     alg = config.algorithm
-    preset = get_algorithm(alg.name)
+    preset = preset_for(alg)
     loss_cfg = {**preset.loss_cfg, **alg.loss_overrides}
     notes = [f"algorithm {preset.name}: {preset.description}"]
-    if preset.advantage_estimator not in ESTIMATORS:
-        raise ValueError(
-            f"algorithm.name={alg.name!r}: advantage estimator {preset.advantage_estimator!r} has no OpenRLHF "
-            f"equivalent (supported: {sorted(ESTIMATORS)})"
-        )
-    flags = ["--algo.advantage.estimator", ESTIMATORS[preset.advantage_estimator]]
+    estimator, estimator_cfg, chain = advantage_chain(config, preset)
+    patch = PatchConfig(plugins=plugins, postprocessors=[[n, c] for n, c in chain],
+                        calibadv=any(n == "calibadv" for n, _ in chain),
+                        calibadv_config=next((c for n, c in chain if n == "calibadv"), {}))  # fmt: skip
+    if estimator in ESTIMATORS and not estimator_cfg:
+        flags = ["--algo.advantage.estimator", ESTIMATORS.get(estimator)]
+    else:  # OpenRLHF computes group_norm, then the patched experience maker recomputes ours from the rewards
+        from openrlhf_search.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+        ADVANTAGE_ESTIMATORS.get(estimator)  # an unknown name fails here, with "did you mean"
+        flags = ["--algo.advantage.estimator", "group_norm"]
+        patch.estimator, patch.estimator_config = estimator, dict(estimator_cfg)
+        notes.append(f"advantage estimator {estimator}: injected from openrlhf_search (after OpenRLHF's)")
     from openrlhf_search.algorithms.losses import make_config
 
     resolved = dataclasses.asdict(make_config(preset.policy_loss, **loss_cfg))  # validates the overrides too
@@ -190,8 +212,8 @@ def resolve_algorithm(config: Any) -> tuple[list[str], PatchConfig, list[str]]:
         if resolved[key] > 0:
             raise ValueError(f"algorithm.loss_overrides.{key}={resolved[key]}: OpenRLHF does not pass reference "
                              f"log-probs or entropies to the policy loss; {hint}")  # fmt: skip
-    native = NATIVE_LOSSES.get(preset.policy_loss, lambda cfg, calib: None)(resolved, preset.calibadv)
-    patch = PatchConfig(calibadv=preset.calibadv, calibadv_config={"target_ratio": alg.calib_lambda})
+    native_fn = NATIVE_LOSSES.get(preset.policy_loss) if preset.policy_loss in NATIVE_LOSSES else None
+    native = native_fn(resolved, bool(chain)) if native_fn is not None else None
     if native is not None:
         flags += native
         notes.append(f"loss {preset.policy_loss}: OpenRLHF's native loss ({' '.join(native[:2])})")
@@ -203,14 +225,28 @@ def resolve_algorithm(config: Any) -> tuple[list[str], PatchConfig, list[str]]:
         flags += ["--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", "0.0", "1.0"]
         notes.append("dynamic filtering: OpenRLHF's (keeps groups with 0 < mean score < 1); filtered prompts are "
                      "consumed from the steps x prompts_per_step dataset, so fewer optimizer steps may run")
-    if preset.calibadv:
+    if any(n == "calibadv" for n, _ in chain):
         notes.append("CalibAdv: injected after OpenRLHF's advantage computation")
+    if any(n != "calibadv" for n, _ in chain):
+        notes.append(f"advantage post-processors {[n for n, _ in chain]}: injected after OpenRLHF's advantages")
     if alg.kl_coef > 0:
         flags += ["--algo.kl.use_loss", "--algo.kl.init_coef", _num(alg.kl_coef), "--algo.kl.estimator",
                   alg.kl_estimator]  # fmt: skip
     else:
         flags += ["--algo.kl.init_coef", "0.0"]
     return flags, patch, notes
+
+
+def response_budget(config: Any, orl: OpenRLHFConfig) -> int:
+    """OpenRLHF's response length: ``env.max_response_tokens``, else ``env.max_total_tokens`` minus the prompt's."""
+    env = config.env
+    if env.max_response_tokens is not None:
+        return int(env.max_response_tokens)
+    budget = int(env.max_total_tokens) - orl.max_prompt_tokens
+    if budget < 1:
+        raise ValueError(f"env.max_total_tokens={env.max_total_tokens} leaves no response budget after "
+                         f"openrlhf.max_prompt_tokens={orl.max_prompt_tokens}; set env.max_response_tokens")
+    return budget
 
 
 def build_flags(config: Any, orl: OpenRLHFConfig, paths: dict[str, Path]) -> tuple[list[str], PatchConfig, list[str]]:
@@ -229,7 +265,7 @@ def build_flags(config: Any, orl: OpenRLHFConfig, paths: dict[str, Path]) -> tup
             f"rollout.group_size = {samples_per_step}"
         )
     if opt.schedule not in SCHEDULES:
-        raise ValueError(f"optimizer.schedule={opt.schedule!r}: OpenRLHF backend supports {sorted(SCHEDULES)}")
+        raise ValueError(f"optimizer.schedule={opt.schedule!r}: {SCHEDULES.unknown_message(opt.schedule)}")
     alg_flags, patch, notes = resolve_algorithm(config)
     flags = [
         "--actor.model_name_or_path", model,
@@ -237,7 +273,7 @@ def build_flags(config: Any, orl: OpenRLHFConfig, paths: dict[str, Path]) -> tup
         "--data.prompt_dataset", str(paths["prompts"]),
         "--data.input_key", "input",
         "--data.label_key", "label",
-        "--data.max_len", str(orl.max_prompt_tokens + config.env.max_response_tokens),
+        "--data.max_len", str(orl.max_prompt_tokens + response_budget(config, orl)),
         "--data.max_samples", str(config.steps * ro.prompts_per_step),
         "--train.num_episodes", "1",
         "--train.seed", str(config.seed),
@@ -254,7 +290,7 @@ def build_flags(config: Any, orl: OpenRLHFConfig, paths: dict[str, Path]) -> tup
         "--actor.adam.weight_decay", _num(opt.weight_decay),
         "--actor.max_norm", _num(opt.grad_clip),
         "--actor.lr_warmup_ratio", _num(opt.warmup_steps / max(config.steps, 1)),
-        "--actor.lr_scheduler", SCHEDULES[opt.schedule],
+        "--actor.lr_scheduler", SCHEDULES.get(opt.schedule),
         *alg_flags,
         "--actor.num_nodes", str(orl.actor_num_nodes),
         "--actor.num_gpus_per_node", str(orl.actor_num_gpus_per_node),
@@ -288,70 +324,76 @@ def build_flags(config: Any, orl: OpenRLHFConfig, paths: dict[str, Path]) -> tup
     return flags, patch, notes
 
 
-SCHEDULES: dict[str, str] = {"constant": "constant_with_warmup", "cosine": "cosine_with_min_lr", "linear": "linear"}
+SCHEDULES: Registry[str] = Registry("learning-rate schedule (OpenRLHF backend)")
 """Our ``optimizer.schedule`` -> OpenRLHF's ``--actor.lr_scheduler`` (a transformers scheduler name)."""
+for _ours, _theirs in (("constant", "constant_with_warmup"), ("cosine", "cosine_with_min_lr"), ("linear", "linear")):
+    SCHEDULES.add(_ours, _theirs)
 
 
 BACKEND_KEYS = ("backend", "megatron", "megatron_actor")
-"""Top-level YAML keys of the training backend (``openrlhf_search.integrations.megatron.config.BackendConfig``)."""
+"""Keys of a legacy ``backend`` mapping passed to :func:`build_plan` (the tree itself has ``backend`` and
+``megatron``; the Megatron actor settings are derived from ``algorithm``/``rollout``)."""
 
 MEGATRON_FROM_OPTIMIZER = {"lr": "lr", "weight_decay": "weight_decay", "clip_grad": "grad_clip"}
 """``megatron.<key>`` filled from ``optimizer.<field>`` when the ``megatron:`` section does not set it."""
 
 
-def _raw_backend(config: Any, backend: Any) -> Any:
-    """The backend selection: the ``backend`` argument, else ``config.backend``/``config.megatron``... if the training
-    config ever carries them, else None (DeepSpeed)."""
-    if backend is not None:
-        return backend
-    if getattr(config, "backend", None) is None:
-        return None
-    raw = {k: getattr(config, k) for k in BACKEND_KEYS if getattr(config, k, None) is not None}
-    return {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in raw.items()}
+def _megatron_given(config: Any, megatron: Any) -> set[str]:
+    """Fields of ``config.megatron`` the user set (from the loader's origin map; for a config built in code, the
+    fields that differ from the defaults)."""
+    from openrlhf_search.integrations.megatron.config import MegatronTrainConfig
+
+    origin = getattr(config, "_origin", None)
+    if origin is not None:
+        return {k.split(".")[1] for k in origin if k.startswith("megatron.")}
+    default = MegatronTrainConfig()
+    return {f.name for f in dataclasses.fields(megatron) if getattr(megatron, f.name) != getattr(default, f.name)}
 
 
-def resolve_backend(config: Any, orl: OpenRLHFConfig, backend: Any) -> tuple[Any, list[str], list[str]]:
+def resolve_backend(config: Any, orl: OpenRLHFConfig, backend: Any = None) -> tuple[Any, list[str], list[str]]:
     """Resolve ``backend: megatron`` into a ``BackendConfig`` + extra OpenRLHF flags + notes (``(None, [], [])`` for
     DeepSpeed).
 
-    ``backend`` is a ``BackendConfig`` (used as given) or the mapping of the YAML keys ``backend``, ``megatron``,
-    ``megatron_actor`` (then ``megatron.lr``/``weight_decay``/``clip_grad``/``adam_beta1``/``adam_beta2`` default to
-    the ``optimizer`` section and ``micro_batch_size`` to ``openrlhf.micro_train_batch_size``). In both cases the
-    Megatron actor's loss, temperature, epochs and per-rank batch come from ``algorithm``/``rollout``, so the same
-    YAML trains the same objective on either backend; ``algorithm.kl_coef``/``kl_estimator`` become the registry
-    loss's KL term against the Megatron reference actor's log-probs.
+    ``backend``: None = the tree's ``backend``/``megatron`` sections; a ``BackendConfig`` (used as given); or a
+    mapping of the keys ``backend``, ``megatron``, ``megatron_actor`` (programmatic use). ``megatron.lr``/
+    ``weight_decay``/``clip_grad``/``adam_beta1``/``adam_beta2`` default to the ``optimizer`` section and
+    ``micro_batch_size`` to ``openrlhf.micro_train_batch_size`` unless set. In every case the Megatron actor's loss,
+    temperature, epochs, per-rank batch and plugins come from ``algorithm``/``rollout``/``plugins``, so the same YAML
+    trains the same objective on either backend; ``algorithm.kl_coef``/``kl_estimator`` become the registry loss's
+    KL term against the Megatron reference actor's log-probs.
     """
-    from openrlhf_search.integrations.megatron.config import BackendConfig
+    from openrlhf_search.integrations.megatron.config import BackendConfig, MegatronTrainConfig
 
-    raw = _raw_backend(config, backend)
-    if raw is None:
-        return None, [], []
-    if isinstance(raw, dict):
-        unknown = sorted(set(raw) - set(BACKEND_KEYS))
+    given_loss = None
+    if backend is None:
+        if getattr(config, "backend", "deepspeed") != "megatron":
+            return None, [], []
+        meg = getattr(config, "megatron", None) or MegatronTrainConfig()
+        given = _megatron_given(config, meg)
+        bc = BackendConfig(backend="megatron", megatron=dataclasses.replace(meg))
+    elif isinstance(backend, dict):
+        unknown = sorted(set(backend) - set(BACKEND_KEYS))
         if unknown:
             raise ValueError(f"backend config: unknown key(s) {unknown}; valid: {list(BACKEND_KEYS)}")
-        if raw.get("backend", "deepspeed") != "megatron":
-            BackendConfig.from_dict(raw, source="config")  # validates the name
-            return None, [], []
-        opt = config.optimizer
-        megatron = dict(raw.get("megatron") or {})
-        for key, src in MEGATRON_FROM_OPTIMIZER.items():
-            megatron.setdefault(key, float(getattr(opt, src)))
-        megatron.setdefault("adam_beta1", float(opt.betas[0]))
-        megatron.setdefault("adam_beta2", float(opt.betas[1]))
-        megatron.setdefault("micro_batch_size", orl.micro_train_batch_size)
-        raw = {**raw, "megatron": megatron}
-        given_loss = (raw.get("megatron_actor") or {}).get("loss")
-        bc = BackendConfig.from_dict(raw, source="config")
-    else:
-        given_loss = None
-        bc = dataclasses.replace(raw, actor=dataclasses.replace(raw.actor))
+        bc = BackendConfig.from_dict(backend, source="backend config")  # validates names and types
         if bc.backend != "megatron":
             return None, [], []
-    from openrlhf_search.algorithms.presets import get_algorithm
+        given = set((backend.get("megatron") or {}).keys())
+        given_loss = (backend.get("megatron_actor") or {}).get("loss")
+    else:
+        bc = dataclasses.replace(backend, actor=dataclasses.replace(backend.actor))
+        if bc.backend != "megatron":
+            return None, [], []
+        given = {f.name for f in dataclasses.fields(bc.megatron)}
+    opt = config.optimizer
+    inherited = {**{k: float(getattr(opt, src)) for k, src in MEGATRON_FROM_OPTIMIZER.items()},
+                 "adam_beta1": float(opt.betas[0]), "adam_beta2": float(opt.betas[1]),
+                 "micro_batch_size": orl.micro_train_batch_size}  # fmt: skip
+    bc.megatron = dataclasses.replace(bc.megatron, **{k: v for k, v in inherited.items() if k not in given})
+    from openrlhf_search.algorithms.presets import preset_for
 
     alg, ro = config.algorithm, config.rollout
-    preset = get_algorithm(alg.name)
+    preset = preset_for(alg)
     if given_loss is not None and given_loss != preset.policy_loss:
         raise ValueError(f"megatron_actor.loss={given_loss!r} conflicts with algorithm.name={alg.name!r} (policy loss "
                          f"{preset.policy_loss!r}); drop megatron_actor.loss, the algorithm defines it")  # fmt: skip
@@ -385,6 +427,7 @@ def resolve_backend(config: Any, orl: OpenRLHFConfig, backend: Any) -> tuple[Any
     make_config(bc.actor.loss, **bc.actor.loss_config)  # validates the loss config before anything starts
     bc.actor.temperature = float(ro.temperature)
     bc.actor.max_epochs = int(alg.ppo_epochs)
+    bc.actor.plugins = list(getattr(config, "plugins", []) or [])
     bc.actor.train_batch_size = step_sequences // dp
     p = bc.megatron.parallel
     notes = [f"backend megatron: TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x CP "
@@ -403,6 +446,9 @@ def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None, backe
 
     ``backend``: the training backend selection (see :func:`resolve_backend`); None = OpenRLHF's DeepSpeed actors.
     """
+    from openrlhf_search.plugins import load_plugins
+
+    load_plugins(getattr(config, "plugins", None), source="plugins")  # the driver resolves names too
     orl = _orl_config(config, openrlhf).validate()
     backend_config, backend_flags, backend_notes = resolve_backend(config, orl, backend)
     if backend_config is not None and orl.packing_samples:
@@ -428,19 +474,10 @@ def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None, backe
                               "--host", orl.retrieval_host, "--port", str(orl.retrieval_port)]  # fmt: skip
     if not retrieval_url:
         raise ValueError("retriever.spec is empty and openrlhf.retrieval_url is unset: the agent needs a retriever")
-    env_cfg = config.env
-    agent = AgentConfig(
-        retrieval_url=retrieval_url,
-        topk=config.retriever.topk,
-        template=env_cfg.template,
-        max_turns=env_cfg.max_turns,
-        max_tokens_per_turn=env_cfg.max_tokens_per_turn,
-        max_obs_tokens=env_cfg.max_obs_tokens,
-        reward=env_cfg.reward,
-        reward_kwargs=dict(env_cfg.reward_kwargs),
-        record_logprobs=orl.record_rollout_logprobs,
-        calib_records=patch.calibadv,
-    )
+    from openrlhf_search.algorithms.postprocess import needs_records
+
+    agent = agent_config_from_tree(config, retrieval_url, record_logprobs=orl.record_rollout_logprobs,
+                                   calib_records=needs_records(patch.chain()))  # fmt: skip
     agent_file, patch_file = workdir / "agent.json", workdir / "patch.json"
     env = {AGENT_CONFIG_ENV: str(agent_file), PATCH_CONFIG_ENV: str(patch_file)}
     backend_file = None
@@ -581,81 +618,12 @@ def plan_as_dict(plan: LaunchPlan) -> dict:
 
 
 def load_configs(path: str | None, overrides: list[str]) -> tuple[Any, OpenRLHFConfig]:
-    """``(TrainConfig, OpenRLHFConfig)`` from a YAML file with an optional ``openrlhf:`` section and ``key=value``
-    overrides (``openrlhf.<field>=...`` ones go to the cluster section).
+    """``(TrainConfig, its openrlhf section)`` from :func:`openrlhf_search.trainer.config.load_config`: the one loader
+    (every section, ``openrlhf.*``, ``backend`` and ``megatron.*`` included, is typed, overridable and checked)."""
+    from openrlhf_search.trainer.config import load_config
 
-    Until :class:`~openrlhf_search.trainer.config.TrainConfig` has an ``openrlhf`` field, the section is split off
-    here and the rest is validated by the trainer's own loader (unknown keys are errors naming the file).
-    """
-    import tempfile
-
-    import yaml
-
-    from openrlhf_search.trainer.config import TrainConfig, load_config
-
-    section: dict = {}
-    train_overrides = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if key.strip().startswith("openrlhf.") and sep:
-            section[key.strip().removeprefix("openrlhf.")] = yaml.safe_load(raw) if raw else ""
-        elif not _is_backend_key(key.strip()):
-            train_overrides.append(item)
-    if "openrlhf" in {f.name for f in dataclasses.fields(TrainConfig)}:
-        cfg = load_config(path, train_overrides)
-        base = _orl_config(cfg, None)
-        return cfg, from_dict(OpenRLHFConfig, {**dataclasses.asdict(base), **section}, "openrlhf overrides")
-    tree: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config file not found: {p}")
-        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        if not isinstance(tree, dict):
-            raise ValueError(f"{p}: the top level must be a mapping of sections")
-    file_section = tree.pop("openrlhf", None) or {}
-    for key in BACKEND_KEYS:
-        tree.pop(key, None)
-    orl = from_dict(OpenRLHFConfig, {**file_section, **section}, f"{path or 'overrides'}: section 'openrlhf'")
-    if not path:
-        return load_config(None, train_overrides), orl
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=Path(path).stem + "-", delete=False) as tmp:
-        yaml.safe_dump(tree, tmp)
-    try:
-        return load_config(tmp.name, train_overrides), orl
-    finally:
-        os.unlink(tmp.name)
-
-
-def _is_backend_key(key: str) -> bool:
-    return key in BACKEND_KEYS or any(key.startswith(k + ".") for k in BACKEND_KEYS)
-
-
-def load_backend(path: str | None, overrides: list[str]) -> dict | None:
-    """The backend keys (``backend``, ``megatron``, ``megatron_actor``) of a YAML config plus their ``key=value``
-    overrides (``backend=megatron``, ``megatron.parallel.tensor_model_parallel_size=2``...); None when absent.
-
-    :func:`load_configs` drops the same keys, so one YAML file carries the training and the backend config.
-    """
-    import yaml
-
-    tree: dict = {}
-    if path:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        tree = {k: loaded[k] for k in BACKEND_KEYS if isinstance(loaded, dict) and k in loaded}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not (sep and _is_backend_key(key)):
-            continue
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part} is not a mapping")
-        node[leaf] = yaml.safe_load(raw) if raw else ""
-    return tree or None
+    cfg = load_config(path, overrides)
+    return cfg, cfg.openrlhf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -669,13 +637,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value (openrlhf.<field>=... for the cluster, "
                         "backend=megatron and megatron.<field>=... for the Megatron backend)")
     args = parser.parse_args(argv)
-    try:
-        cfg, orl = load_configs(args.config, args.overrides)
-        backend = load_backend(args.config, args.overrides)
-    except ValueError as exc:
-        print(f"openrlhf launch: {exc}", file=sys.stderr)
+    from openrlhf_search.trainer.validate import load_and_validate
+
+    cfg = load_and_validate(args.config, args.overrides, backend="openrlhf", prog="openrlhf launch",
+                            check_files=not args.dry_run)  # a dry run may be planned before the data exists
+    if cfg is None:
         return 2
-    return run_openrlhf(cfg, dry_run=args.dry_run, openrlhf=orl, backend=backend)
+    return run_openrlhf(cfg, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

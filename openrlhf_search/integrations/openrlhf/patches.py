@@ -132,69 +132,98 @@ class OpenRLHFPolicyLoss(_loss_module_base()):
         return loss, clip_ratio, ppo_kl, None, None
 
 
-# --------------------------------------------------------------------------------------------- CalibAdv
+# --------------------------------------------------------------------------------------------- advantages
 def calibrate_experiences(experiences: list, n_samples_per_prompt: int, calib_config: dict | None = None) -> dict:
-    """Apply CalibAdv to OpenRLHF experiences in place, after OpenRLHF's advantage computation.
+    """CalibAdv on OpenRLHF experiences in place: :func:`postprocess_experiences` with the chain ``calibadv``."""
+    return postprocess_experiences(experiences, n_samples_per_prompt, PatchConfig(calibadv=True,
+                                                                                   calibadv_config=calib_config or {}))
 
-    Each experience is a right-padded micro-batch with ``advantages``/``action_mask`` ``[b, T_e]``, ``index`` (the
-    samples' positions in the rollout batch; group id = index // n_samples_per_prompt, the grouping OpenRLHF's own
-    group baselines use) and ``info["calib_id"]`` (the record ids published by the agent). The outcome advantage of a
-    sample is its advantage on its first model token (OpenRLHF's outcome estimators give every model token the same
-    value). All micro-batches are calibrated together (CalibAdv's statistics are per group), then written back.
 
-    Returns the ``calibadv/*`` metrics, plus ``calibadv/missing_records`` (samples without a record keep their
-    advantages untouched).
-    """
+def _calib_records(experiences: list) -> tuple[list, int]:
+    """The agent's CalibRecords of every sample of ``experiences``, collected by id; ``(records, missing)``."""
     import torch
 
-    from openrlhf_search.algorithms.calibadv import CalibAdvConfig, CalibRecord, SearchTurn, calibrate_advantages
+    from openrlhf_search.algorithms.calibadv import CalibRecord, SearchTurn
 
     from . import calib_store
 
-    rows = []  # (experience, row, record_id)
+    ids = []
     for exp in experiences:
-        ids = exp.info.get(calib_store.CALIB_ID_KEY)
-        if ids is None:
+        got = exp.info.get(calib_store.CALIB_ID_KEY)
+        if got is None:
             raise RuntimeError(
-                "CalibAdv is enabled but the experiences carry no calib_id: the agent must run with "
-                "calib_records=true (openrlhf_search.integrations.openrlhf.agent)"
+                "an advantage post-processor needs the environment's records but the experiences carry no calib_id: "
+                "the agent must run with calib_records=true (openrlhf_search.integrations.openrlhf.agent)"
             )
-        ids = torch.as_tensor(ids).reshape(-1).tolist()
-        rows.extend((exp, r, int(i)) for r, i in enumerate(ids))
-    raw = calib_store.collect([rid for _, _, rid in rows])
+        ids.extend(int(i) for i in torch.as_tensor(got).reshape(-1).tolist())
+    raw = calib_store.collect(ids)
+    records, missing = [], 0
+    for rec in raw:
+        if rec is None:
+            missing += 1
+            rec = {"search_turns": [], "answer_span": None, "f1": 0.0, "valid_format": False}
+        records.append(CalibRecord(
+            search_turns=[SearchTurn(**t) for t in rec["search_turns"]],
+            answer_span=tuple(rec["answer_span"]) if rec["answer_span"] is not None else None,
+            f1=float(rec["f1"]), valid_format=bool(rec["valid_format"])))  # fmt: skip
+    return records, missing
+
+
+def postprocess_experiences(experiences: list, n_samples_per_prompt: int, patch: PatchConfig) -> dict:
+    """Our advantage estimator and post-processor chain on OpenRLHF experiences, in place, after OpenRLHF's own
+    ``compute_advantages_and_returns`` (both training backends: DeepSpeed and Megatron actors).
+
+    Each experience is a right-padded micro-batch with ``advantages``/``action_mask`` ``[b, T_e]``, ``rewards``
+    ``[b]`` (the raw scores), ``index`` (the samples' positions in the rollout batch; group id =
+    ``index // n_samples_per_prompt``, the grouping OpenRLHF's own group baselines use) and, when a post-processor
+    needs records, ``info["calib_id"]`` (the record ids published by the agent). With ``patch.estimator`` the outcome
+    advantages are recomputed from the rewards by our registry estimator; otherwise the outcome advantage of a sample
+    is OpenRLHF's on its first model token (OpenRLHF's outcome estimators give every model token the same value).
+    All micro-batches are processed together (group statistics), then written back. ``patch.plugins`` are imported
+    first, so user-registered estimators and post-processors resolve here.
+
+    Returns the chain's metrics (CalibAdv's ``calibadv/*``, plus ``calibadv/missing_records`` when records are used:
+    samples without a record get an empty one).
+    """
+    import torch
+
+    from openrlhf_search.algorithms.advantages import get_advantage_estimator
+    from openrlhf_search.algorithms.postprocess import apply_postprocessors, needs_records
+    from openrlhf_search.plugins import load_plugins
+
+    load_plugins(patch.plugins, source="patch.plugins")
+    chain = patch.chain()
+    rows = [(exp, r) for exp in experiences for r in range(exp.action_mask.shape[0])]
     T = max(exp.action_mask.shape[1] for exp in experiences)
     B = len(rows)
     mask = torch.zeros(B, T, dtype=torch.bool)
     seq_adv = torch.zeros(B)
+    rewards = torch.zeros(B)
     group_ids = torch.zeros(B, dtype=torch.long)
-    records, missing = [], 0
-    for k, ((exp, r, _), rec) in enumerate(zip(rows, raw)):
+    for k, (exp, r) in enumerate(rows):
         m = exp.action_mask[r].bool().cpu()
         mask[k, : m.shape[0]] = m
         first = int(m.nonzero()[0]) if m.any() else None
         seq_adv[k] = float(exp.advantages[r, first]) if first is not None else 0.0
+        if patch.estimator:
+            rewards[k] = float(torch.as_tensor(exp.rewards).reshape(-1)[r])
         group_ids[k] = int(exp.index[r]) // n_samples_per_prompt
-        if rec is None:
-            missing += 1
-            rec = {"search_turns": [], "answer_span": None, "f1": 0.0, "valid_format": False}
-        records.append(
-            CalibRecord(
-                search_turns=[SearchTurn(**t) for t in rec["search_turns"]],
-                answer_span=tuple(rec["answer_span"]) if rec["answer_span"] is not None else None,
-                f1=float(rec["f1"]),
-                valid_format=bool(rec["valid_format"]),
-            )
-        )
-    cfg = CalibAdvConfig(**(calib_config or {}))
-    token_adv, metrics = calibrate_advantages(seq_adv, records, mask, group_ids, cfg)
-    for k, (exp, r, _) in enumerate(rows):
+    if patch.estimator:
+        seq_adv = get_advantage_estimator(patch.estimator, **patch.estimator_config)(rewards, group_ids)
+    records, missing = (None, 0)
+    if needs_records(chain):
+        records, missing = _calib_records(experiences)
+    token_adv, metrics = apply_postprocessors(chain, seq_adv, mask, group_ids, records)
+    for k, (exp, r) in enumerate(rows):
         t_e = exp.advantages.shape[1]
         exp.advantages[r] = token_adv[k, :t_e].to(exp.advantages.dtype)
-    for exp in experiences:
-        exp.info.pop(calib_store.CALIB_ID_KEY, None)
-    metrics = {k if k.startswith("calibadv/") else f"calibadv/{k}": float(v) for k, v in metrics.items()}
-    metrics["calibadv/missing_records"] = float(missing)
-    return metrics
+    if records is not None:
+        from . import calib_store
+
+        for exp in experiences:
+            exp.info.pop(calib_store.CALIB_ID_KEY, None)
+        metrics["calibadv/missing_records"] = float(missing)
+    return {k if "/" in k else f"advantages/{k}": float(v) for k, v in metrics.items()}
 
 
 # --------------------------------------------------------------------------------------------- actor subclasses
@@ -218,6 +247,9 @@ def install_loss(trainer, patch: PatchConfig) -> None:
     """Replace ``trainer.actor_loss_fn`` by our loss and make ``training_step`` log its metrics."""
     if not patch.loss:
         return
+    from openrlhf_search.plugins import load_plugins
+
+    load_plugins(patch.plugins, source="patch.plugins")  # a user's loss may live in a plugin module
     loss = OpenRLHFPolicyLoss(patch.loss, patch.loss_config)
     trainer.actor_loss_fn = loss
     if loss.needs_sapo_count:
@@ -286,11 +318,14 @@ def make_ppo_trainer_class(base_remote_cls, patch: PatchConfig):
 
 
 def install_maker_hooks(maker, patch: PatchConfig) -> None:
-    """Wrap ``maker.compute_advantages_and_returns``: then run :func:`calibrate_experiences` (CalibAdv; its metrics
-    go to the experiences' ``info``, one value per sample, so OpenRLHF averages and logs them) and, with
-    ``patch.dump_dir``, :func:`dump_experiences`."""
-    if not (patch.calibadv or patch.dump_dir):
+    """Wrap ``maker.compute_advantages_and_returns``: then run :func:`postprocess_experiences` (our estimator and
+    post-processors, e.g. CalibAdv; their metrics go to the experiences' ``info``, one value per sample, so OpenRLHF
+    averages and logs them) and, with ``patch.dump_dir``, :func:`dump_experiences`."""
+    if not (patch.advantages_patched or patch.dump_dir):
         return
+    from openrlhf_search.plugins import load_plugins
+
+    load_plugins(patch.plugins, source="patch.plugins")
     original = maker.compute_advantages_and_returns
     state = {"step": 0}
 
@@ -298,9 +333,9 @@ def install_maker_hooks(maker, patch: PatchConfig) -> None:
         import torch
 
         experiences = original(experiences)
-        if patch.calibadv:
+        if patch.advantages_patched:
             n_per_prompt = maker.args.rollout.n_samples_per_prompt
-            metrics = calibrate_experiences(experiences, n_per_prompt, patch.calibadv_config)
+            metrics = postprocess_experiences(experiences, n_per_prompt, patch)
             for exp in experiences:
                 n = exp.action_mask.shape[0]
                 for key, value in metrics.items():
@@ -357,8 +392,11 @@ def apply_patches(patch: PatchConfig, args=None) -> None:
         patch: what to replace; an inactive config changes nothing.
         args: OpenRLHF's parsed arguments, used to refuse unsupported modes (async training, dynamic batching).
     """
+    from openrlhf_search.plugins import load_plugins
+
     from .compat import check_openrlhf_version
 
+    load_plugins(patch.plugins, source="patch.plugins")  # the driver resolves names too
     if not patch.active:
         return
     check_openrlhf_version()
@@ -378,7 +416,7 @@ def apply_patches(patch: PatchConfig, args=None) -> None:
         cli = sys.modules.get("openrlhf.cli.train_ppo_ray")
         if cli is not None:
             cli.PolicyModelActor = ppo_actor_mod.PolicyModelActor
-    if patch.calibadv or patch.dump_dir:
+    if patch.advantages_patched or patch.dump_dir:
         ppo_trainer_mod.PPOTrainer = make_ppo_trainer_class(_PATCHED["PPOTrainer"], patch)
 
 

@@ -97,13 +97,13 @@ def test_backend_keys_from_yaml_and_overrides(tmp_path):
         "openrlhf: {actor_num_gpus_per_node: 8, colocate_all: false}\n"
     )
     overrides = ["megatron.parallel.pipeline_model_parallel_size=2", "rollout.group_size=4"]
-    cfg, orl = launch.load_configs(str(path), overrides)  # the backend keys do not reach the trainer's loader
-    backend = launch.load_backend(str(path), overrides)
-    parallel = {"tensor_model_parallel_size": 4, "pipeline_model_parallel_size": 2}
-    assert backend == {"backend": "megatron", "megatron": {"parallel": parallel}}
-    plan = launch.build_plan(cfg, orl, backend)
+    cfg = load_config(str(path), overrides)  # one tree: backend, megatron and openrlhf are sections of it
+    assert cfg.backend == "megatron" and cfg.openrlhf.actor_num_gpus_per_node == 8
+    p = cfg.megatron.parallel
+    assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size) == (4, 2)
+    plan = launch.build_plan(cfg)
     assert _flag(plan.command, "--ds.tensor_parallel_size") == "8"
-    assert launch.load_backend(None, ["rollout.group_size=4"]) is None
+    assert launch.build_plan(load_config(str(path), ["backend=deepspeed"])).backend_config is None
 
 
 def test_backend_file_written(tmp_path, monkeypatch):

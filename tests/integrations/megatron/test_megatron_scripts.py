@@ -63,6 +63,10 @@ def test_run_script_writes_a_valid_megatron_config(tmp_path, nnodes, tp, pp, vpp
     assert args[:3] == ["train", "--backend", "openrlhf"] and args[3] == "--config"
     data = yaml.safe_load(Path(args[4]).read_text())
     cfg = BackendConfig.from_dict(data, source=args[4])
+    from openrlhf_search.trainer.config import load_config
+
+    tree = load_config(args[4])  # the one loader reads the generated recipe (types checked: lr is a float)
+    assert tree.backend == "megatron" and isinstance(tree.megatron.lr, float) and isinstance(tree.optimizer.lr, float)
     assert cfg.backend == "megatron" and cfg.megatron.precision == "bf16" and cfg.megatron.use_distributed_optimizer
     layers = 48 if nnodes == 2 else 64  # Qwen2.5-14B / 32B
     assert cfg.megatron.parallel.validate(nnodes * 8, layers) == dp
