@@ -704,6 +704,8 @@ def update_policy(policy, opt, sched, loss_fn, packed: PackedBatch, old_lp, ref_
         for rows in perm.chunk(n_mb):
             lp = response_logprobs(policy, packed, rows, cfg.rollout.temperature)
             extra = {"ref_log_probs": ref_lp[rows]} if ref_lp is not None else {}
+            if getattr(loss_fn, "needs_behaviour_log_probs", False):  # +tis / +mis: the engine's own log-probs
+                extra["behaviour_log_probs"] = packed.engine_logprobs[rows]
             adv = advantages[rows]
             loss, m = loss_fn(lp, old_lp[rows], adv, packed.action_mask[rows], **extra)
             for k, v in m.items():

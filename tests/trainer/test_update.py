@@ -109,3 +109,31 @@ def test_lr_schedules():
     assert lr_lambda("constant", 0, 10)(9) == 1.0
     with pytest.raises(ValueError, match="optimizer.schedule"):
         lr_lambda("exp", 0, 10)
+
+
+def test_offpolicy_loss_receives_the_engine_logprobs(tiny):
+    """A ``+tis`` preset's loss gets ``packed.engine_logprobs`` as ``behaviour_log_probs``; a plain one gets none."""
+    from openrlhf_search.algorithms import get_algorithm
+
+    tok, model = tiny
+    trajs = _trajs(tok)
+    trajs[0].logprobs = [-0.5, -1.0, -1.5]
+    packed = pack(trajs, tok.pad_token_id, torch.device("cpu"))
+    seen = []
+    for name in ("grpo+tis", "grpo"):
+        inner = get_algorithm(name).build_loss()
+
+        def spy(lp, old, adv, mask, inner=inner, **extra):
+            seen.append(extra.get("behaviour_log_probs"))
+            return inner(lp, old, adv, mask, **extra)
+
+        spy.needs_behaviour_log_probs = getattr(inner, "needs_behaviour_log_probs", False)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        cfg = TrainConfig()
+        cfg.algorithm.num_minibatches = 1
+        metrics = update_policy(model, opt, sched, spy, packed, torch.zeros_like(packed.action_mask), None,
+                                torch.ones(2), cfg)
+        assert ("loss/offpolicy/weight_mean" in metrics or "offpolicy/weight_mean" in metrics) == (name != "grpo")
+    rows = sorted(map(tuple, seen[0].tolist()))  # minibatch rows come shuffled
+    assert rows == sorted(map(tuple, packed.engine_logprobs.tolist())) and seen[-1] is None
