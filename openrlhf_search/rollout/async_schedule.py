@@ -66,10 +66,15 @@ class StalenessBound:
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness={self.max_staleness}: expected >= 0 (0 = synchronous)")
 
-    # an item with tag t has the deadline t + eta: it must be consumed at learner version <= t + eta
+    @property
+    def next_slot(self) -> int:
+        """Learner version of the next batch to form (``learner_version + 1`` between a take and its publish)."""
+        return self.consumed // self.batch_size
+
+    # an item with tag t has the deadline t + eta: it must be consumed in the batch of a version <= t + eta
     def _violations(self, counts: Counter, slots_from: int) -> list[int]:
         """Deadlines d >= v where more than ``(d - v + slots_from) * B`` items of ``counts`` are due by d."""
-        v, eta, bad, cum = self.learner_version, self.max_staleness, [], 0
+        v, eta, bad, cum = self.next_slot, self.max_staleness, [], 0
         for d in sorted({t + eta for t in counts if counts[t] > 0}):
             cum += sum(c for t, c in counts.items() if t + eta == d)
             if d < v or cum > (d - v + slots_from) * self.batch_size:
@@ -84,7 +89,7 @@ class StalenessBound:
         (v + eta + 1) B``.
         """
         u = self.learner_version if engine_version is None else engine_version
-        if u + self.max_staleness < self.learner_version:
+        if u + self.max_staleness < self.next_slot:
             return False  # the engine's weights are already too old for any future batch
         trial = Counter(self.open_tags)
         trial[u] += 1
@@ -119,12 +124,15 @@ class StalenessBound:
         Raises:
             StalenessError: the open items are infeasible even if all finished (admission was bypassed).
         """
+        if self.next_slot != self.learner_version:
+            raise StalenessError("take_batch() twice without publish()")
         if self._violations(self.open_tags, 1):
             raise StalenessError(f"open items {dict(self.open_tags)} cannot all meet staleness "
                                  f"{self.max_staleness} at version {self.learner_version}: admission was bypassed")
-        done = sorted(enumerate(completed), key=lambda x: (x[1][0], x[0]))
-        if len(done) < self.batch_size:
+        completed = list(completed)
+        if len(completed) < self.batch_size:
             return None
+        done = sorted(enumerate(completed), key=lambda x: (x[1][0], x[0]))
         chosen = [item for _, item in done[: self.batch_size]]
         left = Counter(self.open_tags)
         for tag, key in chosen:
