@@ -388,9 +388,9 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     )
     from openrlhf_search.trainer.data import QuestionStream
     from openrlhf_search.trainer.logging import MetricsLogger, Progress, plot_reward_curve, render_trajectory
+    from openrlhf_search.trainer.lora import trainable_summary
     from openrlhf_search.trainer.preemption import Preempted, SkipMonitor
     from openrlhf_search.trainer.rundir import prepare_run_dir
-    from openrlhf_search.trainer.lora import trainable_summary
 
     hf_logging.disable_progress_bar()
     t_setup = time.perf_counter()
