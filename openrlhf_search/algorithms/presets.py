@@ -27,7 +27,9 @@ Modifiers (any number, after or before the base, joined with ``+``):
 
 * ``calibadv`` -- apply :func:`.calibadv.calibrate_advantages` between the estimator and the loss
   (``calibadv`` alone means ``grpo+calibadv``, the paper's setting);
-* ``filter`` -- turn on dynamic (mixed-outcome) group filtering, e.g. ``sapo+filter``.
+* ``filter`` -- turn on dynamic (mixed-outcome) group filtering, e.g. ``sapo+filter``;
+* ``tis`` / ``mis`` (at most one) -- behaviour/proximal off-policy correction of the loss
+  (:mod:`.offpolicy`: truncated or masked importance sampling; the trainer passes the engine's log-probs).
 
 Combination rule: ``"a+b+..."`` is split on ``+``; order does not matter; at most one base algorithm; a name may
 not repeat; the base fixes estimator, loss and loss config, modifiers only switch flags on. Examples:
@@ -75,12 +77,22 @@ class AlgorithmPreset:
     """Calibrate token advantages with CalibAdv before the loss (needs CalibRecords from the environment)."""
     description: str = ""
     """One line for ``--help`` and logs."""
+    offpolicy: str = ""
+    """``"tis"``/``"mis"``: wrap the loss with :func:`.offpolicy.with_offpolicy_correction` (needs engine logprobs)."""
 
-    def build_loss(self, **overrides):
-        """The configured policy loss, with optional config overrides (e.g. from the CLI)."""
+    def build_loss(self, offpolicy_cfg: dict | None = None, **overrides):
+        """The configured policy loss, with optional config overrides (e.g. from the CLI).
+
+        ``offpolicy_cfg``: fields of :class:`.offpolicy.OffPolicyConfig` (e.g. ``tis_cap``) for ``+tis``/``+mis``.
+        """
         from .losses import get_policy_loss
 
-        return get_policy_loss(self.policy_loss, **{**self.loss_cfg, **overrides})
+        loss = get_policy_loss(self.policy_loss, **{**self.loss_cfg, **overrides})
+        if self.offpolicy:
+            from .offpolicy import with_offpolicy_correction
+
+            loss = with_offpolicy_correction(loss, self.offpolicy, **(offpolicy_cfg or {}))
+        return loss
 
     def build_estimator(self, **overrides):
         """The configured advantage estimator."""
@@ -119,7 +131,7 @@ BASE_ALGORITHMS: dict[str, AlgorithmPreset] = {
     )
 }
 
-MODIFIERS = ("calibadv", "filter")
+MODIFIERS = ("calibadv", "filter", "mis", "tis")
 
 
 def algorithm_names() -> list[str]:
@@ -147,6 +159,8 @@ def get_algorithm(name: str) -> AlgorithmPreset:
     if len(bases) > 1:
         raise ValueError(f"algorithm {name!r}: at most one base algorithm, got {bases} (modifiers: {MODIFIERS})")
     mods = sorted(p for p in parts if p in MODIFIERS)
+    if "tis" in mods and "mis" in mods:
+        raise ValueError(f"algorithm {name!r}: at most one off-policy correction (tis or mis)")
     base = BASE_ALGORITHMS[bases[0] if bases else "grpo"]
     assert base.advantage_estimator in ADVANTAGE_ESTIMATORS and base.policy_loss in POLICY_LOSSES
     canonical = "+".join(([base.name] if bases or not mods else ["grpo"]) + mods)
@@ -158,6 +172,7 @@ def get_algorithm(name: str) -> AlgorithmPreset:
         loss_cfg=dict(base.loss_cfg),
         calibadv=base.calibadv or "calibadv" in mods,
         dynamic_filter=base.dynamic_filter or "filter" in mods,
+        offpolicy=next((m for m in mods if m in ("tis", "mis")), ""),
         description=base.description + "".join(f" + {m}" for m in mods),
     )
 

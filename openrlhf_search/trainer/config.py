@@ -165,6 +165,10 @@ class RolloutConfig:
     max_filter_rounds: int = 3
     """DSPO/DAPO dynamic filtering: at most this many sampling rounds per step to fill the batch with groups of
     mixed outcomes (the batch may end smaller; the shortfall is logged)."""
+    max_staleness: int = 0
+    """Train on batches sampled ``max_staleness`` policy versions ago (0 = synchronous, today's loop). The batches are
+    produced sequentially and queued (the off-policy *semantics* of asynchronous training, not its speed; see
+    docs/async.md); ``--resume`` is refused when > 0 (the queue is not checkpointed)."""
     eval_temperature: float = 0.0
     """Temperature of held-out evaluation (0 = greedy)."""
 

@@ -25,6 +25,7 @@ The tiny quickstart model shares its weights with the HF engine (no copy); vLLM 
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import random
@@ -493,6 +494,13 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     summary["setup_seconds"] = time.perf_counter() - t_setup
     t_rl = time.perf_counter()
     step = start_step
+    if cfg.rollout.max_staleness < 0:
+        raise ValueError(f"rollout.max_staleness={cfg.rollout.max_staleness}: expected >= 0 (0 = synchronous)")
+    if cfg.rollout.max_staleness > 0 and resume_dir is not None:
+        raise ValueError(f"rollout.max_staleness={cfg.rollout.max_staleness} cannot --resume: the queue of stale "
+                         "batches is not checkpointed (start a new run or resume with rollout.max_staleness=0)")
+    stale_queue: collections.deque = collections.deque()  # (policy version that sampled it, batch)
+    policy_version = start_step
     guard.deferred = True  # from here on SIGTERM/SIGINT checkpoint at the end of the step
     for step in range(start_step + 1, cfg.steps + 1):
         t_step = time.perf_counter()
@@ -502,18 +510,24 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
         retrieval_calls = retriever.calls
         metrics: dict[str, float] = {}
 
-        # 1-3. rollout, reward, DSPO/DAPO filtering (resampling until the batch is full, capped)
+        # 1-3. rollout, reward, DSPO/DAPO filtering (resampling until the batch is full, capped); with
+        # rollout.max_staleness = k the batch trained on was sampled k versions ago (queued; k = 0: this step's)
         try:
-            batch = collect_groups(
-                engine, env, stream.take, lambda tr: score_trajectories(tr, reward_fn, tokenizer),
-                target_groups=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size, params=sample_params,
-                dynamic_filtering=preset.dynamic_filter, max_rounds=cfg.rollout.max_filter_rounds, timer=timer)
+            while len(stale_queue) < cfg.rollout.max_staleness + 1:
+                stale_queue.append((policy_version, collect_groups(
+                    engine, env, stream.take, lambda tr: score_trajectories(tr, reward_fn, tokenizer),
+                    target_groups=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
+                    params=sample_params, dynamic_filtering=preset.dynamic_filter,
+                    max_rounds=cfg.rollout.max_filter_rounds, timer=timer)))
         except Exception as exc:
             if _is_retrieval_failure(exc):
                 saved = checkpoint(step - 1, snapshot)
                 raise RetrieverDownError(f"step {step}: the retriever failed: {exc} (state after step {step - 1} "
                                          f"saved in {saved}; rerun with --resume)") from exc
             raise
+        batch_version, batch = stale_queue.popleft()
+        if cfg.rollout.max_staleness > 0:
+            metrics["rollout/staleness"] = float(policy_version - batch_version)
         metrics.update(batch.metrics)
         metrics["reward_mean"] = batch.metrics.get("reward_all_mean", _mean(batch.rewards))
         metrics["samples"] = batch.samples_used
@@ -557,6 +571,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
             upd = update_policy(policy, opt, sched, loss_fn, packed, old_lp, ref_lp, advantages, cfg)
             policy.eval()
             engine.update_weights(policy)
+            policy_version += 1
             metrics.update(upd)
             skips.update(step, math.isnan(upd.get("update/grad_norm", float("nan"))),
                          str(guard.saved[0]) if guard.saved else None)
@@ -723,6 +738,8 @@ def update_policy(policy, opt, sched, loss_fn, packed: PackedBatch, old_lp, ref_
             for r in micro:
                 lp = response_logprobs(policy, packed, r, cfg.rollout.temperature)
                 extra = {"ref_log_probs": ref_lp[r]} if ref_lp is not None else {}
+                if getattr(loss_fn, "needs_behaviour_log_probs", False):  # +tis / +mis: the engine's own log-probs
+                    extra["behaviour_log_probs"] = packed.engine_logprobs[r]
                 loss, m = loss_fn(lp, old_lp[r], advantages[r], packed.action_mask[r], **extra, **norms)
                 if not norms:  # no normaliser: each call is a local mean, average them
                     loss = loss / len(micro)

@@ -140,3 +140,32 @@ def test_eval_unknown_dataset_name_is_a_clear_error(tmp_path):
     res = _cli("eval", "--model", str(tmp_path), "--data", "nq", "--retriever", str(tmp_path))
     assert res.returncode == 2
     assert "'nq' is a Search-R1 dataset name" in res.stderr
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "wall_time"} for r in rows]
+
+
+@pytest.mark.slow
+def test_max_staleness_zero_is_the_synchronous_loop_and_one_trains_on_stale_batches(tmp_path):
+    """Same seed: ``rollout.max_staleness=0`` gives the default run's metrics exactly; 1 trains on stale batches.
+
+    The untrained tiny policy earns reward 0 everywhere (zero advantages), so the stale run adds weight decay to make
+    every update move the weights: the behaviour log-probs of a stale batch must then differ from the trainer's.
+    """
+    runs = {}
+    stale = ["rollout.max_staleness=1", "algorithm.name=grpo+tis", "optimizer.weight_decay=0.5", "optimizer.lr=0.01"]
+    for name, extra in (("default", []), ("stale0", ["rollout.max_staleness=0"]), ("stale1", stale)):
+        out = tmp_path / name
+        res = _cli("train", "--config", SMOKE, f"logging.output_dir={out}", "steps=3", "sft.steps=0",
+                   "logging.save_every=0", *extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = _rows(out / "metrics.jsonl")
+    assert _comparable(runs["stale0"]) == _comparable(runs["default"])
+    assert "rollout/staleness" not in runs["default"][0]
+    assert [r["rollout/staleness"] for r in runs["stale1"]] == [0.0, 1.0, 1.0]
+    # step 1 trains on a batch sampled by the weights it starts from, like the synchronous run; later ones do not
+    assert runs["stale1"][0]["reward_mean"] == runs["default"][0]["reward_mean"]
+    gaps = [r["rollout/engine_logprob_gap"] for r in runs["stale1"]]
+    assert gaps[0] < 1e-5 < min(gaps[1:])  # step 1: fresh batch; steps 2-3: sampled one update ago
+    assert runs["stale1"][1]["offpolicy/abs_log_rho_mean"] == pytest.approx(gaps[1], rel=1e-3)

@@ -156,3 +156,31 @@ def test_normaliser_local_trainer_micro_batches_give_the_same_step(tiny, name, a
         for k in ref:
             assert torch.allclose(delta[k], ref[k], atol=1e-6, rtol=1e-4), f"{name} {agg} {micro} micro {k}"
         assert metrics["loss/loss"] == pytest.approx(ref_metrics["loss/loss"], rel=1e-5, abs=1e-7)
+
+
+def test_offpolicy_loss_receives_the_engine_logprobs(tiny):
+    """A ``+tis`` preset's loss gets ``packed.engine_logprobs`` as ``behaviour_log_probs``; a plain one gets none."""
+    from openrlhf_search.algorithms import get_algorithm
+
+    tok, model = tiny
+    trajs = _trajs(tok)
+    trajs[0].logprobs = [-0.5, -1.0, -1.5]
+    packed = pack(trajs, tok.pad_token_id, torch.device("cpu"))
+    seen = []
+    for name in ("grpo+tis", "grpo"):
+        inner = get_algorithm(name).build_loss()
+
+        def spy(lp, old, adv, mask, inner=inner, **extra):
+            seen.append(extra.get("behaviour_log_probs"))
+            return inner(lp, old, adv, mask, **extra)
+
+        spy.needs_behaviour_log_probs = getattr(inner, "needs_behaviour_log_probs", False)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        cfg = TrainConfig()
+        cfg.algorithm.num_minibatches = 1
+        metrics = update_policy(model, opt, sched, spy, packed, torch.zeros_like(packed.action_mask), None,
+                                torch.ones(2), cfg)
+        assert ("loss/offpolicy/weight_mean" in metrics or "offpolicy/weight_mean" in metrics) == (name != "grpo")
+    rows = sorted(map(tuple, seen[0].tolist()))  # minibatch rows come shuffled
+    assert rows == sorted(map(tuple, packed.engine_logprobs.tolist())) and seen[-1] is None

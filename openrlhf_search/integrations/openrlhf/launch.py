@@ -189,6 +189,9 @@ def resolve_algorithm(config: Any) -> tuple[list[str], PatchConfig, list[str]]:
     load_plugins(plugins, source="plugins")
     alg = config.algorithm
     preset = preset_for(alg)
+    if preset.offpolicy:
+        raise ValueError(f"algorithm.name={alg.name!r}: the +{preset.offpolicy} off-policy modifier runs in the local "
+                         "trainer only; the OpenRLHF/Megatron actors do not pass engine log-probs to our loss yet")
     loss_cfg = {**preset.loss_cfg, **alg.loss_overrides}
     notes = [f"algorithm {preset.name}: {preset.description}"]
     estimator, estimator_cfg, chain = advantage_chain(config, preset)
@@ -394,6 +397,9 @@ def resolve_backend(config: Any, orl: OpenRLHFConfig, backend: Any = None) -> tu
 
     alg, ro = config.algorithm, config.rollout
     preset = preset_for(alg)
+    if preset.offpolicy:
+        raise ValueError(f"algorithm.name={alg.name!r}: the +{preset.offpolicy} off-policy modifier runs in the local "
+                         "trainer only; the Megatron actor does not pass engine log-probs to our loss yet")
     if given_loss is not None and given_loss != preset.policy_loss:
         raise ValueError(f"megatron_actor.loss={given_loss!r} conflicts with algorithm.name={alg.name!r} (policy loss "
                          f"{preset.policy_loss!r}); drop megatron_actor.loss, the algorithm defines it")  # fmt: skip

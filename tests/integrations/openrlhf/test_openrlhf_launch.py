@@ -80,6 +80,11 @@ def test_loss_terms_openrlhf_cannot_feed_are_refused():
         launch.build_plan(make_config("algorithm.name=sapo", "algorithm.loss_overrides={kl_coef: 0.1}"))
 
 
+def test_offpolicy_modifiers_are_refused_outside_the_local_trainer():
+    with pytest.raises(ValueError, match=r"algorithm.name='grpo\+tis': the \+tis off-policy modifier runs"):
+        launch.build_plan(make_config("algorithm.name=grpo+tis"))
+
+
 def test_estimators_and_kl():
     grpo = launch.build_plan(make_config("algorithm.name=grpo")).command
     assert flag_values(grpo, "--algo.advantage.estimator") == ["group_norm"]
