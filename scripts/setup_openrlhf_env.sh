@@ -88,4 +88,9 @@ pip_install --no-deps -e "${REPO_ROOT}"
 log "checking imports"
 DS_ACCELERATOR=cpu OPENRLHF_SEARCH_CPU_SHIM=1 PYTHONPATH="${REPO_ROOT}/openrlhf_search/integrations/openrlhf/sitecustomize${PYTHONPATH:+:${PYTHONPATH}}" \
     "${PY}" -c "import torch, vllm, deepspeed, ray, openrlhf, megatron.core, mbridge; print('torch', torch.__version__, 'vllm', vllm.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__, 'openrlhf', openrlhf.__version__ if hasattr(openrlhf, '__version__') else '${OPENRLHF_VERSION}', 'megatron-core', megatron.core.__version__)"
+# DeepSpeed JIT-compiles its CPU shared-memory collective (deepspeed_shm_comm, ~1.5 min) on the first
+# init_distributed. Build it here, once, so no test run compiles under its timeout: a run killed mid-compile leaves
+# torch's build lock behind and every later run waits on it forever (seen here; scripts/test_openrlhf.sh clears it).
+log "building DeepSpeed's CPU shared-memory op (cached in ~/.cache/torch_extensions)"
+DS_ACCELERATOR=cpu "${PY}" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 log "done: ${VENV_DIR}"

@@ -24,6 +24,15 @@ if [[ ! -x "${VENV}/bin/python" ]] || ! "${VENV}/bin/python" -c "import openrlhf
 fi
 
 cd "${REPO_ROOT}"
+# A run killed while DeepSpeed JIT-compiled an op leaves torch's build lock; later runs then wait on it forever
+# (torch's FileBaton has no timeout). A lock older than 10 minutes belongs to no live build: remove it, loudly.
+ext_dir="${TORCH_EXTENSIONS_DIR:-${HOME}/.cache/torch_extensions}"
+if [[ -d "${ext_dir}" ]]; then
+    while IFS= read -r lock; do
+        echo "scripts/test_openrlhf.sh: removing a stale torch extension build lock: ${lock}" >&2
+        rm -f "${lock}"
+    done < <(find "${ext_dir}" -name lock -mmin +10 2>/dev/null)
+fi
 start=$(date +%s)
 status=0
 nice -n 10 "${VENV}/bin/python" -m pytest -m openrlhf tests -p no:cacheprovider -rA "$@" ||
