@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -46,7 +47,14 @@ def run(args: argparse.Namespace) -> int:
         except (ConfigError, ValueError, KeyError) as exc:
             print(f"openrlhf-search train --backend openrlhf: {exc}", file=sys.stderr)
             return 2
-        return int(run_openrlhf(cfg, dry_run=args.dry_run, openrlhf=cluster, backend=backend) or 0)
+        if args.overwrite:
+            print("openrlhf-search train --backend openrlhf: --overwrite is not supported; choose a new "
+                  "logging.output_dir", file=sys.stderr)  # fmt: skip
+            return 2
+        if args.resume or args.resume_or_start:  # OpenRLHF's --ckpt.load_enable (openrlhf.resume)
+            cluster = dataclasses.replace(cluster, resume=True)
+        return int(run_openrlhf(cfg, dry_run=args.dry_run, openrlhf=cluster, backend=backend,
+                                require_checkpoint=args.resume) or 0)  # fmt: skip
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
