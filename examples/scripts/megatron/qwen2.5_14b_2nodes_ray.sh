@@ -17,8 +17,13 @@ if [[ "${RAY_ROLE}" == "worker" ]]; then
   exec ray start --address "${HEAD_IP}:${RAY_PORT}" --num-gpus 8 --block
 fi
 
-ray start --head --port "${RAY_PORT}" --num-gpus 8
-export MODEL="${MODEL:-Qwen/Qwen2.5-14B-Instruct}" NNODES=2 GPUS_PER_NODE=8 TP=4 PP=2 VPP=null
+: "${MODEL:?set MODEL to a local Qwen2.5-14B-Instruct directory (huggingface-cli download --local-dir)}"
+# The head's address (HEAD_IP, else the first address of `hostname -I`) is Ray's node address and the retriever's:
+# the agents run in vLLM engines on every node, so the server must listen there, e.g. on the head node
+#   openrlhf-search serve --index INDEX --host "${HEAD_IP}" --port 8000 &
+: "${HEAD_IP:=$(hostname -I | awk '{print $1}')}"
+ray start --head --node-ip-address "${HEAD_IP}" --port "${RAY_PORT}" --num-gpus 8
+export MODEL NNODES=2 GPUS_PER_NODE=8 TP=4 PP=2 VPP=null
 export VLLM_TP=2 VLLM_MEM=0.4 RECOMPUTE=full MICRO_BATCH=1
-export RETRIEVAL_URL="${RETRIEVAL_URL:-http://127.0.0.1:8000}"
+export RETRIEVAL_URL="${RETRIEVAL_URL:-http://${HEAD_IP}:8000}"
 exec bash "${HERE}/run_megatron_grpo.sh" "$@"
