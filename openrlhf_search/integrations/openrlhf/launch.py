@@ -432,6 +432,14 @@ def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None, backe
     backend_config, backend_flags, backend_notes = resolve_backend(config, orl, backend)
     if backend_config is not None and orl.packing_samples:
         orl = dataclasses.replace(orl, packing_samples=False)
+    if backend_config is not None and orl.resume:
+        raise ValueError("openrlhf.resume / --resume: not available with backend: megatron (its checkpoints are HF "
+                         "weights only, without optimizer or dataloader state, and OpenRLHF would silently start "
+                         "over); restart from a saved <ckpt>/global_step<N>_hf directory as model.path instead")
+    if orl.packing_samples and "flash_attention" not in orl.attn_implementation:
+        raise ValueError(f"openrlhf.packing_samples=true with openrlhf.attn_implementation="
+                         f"{orl.attn_implementation!r}: OpenRLHF 0.11.2 then silently switches to flash_attention_2; "
+                         "set packing_samples=false or a flash_attention implementation")  # fmt: skip
     nodes = max(orl.actor_num_nodes, orl.ref_num_nodes if config.algorithm.kl_coef > 0 else 1)
     if nodes > 1 and not orl.shared_dir:
         raise ValueError(f"a {nodes}-node run needs openrlhf.shared_dir: OpenRLHF's trainer actor reads the prompt "

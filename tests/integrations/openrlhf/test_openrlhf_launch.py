@@ -265,6 +265,15 @@ def test_toy_data_and_megatron_hub_ids_are_refused_at_launch(tmp_path, capsys):
     assert "'Qwen/Qwen2.5-14B-Instruct' is not a local directory" in capsys.readouterr().err
     local = load_config(None, [f"model.path={tmp_path}", "retriever.spec=/i", *REAL_DATA])
     assert launch.run_openrlhf(local, dry_run=True, openrlhf=split, backend=megatron) == 0
+    capsys.readouterr()
+    assert launch.run_openrlhf(local, dry_run=True, openrlhf={**split, "resume": True}, backend=megatron) == 2
+    assert "not available with backend: megatron" in capsys.readouterr().err
+
+
+def test_packing_without_flash_attention_is_refused():
+    with pytest.raises(ValueError, match="silently switches to flash_attention_2"):
+        launch.build_plan(make_config(), {"attn_implementation": "sdpa"})
+    launch.build_plan(make_config(), {"attn_implementation": "sdpa", "packing_samples": False})
 
 
 def test_resume_flag_of_the_launcher(tmp_path, capsys):
