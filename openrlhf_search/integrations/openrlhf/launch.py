@@ -277,7 +277,7 @@ def build_flags(config: Any, orl: OpenRLHFConfig, paths: dict[str, Path]) -> tup
         flags += ["--ref.num_nodes", str(orl.ref_num_nodes), "--ref.num_gpus_per_node", str(orl.ref_num_gpus_per_node)]
     switches = {
         "--train.colocate_all": orl.colocate_all,
-        "--vllm.enable_sleep": orl.vllm_enable_sleep,
+        "--vllm.enable_sleep": orl.colocate_all and orl.vllm_enable_sleep,  # OpenRLHF drops it otherwise
         "--ds.enable_sleep": orl.colocate_all and orl.vllm_enable_sleep,
         "--vllm.enforce_eager": orl.vllm_enforce_eager,
         "--actor.gradient_checkpointing_enable": orl.gradient_checkpointing,

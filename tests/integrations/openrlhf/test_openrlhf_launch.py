@@ -115,7 +115,7 @@ def test_cluster_section_is_applied():
     assert flag_values(cmd, "--actor.num_nodes") == ["2"]
     assert flag_values(cmd, "--vllm.tensor_parallel_size") == ["4"]
     assert flag_values(cmd, "--ds.zero_stage") == ["3"]
-    assert "--train.colocate_all" not in cmd and "--ds.enable_sleep" not in cmd
+    assert "--train.colocate_all" not in cmd and "--ds.enable_sleep" not in cmd and "--vllm.enable_sleep" not in cmd
     assert cmd[-1] == "--vllm.enforce_eager"
 
 
@@ -237,6 +237,8 @@ def test_cluster_flags_prefix_cache_checkpoints_resume_wandb(monkeypatch):
     off = launch.build_plan(cfg, OpenRLHFConfig(vllm_enable_prefix_caching=False, save_hf=False, save_steps=10))
     assert "--vllm.enable_prefix_caching" not in off.command and "--ckpt.save_hf" not in off.command
     assert flag_values(off.command, "--ckpt.save_steps") == ["10"]
+    split = launch.build_plan(cfg, OpenRLHFConfig(colocate_all=False)).command  # sleep mode needs colocation
+    assert "--vllm.enable_sleep" not in split and "--vllm.enable_sleep" in cmd
 
 
 def test_multi_node_needs_a_shared_dir_and_a_reachable_retriever():
