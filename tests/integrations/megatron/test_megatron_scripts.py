@@ -35,7 +35,7 @@ def test_recipe_passes_bash_n_and_shellcheck(script):
 
 @pytest.mark.parametrize(
     ("nnodes", "tp", "pp", "vpp", "vllm_tp", "dp"),
-    [(2, 4, 2, "null", 2, 2), (4, 8, 2, "2", 4, 2)],
+    [(2, 4, 2, "null", 2, 1), (4, 8, 2, "2", 4, 1)],
     ids=["14b_2nodes", "32b_4nodes"],
 )
 def test_run_script_writes_a_valid_megatron_config(tmp_path, nnodes, tp, pp, vpp, vllm_tp, dp):
@@ -69,9 +69,15 @@ def test_run_script_writes_a_valid_megatron_config(tmp_path, nnodes, tp, pp, vpp
     cfg = BackendConfig.from_dict(data, source=args[4])
     assert cfg.backend == "megatron" and cfg.megatron.precision == "bf16" and cfg.megatron.use_distributed_optimizer
     layers = 48 if nnodes == 2 else 64  # Qwen2.5-14B / 32B
-    assert cfg.megatron.parallel.validate(nnodes * 8, layers) == dp
+    train_nodes = nnodes // 2  # the other half runs vLLM: the Megatron backend refuses colocation
+    assert data["openrlhf"]["actor_num_nodes"] == train_nodes and data["openrlhf"]["colocate_all"] is False
+    assert cfg.megatron.parallel.validate(train_nodes * 8, layers) == dp
     assert cfg.duplicate_actors == tp * pp
-    assert data["openrlhf"]["vllm_num_engines"] * vllm_tp == nnodes * 8
+    assert data["openrlhf"]["vllm_num_engines"] * vllm_tp == (nnodes - train_nodes) * 8
+    # the launcher accepts it (dry run: every check of a real launch, nothing started)
+    from openrlhf_search.integrations.openrlhf import launch
+
+    assert launch.main(["--config", args[4], "--dry-run"]) == 0
     # Search-R1's sections, not the toy defaults: the trainer's loader reads them as such
     from openrlhf_search.integrations.openrlhf.launch import load_configs
 
@@ -107,7 +113,7 @@ def test_multi_node_scripts_point_the_retriever_at_the_head_node():
 
 def test_run_script_rejects_an_impossible_layout(tmp_path):
     (tmp_path / "train.jsonl").write_text("")
-    env = {**os.environ, "MODEL": str(tmp_path), "NNODES": "1", "TP": "3", "RETRIEVAL_URL": "http://x",
+    env = {**os.environ, "MODEL": str(tmp_path), "NNODES": "2", "TP": "3", "RETRIEVAL_URL": "http://x",
            "TRAIN_FILES": str(tmp_path / "train.jsonl")}  # fmt: skip
     env["OUTPUT_DIR"] = str(tmp_path)
     script = str(SCRIPTS_DIR / "run_megatron_grpo.sh")
