@@ -432,6 +432,12 @@ def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None, backe
     backend_config, backend_flags, backend_notes = resolve_backend(config, orl, backend)
     if backend_config is not None and orl.packing_samples:
         orl = dataclasses.replace(orl, packing_samples=False)
+    if backend_config is not None and orl.vllm_enable_prefix_caching:
+        # OpenRLHF's DeepSpeed actor resets vLLM's prefix cache before each weight sync; the Megatron actor's
+        # broadcast_to_vllm does not, so cached KV blocks of the old weights would be reused after a sync.
+        orl = dataclasses.replace(orl, vllm_enable_prefix_caching=False)
+        backend_notes = [*backend_notes, "backend megatron: vLLM prefix caching off (its weight sync does not reset "
+                         "the prefix cache)"]  # fmt: skip
     if backend_config is not None and orl.resume:
         raise ValueError("openrlhf.resume / --resume: not available with backend: megatron (its checkpoints are HF "
                          "weights only, without optimizer or dataloader state, and OpenRLHF would silently start "
