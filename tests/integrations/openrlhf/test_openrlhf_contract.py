@@ -317,3 +317,20 @@ def test_apply_patches_swaps_the_ray_actor_classes():
             patches.apply_patches(PatchConfig(loss="sapo"), openrlhf_args(["--train.async_enable"]))
     finally:
         ppo_actor_mod.PolicyModelActor, ppo_trainer_mod.PPOTrainer = before
+
+
+def test_shared_files_are_checked_on_every_ray_node(tmp_path):
+    """The entrypoint's start check: a path missing on a Ray node fails naming path and node (one local node here)."""
+    import ray
+
+    from openrlhf_search.integrations.openrlhf.entrypoint import check_shared_files
+
+    present = tmp_path / "prompts.jsonl"
+    present.write_text("{}\n")
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        check_shared_files([str(present)])
+        with pytest.raises(RuntimeError, match=r"not visible on every Ray node: .*missing\.jsonl \(node "):
+            check_shared_files([str(present), str(tmp_path / "missing.jsonl")])
+    finally:
+        ray.shutdown()
