@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +45,13 @@ def run(args: argparse.Namespace) -> int:
     if args.backend == "openrlhf":
         from openrlhf_search.integrations.openrlhf.launch import run_openrlhf
 
-        return int(run_openrlhf(cfg, dry_run=args.dry_run) or 0)
+        if args.overwrite:
+            print("openrlhf-search train --backend openrlhf: --overwrite is not supported; choose a new "
+                  "logging.output_dir", file=sys.stderr)  # fmt: skip
+            return 2
+        if args.resume or args.resume_or_start:  # OpenRLHF's --ckpt.load_enable (openrlhf.resume)
+            cfg.openrlhf = dataclasses.replace(cfg.openrlhf, resume=True)
+        return int(run_openrlhf(cfg, dry_run=args.dry_run, require_checkpoint=args.resume) or 0)
     from openrlhf_search.trainer.local import run_mode, train_or_exit_code
 
     summary = train_or_exit_code(cfg, run_mode(args), "openrlhf-search train")

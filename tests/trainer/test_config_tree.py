@@ -171,4 +171,4 @@ def test_docs_reference_lists_every_key():
                 yield prefix + f.name
 
     missing = [k for k in leaves(TrainConfig) if f"| `{k}` |" not in docs]
-    assert not missing, f"docs/trainer.md lacks {missing}"
+    assert not missing, f"docs/trainer.md lacks {missing} (regenerate: python scripts/config_reference.py)"

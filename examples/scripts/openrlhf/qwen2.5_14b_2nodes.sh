@@ -11,10 +11,14 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ALGORITHM="${1:-dspo}"
 shift || true
 NODES="${NODES:-2}"
+# Multi-node: OpenRLHF's trainer actor reads the prompts and the actor ranks write checkpoints wherever Ray places
+# them, so the run directory must be one filesystem mounted at the same path on every node.
+: "${OUTPUT_DIR:?set OUTPUT_DIR to a per-run directory on a filesystem every node mounts}"
+export OUTPUT_DIR
 exec "${SCRIPT_DIR}/train.sh" "${ALGORITHM}" \
     "model.path=${MODEL:-Qwen/Qwen2.5-14B-Instruct}" \
     "openrlhf.retrieval_url=${RETRIEVAL_URL:?set RETRIEVAL_URL to a server reachable from every node}" \
-    "openrlhf.ray_address=${RAY_ADDRESS:-auto}" \
+    "openrlhf.ray_address=${RAY_ADDRESS:-auto}" "openrlhf.shared_dir=${SHARED_DIR:-${OUTPUT_DIR}/openrlhf}" \
     "openrlhf.actor_num_nodes=${NODES}" openrlhf.actor_num_gpus_per_node=8 \
     "openrlhf.ref_num_nodes=${NODES}" openrlhf.ref_num_gpus_per_node=8 \
     "openrlhf.vllm_num_engines=$((NODES * 4))" openrlhf.vllm_tensor_parallel_size=2 \

@@ -35,6 +35,9 @@ AGENT_CONFIG_ENV = "OPENRLHF_SEARCH_AGENT_CONFIG"
 """Environment variable holding the path of the :class:`AgentConfig` JSON file (read in the vLLM actors)."""
 PATCH_CONFIG_ENV = "OPENRLHF_SEARCH_PATCH_CONFIG"
 """Environment variable holding the path of the :class:`PatchConfig` JSON file (read in the training actors)."""
+SHARED_FILES_ENV = "OPENRLHF_SEARCH_SHARED_FILES"
+"""Paths (``os.pathsep``-separated) the entrypoint checks on every Ray node before training starts (the prompt
+dataset): a multi-node run fails there, naming the node, when ``openrlhf.shared_dir`` is not shared."""
 CPU_SHIM_ENV = "OPENRLHF_SEARCH_CPU_SHIM"
 """Set to ``1`` to load :mod:`.cpu_shim` in every process (only acts when CUDA is absent)."""
 
@@ -100,7 +103,26 @@ class OpenRLHFConfig:
     """Where the launcher writes the prompt dataset and the agent/patch JSON files (default
     ``<logging.output_dir>/openrlhf``)."""
     save_steps: int = -1
-    """Checkpoint every N steps (-1 = only the final HF model)."""
+    """Checkpoint (DeepSpeed states + dataloader position, ``--ckpt.save_steps``) every N steps; -1 = take
+    ``logging.save_every`` when it is > 0, else only the final HF model (``--ckpt.output_dir``)."""
+    save_hf: bool = True
+    """Also write an HF checkpoint (``<ckpt>/global_step<N>_hf``, ``--ckpt.save_hf``) at every checkpoint step."""
+    resume: bool = False
+    """Resume from the latest checkpoint under the run's checkpoint directory (``--ckpt.load_enable``; also
+    ``openrlhf-search train --backend openrlhf --resume``). A run with no checkpoint yet starts from scratch, so a
+    requeued job can always pass it."""
+    shared_dir: str = ""
+    """Directory mounted at the same path on every node (a shared filesystem). OpenRLHF's trainer actor reads the
+    prompt dataset and the actor ranks write checkpoints on whichever node Ray places them, so a multi-node run
+    (``actor_num_nodes`` or ``ref_num_nodes`` > 1) refuses to start without it; when set, the prompt dataset and the
+    agent/patch files, checkpoints and final model go under it (use one per run) instead of
+    ``<logging.output_dir>/openrlhf``."""
+    vllm_enable_prefix_caching: bool = True
+    """vLLM automatic prefix caching (``--vllm.enable_prefix_caching``, off in OpenRLHF by default): every agent
+    turn re-sends the whole history, which the cache then does not re-prefill."""
+    allow_toy_data: bool = False
+    """Allow a GPU run (``cpu_shim`` off) on the synthetic toy KB (``data.source: synthetic``); refused otherwise, as
+    a cluster run on it is almost always a config that forgot its ``data:`` section."""
     record_rollout_logprobs: bool = True
     """Ask vLLM for the sampled tokens' log-probs on every turn (diagnostics: rollout/trainer mismatch)."""
     cpu_shim: bool = False

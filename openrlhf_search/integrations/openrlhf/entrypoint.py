@@ -8,20 +8,23 @@ What it does, in order:
    swaps OpenRLHF's actor classes for ours (:func:`.patches.apply_patches`); with the Megatron backend's
    ``BackendConfig`` named by ``OPENRLHF_SEARCH_MEGATRON_CONFIG`` (``backend: megatron``), the policy, reference and
    vLLM actor classes become the Megatron ones (:func:`.patches.apply_megatron_backend`);
-3. starts (or joins, with ``RAY_ADDRESS``) Ray with a runtime environment that carries the agent config *inline*
+3. makes vLLM report processed (post-temperature) log-probs (:func:`request_processed_logprobs`);
+4. starts (or joins, with ``RAY_ADDRESS``) Ray with a runtime environment that carries the agent config *inline*
    to every worker on every node -- OpenRLHF then skips its own ``ray.init`` -- and, under the CPU shim, logical
-   GPUs (:func:`.cpu_shim.ray_init_kwargs`);
-4. runs ``openrlhf.cli.train_ppo_ray`` as ``__main__``, exactly as ``python -m openrlhf.cli.train_ppo_ray`` would.
+   GPUs (:func:`.cpu_shim.ray_init_kwargs`), and checks that the prompt dataset is visible on every node
+   (:func:`check_shared_files`);
+5. runs ``openrlhf.cli.train_ppo_ray`` as ``__main__``, exactly as ``python -m openrlhf.cli.train_ppo_ray`` would.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import runpy
 import sys
 from pathlib import Path
 
-from .config import AGENT_CONFIG_ENV, CPU_SHIM_ENV, PATCH_CONFIG_ENV, PatchConfig, from_env
+from .config import AGENT_CONFIG_ENV, CPU_SHIM_ENV, PATCH_CONFIG_ENV, SHARED_FILES_ENV, PatchConfig, from_env
 
 MEGATRON_CONFIG_ENV = "OPENRLHF_SEARCH_MEGATRON_CONFIG"
 """Path of the Megatron ``BackendConfig`` JSON (same name as ``megatron.config.MEGATRON_CONFIG_ENV``)."""
@@ -30,7 +33,8 @@ MEGATRON_CPU_SHIM_ENV = "OPENRLHF_SEARCH_MEGATRON_CPU_SHIM"
 
 FORWARDED_ENV = (CPU_SHIM_ENV, "PYTHONPATH", "DS_ACCELERATOR", "GLOO_SOCKET_IFNAME", "VLLM_HOST_IP", "HF_HUB_OFFLINE",
                  "TRANSFORMERS_OFFLINE", "OPENRLHF_SEARCH_ALLOW_VERSION_MISMATCH", MEGATRON_CPU_SHIM_ENV,
-                 "OPENRLHF_SEARCH_RETRIEVER_TOKEN")  # fmt: skip
+                 "OPENRLHF_SEARCH_RETRIEVER_TOKEN", "WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_BASE_URL",
+                 "WANDB_ENTITY")  # fmt: skip
 """Driver environment variables copied into Ray's runtime environment (workers on other nodes do not inherit)."""
 
 OPENRLHF_DEFAULT_ENV = {
@@ -68,6 +72,57 @@ def init_ray() -> None:
     ray.init(**kwargs)
 
 
+def check_shared_files(paths: list[str]) -> None:
+    """Raise ``RuntimeError`` naming the node and path if a file is missing on some alive Ray node.
+
+    OpenRLHF's trainer actor (the prompt dataset) and the actor ranks (checkpoints) run wherever Ray places them, so
+    a multi-node run needs ``openrlhf.shared_dir`` to be one filesystem; this catches a local directory early."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def missing(files: list[str]) -> list[str]:
+        return [f for f in files if not os.path.exists(f)]
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = {n["NodeManagerAddress"]: missing.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(paths) for n in nodes}  # fmt: skip
+    problems = [f"{f} (node {addr})" for addr, ref in refs.items() for f in ray.get(ref)]
+    if problems:
+        raise RuntimeError("not visible on every Ray node: " + ", ".join(problems) + "; set openrlhf.shared_dir to "
+                           "a directory mounted at the same path on every node")  # fmt: skip
+
+
+def request_processed_logprobs() -> None:
+    """Make every vLLM engine return *processed* log-probs (after temperature), the distribution it samples from.
+
+    OpenRLHF 0.11.2 passes ``logprobs_mode="processed_logprobs"`` to vLLM only with
+    ``--algo.advantage.is_correction_level`` != off; otherwise vLLM returns raw (pre-temperature) log-probs, and
+    the rollout/trainer gap (``search_loss/rollout_logprob_abs_diff``, the trainer's log-probs are computed at the
+    rollout temperature) is off by the temperature whenever it is not 1, which reads like a broken weight sync.
+    Sampling is unchanged; only the reported log-probs are. (With ``top_p`` < 1 vLLM's processed log-probs are
+    renormalised over the nucleus, the trainer's are not: a residual gap that is not a sync problem.)"""
+    import openrlhf.trainer.ray as ray_pkg
+    import openrlhf.trainer.ray.vllm_engine as vllm_engine_mod
+
+    original = vllm_engine_mod.create_vllm_engines
+    if getattr(original, "_openrlhf_search_processed", False):
+        return
+    names = list(inspect.signature(original).parameters)
+
+    def create_vllm_engines(*args, **kwargs):
+        index = names.index("logprobs_mode")
+        if len(args) > index:
+            args = (*args[:index], args[index] or "processed_logprobs", *args[index + 1:])
+        else:
+            kwargs["logprobs_mode"] = kwargs.get("logprobs_mode") or "processed_logprobs"
+        return original(*args, **kwargs)
+
+    create_vllm_engines._openrlhf_search_processed = True
+    vllm_engine_mod.create_vllm_engines = create_vllm_engines
+    ray_pkg.create_vllm_engines = create_vllm_engines  # what ``openrlhf.cli.train_ppo_ray`` imports
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run OpenRLHF's ``train_ppo_ray`` with ``argv`` and our patches; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -86,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         from .patches import apply_megatron_backend
 
         apply_megatron_backend(BackendConfig.from_env(), args)
+    request_processed_logprobs()
     init_ray()
+    shared = [p for p in os.environ.get(SHARED_FILES_ENV, "").split(os.pathsep) if p]
+    if shared:
+        check_shared_files(shared)
     sys.argv = ["openrlhf.cli.train_ppo_ray", *argv]
     runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
     return 0

@@ -33,6 +33,7 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from .config import (
     AGENT_CONFIG_ENV,
     CPU_SHIM_ENV,
     PATCH_CONFIG_ENV,
+    SHARED_FILES_ENV,
     AgentConfig,
     OpenRLHFConfig,
     PatchConfig,
@@ -306,25 +308,48 @@ def build_flags(config: Any, orl: OpenRLHFConfig, paths: dict[str, Path]) -> tup
         "--ds.attn_implementation", orl.attn_implementation,
         "--ckpt.output_dir", str(paths["output"] / "model"),
         "--ckpt.path", str(paths["output"] / "checkpoints"),
-        "--ckpt.save_steps", str(orl.save_steps),
+        "--ckpt.save_steps", str(save_steps(config, orl)),
+        "--ckpt.max_num", str(max(int(config.logging.keep_checkpoints), 1)),
         "--logger.logging_steps", "1",
     ]  # fmt: skip
     if config.algorithm.kl_coef > 0:
         flags += ["--ref.num_nodes", str(orl.ref_num_nodes), "--ref.num_gpus_per_node", str(orl.ref_num_gpus_per_node)]
     switches = {
         "--train.colocate_all": orl.colocate_all,
-        "--vllm.enable_sleep": orl.vllm_enable_sleep,
+        "--vllm.enable_sleep": orl.colocate_all and orl.vllm_enable_sleep,  # OpenRLHF drops it otherwise
         "--ds.enable_sleep": orl.colocate_all and orl.vllm_enable_sleep,
         "--vllm.enforce_eager": orl.vllm_enforce_eager,
         "--actor.gradient_checkpointing_enable": orl.gradient_checkpointing,
         "--ds.adam_offload": orl.adam_offload,
         "--ds.packing_samples": orl.packing_samples,
+        "--vllm.enable_prefix_caching": orl.vllm_enable_prefix_caching,
+        "--ckpt.save_hf": orl.save_hf and save_steps(config, orl) > 0,
+        "--ckpt.load_enable": orl.resume,
     }
     flags += [flag for flag, on in switches.items() if on]
     if config.logging.tensorboard:
         flags += ["--logger.tensorboard_dir", str(paths["output"] / "tensorboard")]
+    if config.logging.wandb_project:
+        flags += ["--logger.wandb.project", config.logging.wandb_project,
+                  "--logger.wandb.run_name", Path(config.logging.output_dir).name or "openrlhf-search",
+                  "--logger.wandb.key", WANDB_KEY_FROM_ENV]  # fmt: skip
     flags += list(orl.extra_args)
     return flags, patch, notes
+
+
+def save_steps(config: Any, orl: OpenRLHFConfig) -> int:
+    """``--ckpt.save_steps``: ``openrlhf.save_steps``, else ``logging.save_every`` when > 0, else -1 (final model
+    only)."""
+    if orl.save_steps != -1:
+        return int(orl.save_steps)
+    every = int(getattr(config.logging, "save_every", 0) or 0)
+    return every if every > 0 else -1
+
+
+WANDB_KEY_FROM_ENV = "from-env"
+"""Placeholder passed as ``--logger.wandb.key``: OpenRLHF enables W&B only when that flag is non-empty, and calls
+``wandb.login(key=...)`` only when wandb has no key of its own, so the real key stays in ``WANDB_API_KEY`` (forwarded
+to the Ray workers by the entrypoint) and never appears on a command line or in ``--dry-run`` output."""
 
 
 SCHEDULES: Registry[str] = Registry("learning-rate schedule (OpenRLHF backend)")
@@ -459,9 +484,28 @@ def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None, backe
     backend_config, backend_flags, backend_notes = resolve_backend(config, orl, backend)
     if backend_config is not None and orl.packing_samples:
         orl = dataclasses.replace(orl, packing_samples=False)
-    output = Path(config.logging.output_dir).resolve()
-    workdir = Path(orl.workdir).resolve() if orl.workdir else output / "openrlhf"
-    paths = {"agent_py": AGENT_FILE, "prompts": workdir / "prompts.jsonl", "output": output / "openrlhf"}
+    if backend_config is not None and orl.vllm_enable_prefix_caching:
+        # OpenRLHF's DeepSpeed actor resets vLLM's prefix cache before each weight sync; the Megatron actor's
+        # broadcast_to_vllm does not, so cached KV blocks of the old weights would be reused after a sync.
+        orl = dataclasses.replace(orl, vllm_enable_prefix_caching=False)
+        backend_notes = [*backend_notes, "backend megatron: vLLM prefix caching off (its weight sync does not reset "
+                         "the prefix cache)"]  # fmt: skip
+    if backend_config is not None and orl.resume:
+        raise ValueError("openrlhf.resume / --resume: not available with backend: megatron (its checkpoints are HF "
+                         "weights only, without optimizer or dataloader state, and OpenRLHF would silently start "
+                         "over); restart from a saved <ckpt>/global_step<N>_hf directory as model.path instead")
+    if orl.packing_samples and "flash_attention" not in orl.attn_implementation:
+        raise ValueError(f"openrlhf.packing_samples=true with openrlhf.attn_implementation="
+                         f"{orl.attn_implementation!r}: OpenRLHF 0.11.2 then silently switches to flash_attention_2; "
+                         "set packing_samples=false or a flash_attention implementation")  # fmt: skip
+    nodes = max(orl.actor_num_nodes, orl.ref_num_nodes if config.algorithm.kl_coef > 0 else 1)
+    if nodes > 1 and not orl.shared_dir:
+        raise ValueError(f"a {nodes}-node run needs openrlhf.shared_dir: OpenRLHF's trainer actor reads the prompt "
+                         "dataset and the actor ranks write checkpoints on whichever node Ray places them; set it "
+                         "to a directory mounted at the same path on every node")  # fmt: skip
+    output = Path(orl.shared_dir or Path(config.logging.output_dir) / "openrlhf").resolve()
+    workdir = Path(orl.workdir).resolve() if orl.workdir else output
+    paths = {"agent_py": AGENT_FILE, "prompts": workdir / "prompts.jsonl", "output": output}
     flags, patch, notes = build_flags(config, orl, paths)
     if backend_config is not None:
         extra = list(orl.extra_args)
@@ -480,12 +524,18 @@ def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None, backe
                               "--host", orl.retrieval_host, "--port", str(orl.retrieval_port)]  # fmt: skip
     if not retrieval_url:
         raise ValueError("retriever.spec is empty and openrlhf.retrieval_url is unset: the agent needs a retriever")
+    host = urllib.parse.urlsplit(retrieval_url).hostname or ""
+    if nodes > 1 and (host in ("localhost", "::1") or host.startswith("127.")):
+        where = "openrlhf.retrieval_host" if server_command else "the retriever URL"
+        raise ValueError(f"retriever at {retrieval_url} on a {nodes}-node run: the agents in the vLLM engines on the "
+                         f"other nodes cannot reach a loopback address; set {where} to the head node's address")
     from openrlhf_search.algorithms.postprocess import needs_records
 
     agent = agent_config_from_tree(config, retrieval_url, record_logprobs=orl.record_rollout_logprobs,
                                    calib_records=needs_records(patch.chain()))  # fmt: skip
     agent_file, patch_file = workdir / "agent.json", workdir / "patch.json"
-    env = {AGENT_CONFIG_ENV: str(agent_file), PATCH_CONFIG_ENV: str(patch_file)}
+    env = {AGENT_CONFIG_ENV: str(agent_file), PATCH_CONFIG_ENV: str(patch_file),
+           SHARED_FILES_ENV: str(paths["prompts"])}  # fmt: skip
     backend_file = None
     if backend_config is not None:
         from openrlhf_search.integrations.megatron.config import MEGATRON_CONFIG_ENV
@@ -587,11 +637,38 @@ def wait_for_health(url: str, timeout: float = 120.0, proc: subprocess.Popen | N
     raise RuntimeError(f"retrieval server at {url} did not answer /health within {timeout:.0f} s")
 
 
+def check_cluster_inputs(config: Any, plan: LaunchPlan, orl: OpenRLHFConfig) -> None:
+    """Refuse, before anything starts (``--dry-run`` too), the launches that cannot work or would silently train on
+    the wrong thing: a Megatron run on a model that is not a local directory (mbridge loads HF weights from disk;
+    a hub id is not downloaded), and a GPU run on the synthetic toy KB unless ``openrlhf.allow_toy_data``."""
+    model = str(config.model.path)
+    if plan.backend_config is not None and not Path(model).is_dir():
+        raise ValueError(f"model.path={model!r} is not a local directory: the Megatron backend loads the HF weights "
+                         "from disk (mbridge) and does not download hub ids; fetch it first (e.g. `huggingface-cli "
+                         "download <id> --local-dir DIR`, on storage every node sees) and pass DIR")  # fmt: skip
+    if config.data.source == "synthetic" and not orl.cpu_shim and not orl.allow_toy_data:
+        raise ValueError("data.source='synthetic' (the toy KB, the default when the config has no data: section) on "
+                         "a GPU run: give a data: section (e.g. Search-R1's train files) and a retriever, or set "
+                         "openrlhf.allow_toy_data=true if the toy run is intended")  # fmt: skip
+
+
+def checkpoint_dir(plan: LaunchPlan) -> Path:
+    """The DeepSpeed actor checkpoint OpenRLHF resumes from (``<--ckpt.path>/_actor``)."""
+    return Path(plan.command[plan.command.index("--ckpt.path") + 1]) / "_actor"
+
+
 def run_openrlhf(config: Any, dry_run: bool = False, openrlhf: OpenRLHFConfig | dict | None = None,
-                 backend: Any = None) -> int:  # fmt: skip
-    """Run (or with ``dry_run`` print) the OpenRLHF training described by ``config``; return the exit code."""
+                 backend: Any = None, require_checkpoint: bool = False) -> int:  # fmt: skip
+    """Run (or with ``dry_run`` print) the OpenRLHF training described by ``config``; return the exit code.
+
+    ``require_checkpoint`` (``--resume``): refuse to start when the run has no checkpoint yet (``--resume-or-start``
+    and ``openrlhf.resume`` alone start fresh then, as OpenRLHF does)."""
     try:
         plan = build_plan(config, openrlhf, backend)
+        check_cluster_inputs(config, plan, _orl_config(config, openrlhf))
+        if require_checkpoint and not dry_run and not checkpoint_dir(plan).is_dir():
+            raise ValueError(f"--resume: no checkpoint at {checkpoint_dir(plan)} (use --resume-or-start to start "
+                             "fresh when there is none)")  # fmt: skip
     except (ValueError, KeyError) as exc:
         print(f"openrlhf-search train --backend openrlhf: {exc}", file=sys.stderr)
         return 2
@@ -640,6 +717,11 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Train a search agent with OpenRLHF (Ray + vLLM + DeepSpeed).")
     parser.add_argument("--config", default=None, help="YAML training config (optional 'openrlhf:' section)")
     parser.add_argument("--dry-run", action="store_true", help="print the environment and command, run nothing")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="resume from the run's latest checkpoint "
+                       "(openrlhf.resume; an error when there is none)")
+    start.add_argument("--resume-or-start", action="store_true", help="resume when the run has a checkpoint, "
+                       "else start fresh (requeued jobs)")
     parser.add_argument("overrides", nargs="*", help="section.key=value (openrlhf.<field>=... for the cluster, "
                         "backend=megatron and megatron.<field>=... for the Megatron backend)")
     args = parser.parse_args(argv)
@@ -649,7 +731,9 @@ def main(argv: list[str] | None = None) -> int:
                             check_files=not args.dry_run)  # a dry run may be planned before the data exists
     if cfg is None:
         return 2
-    return run_openrlhf(cfg, dry_run=args.dry_run)
+    if args.resume or args.resume_or_start:  # OpenRLHF's --ckpt.load_enable
+        cfg.openrlhf = dataclasses.replace(cfg.openrlhf, resume=True)
+    return run_openrlhf(cfg, dry_run=args.dry_run, require_checkpoint=args.resume)
 
 
 if __name__ == "__main__":

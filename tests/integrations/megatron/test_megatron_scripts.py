@@ -35,13 +35,16 @@ def test_recipe_passes_bash_n_and_shellcheck(script):
 
 @pytest.mark.parametrize(
     ("nnodes", "tp", "pp", "vpp", "vllm_tp", "dp"),
-    [(2, 4, 2, "null", 2, 2), (4, 8, 2, "2", 4, 2)],
+    [(2, 4, 2, "null", 2, 1), (4, 8, 2, "2", 4, 1)],
     ids=["14b_2nodes", "32b_4nodes"],
 )
 def test_run_script_writes_a_valid_megatron_config(tmp_path, nnodes, tp, pp, vpp, vllm_tp, dp):
     """run_megatron_grpo.sh with a stand-in `openrlhf-search` on PATH: the YAML it hands over is a valid layout."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
+    model, train = tmp_path / "Qwen2.5-14B-Instruct", tmp_path / "train.parquet"
+    model.mkdir()
+    train.write_text("")
     launcher = fake_bin / "openrlhf-search"
     launcher.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
     launcher.chmod(0o755)
@@ -49,7 +52,8 @@ def test_run_script_writes_a_valid_megatron_config(tmp_path, nnodes, tp, pp, vpp
         **os.environ,
         "PATH": f"{fake_bin}:{os.environ['PATH']}",
         "ARGS_OUT": str(tmp_path / "args.txt"),
-        "MODEL": "Qwen/Qwen2.5-14B-Instruct",
+        "MODEL": str(model),
+        "TRAIN_FILES": str(train),
         "NNODES": str(nnodes),
         "TP": str(tp),
         "PP": str(pp),
@@ -69,13 +73,52 @@ def test_run_script_writes_a_valid_megatron_config(tmp_path, nnodes, tp, pp, vpp
     assert tree.backend == "megatron" and isinstance(tree.megatron.lr, float) and isinstance(tree.optimizer.lr, float)
     assert cfg.backend == "megatron" and cfg.megatron.precision == "bf16" and cfg.megatron.use_distributed_optimizer
     layers = 48 if nnodes == 2 else 64  # Qwen2.5-14B / 32B
-    assert cfg.megatron.parallel.validate(nnodes * 8, layers) == dp
+    train_nodes = nnodes // 2  # the other half runs vLLM: the Megatron backend refuses colocation
+    assert data["openrlhf"]["actor_num_nodes"] == train_nodes and data["openrlhf"]["colocate_all"] is False
+    assert cfg.megatron.parallel.validate(train_nodes * 8, layers) == dp
     assert cfg.duplicate_actors == tp * pp
-    assert data["openrlhf"]["vllm_num_engines"] * vllm_tp == nnodes * 8
+    assert data["openrlhf"]["vllm_num_engines"] * vllm_tp == (nnodes - train_nodes) * 8
+    # the launcher accepts it (dry run: every check of a real launch, nothing started)
+    from openrlhf_search.integrations.openrlhf import launch
+
+    assert launch.main(["--config", args[4], "--dry-run"]) == 0
+    # Search-R1's sections, not the toy defaults: the trainer's loader reads them as such
+    from openrlhf_search.integrations.openrlhf.launch import load_configs
+
+    train_cfg, orl = load_configs(args[4], [])
+    assert train_cfg.data.source == "files" and train_cfg.data.train_files == [str(train)]
+    assert train_cfg.retriever.spec == "http://10.0.0.1:8000" and train_cfg.env.max_turns == 4
+    assert train_cfg.env.max_tokens_per_turn == 500 and train_cfg.logging.save_every == 50
+    assert orl.shared_dir == str(tmp_path / "run" / "openrlhf") and orl.retrieval_url == "http://10.0.0.1:8000"
+
+
+def test_run_script_refuses_a_hub_id_and_missing_data(tmp_path):
+    env = {**os.environ, "MODEL": "Qwen/Qwen2.5-14B-Instruct", "NNODES": "2", "TP": "4", "PP": "2",
+           "RETRIEVAL_URL": "http://10.0.0.1:8000", "OUTPUT_DIR": str(tmp_path / "run")}  # fmt: skip
+    script = str(SCRIPTS_DIR / "run_megatron_grpo.sh")
+    result = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "is not a local directory" in result.stderr
+    env["MODEL"] = str(tmp_path)
+    env["TRAIN_FILES"] = str(tmp_path / "nope.parquet")
+    result = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "nope.parquet not found" in result.stderr
+
+
+def test_multi_node_scripts_point_the_retriever_at_the_head_node():
+    for name in ("qwen2.5_14b_2nodes_ray.sh", "qwen2.5_32b_4nodes_ray.sh", "megatron_slurm.sbatch"):
+        text = (SCRIPTS_DIR / name).read_text()
+        assert "127.0.0.1" not in text and "localhost" not in text, name
+        assert "RETRIEVAL_URL" in text and "HEAD_IP" in text, name
+        assert "Qwen/Qwen2.5" not in text, name  # no hub-id default
+    slurm = (SCRIPTS_DIR / "megatron_slurm.sbatch").read_text()
+    commands = "\n".join(line for line in slurm.splitlines() if not line.startswith("#"))
+    assert "--requeue" not in slurm and "--resume" not in commands  # the launcher refuses resume for this backend
 
 
 def test_run_script_rejects_an_impossible_layout(tmp_path):
-    env = {**os.environ, "MODEL": "m", "NNODES": "1", "TP": "3", "RETRIEVAL_URL": "http://x"}
+    (tmp_path / "train.jsonl").write_text("")
+    env = {**os.environ, "MODEL": str(tmp_path), "NNODES": "2", "TP": "3", "RETRIEVAL_URL": "http://x",
+           "TRAIN_FILES": str(tmp_path / "train.jsonl")}  # fmt: skip
     env["OUTPUT_DIR"] = str(tmp_path)
     script = str(SCRIPTS_DIR / "run_megatron_grpo.sh")
     result = subprocess.run(["bash", script], env=env, capture_output=True, text=True)

@@ -41,7 +41,8 @@ def test_version_is_pinned():
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("cluster", [{}, {"actor_num_nodes": 2, "zero_stage": 3, "vllm_tensor_parallel_size": 2,
-                                          "colocate_all": False, "cpu_shim": True, "vllm_sync_backend": "gloo"}])
+                                          "colocate_all": False, "cpu_shim": True, "vllm_sync_backend": "gloo",
+                                          "shared_dir": "/shared/run", "retrieval_host": "10.0.0.1"}])
 def test_every_emitted_flag_is_accepted_by_openrlhf(algorithm, cluster):
     from openrlhf_search.integrations.openrlhf.launch import build_plan
     from openrlhf_search.trainer.config import load_config
@@ -58,6 +59,58 @@ def test_every_emitted_flag_is_accepted_by_openrlhf(algorithm, cluster):
     assert args.algo.kl.use_loss is True and args.algo.kl.init_coef == pytest.approx(0.001)
     assert args.ds.zero_stage == cluster.get("zero_stage", 2)
     assert args.vllm.sync_with_ray is False
+
+
+def test_cluster_flags_land_in_openrlhf_args(tmp_path):
+    """Prefix caching, resume, checkpoint interval/count, HF checkpoints and W&B, as OpenRLHF 0.11.2 parses them."""
+    from openrlhf_search.integrations.openrlhf.launch import WANDB_KEY_FROM_ENV, build_plan
+    from openrlhf_search.trainer.config import load_config
+
+    cfg = load_config(None, ["model.path=/models/m", "retriever.spec=/idx", "logging.save_every=20",
+                             "logging.keep_checkpoints=5", "logging.wandb_project=search-agents",
+                             f"logging.output_dir={tmp_path / 'grpo-run'}"])  # fmt: skip
+    args = openrlhf_args(build_plan(cfg, OpenRLHFConfig(resume=True)).command[3:])
+    assert args.vllm.enable_prefix_caching is True and args.ckpt.load_enable is True
+    assert args.ckpt.save_steps == 20 and args.ckpt.max_num == 5 and args.ckpt.save_hf is True
+    assert args.ckpt.path == str(tmp_path / "grpo-run" / "openrlhf" / "checkpoints")
+    assert args.ckpt.output_dir == str(tmp_path / "grpo-run" / "openrlhf" / "model")
+    # OpenRLHF builds its WandbLogger only when the key is non-empty (PPOTrainer: `if args.logger.wandb.key`)
+    assert args.logger.wandb.key == WANDB_KEY_FROM_ENV and args.logger.wandb.project == "search-agents"
+    assert args.logger.wandb.run_name == "grpo-run"
+    plain = openrlhf_args(build_plan(load_config(None, ["model.path=/m", "retriever.spec=/i"])).command[3:])
+    assert plain.ckpt.load_enable is False and plain.ckpt.save_hf is False and plain.logger.wandb.key is None
+
+
+def test_vllm_engines_report_processed_logprobs(monkeypatch):
+    """Without --algo.advantage.is_correction_level, OpenRLHF asks vLLM for raw (pre-temperature) log-probs; the
+    entrypoint's wrapper makes ``create_vllm_engines`` pass ``logprobs_mode="processed_logprobs"`` to every engine
+    (called positionally, as ``train_ppo_ray`` does)."""
+    import openrlhf.trainer.ray as ray_pkg
+    import openrlhf.trainer.ray.vllm_engine as vllm_engine_mod
+
+    from openrlhf_search.integrations.openrlhf import entrypoint
+
+    monkeypatch.setattr(vllm_engine_mod, "create_vllm_engines", vllm_engine_mod.create_vllm_engines)
+    monkeypatch.setattr(ray_pkg, "create_vllm_engines", ray_pkg.create_vllm_engines)
+    created = []
+
+    class FakeActor:
+        @staticmethod
+        def options(**kwargs):
+            return SimpleNamespace(remote=lambda **kw: created.append(kw) or object())
+
+    monkeypatch.setattr(vllm_engine_mod, "RolloutRayActor", FakeActor)
+    monkeypatch.setattr(vllm_engine_mod, "PlacementGroupSchedulingStrategy", lambda **kw: None)
+    entrypoint.request_processed_logprobs()
+    assert ray_pkg.create_vllm_engines is vllm_engine_mod.create_vllm_engines
+    # the same positional call as openrlhf/cli/train_ppo_ray.py (is_correction_level == "off" -> None)
+    ray_pkg.create_vllm_engines(2, 1, "/m", 42, False, True, True, 4096, object(), 0.4, False, None,
+                                agent_func_path="a.py", remote_rm_url=["agent"])  # fmt: skip
+    assert [kw["logprobs_mode"] for kw in created] == ["processed_logprobs"] * 2
+    assert all(kw["enable_prefix_caching"] is True for kw in created)
+    created.clear()
+    ray_pkg.create_vllm_engines(1, 1, "/m", 42, False, False, True, 4096, object(), 0.4, False, "processed_logprobs")
+    assert created[0]["logprobs_mode"] == "processed_logprobs"
 
 
 def _fake_actor_trainer(loss_name, loss_cfg=None):
@@ -264,3 +317,20 @@ def test_apply_patches_swaps_the_ray_actor_classes():
             patches.apply_patches(PatchConfig(loss="sapo"), openrlhf_args(["--train.async_enable"]))
     finally:
         ppo_actor_mod.PolicyModelActor, ppo_trainer_mod.PPOTrainer = before
+
+
+def test_shared_files_are_checked_on_every_ray_node(tmp_path):
+    """The entrypoint's start check: a path missing on a Ray node fails naming path and node (one local node here)."""
+    import ray
+
+    from openrlhf_search.integrations.openrlhf.entrypoint import check_shared_files
+
+    present = tmp_path / "prompts.jsonl"
+    present.write_text("{}\n")
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        check_shared_files([str(present)])
+        with pytest.raises(RuntimeError, match=r"not visible on every Ray node: .*missing\.jsonl \(node "):
+            check_shared_files([str(present), str(tmp_path / "missing.jsonl")])
+    finally:
+        ray.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,7 @@ from openrlhf_search.integrations.openrlhf import launch
 from openrlhf_search.integrations.openrlhf.config import (
     AGENT_CONFIG_ENV,
     PATCH_CONFIG_ENV,
+    SHARED_FILES_ENV,
     AgentConfig,
     OpenRLHFConfig,
     PatchConfig,
@@ -22,6 +24,9 @@ from openrlhf_search.trainer.config import load_config
 
 def make_config(*overrides: str):
     return load_config(None, ["model.path=/models/qwen2.5-7b", "retriever.spec=/indexes/wiki-bm25", *overrides])
+
+
+REAL_DATA = ("data.source=files", "data.train_files=[/data/searchr1/train.parquet]")
 
 
 def flag_values(command: list[str], flag: str) -> list[str]:
@@ -109,12 +114,13 @@ def test_batch_and_budget_arithmetic():
 
 def test_cluster_section_is_applied():
     orl = {"actor_num_nodes": 2, "vllm_num_engines": 4, "vllm_tensor_parallel_size": 4, "zero_stage": 3,
-           "colocate_all": False, "vllm_enable_sleep": False, "extra_args": ["--vllm.enforce_eager"]}  # fmt: skip
+           "colocate_all": False, "vllm_enable_sleep": False, "extra_args": ["--vllm.enforce_eager"],
+           "shared_dir": "/shared/run1", "retrieval_host": "10.0.0.1"}  # fmt: skip
     cmd = launch.build_plan(make_config(), orl).command
     assert flag_values(cmd, "--actor.num_nodes") == ["2"]
     assert flag_values(cmd, "--vllm.tensor_parallel_size") == ["4"]
     assert flag_values(cmd, "--ds.zero_stage") == ["3"]
-    assert "--train.colocate_all" not in cmd and "--ds.enable_sleep" not in cmd
+    assert "--train.colocate_all" not in cmd and "--ds.enable_sleep" not in cmd and "--vllm.enable_sleep" not in cmd
     assert cmd[-1] == "--vllm.enforce_eager"
 
 
@@ -169,7 +175,7 @@ def test_bad_cluster_field_is_named():
 
 
 def test_dry_run_prints_and_writes_nothing(tmp_path, capsys):
-    cfg = make_config(f"logging.output_dir={tmp_path / 'run'}", "algorithm.name=sapo")
+    cfg = make_config(f"logging.output_dir={tmp_path / 'run'}", "algorithm.name=sapo", *REAL_DATA)
     assert launch.run_openrlhf(cfg, dry_run=True) == 0
     out = capsys.readouterr().out
     assert "openrlhf_search.integrations.openrlhf.entrypoint" in out
@@ -216,3 +222,79 @@ def test_importing_the_integration_stays_light():
             "print(sorted(m for m in ('ray', 'vllm', 'openrlhf', 'deepspeed', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cluster_flags_prefix_cache_checkpoints_resume_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key-never-on-the-command-line")
+    cmd = launch.build_plan(make_config()).command
+    assert "--vllm.enable_prefix_caching" in cmd  # agent turns re-send the history
+    assert "--ckpt.load_enable" not in cmd and "--ckpt.save_hf" not in cmd  # no checkpoint steps by default
+    assert flag_values(cmd, "--ckpt.save_steps") == ["-1"] and "--logger.wandb.project" not in cmd
+    cfg = make_config("logging.save_every=25", "logging.keep_checkpoints=4", "logging.wandb_project=search-r1",
+                      "logging.output_dir=runs/dspo-7b")  # fmt: skip
+    cmd = launch.build_plan(cfg, OpenRLHFConfig(resume=True)).command
+    assert flag_values(cmd, "--ckpt.save_steps") == ["25"] and flag_values(cmd, "--ckpt.max_num") == ["4"]
+    assert "--ckpt.save_hf" in cmd and "--ckpt.load_enable" in cmd
+    assert flag_values(cmd, "--logger.wandb.project") == ["search-r1"]
+    assert flag_values(cmd, "--logger.wandb.run_name") == ["dspo-7b"]
+    assert flag_values(cmd, "--logger.wandb.key") == [launch.WANDB_KEY_FROM_ENV]
+    assert not any("secret-key" in a for a in cmd)
+    off = launch.build_plan(cfg, OpenRLHFConfig(vllm_enable_prefix_caching=False, save_hf=False, save_steps=10))
+    assert "--vllm.enable_prefix_caching" not in off.command and "--ckpt.save_hf" not in off.command
+    assert flag_values(off.command, "--ckpt.save_steps") == ["10"]
+    split = launch.build_plan(cfg, OpenRLHFConfig(colocate_all=False)).command  # sleep mode needs colocation
+    assert "--vllm.enable_sleep" not in split and "--vllm.enable_sleep" in cmd
+
+
+def test_multi_node_needs_a_shared_dir_and_a_reachable_retriever():
+    two = {"actor_num_nodes": 2, "retrieval_url": "http://10.0.0.1:8000"}
+    with pytest.raises(ValueError, match="2-node run needs openrlhf.shared_dir"):
+        launch.build_plan(make_config(), two)
+    plan = launch.build_plan(make_config(), {**two, "shared_dir": "/shared/run1"})
+    assert plan.prompt_file == Path("/shared/run1/prompts.jsonl")
+    assert flag_values(plan.command, "--ckpt.path") == ["/shared/run1/checkpoints"]
+    assert flag_values(plan.command, "--ckpt.output_dir") == ["/shared/run1/model"]
+    assert plan.env[SHARED_FILES_ENV] == "/shared/run1/prompts.jsonl"  # checked on every Ray node at start
+    for bad in ({"retrieval_url": "http://127.0.0.1:8000"}, {"retrieval_url": "", "retrieval_host": "127.0.0.1"}):
+        with pytest.raises(ValueError, match="cannot reach a loopback address"):
+            launch.build_plan(make_config(), {**two, "shared_dir": "/s", **bad})
+
+
+def test_toy_data_and_megatron_hub_ids_are_refused_at_launch(tmp_path, capsys):
+    assert launch.run_openrlhf(make_config(), dry_run=True) == 2  # synthetic KB, no data: section
+    assert "data.source='synthetic'" in capsys.readouterr().err
+    assert launch.run_openrlhf(make_config(), dry_run=True, openrlhf={"allow_toy_data": True}) == 0
+    capsys.readouterr()
+    megatron = {"backend": "megatron", "megatron": {"micro_batch_size": 1}}
+    hub = load_config(None, ["model.path=Qwen/Qwen2.5-14B-Instruct", "retriever.spec=/i", *REAL_DATA])
+    split = {"colocate_all": False, "vllm_enable_sleep": False}  # the Megatron backend refuses colocation
+    assert launch.run_openrlhf(hub, dry_run=True, openrlhf=split, backend=megatron) == 2
+    assert "'Qwen/Qwen2.5-14B-Instruct' is not a local directory" in capsys.readouterr().err
+    local = load_config(None, [f"model.path={tmp_path}", "retriever.spec=/i", *REAL_DATA])
+    assert launch.run_openrlhf(local, dry_run=True, openrlhf=split, backend=megatron) == 0
+    out = capsys.readouterr().out  # stale KV after a Megatron weight sync: the cache is not reset there
+    assert "--vllm.enable_prefix_caching" not in out and "prefix caching off" in out
+    assert launch.run_openrlhf(local, dry_run=True, openrlhf={**split, "resume": True}, backend=megatron) == 2
+    assert "not available with backend: megatron" in capsys.readouterr().err
+
+
+def test_packing_without_flash_attention_is_refused():
+    with pytest.raises(ValueError, match="silently switches to flash_attention_2"):
+        launch.build_plan(make_config(), {"attn_implementation": "sdpa"})
+    launch.build_plan(make_config(), {"attn_implementation": "sdpa", "packing_samples": False})
+
+
+def test_resume_flag_of_the_launcher(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {path: /m}\nretriever: {spec: /i}\ndata: {source: files, train_files: [/d.parquet]}\n")
+    for flag in ("--resume", "--resume-or-start"):
+        assert launch.main(["--config", str(cfg), "--dry-run", flag]) == 0
+        assert "--ckpt.load_enable" in capsys.readouterr().out
+    # --resume (unlike --resume-or-start) refuses a run without a checkpoint, before anything is written
+    out = tmp_path / "run"
+    (tmp_path / "m").mkdir()
+    (tmp_path / "d.jsonl").write_text('{"question": "q", "golden_answers": ["a"]}\n')
+    real = [f"model.path={tmp_path / 'm'}", "retriever.spec=http://127.0.0.1:9", "data.source=files",
+            f"data.train_files=[{tmp_path / 'd.jsonl'}]"]  # a real run validates that its inputs exist first
+    assert launch.main(["--config", str(cfg), "--resume", f"logging.output_dir={out}", *real]) == 2
+    assert "--resume: no checkpoint at" in capsys.readouterr().err and not out.exists()
