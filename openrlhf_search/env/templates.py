@@ -31,7 +31,7 @@ from pathlib import Path
 from openrlhf_search.registry import Registry
 
 __all__ = ["PromptTemplate", "TEMPLATES", "register_template", "get_template", "available_templates",
-           "load_template_file", "with_tools", "COMPACT_USER"]
+           "load_template_file", "with_tools", "env_template", "COMPACT_USER"]
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,14 @@ def with_tools(tpl: PromptTemplate, tools) -> PromptTemplate:
     system = system.replace("\n</tools>", schemas + "\n</tools>", 1) if "\n</tools>" in system else (
         system + "\n\nMore functions:<tools>" + schemas + "\n</tools>")
     return replace(tpl, system=system)
+
+
+def env_template(name: str | PromptTemplate, cfg) -> PromptTemplate:
+    """The template an environment with config ``cfg`` uses: :func:`get_template` + :func:`with_tools` of
+    ``cfg.tools`` (what ``Episode`` renders; the OpenRLHF launcher writes its prompts with it too)."""
+    from openrlhf_search.env.tools import get_tools
+
+    return with_tools(get_template(name), get_tools(cfg.tools, cfg))
 
 
 def load_template_file(path: str | Path, base: str = "search_r1") -> PromptTemplate:
