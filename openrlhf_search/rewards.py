@@ -181,8 +181,8 @@ def format_error(response_text: str, protocol: str = "tags", tools=None) -> str 
     Grammar (whitespace allowed between blocks, nothing else)::
 
         response := ( [think] call obs )* [think] answer
-        tags protocol:      call = <search>..</search> | <open>..</open> | ...   obs = <information>..</information>
-        tool_call protocol: call = <tool_call>..</tool_call>                     obs = <tool_response>..</tool_response>
+        tags protocol:      call = <search>..</search> | <open>..</open> | ..  obs = <information>..</information>
+        tool_call protocol: call = <tool_call>..</tool_call>                  obs = <tool_response>..</tool_response>
 
     ``tools``: the tool tags that count as calls in the ``tags`` protocol (the environment's ``EnvConfig.tools``);
     ``None`` accepts every registered tool (the environment only inserts an observation after a call it ran, so a
@@ -252,7 +252,7 @@ class FormatRewardWeights:
     protocol: str = "tags"
     """Which grammar :func:`is_valid_format` checks: ``tags`` (Search-R1) or ``tool_call`` (Qwen JSON tools)."""
     tools: tuple[str, ...] | None = None
-    """Tool tags that count as calls in the ``tags`` grammar (None: every registered tool; see :func:`format_error`)."""
+    """Tool tags that count as calls in the ``tags`` grammar (None: all registered tools, see :func:`format_error`)."""
 
     def __post_init__(self) -> None:
         if self.protocol not in _PROTOCOLS:

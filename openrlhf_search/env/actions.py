@@ -24,8 +24,8 @@ Models do not write clean tags. The rules, in the order they are applied (each i
    a stray closing tag, or no action at all).
 
 Which tags are actions follows from the environment's tools (``EnvConfig.tools``): with ``["search"]`` an
-``<open>`` tag is plain text; with ``["search", "open"]`` it is a call. The environment answers invalid actions with the template's fixed
-   corrective observation.
+``<open>`` tag is plain text; with ``["search", "open"]`` it is a call. The environment answers invalid actions with
+the template's fixed corrective observation.
 
 Tag matching ignores case and whitespace inside the brackets (``< /Search >``), like the neutralizer in
 :mod:`openrlhf_search.env.observation`, so anything the parser would accept is also neutralized in retrieved text.

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-
 from functools import lru_cache
 
 from openrlhf_search.env.actions import protocol_tag_names

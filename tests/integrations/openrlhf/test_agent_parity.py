@@ -10,6 +10,7 @@ feedback text with ``tokenizer(text=..., add_special_tokens=False)``, ``max_toke
 from __future__ import annotations
 
 import asyncio
+import json
 from copy import deepcopy
 from types import SimpleNamespace
 
@@ -80,8 +81,7 @@ def run_agent(scenario, world, max_length, monkeypatch):
     runtime = agent_core.get_runtime()
     s = world.sample
     prompt = runtime.episode(world.tok, max_length).template.render(s.question, world.tok)
-    label = '{"question": "%s", "golden_answers": %s}' % (s.question, list(s.golden_answers))
-    label = label.replace("'", '"')
+    label = json.dumps({"question": s.question, "golden_answers": list(s.golden_answers)})
     engine = VLLMScriptedEngine(world.tok, [(fill(t, s, world.doc_id), m) for t, m in scenario.turns])
     executor = ScriptedMultiTurnExecutor(agent_core.SearchAgentLogic)
     params = SimpleNamespace(stop=None, include_stop_str_in_output=False, logprobs=None, max_tokens=None)
