@@ -61,7 +61,8 @@ class PromptTemplate:
     )
     """The fixed corrective observation for an invalid action (as in Search-R1, in our own words); ``{hint}`` is
     replaced by the last-turn hint (or nothing). It must never contain a complete ``<answer>...</answer>`` pair:
-    the reward reads the last answer block of the response, and this text is part of the response."""
+    this text is part of the response, and a stray ``</answer>`` from the model would otherwise complete a pair that
+    text-based readers (``extract_answer``, the format check) take for an answer."""
     last_turn_hint: str = "No searches are left: give your final answer now."
     """Shown before the last turn when search is forbidden on the last turn (after the documents, or in the
     corrective message)."""
