@@ -80,7 +80,8 @@ class Trajectory:
 
     @property
     def response_text(self) -> str:
-        """The response as text: model turns and observations concatenated (the reward's format check reads it; the answer scored is :attr:`answer`)."""
+        """The response as text: model turns and observations concatenated (the reward's format check reads it;
+        the answer scored is :attr:`answer`)."""
         return "".join(t.text + t.obs_text for t in self.turns)
 
     @property
