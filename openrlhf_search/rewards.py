@@ -10,8 +10,11 @@ FlashRAG and CalibAdv):
 * ``f1_score``: bag-of-tokens F1 between prediction and gold, maximised over the golden answers.
   ``P = |common| / |pred|``, ``R = |common| / |gold|``, ``F1 = 2PR / (P + R)``.
 
-The answer is the *last* complete ``<answer>...</answer>`` of the **response** only: callers pass the response
-(the tokens after the prompt), never the prompt, whose instructions contain an example answer tag.
+Every reward function receives the answer **the environment accepted** (``Trajectory.answer``; ``None`` when the
+rollout gave none) as the required keyword ``answer``: an ``<answer>`` block the action parser rejected (inside a
+model-written ``<information>`` block, after the first action of a turn) earns nothing, on every backend. The
+response text is still passed for the format check; :func:`extract_answer` (the last complete ``<answer>`` block
+of a text) is a helper for texts that did not go through the environment.
 
 Format-aware reward (Search-R1's structured reward, rewritten with one linear rule). With ``m`` in [0, 1] the
 answer metric (EM or F1) and ``valid`` the format check of :func:`is_valid_format`::
@@ -36,6 +39,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
+from openrlhf_search.registry import Registry
+
 __all__ = [
     "normalize_answer",
     "exact_match",
@@ -46,6 +51,7 @@ __all__ = [
     "format_error",
     "FormatRewardWeights",
     "RewardFn",
+    "REWARDS",
     "register_reward",
     "get_reward_fn",
     "available_rewards",
@@ -155,28 +161,39 @@ def extract_answer(response_text: str) -> str | None:
 _CHAT_NOISE = re.compile(r"<\|im_start\|>\s*(?:system|user|assistant|tool)?\s*|<\|[^|<>\s]{1,40}\|>|</s>|<eos>")
 
 # Block grammar per protocol. ``think`` may precede any action; observation blocks must follow the call they answer.
-_PROTOCOLS: dict[str, dict[str, str]] = {
-    "tags": {"call": "search", "obs": "information"},
-    "tool_call": {"call": "tool_call", "obs": "tool_response"},
-}
+_PROTOCOLS: dict[str, str] = {"tags": "information", "tool_call": "tool_response"}
+"""Observation block of each protocol."""
 
 
-def format_error(response_text: str, protocol: str = "tags") -> str | None:
+def _call_tags(protocol: str, tools) -> list[str]:
+    if protocol == "tool_call":
+        return ["tool_call"]
+    if tools is None:
+        from openrlhf_search.env.tools import tool_names
+
+        return sorted(tool_names(), key=lambda n: (n != "search", n))  # the first tool first in messages
+    return [tools] if isinstance(tools, str) else list(tools)
+
+
+def format_error(response_text: str, protocol: str = "tags", tools=None) -> str | None:
     """Why ``response_text`` breaks the protocol, or None when it is well formed.
 
     Grammar (whitespace allowed between blocks, nothing else)::
 
         response := ( [think] call obs )* [think] answer
-        tags protocol:      call = <search>..</search>       obs = <information>..</information>
-        tool_call protocol: call = <tool_call>..</tool_call> obs = <tool_response>..</tool_response>
+        tags protocol:      call = <search>..</search> | <open>..</open> | ..  obs = <information>..</information>
+        tool_call protocol: call = <tool_call>..</tool_call>                  obs = <tool_response>..</tool_response>
 
+    ``tools``: the tool tags that count as calls in the ``tags`` protocol (the environment's ``EnvConfig.tools``);
+    ``None`` accepts every registered tool (the environment only inserts an observation after a call it ran, so a
+    tag it does not know is followed by its corrective message, i.e. text outside blocks, and fails anyway).
     Blocks may not nest, ``answer`` appears exactly once and last. Chat turn markers (``<|im_start|>user``,
     ``<|im_end|>``) are ignored so the tool-call protocol's turn structure and a final EOS are accepted.
     """
     if protocol not in _PROTOCOLS:
         raise KeyError(f"unknown protocol {protocol!r}; valid: {sorted(_PROTOCOLS)}")
-    call, obs = _PROTOCOLS[protocol]["call"], _PROTOCOLS[protocol]["obs"]
-    names = ["think", call, obs, "answer"]
+    calls, obs = _call_tags(protocol, tools), _PROTOCOLS[protocol]
+    names = ["think", *calls, obs, "answer"]
     text = _CHAT_NOISE.sub(" ", response_text or "")
     block = re.compile(
         "|".join(rf"(?P<{n}>{tag_pattern(n, False)}(?P<{n}_body>.*?){tag_pattern(n, True)})" for n in names),
@@ -204,17 +221,17 @@ def format_error(response_text: str, protocol: str = "tags") -> str | None:
     for kind in seq:
         if kind == "think" and prev == "think":
             return "two <think> blocks in a row"
-        if kind == obs and prev != call:
-            return f"<{obs}> without a preceding <{call}>"
-        if kind in (call, "answer") and prev == call:
-            return f"<{call}> not followed by <{obs}>"
+        if kind == obs and prev not in calls:
+            return f"<{obs}> without a preceding {'/'.join(f'<{c}>' for c in calls)}"
+        if (kind in calls or kind == "answer") and prev in calls:
+            return f"<{prev}> not followed by <{obs}>"
         prev = kind
     return None
 
 
-def is_valid_format(response_text: str, protocol: str = "tags") -> bool:
-    """True when the response follows the tag protocol (see :func:`format_error` for the grammar)."""
-    return format_error(response_text, protocol) is None
+def is_valid_format(response_text: str, protocol: str = "tags", tools=None) -> bool:
+    """True when the response follows the protocol (see :func:`format_error` for the grammar and ``tools``)."""
+    return format_error(response_text, protocol, tools) is None
 
 
 # ---------------------------------------------------------------------------------------------------------- registry
@@ -234,6 +251,8 @@ class FormatRewardWeights:
     """Added when the answer is not fully correct but a golden answer occurs in the retrieved text (0 = off)."""
     protocol: str = "tags"
     """Which grammar :func:`is_valid_format` checks: ``tags`` (Search-R1) or ``tool_call`` (Qwen JSON tools)."""
+    tools: tuple[str, ...] | None = None
+    """Tool tags that count as calls in the ``tags`` grammar (None: all registered tools, see :func:`format_error`)."""
 
     def __post_init__(self) -> None:
         if self.protocol not in _PROTOCOLS:
@@ -241,51 +260,39 @@ class FormatRewardWeights:
 
 
 RewardFn = Callable[..., tuple[float, dict]]
-_REWARDS: dict[str, Callable[..., RewardFn]] = {}
+"""``fn(response_text, golden_answers, retrieved_text="", *, answer) -> (score, info)``; ``answer`` is required."""
+REWARDS: Registry[Callable[..., RewardFn]] = Registry("reward")
+"""Reward *factories* by name: ``factory(**cfg) -> RewardFn``."""
 
 
 def register_reward(name: str) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
-    """Register a reward *factory* ``factory(**cfg) -> fn(response_text, golden_answers, retrieved_text="")``."""
-
-    def deco(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
-        if name in _REWARDS:
-            raise ValueError(f"reward {name!r} is already registered")
-        _REWARDS[name] = factory
-        return factory
-
-    return deco
+    """Register a reward *factory* ``factory(**cfg) -> fn(response_text, golden_answers, retrieved_text="", *,
+    answer)`` (registering a name twice raises ``KeyError``)."""
+    return REWARDS.register(name)
 
 
 def available_rewards() -> list[str]:
     """Names accepted by :func:`get_reward_fn`."""
-    return sorted(_REWARDS)
+    return REWARDS.names()
 
 
 def get_reward_fn(name: str, **cfg) -> RewardFn:
     """Build the reward function registered under ``name``.
 
-    Returns ``fn(response_text, golden_answers, retrieved_text="", *, answer=...) -> (score, info)`` where ``info``
+    Returns ``fn(response_text, golden_answers, retrieved_text="", *, answer) -> (score, info)`` where ``info``
     holds ``answer``, ``em``, ``subem``, ``f1``, ``valid_format``, ``format_error`` and ``retrieval_hit``.
-    ``answer`` (keyword only) is the answer the environment parsed (``Trajectory.answer``; ``None`` = the trajectory
-    gave no accepted answer): when passed, it is scored instead of :func:`extract_answer` of the response, so an
-    ``<answer>`` block the environment rejected (inside a model-written ``<information>`` block, after the first
-    action of a turn, or closing the corrective message's ``<answer>``) earns nothing. The format check always reads
-    the whole response.
-    ``cfg`` are the :class:`FormatRewardWeights` fields (for the format rewards).
+    ``answer`` (keyword only, **required**) is the answer the environment accepted (``Trajectory.answer``; ``None``
+    = the trajectory gave no accepted answer); it is what the metric scores. The environment computes it once
+    (``openrlhf_search.env.episode.score_trajectory`` is the one call every backend makes). The format check reads
+    the whole response. ``cfg`` are the :class:`FormatRewardWeights` fields (for the format rewards).
     """
-    if name not in _REWARDS:
-        raise KeyError(f"unknown reward {name!r}; valid: {available_rewards()}")
-    return _REWARDS[name](**cfg)
+    return REWARDS.get(name)(**cfg)
 
 
-_EXTRACT = object()
-"""Default of the reward functions' ``answer`` keyword: read the answer from the response text."""
-
-
-def _info(response_text: str, golden_answers, retrieved_text: str, protocol: str = "tags", answer=_EXTRACT) -> dict:
+def _info(response_text: str, golden_answers, retrieved_text: str, answer: str | None, protocol: str = "tags",
+          tools=None) -> dict:
     golds = _as_list(golden_answers)
-    answer = extract_answer(response_text) if answer is _EXTRACT else answer
-    err = format_error(response_text, protocol)
+    err = format_error(response_text, protocol, tools)
     return {
         "answer": answer,
         "em": exact_match(answer, golds),
@@ -302,8 +309,9 @@ def _plain(metric: str) -> Callable[..., RewardFn]:
         if cfg:
             raise TypeError(f"reward {metric!r} takes no options, got {sorted(cfg)}")
 
-        def fn(response_text: str, golden_answers, retrieved_text: str = "", *, answer=_EXTRACT) -> tuple[float, dict]:
-            info = _info(response_text, golden_answers, retrieved_text, answer=answer)
+        def fn(response_text: str, golden_answers, retrieved_text: str = "", *, answer: str | None
+               ) -> tuple[float, dict]:
+            info = _info(response_text, golden_answers, retrieved_text, answer)
             return float(info[metric]), info
 
         fn.__name__ = f"reward_{metric}"
@@ -321,15 +329,19 @@ def _make_weights(cfg: dict, defaults: dict | None = None) -> FormatRewardWeight
     unknown = set(cfg) - valid
     if unknown:
         raise TypeError(f"unknown reward option(s) {sorted(unknown)}; valid: {sorted(valid)}")
-    return FormatRewardWeights(**{**(defaults or {}), **cfg})
+    merged = {**(defaults or {}), **cfg}
+    if merged.get("tools") is not None:
+        merged["tools"] = tuple([merged["tools"]] if isinstance(merged["tools"], str) else merged["tools"])
+    return FormatRewardWeights(**merged)
 
 
 def _format_reward(metric: str, defaults: dict | None = None) -> Callable[..., RewardFn]:
     def factory(**cfg) -> RewardFn:
         w = _make_weights(cfg, defaults)
 
-        def fn(response_text: str, golden_answers, retrieved_text: str = "", *, answer=_EXTRACT) -> tuple[float, dict]:
-            info = _info(response_text, golden_answers, retrieved_text, w.protocol, answer)
+        def fn(response_text: str, golden_answers, retrieved_text: str = "", *, answer: str | None
+               ) -> tuple[float, dict]:
+            info = _info(response_text, golden_answers, retrieved_text, answer, w.protocol, w.tools)
             m = float(info[metric])
             if info["valid_format"]:
                 r = w.wrong_valid + (w.correct_valid - w.wrong_valid) * m

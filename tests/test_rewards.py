@@ -140,7 +140,7 @@ BAD_FORMAT = "Sure! <answer>Paris</answer>"
     ],
 )
 def test_reward_registry_values(name, text, golds, expected):
-    score, info = get_reward_fn(name)(text, golds)
+    score, info = get_reward_fn(name)(text, golds, answer=extract_answer(text))
     assert score == pytest.approx(expected)
     assert set(info) >= {"answer", "em", "subem", "f1", "valid_format", "retrieval_hit"}
 
@@ -148,27 +148,29 @@ def test_reward_registry_values(name, text, golds, expected):
 def test_format_reward_weights_and_retrieval_bonus():
     fn = get_reward_fn("format_em", wrong_valid=0.2, retrieval_bonus=0.3)
     wrong = "<answer>Lyon</answer>"
-    assert fn(wrong, ["Paris"])[0] == pytest.approx(0.2)
-    score, info = fn(wrong, ["Paris"], retrieved_text="Doc 1 (Title: France) Its capital is Paris.")
+    assert fn(wrong, ["Paris"], answer="Lyon")[0] == pytest.approx(0.2)
+    score, info = fn(wrong, ["Paris"], retrieved_text="Doc 1 (Title: France) Its capital is Paris.", answer="Lyon")
     assert info["retrieval_hit"] and score == pytest.approx(0.5)
     # the bonus never lifts a reward above the maximum, and a correct answer gets no bonus
-    assert get_reward_fn("format_em", retrieval_bonus=5.0)(wrong, ["Paris"], "Paris")[0] == pytest.approx(1.0)
-    assert fn("<answer>Paris</answer>", ["Paris"], "Paris")[0] == pytest.approx(1.0)
+    boosted = get_reward_fn("format_em", retrieval_bonus=5.0)
+    assert boosted(wrong, ["Paris"], "Paris", answer="Lyon")[0] == pytest.approx(1.0)
+    assert fn("<answer>Paris</answer>", ["Paris"], "Paris", answer="Paris")[0] == pytest.approx(1.0)
     # the model's own <information> block is not retrieved text
     fake = "<search>q</search><information>Paris</information><answer>Lyon</answer>"
-    assert fn(fake, ["Paris"])[1]["retrieval_hit"] is False
+    assert fn(fake, ["Paris"], answer="Lyon")[1]["retrieval_hit"] is False
 
 
 @pytest.mark.parametrize("name", ["em", "subem", "f1", "format_em", "format_f1", "f1_x_format"])
-def test_answer_keyword_overrides_extraction(name):
+def test_the_answer_keyword_is_what_is_scored(name):
     fn = get_reward_fn(name)
     text = "<answer>wrong</answer> <answer>Paris</answer>"
-    assert fn(text, ["Paris"])[1]["answer"] == "Paris"  # default: the last answer block of the text
-    score, info = fn(text, ["Paris"], answer="wrong")  # the environment's parsed answer wins
+    with pytest.raises(TypeError, match="answer"):  # no signature sniffing: the accepted answer is required
+        fn(text, ["Paris"])
+    score, info = fn(text, ["Paris"], answer="wrong")  # the environment's parsed answer, not the text's last block
     assert info["answer"] == "wrong" and info["em"] == 0.0 and info["valid_format"] is False
     score_none, info_none = fn(text, ["Paris"], answer=None)  # no accepted answer: the metric is 0
     assert info_none["answer"] is None and info_none["f1"] == 0.0 and score_none == score
-    assert fn("<answer>Paris</answer>", ["Paris"], answer="Paris") == fn("<answer>Paris</answer>", ["Paris"])
+    assert fn(text, ["Paris"], answer="Paris")[1]["em"] == 1.0
 
 
 def test_registry_errors():
@@ -179,7 +181,7 @@ def test_registry_errors():
         get_reward_fn("format_em", wrong_vlaid=0.1)
     with pytest.raises(TypeError, match="takes no options"):
         get_reward_fn("em", correct_valid=1.0)
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(KeyError, match="already registered"):
         register_reward("em")(lambda **cfg: None)
     with pytest.raises(ValueError, match="protocol"):
         FormatRewardWeights(protocol="xml")

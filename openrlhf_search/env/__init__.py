@@ -1,25 +1,34 @@
-"""The search environment: prompt templates, action parsing, observations, token-in/token-out trajectories.
+"""The search environment: one episode step shared by every backend, tools, prompt templates, action parsing,
+observations, token-in/token-out trajectories.
 
-``SearchEnv`` drives a batch of trajectories turn by turn (one retrieval call per turn for the whole batch);
-``parse_action`` and ``format_observation`` are the single-sample pieces the OpenRLHF agent reuses.
+:class:`Episode` is the per-trajectory step (plan -> batched tool execute -> render) that both ``SearchEnv`` (the
+local batched environment: one backend call per tool per turn for the whole batch) and the OpenRLHF agent instance
+run; :data:`~openrlhf_search.env.tools.TOOLS` holds the tools (``search``, ``open``).
 """
 
 from openrlhf_search.env.actions import Action, parse_action
+from openrlhf_search.env.episode import EnvConfig, Episode, score_trajectory
 from openrlhf_search.env.observation import format_observation, neutralize
-from openrlhf_search.env.search_env import EnvConfig, SearchEnv
+from openrlhf_search.env.search_env import SearchEnv
 from openrlhf_search.env.templates import PromptTemplate, available_templates, get_template
+from openrlhf_search.env.tools import TOOLS, Tool, get_tools
 from openrlhf_search.env.trajectory import Trajectory, TurnRecord
 
 __all__ = [
     "Action",
     "EnvConfig",
+    "Episode",
     "PromptTemplate",
     "SearchEnv",
+    "TOOLS",
+    "Tool",
     "Trajectory",
     "TurnRecord",
     "available_templates",
     "format_observation",
     "get_template",
+    "get_tools",
     "neutralize",
     "parse_action",
+    "score_trajectory",
 ]

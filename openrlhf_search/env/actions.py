@@ -1,4 +1,4 @@
-"""Parse one model turn into an action: search (with one or more queries), answer, or invalid.
+"""Parse one model turn into an action: a tool call (``search``, ``open``...), an answer, or invalid.
 
 Models do not write clean tags. The rules, in the order they are applied (each is covered by the table test in
 ``tests/env/test_actions.py``):
@@ -15,13 +15,17 @@ Models do not write clean tags. The rules, in the order they are applied (each i
    (``<search><search>q</search>``) the innermost opening tag is used.
 4. **A malformed first action makes the turn invalid** (no fall-through to a later action): a protocol tag nested in
    its body, an empty query, an empty answer, bad tool-call JSON, an unknown tool.
-5. **Several queries in one search** (``tags`` protocol): a JSON list of strings (``<search>["a", "b"]</search>``),
-   or queries separated by newlines or ``;``. Each is stripped (and unquoted), empties are dropped, duplicates
-   (case-insensitive) removed, and at most ``max_queries`` kept. In the ``tool_call`` protocol, ``"query"`` may be
-   a string (one query, never split) or a list of strings (also accepted under ``"queries"``).
-6. **Nothing complete** -> invalid, with an error saying what was missing (unclosed ``<search>``/``<answer>``,
-   a stray closing tag, or no action at all). The environment answers invalid actions with the template's fixed
-   corrective observation.
+5. **The tool parses its own arguments** (:meth:`~openrlhf_search.env.tools.Tool.parse_tag` for the body of
+   ``<name>...</name>``, :meth:`~openrlhf_search.env.tools.Tool.parse_arguments` for a tool call's JSON
+   ``arguments``). ``search``: a JSON list of strings (``<search>["a", "b"]</search>``) or queries separated by
+   newlines or ``;``, stripped, unquoted, deduplicated case-insensitively, at most ``max_queries_per_turn``; in a
+   tool call ``"query"`` is a string (one query, never split) or a list (also under ``"queries"``).
+6. **Nothing complete** -> invalid, with an error saying what was missing (an unclosed tool tag or ``<answer>``,
+   a stray closing tag, or no action at all).
+
+Which tags are actions follows from the environment's tools (``EnvConfig.tools``): with ``["search"]`` an
+``<open>`` tag is plain text; with ``["search", "open"]`` it is a call. The environment answers invalid actions with
+the template's fixed corrective observation.
 
 Tag matching ignores case and whitespace inside the brackets (``< /Search >``), like the neutralizer in
 :mod:`openrlhf_search.env.observation`, so anything the parser would accept is also neutralized in retrieved text.
@@ -31,19 +35,42 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from openrlhf_search.rewards import tag_pattern
 
-__all__ = ["Action", "parse_action", "split_queries", "PROTOCOL_TAG_NAMES", "ANY_TAG_RE"]
+__all__ = ["Action", "parse_action", "split_queries", "PROTOCOL_TAG_NAMES", "ANY_TAG_RE", "protocol_tag_names",
+           "any_tag_re"]
 
-PROTOCOL_TAG_NAMES = ("think", "search", "information", "answer", "tool_call", "tool_response")
-"""Every tag name of both protocols (the neutralizer escapes all of them in retrieved text)."""
+BASE_TAG_NAMES = ("think", "information", "answer", "tool_call", "tool_response")
+"""Tag names of both protocols that are not tools."""
+PROTOCOL_TAG_NAMES = ("think", "search", "open", "information", "answer", "tool_call", "tool_response")
+"""Every tag name of both protocols with the built-in tools (:func:`protocol_tag_names` adds registered tools)."""
 
-ANY_TAG_RE = re.compile("|".join(tag_pattern(n, c) for n in PROTOCOL_TAG_NAMES for c in (False, True)), re.I)
-"""Matches any opening or closing protocol tag."""
 
-_CALL_TAG = {"tags": "search", "tool_call": "tool_call"}
+def protocol_tag_names() -> tuple[str, ...]:
+    """The base tags plus the name of every registered tool (the neutralizer escapes all of them)."""
+    from openrlhf_search.env.tools import tool_names
+
+    return tuple(dict.fromkeys(PROTOCOL_TAG_NAMES + tuple(tool_names())))
+
+
+@lru_cache(maxsize=32)
+def _any_tag_re(names: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(tag_pattern(n, c) for n in names for c in (False, True)), re.I)
+
+
+def any_tag_re() -> re.Pattern:
+    """Matches any opening or closing protocol tag (:func:`protocol_tag_names`)."""
+    return _any_tag_re(protocol_tag_names())
+
+
+ANY_TAG_RE = _any_tag_re(PROTOCOL_TAG_NAMES)
+"""Matches any opening or closing tag of :data:`PROTOCOL_TAG_NAMES`."""
+
+PROTOCOLS = ("tags", "tool_call")
 
 
 @dataclass(frozen=True)
@@ -51,7 +78,7 @@ class Action:
     """The parsed action of one model turn."""
 
     kind: str
-    """``search``, ``answer`` or ``invalid``."""
+    """A tool name (``search``, ``open``...), ``answer`` or ``invalid``."""
     queries: list[str] = field(default_factory=list)
     """Search queries (``search`` only), deduplicated, in the order written."""
     answer: str | None = None
@@ -60,6 +87,15 @@ class Action:
     """Why the action is invalid (``invalid`` only)."""
     span: tuple[int, int] | None = None
     """Character span of the action (opening tag to end of closing tag) in the parsed text."""
+    args: dict = field(default_factory=dict)
+    """The tool's parsed arguments (tool calls only; ``search``: ``{"queries": [...]}``)."""
+
+
+def split_queries(body: str, max_queries: int = 4) -> list[str]:
+    """Queries of a ``<search>`` body (see :func:`openrlhf_search.env.tools.search.split_queries`)."""
+    from openrlhf_search.env.tools.search import split_queries as split
+
+    return split(body, max_queries)
 
 
 def _blank(text: str, start: int, end: int) -> str:
@@ -77,37 +113,8 @@ def _blank_blocks(text: str, name: str) -> str:
     return text
 
 
-def _unquote(q: str) -> str:
-    q = q.strip()
-    if len(q) >= 2 and q[0] == q[-1] and q[0] in "\"'`":
-        q = q[1:-1].strip()
-    return q
-
-
-def _dedupe(queries: list[str], max_queries: int) -> list[str]:
-    seen, out = set(), []
-    for q in queries:
-        key = " ".join(q.lower().split())
-        if q and key not in seen:
-            seen.add(key)
-            out.append(q)
-    return out[:max_queries]
-
-
-def split_queries(body: str, max_queries: int = 4) -> list[str]:
-    """Queries of a ``<search>`` body: a JSON list of strings, or newline/``;``-separated text (rule 5)."""
-    s = body.strip()
-    if s.startswith("["):
-        try:
-            items = json.loads(s)
-        except json.JSONDecodeError:
-            items = None
-        if isinstance(items, list) and all(isinstance(x, str) for x in items):
-            return _dedupe([_unquote(x) for x in items], max_queries)
-    return _dedupe([_unquote(x) for x in re.split(r"[\n;]", s)], max_queries)
-
-
-def _tool_queries(body: str, max_queries: int) -> tuple[list[str], str | None]:
+def _tool_call(body: str, tools: dict) -> tuple[str | None, dict, str | None]:
+    """``(tool name, args, error)`` of a ``<tool_call>`` JSON body."""
     s = body.strip()
     fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", s, re.S)
     if fence:
@@ -115,11 +122,12 @@ def _tool_queries(body: str, max_queries: int) -> tuple[list[str], str | None]:
     try:
         obj = json.loads(s)
     except json.JSONDecodeError as exc:
-        return [], f"tool call is not valid JSON ({exc.msg} at char {exc.pos})"
+        return None, {}, f"tool call is not valid JSON ({exc.msg} at char {exc.pos})"
     if not isinstance(obj, dict):
-        return [], "tool call JSON must be an object with 'name' and 'arguments'"
-    if obj.get("name") != "search":
-        return [], f"unknown tool {obj.get('name')!r} (only 'search' exists)"
+        return None, {}, "tool call JSON must be an object with 'name' and 'arguments'"
+    name = obj.get("name")
+    if name not in tools:
+        return None, {}, f"unknown tool {name!r} (available: {', '.join(repr(t) for t in tools)})"
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models double-encode the arguments
         try:
@@ -127,29 +135,33 @@ def _tool_queries(body: str, max_queries: int) -> tuple[list[str], str | None]:
         except json.JSONDecodeError:
             args = {"query": args}
     if not isinstance(args, dict):
-        return [], "tool call 'arguments' must be an object"
-    q = args.get("query", args.get("queries"))
-    if isinstance(q, str):
-        items = [q]
-    elif isinstance(q, list) and all(isinstance(x, str) for x in q):
-        items = q
-    else:
-        return [], "tool call needs 'arguments.query' as a string or a list of strings"
-    queries = _dedupe([x.strip() for x in items], max_queries)
-    return queries, None if queries else "empty query"
+        return None, {}, "tool call 'arguments' must be an object"
+    parsed, err = tools[name].parse_arguments(args)
+    return name, parsed, err
 
 
-def parse_action(text: str, protocol: str = "tags", max_queries: int = 4) -> Action:
+def _default_tools(max_queries: int) -> list:
+    from types import SimpleNamespace
+
+    from openrlhf_search.env.tools.search import SearchTool
+
+    return [SearchTool(SimpleNamespace(topk=3, max_queries_per_turn=max_queries, max_docs_per_turn=None))]
+
+
+def parse_action(text: str, protocol: str = "tags", max_queries: int = 4, tools: Sequence | None = None) -> Action:
     """Parse one model turn (see the module docstring for the rules).
 
     Args:
         text: the decoded model tokens of this turn only (not the prompt, not earlier turns).
-        protocol: ``tags`` (``<search>``) or ``tool_call`` (``<tool_call>`` JSON).
-        max_queries: at most this many queries are kept from one search action.
+        protocol: ``tags`` (``<search>``, ``<open>``...) or ``tool_call`` (``<tool_call>`` JSON).
+        max_queries: at most this many queries are kept from one search (only when ``tools`` is not given).
+        tools: the environment's :class:`~openrlhf_search.env.tools.Tool` instances (default: ``search`` alone).
     """
-    if protocol not in _CALL_TAG:
-        raise KeyError(f"unknown protocol {protocol!r}; valid: {sorted(_CALL_TAG)}")
-    call = _CALL_TAG[protocol]
+    if protocol not in PROTOCOLS:
+        raise KeyError(f"unknown protocol {protocol!r}; valid: {sorted(PROTOCOLS)}")
+    by_name = {t.name: t for t in (tools if tools is not None else _default_tools(max_queries))}
+    calls = list(by_name) if protocol == "tags" else ["tool_call"]
+    nested_re = _any_tag_re(tuple(dict.fromkeys(PROTOCOL_TAG_NAMES + tuple(by_name))))
     clean = text or ""
     for obs in ("information", "tool_response"):
         clean = _blank_blocks(clean, obs)
@@ -158,7 +170,7 @@ def parse_action(text: str, protocol: str = "tags", max_queries: int = 4) -> Act
     # The first complete action: the earliest closing tag that has an opening tag of its kind before it.
     closes = sorted(
         (m.start(), m.end(), kind)
-        for kind in (call, "answer")
+        for kind in (*calls, "answer")
         for m in re.finditer(tag_pattern(kind, True), clean, re.I)
     )
     stray = None
@@ -170,7 +182,7 @@ def parse_action(text: str, protocol: str = "tags", max_queries: int = 4) -> Act
         o = opens[-1]
         body = clean[o.end() : c_start]
         span = (o.start(), c_end)
-        nested = ANY_TAG_RE.search(body)
+        nested = nested_re.search(body)
         if nested:
             return Action("invalid", error=f"tag {nested.group(0)!r} nested inside <{kind}>", span=span)
         if kind == "answer":
@@ -179,17 +191,17 @@ def parse_action(text: str, protocol: str = "tags", max_queries: int = 4) -> Act
                 return Action("invalid", error="empty answer", span=span)
             return Action("answer", answer=ans, span=span)
         if protocol == "tags":
-            queries = split_queries(body, max_queries)
-            err = None if queries else "empty query"
+            name = kind
+            args, err = by_name[kind].parse_tag(body)
         else:
-            queries, err = _tool_queries(body, max_queries)
+            name, args, err = _tool_call(body, by_name)
         if err:
             return Action("invalid", error=err, span=span)
-        return Action("search", queries=queries, span=span)
+        return Action(name, queries=list(args.get("queries", [])) if name == "search" else [], span=span, args=args)
 
-    for kind in (call, "answer"):
+    for kind in (*calls, "answer"):
         if re.search(tag_pattern(kind, False), clean, re.I):
             return Action("invalid", error=f"unclosed <{kind}> tag")
     if stray:
         return Action("invalid", error=f"</{stray}> without an opening <{stray}>")
-    return Action("invalid", error=f"no <{call}> or <answer> action")
+    return Action("invalid", error=f"no {'/'.join(f'<{c}>' for c in calls)} or <answer> action")

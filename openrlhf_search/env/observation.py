@@ -22,13 +22,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
-from openrlhf_search.env.actions import PROTOCOL_TAG_NAMES
+from openrlhf_search.env.actions import protocol_tag_names
 from openrlhf_search.retrieval.types import Hit
 
 __all__ = ["neutralize", "format_observation", "truncate_to_tokens", "special_token_strings"]
 
-_TAG_RE = re.compile(r"<\s*(/?)\s*(" + "|".join(PROTOCOL_TAG_NAMES) + r")\s*>", re.I)
+
+
+@lru_cache(maxsize=8)
+def _tag_re(names: tuple[str, ...]) -> re.Pattern:
+    return re.compile(r"<\s*(/?)\s*(" + "|".join(re.escape(n) for n in names) + r")\s*>", re.I)
+
 _CHAT_MARKER_RE = re.compile(r"<\|([^|<>\n]{0,40})\|>")
 
 
@@ -56,9 +62,10 @@ def neutralize(text: str, extra_tokens: Iterable[str] = ()) -> str:
     Applied until a fixed point, so overlapping tricks such as ``<<search>search>`` cannot reassemble a tag.
     """
     extra = sorted({t for t in extra_tokens if t and len(t) >= 2}, key=len, reverse=True)
+    tag_re = _tag_re(protocol_tag_names())  # every registered tool's tag, whatever the environment enables
     for _ in range(10):
         before = text
-        text = _TAG_RE.sub(lambda m: f"[{m.group(1)}{m.group(2).lower()}]", text)
+        text = tag_re.sub(lambda m: f"[{m.group(1)}{m.group(2).lower()}]", text)
         text = _CHAT_MARKER_RE.sub(lambda m: f"[|{m.group(1)}|]", text)
         for tok in extra:
             if tok in text:

@@ -1,6 +1,7 @@
 """Prompt templates: the instructions the model sees, how observations are wrapped, and when generation stops.
 
-Two protocols, each a registered :class:`PromptTemplate`:
+Two protocols, each a registered :class:`PromptTemplate` (``search_r1_compact`` is ``search_r1`` with a one-line
+instruction, for the quickstart's tiny model):
 
 * ``search_r1`` (protocol ``tags``): the Search-R1 tag protocol (Jin et al., 2025, arXiv 2503.09516), instructions
   written in our own words. The model thinks in ``<think>``, searches with ``<search> query </search>``, reads
@@ -27,7 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-__all__ = ["PromptTemplate", "register_template", "get_template", "available_templates", "load_template_file"]
+from openrlhf_search.registry import Registry
+
+__all__ = ["PromptTemplate", "TEMPLATES", "register_template", "get_template", "available_templates",
+           "load_template_file", "with_tools", "env_template", "COMPACT_USER"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ class PromptTemplate:
     )
     """The fixed corrective observation for an invalid action (as in Search-R1, in our own words); ``{hint}`` is
     replaced by the last-turn hint (or nothing). It must never contain a complete ``<answer>...</answer>`` pair:
-    the reward reads the last answer block of the response, and this text is part of the response."""
+    this text is part of the response, and a stray ``</answer>`` from the model would otherwise complete a pair that
+    text-based readers (``extract_answer``, the format check) take for an answer."""
     last_turn_hint: str = "No searches are left: give your final answer now."
     """Shown before the last turn when search is forbidden on the last turn (after the documents, or in the
     corrective message)."""
@@ -109,24 +114,19 @@ class PromptTemplate:
         return ("" if turn_ended else self.close_turn) + msg
 
 
-_REGISTRY: dict[str, Callable[[], PromptTemplate]] = {}
+TEMPLATES: Registry[Callable[[], PromptTemplate]] = Registry("prompt template")
+"""Zero-argument template factories by name (all built-ins are registered in this module, so every process that
+imports the environment, vLLM rollout actors included, resolves the same names)."""
 
 
 def register_template(name: str):
-    """Register a zero-argument template factory under ``name`` (registering twice raises)."""
-
-    def deco(factory: Callable[[], PromptTemplate]):
-        if name in _REGISTRY:
-            raise ValueError(f"template {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
+    """Register a zero-argument template factory under ``name`` (registering twice raises ``KeyError``)."""
+    return TEMPLATES.register(name)
 
 
 def available_templates() -> list[str]:
     """Registered template names."""
-    return sorted(_REGISTRY)
+    return TEMPLATES.names()
 
 
 SEARCH_R1_USER = (
@@ -176,6 +176,53 @@ def _qwen_tools() -> PromptTemplate:
     )
 
 
+COMPACT_USER = "Search with <search> query </search>, answer with <answer> answer </answer>.\nQuestion: {question}\n"
+"""The one-line instruction of ``search_r1_compact``."""
+
+
+@register_template("search_r1_compact")
+def _search_r1_compact() -> PromptTemplate:
+    """``search_r1`` with a one-line instruction: the quickstart's tiny model is trained from scratch and cannot read
+    instructions, while every prompt token costs compute (the full instruction is ~115 tiny-tokenizer tokens, about
+    40% of a demonstration). Same stops, observation wrapping and answer format."""
+    return replace(_search_r1(), name="search_r1_compact", user=COMPACT_USER)
+
+
+def with_tools(tpl: PromptTemplate, tools) -> PromptTemplate:
+    """``tpl`` told about every tool beyond ``search`` (which the built-in instructions describe).
+
+    ``tags``: each extra tool's :attr:`~openrlhf_search.env.tools.Tool.instruction` goes before the ``Question:``
+    line of the user message (or at its start). ``tool_call``: each extra tool's JSON schema joins the system
+    prompt's ``<tools>`` block. Stop strings gain each tool's closing tag (``tags``). Templates are otherwise
+    unchanged, so an environment with ``tools=["search"]`` renders exactly what it always did.
+    """
+    import json
+
+    extra = [t for t in tools if t.name != "search"]
+    if not extra:
+        return tpl
+    if tpl.protocol == "tags":
+        lines = " ".join(t.instruction for t in extra if t.instruction)
+        user = tpl.user
+        at = user.find("Question:")
+        user = (user[:at] + lines + "\n" + user[at:]) if at >= 0 else lines + "\n" + user
+        stop = tuple(dict.fromkeys(tpl.stop + tuple(f"</{t.name}>" for t in extra)))
+        return replace(tpl, user=user, stop=stop)
+    schemas = "".join("\n" + json.dumps(t.schema()) for t in extra)
+    system = tpl.system or ""
+    system = system.replace("\n</tools>", schemas + "\n</tools>", 1) if "\n</tools>" in system else (
+        system + "\n\nMore functions:<tools>" + schemas + "\n</tools>")
+    return replace(tpl, system=system)
+
+
+def env_template(name: str | PromptTemplate, cfg) -> PromptTemplate:
+    """The template an environment with config ``cfg`` uses: :func:`get_template` + :func:`with_tools` of
+    ``cfg.tools`` (what ``Episode`` renders; the OpenRLHF launcher writes its prompts with it too)."""
+    from openrlhf_search.env.tools import get_tools
+
+    return with_tools(get_template(name), get_tools(cfg.tools, cfg))
+
+
 def load_template_file(path: str | Path, base: str = "search_r1") -> PromptTemplate:
     """A user template file replacing the user message of template ``base``.
 
@@ -198,8 +245,8 @@ def get_template(name: str | PromptTemplate, **overrides) -> PromptTemplate:
     """A registered template by name, a template file by path, or a given template; ``overrides`` replace fields."""
     if isinstance(name, PromptTemplate):
         tpl = name
-    elif name in _REGISTRY:
-        tpl = _REGISTRY[name]()
+    elif name in TEMPLATES:
+        tpl = TEMPLATES.get(name)()
     elif Path(name).suffix or "/" in name:
         tpl = load_template_file(name)
     else:

@@ -27,7 +27,7 @@ class TurnRecord:
     model_span: tuple[int, int]
     """``[start, end)`` of this turn's sampled tokens in ``response_ids``."""
     action: str
-    """Parsed action kind: ``search``, ``answer`` or ``invalid``."""
+    """Parsed action kind: a tool name (``search``, ``open``...), ``answer`` or ``invalid``."""
     text: str = ""
     """The decoded model tokens of this turn (used for parsing only; the ids are the truth)."""
     queries: list[str] = field(default_factory=list)
@@ -47,6 +47,8 @@ class TurnRecord:
     reasoning text repeats an earlier turn's (CalibAdv gives such turns no calibration credit)."""
     gen_finish_reason: str | None = None
     """The engine's finish reason for this generation when it reports one (``stop``, ``length``...)."""
+    args: dict = field(default_factory=dict)
+    """The tool call's parsed arguments (``search``: ``{"queries": [...]}``; ``open``: ``{"target", "page"}``)."""
 
 
 @dataclass
@@ -69,7 +71,7 @@ class Trajectory:
     """``answer`` | ``max_turns`` | ``max_length`` | ``stop`` (EOS without any action), None while running."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Sample fields: ``sample_id``, ``question``, ``golden_answers``, ``group_id``, ``data_source``, ``protocol``,
-    ``prompt_text``, ``sample_index``, ``rollout_index``."""
+    ``tools``, ``prompt_text``, ``sample_index``, ``rollout_index``."""
 
     @property
     def done(self) -> bool:
@@ -78,7 +80,8 @@ class Trajectory:
 
     @property
     def response_text(self) -> str:
-        """The response as text: model turns and observations concatenated (what the reward reads)."""
+        """The response as text: model turns and observations concatenated (the reward's format check reads it;
+        the answer scored is :attr:`answer`)."""
         return "".join(t.text + t.obs_text for t in self.turns)
 
     @property
@@ -90,6 +93,11 @@ class Trajectory:
     def num_searches(self) -> int:
         """Number of turns whose queries reached the retriever."""
         return sum(1 for t in self.turns if t.action == "search" and t.queries and t.error is None)
+
+    @property
+    def num_tool_calls(self) -> int:
+        """Number of executed tool calls of any tool."""
+        return sum(1 for t in self.turns if t.action not in ("answer", "invalid") and t.error is None)
 
     def append(self, ids: list[int], is_model: bool, logprobs: list[float] | None = None) -> tuple[int, int]:
         """Append ids (model tokens with their log-probs, or observation tokens); returns their ``[start, end)``."""
@@ -105,32 +113,44 @@ class Trajectory:
             self.logprobs.extend([0.0] * len(ids))
         return start, len(self.response_ids)
 
-    def to_calib_record(self, protocol: str | None = None):
-        """The CalibAdv view of this rollout (``openrlhf_search.algorithms.calibadv.CalibRecord``).
+    def to_calib_record(self, offset: int = 0, protocol: str | None = None):
+        """The CalibAdv view of this rollout (``openrlhf_search.algorithms.calibadv.CalibRecord``), the one builder
+        of every backend.
 
-        * ``search_turns``: one ``SearchTurn(start, end, doc_ids, repeated)`` per turn whose queries were executed;
-          the span is the turn's *model* tokens in ``response_ids`` (end exclusive).
-        * ``answer_span``: the model tokens of the turn that produced the final answer, or None.
-        * ``f1``: token F1 of ``answer`` against ``meta["golden_answers"]``.
-        * ``valid_format``: :func:`openrlhf_search.rewards.is_valid_format` of the response text.
+        * ``search_turns``: one ``SearchTurn(start, end, doc_ids, repeated)`` per executed call of a tool with
+          ``calib_credit`` (``search``); the span is the turn's *model* tokens (end exclusive);
+        * ``answer_span``: the model tokens of the turn that produced the final answer, or None;
+        * ``f1``: token F1 of ``answer`` against ``meta["golden_answers"]``;
+        * ``valid_format``: :func:`openrlhf_search.rewards.is_valid_format` of the response text (protocol and tools
+          from ``meta``).
+
+        Args:
+            offset: added to every span. 0: the response axis (``response_ids``, the local trainer). OpenRLHF's
+                action-mask axis is ``mask[1:]`` of the full sequence, i.e. ``offset = len(prompt_ids) - 1``.
+            protocol: overrides ``meta["protocol"]``.
         """
         from openrlhf_search.algorithms.calibadv import CalibRecord, SearchTurn
+        from openrlhf_search.env.tools import TOOLS
         from openrlhf_search.rewards import f1_score, is_valid_format
 
+        def credited(t: TurnRecord) -> bool:
+            return t.action in TOOLS and TOOLS.get(t.action).calib_credit and t.error is None
+
         search_turns = [
-            SearchTurn(t.model_span[0], t.model_span[1], list(t.doc_ids), bool(t.repeated))
+            SearchTurn(t.model_span[0] + offset, t.model_span[1] + offset, list(t.doc_ids), bool(t.repeated))
             for t in self.turns
-            if t.action == "search" and t.queries and t.error is None
+            if credited(t)
         ]
         answer_span = None
         if self.finish_reason == "answer" and self.turns and self.turns[-1].action == "answer":
-            answer_span = tuple(self.turns[-1].model_span)
+            answer_span = (self.turns[-1].model_span[0] + offset, self.turns[-1].model_span[1] + offset)
         golds = self.meta.get("golden_answers", [])
         return CalibRecord(
             search_turns=search_turns,
             answer_span=answer_span,
             f1=f1_score(self.answer, golds) if golds else 0.0,
-            valid_format=is_valid_format(self.response_text, protocol or self.meta.get("protocol", "tags")),
+            valid_format=is_valid_format(self.response_text, protocol or self.meta.get("protocol", "tags"),
+                                         self.meta.get("tools")),
         )
 
     def to_dict(self) -> dict:

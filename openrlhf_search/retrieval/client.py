@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 from . import jsonfast
-from .types import Hit
+from .types import Document, Hit
 
 TOKEN_ENV = "OPENRLHF_SEARCH_RETRIEVER_TOKEN"
 """The environment variable holding the retrieval server's bearer token (read by the server and this client)."""
@@ -263,6 +263,21 @@ class HTTPRetriever:
             health = {}
         fp = health.get("fingerprint") if isinstance(health, dict) else None
         return str(fp) if fp else f"http:{self.url}"
+
+    def get_documents(self, ids_or_titles: list[str]) -> list[Document | None]:
+        """Whole documents by id or title (the ``open`` tool): one ``POST /documents`` for the batch; ``None``
+        where the server's corpus has no match (same rules as ``InProcessRetriever.get_documents``)."""
+        if isinstance(ids_or_titles, str):
+            raise TypeError("get_documents() takes a list of ids or titles, not a single string")
+        if not ids_or_titles:
+            return []
+        body = jsonfast.dumps({"keys": [str(k) for k in ids_or_titles]})
+        payload = self._request("POST", "/documents", content=body, headers=_JSON).json()
+        docs = payload.get("documents") if isinstance(payload, dict) else None
+        if not isinstance(docs, list) or len(docs) != len(ids_or_titles):
+            raise RetrieverUnavailable(f"retrieval server {self.url}/documents answered {str(payload)[:200]!r} for "
+                                       f"{len(ids_or_titles)} keys")
+        return [None if d is None else Document(str(d.get("id", "")), str(d.get("contents", ""))) for d in docs]
 
     def health(self) -> dict:
         """``GET /health`` (with the same retry policy)."""

@@ -83,6 +83,11 @@ class HybridRetriever:
         fuse = reciprocal_rank_fusion
         return [fuse([p[i] for p in per_part], topk, self.k, self.weights) for i in range(len(queries))]
 
+    def get_documents(self, ids_or_titles: list[str]):
+        """Whole documents by id or title (the ``open`` tool), from the first part's corpus (all parts index the
+        same corpus)."""
+        return self.parts[0].get_documents(ids_or_titles)
+
     @classmethod
     def from_dir(cls, directory: str | os.PathLike, n_threads: int = 0, **_) -> HybridRetriever:
         from .bm25 import BM25Retriever

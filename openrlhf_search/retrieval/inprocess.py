@@ -85,6 +85,56 @@ class InProcessRetriever(abc.ABC):
         rows, scores = self.search_rows(list(queries), topk)
         return hits_from_rows(self.docs, rows, scores)
 
+    def get_documents(self, ids_or_titles: list[str]) -> list[Document | None]:
+        """Whole documents by passage id or title (the ``open`` tool); ``None`` where nothing matches.
+
+        A key matches a passage id exactly, else a title (case and spacing ignored). The document is every passage
+        sharing the matched passage's title, in corpus order, as one :class:`Document` (id of the first passage,
+        contents ``"Title"\n`` + the passages' texts joined by newlines); a passage without a title is returned
+        alone. The lookup tables are built on the first call (one pass over the store's ids and title lines).
+        """
+        return documents_by_key(self.docs, ids_or_titles, self)
+
+
+def _norm_title(title: str) -> str:
+    return " ".join(title.lower().split())
+
+
+def documents_by_key(docs: DocStore, keys: list[str], owner) -> list[Document | None]:
+    """:meth:`InProcessRetriever.get_documents` over ``docs`` (tables cached on ``owner``)."""
+    if isinstance(keys, str):
+        raise TypeError("get_documents() takes a list of ids or titles, not a single string")
+    tables = getattr(owner, "_doc_tables", None)
+    if tables is None:
+        by_id: dict[str, int] = {}
+        by_title: dict[str, list[int]] = {}
+        for row in range(len(docs)):
+            doc = docs[row]
+            by_id.setdefault(doc.id, row)
+            if doc.title:
+                by_title.setdefault(_norm_title(doc.title), []).append(row)
+        tables = (by_id, by_title)
+        owner._doc_tables = tables
+    by_id, by_title = tables
+    out: list[Document | None] = []
+    for key in keys:
+        key = str(key).strip()
+        row = by_id.get(key)
+        if row is None:
+            rows = by_title.get(_norm_title(key.strip('"')))
+            row = rows[0] if rows else None
+        if row is None:
+            out.append(None)
+            continue
+        first = docs[row]
+        rows = by_title.get(_norm_title(first.title), [row]) if first.title else [row]
+        if len(rows) == 1:
+            out.append(first)
+            continue
+        parts = [docs[r].text for r in rows]
+        out.append(Document(docs[rows[0]].id, f'"{first.title}"\n' + "\n".join(parts)))
+    return out
+
 
 def stable_topk(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``k`` columns after sorting each row of ``(rows, scores)`` by (score desc, row asc); no-hits last."""

@@ -5,6 +5,8 @@ Protocol (Search-R1 ``retrieval_server.py``, so Search-R1 / verl search tools wo
     POST /retrieve  {"queries": ["q1", ...], "topk": 3, "return_scores": true}
       -> {"result": [[{"document": {"id": ..., "contents": ...}, "score": s}, ...], ...]}
          (with "return_scores": false each hit is the bare document, as in Search-R1; "queries": [] -> "result": [])
+    POST /documents {"keys": ["doc id or title", ...]} -> {"documents": [{"id", "contents"} | null, ...]}
+                  (whole documents for the environment's ``open`` tool; retrievers with ``get_documents``)
     GET /health   -> {"status": "ok", "documents": N, "method": ..., "fingerprint": ..., "limits": {...}}
     GET /metrics  -> counters, latency p50/p90/p99, batch-size statistics
 
@@ -429,6 +431,29 @@ def create_app(retriever: Retriever, cfg: ServerConfig | None = None, info: dict
                                                       request.headers.get("content-length"), request.stream())
         return Response(body, status_code=status, media_type="application/json",
                         headers={k.decode(): v.decode() for k, v in headers if k.lower() != b"content-type"})
+
+    @app.post("/documents")
+    async def whole_documents(request: Request):
+        """Whole documents by id or title (the ``open`` tool): ``{"keys": [...]}`` -> ``{"documents": [...]}``."""
+        if not authorized(request.headers.get("authorization", "")):
+            return error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')")
+        getter = getattr(retriever, "get_documents", None)
+        if getter is None:
+            return error(501, f"this retriever ({type(retriever).__name__}) cannot return whole documents")
+        try:
+            payload = _decode_json_strictly(await read_body(request.headers.get("content-length"), request.stream()))
+        except BadRequest as exc:
+            return error(exc.status, exc.message)
+        keys = payload.get("keys") if isinstance(payload, dict) else None
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            return error(422, "field 'keys' must be a list of strings (document ids or titles)")
+        if len(keys) > cfg.max_queries_per_request:
+            return error(413, f"{len(keys)} keys exceed max_queries_per_request={cfg.max_queries_per_request}")
+        try:
+            docs = await asyncio.to_thread(getter, keys)
+        except Exception as exc:
+            return error(500, f"document lookup failed: {type(exc).__name__}: {exc}")
+        return {"documents": [None if d is None else d.to_json() for d in docs]}
 
     @app.get("/health")
     async def health():

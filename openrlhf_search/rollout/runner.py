@@ -43,17 +43,28 @@ class PhaseTimer:
 
 
 class TimedRetriever:
-    """Wraps a ``Retriever`` and books the time of every ``search`` call under ``"retrieval"``."""
+    """Wraps a ``Retriever`` and books the time of every ``search`` (and ``get_documents``, the ``open`` tool's)
+    call under ``"retrieval"``."""
 
     def __init__(self, inner, timer: PhaseTimer):
         self.inner = inner
         self.timer = timer
         self.calls = 0
+        if not callable(getattr(inner, "get_documents", None)):
+            self.get_documents = None  # the wrapped retriever cannot serve the ``open`` tool: do not pretend it can
 
     def search(self, queries: list[str], topk: int = 3):
         t0 = time.perf_counter()
         try:
             return self.inner.search(queries, topk)
+        finally:
+            self.calls += 1
+            self.timer.add("retrieval", time.perf_counter() - t0)
+
+    def get_documents(self, ids_or_titles: list[str]):
+        t0 = time.perf_counter()
+        try:
+            return self.inner.get_documents(ids_or_titles)
         finally:
             self.calls += 1
             self.timer.add("retrieval", time.perf_counter() - t0)

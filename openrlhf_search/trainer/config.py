@@ -145,6 +145,10 @@ class EnvConfig:
     a format check."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra arguments of the reward factory."""
+    tools: list[str] = field(default_factory=lambda: ["search"])
+    """Tools the model may call (``openrlhf_search.env.tools``: ``search``, ``open``)."""
+    open_page_tokens: int | None = None
+    """``open`` tool: tokens per page of an opened document (None = ``max_obs_tokens``)."""
 
 
 @dataclass

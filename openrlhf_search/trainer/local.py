@@ -203,7 +203,6 @@ def build_tokenizer_and_model(cfg: TrainConfig, out: Path, kb, train_samples, de
         texts = [d.contents for d in kb.corpus] if kb is not None else []
         questions = [s.question for w in worlds for s in w.train] if worlds else [s.question for s in train_samples]
         texts += [d.contents for w in worlds or () for d in w.corpus] + questions
-        import openrlhf_search.trainer.templates  # noqa: F401  (registers search_r1_compact)
         from openrlhf_search.env.templates import get_template
 
         tmpl = get_template(cfg.env.template)
@@ -223,7 +222,6 @@ def build_tokenizer_and_model(cfg: TrainConfig, out: Path, kb, train_samples, de
 
 
 def build_env(cfg: TrainConfig, tokenizer, retriever):
-    import openrlhf_search.trainer.templates  # noqa: F401  (registers search_r1_compact)
     from openrlhf_search.env.search_env import SearchEnv
     from openrlhf_search.trainer.config import search_env_config
 
@@ -247,13 +245,16 @@ def build_engine(cfg: TrainConfig, policy, tokenizer, out: Path):
 
 # ============================================================================================ scoring / tensors
 def score_trajectories(trajs, reward_fn, tokenizer) -> tuple[list[float], list[dict]]:
-    """Reward of each trajectory: ``reward_fn(response_text, golden_answers, retrieved_text)``."""
+    """Reward of each trajectory: the one reward call of every backend (``env.episode.score_trajectory``), which
+    scores the answer the environment accepted (``Trajectory.answer``)."""
+    from openrlhf_search.env.episode import score_trajectory
+
     del tokenizer  # the trajectory carries its decoded turns
     rewards, infos = [], []
     for t in trajs:
-        r, info = reward_fn(t.response_text, t.meta["golden_answers"], t.retrieved_text)
-        rewards.append(float(r))
-        infos.append(dict(info))
+        r, info = score_trajectory(t, reward_fn)
+        rewards.append(r)
+        infos.append(info)
     return rewards, infos
 
 

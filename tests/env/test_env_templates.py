@@ -12,7 +12,7 @@ def test_registry():
     assert get_template("qwen_tools").stop == ("</tool_call>", "</answer>")
     with pytest.raises(KeyError, match="unknown prompt template 'nope'.*search_r1"):
         get_template("nope")
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(KeyError, match="already registered"):
         register_template("search_r1")(lambda: None)
     assert get_template("search_r1", stop=("</answer>",)).stop == ("</answer>",)  # overrides replace fields
 

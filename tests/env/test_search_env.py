@@ -127,7 +127,7 @@ def test_invalid_actions_feedback_and_eos(tok, kb, retriever, gen):
     assert b.finish_reason == "stop" and b.answer is None
     env.step(trajs, [gen("<answer>Lyon</answer>")])
     assert a.answer == "Lyon" and extract_answer(a.response_text) == "Lyon"  # feedback holds no answer pair
-    score, info = get_reward_fn("format_em")(a.response_text, a.meta["golden_answers"], a.retrieved_text)
+    score, info = env.compute_rewards([a], get_reward_fn("format_em"))[0]
     assert not info["valid_format"] and score == 0.0
 
 
@@ -166,7 +166,7 @@ def test_tool_call_protocol_end_to_end(tok, kb, retriever, gen):
     assert t.finish_reason == "answer"
     assert tok.decode(t.prompt_ids + t.response_ids) == t.meta["prompt_text"] + t.response_text
     assert is_valid_format(t.response_text, "tool_call")
-    assert get_reward_fn("format_em", protocol="tool_call")(t.response_text, s.golden_answers)[0] == 1.0
+    assert env.compute_rewards([t], get_reward_fn("format_em", protocol="tool_call"))[0][0] == 1.0
 
 
 def test_to_calib_record(tok, kb, retriever, gen):
@@ -216,8 +216,9 @@ def test_rewards_score_the_answer_the_env_accepted(tok, kb, retriever, gen, scri
     for name in ("em", "subem", "f1", "format_em", "format_f1", "f1_x_format"):
         score, info = env.compute_rewards(trajs, get_reward_fn(name))[0]
         assert score == 0.0 and info["answer"] == t.answer, name
-    # reward functions without the ``answer`` keyword still work (called with the three positional arguments)
-    assert env.compute_rewards(trajs, lambda text, golds, retrieved="": (len(text), {}))[0][0] > 0
+    # one reward call, no signature sniffing: a reward function must take the accepted ``answer``
+    with pytest.raises(TypeError, match="answer"):
+        env.compute_rewards(trajs, lambda text, golds, retrieved="": (len(text), {}))
 
 
 def test_rewards_of_an_accepted_answer_are_unchanged(tok, kb, retriever, gen):
@@ -227,7 +228,8 @@ def test_rewards_of_an_accepted_answer_are_unchanged(tok, kb, retriever, gen):
     env.step(trajs, [gen(f"<answer>{s.golden_answers[0]}</answer>")])
     for name in ("em", "format_em", "f1_x_format"):
         fn = get_reward_fn(name)
-        assert env.compute_rewards(trajs, fn)[0] == fn(trajs[0].response_text, s.golden_answers)
+        assert env.compute_rewards(trajs, fn)[0] == fn(trajs[0].response_text, s.golden_answers,
+                                                       answer=extract_answer(trajs[0].response_text))
         assert env.compute_rewards(trajs, fn)[0][0] == 1.0
 
 

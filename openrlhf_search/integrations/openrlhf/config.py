@@ -200,6 +200,10 @@ class AgentConfig:
     """Seconds before a retrieval request fails (``retriever.timeout``)."""
     plugins: list[str] = field(default_factory=list)
     """The tree's ``plugins``: imported in the vLLM actor before the template, reward and tools are resolved."""
+    tools: list[str] = field(default_factory=lambda: list(_ENV.tools))
+    """``env.tools``: the tools the model may call (``openrlhf_search.env.tools``: ``search``, ``open``)."""
+    open_page_tokens: int | None = _ENV.open_page_tokens
+    """``env.open_page_tokens``."""
 
     def search_env_config(self):
         """The :class:`openrlhf_search.env.search_env.EnvConfig` these fields describe."""

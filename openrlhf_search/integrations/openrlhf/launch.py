@@ -583,13 +583,16 @@ def load_train_samples(data_cfg: Any) -> list:
     return [s for path in data_cfg.train_files for s in read_dataset(path)][: data_cfg.num_train]
 
 
-def write_prompt_dataset(samples: list, path: Path, n_rows: int, template_name: str, tokenizer, seed: int) -> Path:
-    """Write ``n_rows`` prompts (epochs of seeded permutations of ``samples``) as OpenRLHF JSONL."""
-    from openrlhf_search.env.templates import get_template
+def write_prompt_dataset(samples: list, path: Path, n_rows: int, template_name: str, tokenizer, seed: int,
+                         tools: list[str] | None = None) -> Path:
+    """Write ``n_rows`` prompts (epochs of seeded permutations of ``samples``) as OpenRLHF JSONL (rendered with the
+    template the agent's episode uses for ``tools``)."""
+    from openrlhf_search.env.episode import EnvConfig
+    from openrlhf_search.env.templates import env_template
 
     if not samples:
         raise ValueError("no training questions")
-    template = get_template(template_name)
+    template = env_template(template_name, EnvConfig(tools=list(tools or ["search"])))
     rng = random.Random(seed)
     order: list[int] = []
     while len(order) < n_rows:
@@ -612,7 +615,7 @@ def materialize(plan: LaunchPlan, config: Any) -> None:
     tokenizer = AutoTokenizer.from_pretrained(config.model.path)
     n_rows = config.steps * config.rollout.prompts_per_step
     write_prompt_dataset(load_train_samples(config.data), plan.prompt_file, n_rows, config.env.template, tokenizer,
-                         config.seed)  # fmt: skip
+                         config.seed, tools=list(config.env.tools))  # fmt: skip
     to_json_file(plan.agent_config, plan.agent_file)
     to_json_file(plan.patch_config, plan.patch_file)
     if plan.backend_config is not None and plan.backend_file is not None:

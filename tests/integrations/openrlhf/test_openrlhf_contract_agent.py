@@ -42,6 +42,8 @@ class FakeEngine:
         self.calls.append((list(prompt_token_ids), sampling_params))
         text, finish, stop = self.turns.pop(0)
         ids = self.tok.encode(text, add_special_tokens=False)
+        if finish == "stop" and stop is None:  # vLLM keeps the EOS id in the output when it stops there
+            ids = ids + [self.tok.eos_token_id]
         if finish == "length":
             ids = ids[: sampling_params.max_tokens]
             text = self.tok.decode(ids)
@@ -116,7 +118,7 @@ def test_experience_masks_retrieved_tokens_and_scores_the_answer(kb_index_tokeni
     assert exp.rewards.item() == pytest.approx(1.0) and exp.truncated.item() is False
     info = {k: v.item() for k, v in exp.info.items()}
     assert info["search/num_searches"] == 1 and info["search/answered"] == 1 and info["search/em"] == 1
-    assert set(agent.EXTRA_LOG_KEYS) <= set(info)
+    assert set(agent.metric_names()) <= set(info)
     record = calib_store.collect([int(info["calib_id"])])[0]
     assert record["answer_span"] == [s2 - 1, e2 - 1] or record["answer_span"] == (s2 - 1, e2 - 1)
     turn = record["search_turns"][0]

@@ -1,0 +1,246 @@
+"""The OpenRLHF agent's logic, without OpenRLHF: a thin transport between OpenRLHF's multi-turn executor and the
+project's one episode step (:class:`openrlhf_search.env.episode.Episode`).
+
+:mod:`.agent` only subclasses OpenRLHF's classes with what is here (so this module, and the parity test that drives
+it with a scripted engine, need neither OpenRLHF nor vLLM). Per trajectory (one ``AgentExecutor.execute``):
+
+1. :func:`run_episode` sets our stop strings, ``include_stop_str_in_output`` and log-probs on the sampling params
+   (OpenRLHF's first turn has none), builds the :class:`Episode` with ``max_total_tokens = --data.max_len`` and
+   wraps the engine in :class:`TurnCappedEngine`;
+2. on the first generation the engine wrapper starts a :class:`~openrlhf_search.env.trajectory.Trajectory` from the
+   prompt ids OpenRLHF sends, caps every turn at ``Episode.turn_budget`` (OpenRLHF would give a turn the whole
+   remaining budget), checks that OpenRLHF's context equals our trajectory's ids (token-in/token-out on both
+   sides), and keeps the engine's output (ids, log-probs, finish reason) for the instance;
+3. :class:`SearchAgentLogic.step` (OpenRLHF's ``AgentInstanceBase.step``) hands that output to ``Episode.step`` --
+   the same plan / execute / render the local ``SearchEnv`` runs -- and returns the inserted observation text as
+   ``environment_feedback`` (OpenRLHF tokenizes it with the same tokenizer, to the same ids) and ``done``;
+4. :func:`finalize` scores the trajectory once (:func:`~openrlhf_search.env.episode.score_trajectory`), sets
+   ``truncated`` (only for ``max_length``; OpenRLHF's own flag only reads the last turn's finish reason), fills
+   ``extra_logs`` with ``Episode.metrics`` (fixed names, :func:`metric_names`) and, with ``calib_records``,
+   publishes ``Trajectory.to_calib_record(offset=len(prompt) - 1)`` (OpenRLHF's action-mask axis) to
+   :mod:`.calib_store`, its id in ``extra_logs["calib_id"]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import json
+from copy import deepcopy
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from openrlhf_search.integrations.openrlhf import calib_store
+from openrlhf_search.integrations.openrlhf.config import AGENT_CONFIG_ENV, AgentConfig, from_env
+
+__all__ = ["AgentRuntime", "get_runtime", "parse_label", "EpisodeState", "TurnCappedEngine", "SearchAgentLogic",
+           "run_episode", "finalize", "metric_names"]
+
+
+@dataclass
+class AgentRuntime:
+    """Process-wide, built once per vLLM actor: config, retriever, reward function."""
+
+    config: AgentConfig
+    retriever: Any
+    reward_fn: Any
+    episodes: dict = field(default_factory=dict)
+    """``Episode`` per ``(tokenizer id, max_length)`` (rules only, no per-trajectory state)."""
+
+    def episode(self, tokenizer, max_length: int):
+        """The :class:`~openrlhf_search.env.episode.Episode` of this config for OpenRLHF's ``max_length``."""
+        from openrlhf_search.env.episode import Episode
+
+        key = (id(tokenizer), int(max_length))
+        if key not in self.episodes:
+            env_cfg = dataclasses.replace(self.config.search_env_config(), max_total_tokens=int(max_length))
+            ep = Episode(tokenizer, self.config.template, env_cfg)
+            ep.check_retriever(self.retriever)
+            self.episodes[key] = ep
+        return self.episodes[key]
+
+
+@lru_cache(maxsize=1)
+def get_runtime() -> AgentRuntime:
+    """Build the :class:`AgentRuntime` from ``OPENRLHF_SEARCH_AGENT_CONFIG`` (cached per process)."""
+    from openrlhf_search.retrieval import load_retriever
+    from openrlhf_search.rewards import get_reward_fn
+
+    cfg = from_env(AgentConfig, AGENT_CONFIG_ENV)
+    from openrlhf_search.plugins import load_plugins
+
+    load_plugins(cfg.plugins, source="agent config plugins")  # before the template, reward and tools resolve
+    http = cfg.retrieval_url.startswith(("http://", "https://"))
+    return AgentRuntime(
+        config=cfg,
+        retriever=load_retriever(cfg.retrieval_url, **({"timeout": cfg.request_timeout} if http else {})),
+        reward_fn=get_reward_fn(cfg.reward, **cfg.reward_kwargs),
+    )
+
+
+def metric_names(cfg: AgentConfig | None = None) -> list[str]:
+    """The ``extra_logs`` keys of every trajectory (``Episode.metric_names`` of the configured tools)."""
+    from openrlhf_search.env.episode import EPISODE_METRICS
+    from openrlhf_search.env.tools import get_tools
+
+    env_cfg = (cfg or get_runtime().config).search_env_config()
+    return list(EPISODE_METRICS) + [n for t in get_tools(env_cfg.tools, env_cfg) for n in t.metric_names()]
+
+
+def parse_label(label: Any) -> tuple[str, list[str]]:
+    """``(question, golden_answers)`` from an OpenRLHF label.
+
+    The launcher writes labels as JSON ``{"question": ..., "golden_answers": [...]}``; a JSON list, a plain string
+    or a list object are accepted too (golden answers only).
+    """
+    value = label
+    if isinstance(label, str):
+        try:
+            value = json.loads(label)
+        except json.JSONDecodeError:
+            return "", [label]
+    if isinstance(value, dict):
+        golds = value.get("golden_answers", value.get("answers"))
+        if golds is None:
+            raise ValueError(f"label has no 'golden_answers' key: {str(label)[:200]}")
+        return str(value.get("question", "")), [str(g) for g in ([golds] if isinstance(golds, str) else golds)]
+    if isinstance(value, (list, tuple)):
+        return "", [str(g) for g in value]
+    return "", [str(value)]
+
+
+@dataclass
+class EpisodeState:
+    """Per-trajectory state shared by :func:`run_episode`, the engine wrapper and the instance."""
+
+    episode: Any
+    """The rules (:class:`~openrlhf_search.env.episode.Episode`)."""
+    meta: dict = field(default_factory=dict)
+    """Trajectory meta: ``question`` and ``golden_answers`` from the label (set by ``reset``)."""
+    traj: Any = None
+    """The :class:`~openrlhf_search.env.trajectory.Trajectory`, started by the first generation."""
+    pending_outputs: list[Any] = field(default_factory=list)
+    """Engine outputs the instance has not consumed yet (filled by :class:`TurnCappedEngine`)."""
+
+
+_STATE: contextvars.ContextVar[EpisodeState] = contextvars.ContextVar("openrlhf_search_episode")
+
+
+class TurnCappedEngine:
+    """Wraps OpenRLHF's engine handle: starts the trajectory, caps each turn, records every turn's output."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
+        """Generate one turn with ``max_tokens = min(OpenRLHF's remaining budget, Episode.turn_budget)``."""
+        st = _STATE.get()
+        ids = [int(x) for x in prompt_token_ids]
+        if st.traj is None:
+            st.traj = st.episode.new_trajectory(ids, st.meta)
+        elif ids != st.traj.prompt_ids + st.traj.response_ids:
+            raise RuntimeError(
+                "OpenRLHF's context differs from the episode's token ids (the feedback text was tokenized "
+                f"differently: {len(ids)} vs {len(st.traj.prompt_ids) + len(st.traj.response_ids)} tokens); "
+                "the agent and the trainer would disagree about what was sampled"
+            )
+        sampling_params.max_tokens = min(sampling_params.max_tokens, st.episode.turn_budget(st.traj))
+        out = await self.engine.generate(prompt_token_ids, sampling_params, multi_modal_data=multi_modal_data)
+        st.pending_outputs.append(out.outputs[0])
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+
+def _sampled_logprobs(out) -> list[float] | None:
+    """The sampled tokens' log-probs of a vLLM ``CompletionOutput`` (None when not requested)."""
+    lps = getattr(out, "logprobs", None)
+    if not lps:
+        return None
+    return [float(d[t].logprob) if t in d else 0.0 for t, d in zip(out.token_ids, lps)]
+
+
+def _zero_reward():
+    import torch
+
+    return torch.tensor(0.0)
+
+
+class SearchAgentLogic:
+    """The body of the OpenRLHF agent instance (``agent.SearchAgentInstance`` adds ``AgentInstanceBase``). OpenRLHF
+    builds one per trajectory with no arguments; the state is the current :class:`EpisodeState`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.runtime = get_runtime()
+        self.state = _STATE.get()
+
+    async def reset(self, states: dict, **kwargs) -> dict:
+        """Read the question and golden answers from the label; the prompt is used as rendered by the launcher."""
+        question, golds = parse_label(states["label"])
+        self.state.meta.update(question=question, golden_answers=golds)
+        return {"observation": states["observation"]}
+
+    async def step(self, states: dict, **kwargs) -> dict:
+        """One model turn through ``Episode.step`` (the local environment's rules); the observation is returned
+        as text for OpenRLHF to append."""
+        st = self.state
+        out = st.pending_outputs.pop(0)
+        feedback = await asyncio.to_thread(st.episode.step, st.traj, list(out.token_ids), _sampled_logprobs(out),
+                                           getattr(out, "finish_reason", None), self.runtime.retriever)
+        return {"rewards": _zero_reward(), "scores": 0.0, "environment_feedback": feedback, "done": st.traj.done,
+                "extra_logs": {}}
+
+
+def prepare_params(sampling_params, episode, record_logprobs: bool):
+    """A copy of OpenRLHF's sampling params with our stop strings, the stop string kept in the output, log-probs."""
+    params = deepcopy(sampling_params)
+    params.stop = sorted(set(list(params.stop or []) + episode.stop_strings()))
+    params.include_stop_str_in_output = True
+    if record_logprobs and params.logprobs is None:
+        params.logprobs = 1
+    return params
+
+
+async def run_episode(inner_execute, prompt, label, sampling_params, max_length: int, hf_tokenizer, llm_engine,
+                      images=None) -> dict:
+    """One trajectory through OpenRLHF's multi-turn loop ``inner_execute`` (``MultiTurnAgentExecutor.execute``),
+    then :func:`finalize`."""
+    runtime = get_runtime()
+    episode = runtime.episode(hf_tokenizer, max_length)
+    params = prepare_params(sampling_params, episode, runtime.config.record_logprobs)
+    state = EpisodeState(episode=episode)
+    token = _STATE.set(state)
+    try:
+        result = await inner_execute(prompt, label, params, max_length, hf_tokenizer, TurnCappedEngine(llm_engine),
+                                     images=images)
+    finally:
+        _STATE.reset(token)
+    return await finalize(result, state, runtime)
+
+
+async def finalize(result: dict, state: EpisodeState, runtime: AgentRuntime | None = None) -> dict:
+    """Outcome reward (computed once, whatever ended the episode), truncation flag, logs and CalibAdv record."""
+    from openrlhf_search.env.episode import score_trajectory
+
+    runtime = runtime or get_runtime()
+    ep, traj = state.episode, state.traj
+    if traj is None:  # OpenRLHF never generated (the prompt filled the budget)
+        traj = ep.new_trajectory(result.get("observation_tokens", []), state.meta)
+        traj.finish_reason = "max_length"
+    if traj.finish_reason is None:  # OpenRLHF stopped the loop on its own budget
+        traj.finish_reason = "max_length"
+    score, info = score_trajectory(traj, runtime.reward_fn)
+    result["reward"] = score
+    result["scores"] = score
+    result["truncated"] = traj.finish_reason == "max_length"
+    logs = ep.metrics(traj, info)
+    if runtime.config.calib_records:
+        record = dataclasses.asdict(traj.to_calib_record(offset=len(traj.prompt_ids) - 1))
+        record_id = calib_store.new_record_id()
+        await calib_store.publish_async(record_id, record)
+        logs[calib_store.CALIB_ID_KEY] = record_id
+    result["extra_logs"] = logs
+    return result
