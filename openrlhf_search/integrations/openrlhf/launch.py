@@ -314,6 +314,10 @@ def build_flags(config: Any, orl: OpenRLHFConfig, paths: dict[str, Path]) -> tup
     ]  # fmt: skip
     if config.algorithm.kl_coef > 0:
         flags += ["--ref.num_nodes", str(orl.ref_num_nodes), "--ref.num_gpus_per_node", str(orl.ref_num_gpus_per_node)]
+    if config.model.lora_rank > 0:  # the same model.lora_* fields as the local trainer (OpenRLHF merges for vLLM)
+        flags += ["--ds.lora.rank", str(config.model.lora_rank), "--ds.lora.alpha", str(config.model.lora_alpha),
+                  "--ds.lora.dropout", str(config.model.lora_dropout),
+                  "--ds.lora.target_modules", *config.model.lora_target_modules]  # fmt: skip
     switches = {
         "--train.colocate_all": orl.colocate_all,
         "--vllm.enable_sleep": orl.colocate_all and orl.vllm_enable_sleep,  # OpenRLHF drops it otherwise
@@ -413,6 +417,9 @@ def resolve_backend(config: Any, orl: OpenRLHFConfig, backend: Any = None) -> tu
         if bc.backend != "megatron":
             return None, [], []
         given = {f.name for f in dataclasses.fields(bc.megatron)}
+    if config.model.lora_rank > 0:
+        raise ValueError("model.lora_rank > 0 with backend: megatron: LoRA is not implemented in the Megatron actor; "
+                         "use the DeepSpeed backend (--ds.lora.*) or model.lora_rank=0")
     opt = config.optimizer
     inherited = {**{k: float(getattr(opt, src)) for k, src in MEGATRON_FROM_OPTIMIZER.items()},
                  "adam_beta1": float(opt.betas[0]), "adam_beta2": float(opt.betas[1]),

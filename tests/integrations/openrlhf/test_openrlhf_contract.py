@@ -81,6 +81,18 @@ def test_cluster_flags_land_in_openrlhf_args(tmp_path):
     assert plain.ckpt.load_enable is False and plain.ckpt.save_hf is False and plain.logger.wandb.key is None
 
 
+def test_lora_flags_land_in_openrlhf_args():
+    """model.lora_* reach OpenRLHF 0.11.2's own parser as --ds.lora.* (rank, alpha, dropout, target modules)."""
+    from openrlhf_search.integrations.openrlhf.launch import build_plan
+    from openrlhf_search.trainer.config import load_config
+
+    cfg = load_config(None, ["model.path=/m", "retriever.spec=/i", "model.lora_rank=16", "model.lora_alpha=32",
+                             "model.lora_dropout=0.05"])  # fmt: skip
+    args = openrlhf_args(build_plan(cfg).command[3:])
+    assert args.ds.lora.rank == 16 and args.ds.lora.alpha == 32 and args.ds.lora.dropout == 0.05
+    assert args.ds.lora.target_modules == ["all-linear"]
+
+
 def test_vllm_engines_report_processed_logprobs(monkeypatch):
     """Without --algo.advantage.is_correction_level, OpenRLHF asks vLLM for raw (pre-temperature) log-probs; the
     entrypoint's wrapper makes ``create_vllm_engines`` pass ``logprobs_mode="processed_logprobs"`` to every engine

@@ -298,3 +298,19 @@ def test_resume_flag_of_the_launcher(tmp_path, capsys):
             f"data.train_files=[{tmp_path / 'd.jsonl'}]"]  # a real run validates that its inputs exist first
     assert launch.main(["--config", str(cfg), "--resume", f"logging.output_dir={out}", *real]) == 2
     assert "--resume: no checkpoint at" in capsys.readouterr().err and not out.exists()
+
+
+def test_lora_fields_become_openrlhf_lora_flags_and_megatron_refuses_them():
+    from openrlhf_search.trainer.config import load_config
+
+    cfg = load_config(None, ["model.path=/m", "retriever.spec=http://r:1", "model.lora_rank=16",
+                             "model.lora_alpha=32", "model.lora_target_modules=[q_proj, v_proj]"])  # fmt: skip
+    cmd = launch.build_plan(cfg).command
+    assert flag_values(cmd, "--ds.lora.rank") == ["16"] and flag_values(cmd, "--ds.lora.alpha") == ["32"]
+    assert flag_values(cmd, "--ds.lora.target_modules") == ["q_proj", "v_proj"]
+    assert "--ds.lora.rank" not in launch.build_plan(load_config(None, ["model.path=/m",
+                                                                         "retriever.spec=http://r:1"])).command
+    mega = load_config(None, ["model.path=/m", "retriever.spec=http://r:1", "model.lora_rank=8",
+                              "backend=megatron", "openrlhf.colocate_all=false"])  # fmt: skip
+    with pytest.raises(ValueError, match="LoRA is not implemented in the Megatron actor"):
+        launch.build_plan(mega)
