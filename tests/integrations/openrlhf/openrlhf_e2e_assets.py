@@ -286,6 +286,10 @@ def outcome_advantage_gap(rows: list[dict], group_size: int = GROUP_SIZE) -> flo
     return gap
 
 
+def torch_equal(x, y) -> bool:
+    return x.shape == y.shape and bool((x == y).all())
+
+
 def weight_change(initial_dir: Path, final_dir: Path) -> tuple[float, int]:
     """``(||W_final - W_init|| / ||W_init||`` over all tensors, #tensors that changed)`` between two HF checkpoints
     (safetensors files); the final one is OpenRLHF's ``save_model`` export at the end of the run."""
@@ -300,6 +304,12 @@ def weight_change(initial_dir: Path, final_dir: Path) -> tuple[float, int]:
         return out
 
     a, b = load(initial_dir), load(final_dir)
+    # A tied head is one tensor: save_pretrained writes it once (as the embedding), while OpenRLHF's export may also
+    # write lm_head.weight. Compare the embedding, never a duplicate name that only one side carries.
+    for d in (a, b):
+        if "lm_head.weight" in d and any(k.endswith("embed_tokens.weight") and torch_equal(d[k], d["lm_head.weight"])
+                                         for k in d):
+            d.pop("lm_head.weight")
     missing = sorted(set(a) ^ set(b))
     assert not missing, f"checkpoints differ in tensor names: {missing[:5]}"
     num = den = 0.0
