@@ -243,4 +243,34 @@ async def finalize(result: dict, state: EpisodeState, runtime: AgentRuntime | No
         await calib_store.publish_async(record_id, record)
         logs[calib_store.CALIB_ID_KEY] = record_id
     result["extra_logs"] = logs
+    if runtime.config.rollout_dir:
+        write_viewer_record(runtime, traj, score, info, ep)
     return result
+
+
+_EPISODES_SEEN = [0]
+
+
+def write_viewer_record(runtime: AgentRuntime, traj, score: float, info: dict, episode) -> None:
+    """Every ``rollout_every``-th finished episode of this process as a viewer record (``agent_<pid>.jsonl``).
+
+    The same :func:`~openrlhf_search.viewer.records.trajectory_record` as the local trainer; advantages and ratios are
+    computed later in OpenRLHF's training actors and are not part of these records. Never fails an episode: a
+    write error is reported once on stderr."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from openrlhf_search.viewer.records import trajectory_record, write_records
+
+    _EPISODES_SEEN[0] += 1
+    if (_EPISODES_SEEN[0] - 1) % runtime.config.rollout_every:
+        return
+    try:
+        rec = trajectory_record(traj, episode.tokenizer, reward=score, reward_info=info)
+        rec["episode"] = _EPISODES_SEEN[0]
+        write_records(Path(runtime.config.rollout_dir) / f"agent_{os.getpid()}.jsonl", [rec])
+    except Exception as exc:  # diagnostics must never stop training
+        if not getattr(write_viewer_record, "warned", False):
+            write_viewer_record.warned = True
+            print(f"[openrlhf-search] viewer records disabled in pid {os.getpid()}: {exc}", file=sys.stderr)

@@ -204,6 +204,12 @@ class AgentConfig:
     """``env.tools``: the tools the model may call (``openrlhf_search.env.tools``: ``search``, ``open``)."""
     open_page_tokens: int | None = _ENV.open_page_tokens
     """``env.open_page_tokens``."""
+    rollout_dir: str = ""
+    """Directory for viewer records (``<dir>/agent_<pid>.jsonl``, :mod:`openrlhf_search.viewer.records`); empty =
+    none. The launcher sets ``<output>/rollouts`` when ``logging.rollout_every > 0``."""
+    rollout_every: int = 10
+    """Write every N-th finished episode of this vLLM actor (``logging.rollout_every``: the same sampling knob as
+    the local trainer's, here per episode since the agent does not see RL steps)."""
 
     def search_env_config(self):
         """The :class:`openrlhf_search.env.search_env.EnvConfig` these fields describe."""
@@ -212,7 +218,7 @@ class AgentConfig:
 
 
 def agent_config_from_tree(cfg: Any, retrieval_url: str, record_logprobs: bool = True,
-                           calib_records: bool = False) -> AgentConfig:
+                           calib_records: bool = False, rollout_dir: str = "") -> AgentConfig:
     """The :class:`AgentConfig` view of a :class:`~openrlhf_search.trainer.config.TrainConfig` (the only builder)."""
     from openrlhf_search.trainer.config import search_env_config
 
@@ -221,7 +227,9 @@ def agent_config_from_tree(cfg: Any, retrieval_url: str, record_logprobs: bool =
     return AgentConfig(retrieval_url=retrieval_url, template=cfg.env.template, reward=cfg.env.reward,
                        reward_kwargs=dict(cfg.env.reward_kwargs), record_logprobs=record_logprobs,
                        calib_records=calib_records, request_timeout=float(cfg.retriever.timeout),
-                       plugins=list(cfg.plugins), **{k: v for k, v in env.items() if k in names})  # fmt: skip
+                       plugins=list(cfg.plugins), rollout_dir=rollout_dir if cfg.logging.rollout_every else "",
+                       rollout_every=max(1, int(cfg.logging.rollout_every)),
+                       **{k: v for k, v in env.items() if k in names})  # fmt: skip
 
 
 @dataclass

@@ -539,7 +539,8 @@ def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None, backe
     from openrlhf_search.algorithms.postprocess import needs_records
 
     agent = agent_config_from_tree(config, retrieval_url, record_logprobs=orl.record_rollout_logprobs,
-                                   calib_records=needs_records(patch.chain()))  # fmt: skip
+                                   calib_records=needs_records(patch.chain()),
+                                   rollout_dir=str(paths["output"] / "rollouts"))  # fmt: skip
     agent_file, patch_file = workdir / "agent.json", workdir / "patch.json"
     env = {AGENT_CONFIG_ENV: str(agent_file), PATCH_CONFIG_ENV: str(patch_file),
            SHARED_FILES_ENV: str(paths["prompts"])}  # fmt: skip

@@ -136,3 +136,25 @@ def test_agent_module_imports_without_openrlhf():
     if importlib.util.find_spec("openrlhf") is None:
         with pytest.raises(ImportError):
             import openrlhf_search.integrations.openrlhf.agent  # noqa: F401  (only the OpenRLHF subclassing)
+
+
+def test_parity_agent_viewer_records_equal_the_local_trainers(world, monkeypatch, tmp_path):
+    """With ``rollout_dir`` set, the agent writes the same viewer record as the local trainer would for the same
+    trajectory (one builder, ``viewer.records.trajectory_record``): ``openrlhf-search view`` reads both."""
+    import os
+
+    from openrlhf_search.viewer.records import read_records, trajectory_record
+
+    scenario = next(s for s in SCENARIOS if s.name == "search_then_answer")
+    base = globals()["agent_config"]
+    monkeypatch.setitem(globals(), "agent_config", lambda sc, idx: json.dumps(
+        {**json.loads(base(sc, idx)), "rollout_dir": str(tmp_path), "rollout_every": 1}))
+    env, traj, max_length = run_local(scenario, world.tok, world.retriever, world.sample, world.doc_id)
+    result, agent_traj, _, runtime, _ = run_agent(scenario, world, max_length, monkeypatch)
+    (written,) = read_records(tmp_path / f"agent_{os.getpid()}.jsonl")
+    from openrlhf_search.env.episode import score_trajectory
+
+    score, info = score_trajectory(traj, runtime.reward_fn)
+    local = trajectory_record(traj, world.tok, reward=score, reward_info=info)
+    for key in ("tokens", "mask", "turns", "answer", "finish_reason", "reward", "question", "golden_answers"):
+        assert written[key] == json.loads(json.dumps(local[key])), key
