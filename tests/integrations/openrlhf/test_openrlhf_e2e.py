@@ -73,9 +73,10 @@ SAPO_MINIBATCHES, SAPO_EPOCHS = 2, 2
 DSPO_LR = 1.5e-3
 """DSPO's learning rate: large enough that one step moves vLLM's log-probs far from the initial model's, small
 enough that the policy keeps answering (with 5e-3 every later group has reward 0 and the filter drops them all)."""
-DSPO_STEPS = 8
-"""An 8 x 4 prompt dataset (8 of them poisoned): room for the groups dynamic filtering drops (filtered prompts are
-consumed from the dataset) so that >= 2 steps run."""
+DSPO_STEPS = 20
+"""A 20 x 4 prompt dataset (20 of them poisoned): room for the groups dynamic filtering drops (filtered prompts are
+consumed from the dataset) so that >= 2 steps run. With 8 x 4 only one step ran (measured: under F1 x format the
+tiny warm-started model leaves most groups at reward 0, and OpenRLHF's filter consumed 31 of the 32 prompts)."""
 DSPO_MINIBATCHES = 2
 POISON_EVERY = 4
 MIN_WEIGHT_CHANGE = 1e-3
