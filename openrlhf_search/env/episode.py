@@ -128,6 +128,19 @@ class Episode:
         self.tools: list[Tool] = get_tools(self.cfg.tools, self.cfg)
         self.tools_by_name = {t.name: t for t in self.tools}
         self.template = with_tools(get_template(template), self.tools)
+        self.chat_format = None
+        """The measured :class:`~openrlhf_search.env.chat.ChatObservationFormat` (templates with ``obs_role``)."""
+        tpl = self.template
+        if tpl.obs_role and tpl.use_chat_template and getattr(tokenizer, "chat_template", None):
+            from openrlhf_search.env.chat import chat_observation_format
+
+            try:
+                self.chat_format = chat_observation_format(tokenizer, tpl.messages("probe question"), tpl.obs_role,
+                                                           getattr(tokenizer, "eos_token", None),
+                                                           dict(tpl.chat_kwargs))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"template {tpl.name!r} (obs_role={tpl.obs_role!r}): {exc}") from exc
+            self.template = tpl.with_chat_format(self.chat_format)
         self.specials = special_token_strings(tokenizer)
         if eos_token_ids is None:
             eos = getattr(tokenizer, "eos_token_id", None)

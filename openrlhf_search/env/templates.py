@@ -15,6 +15,12 @@ instruction, for the quickstart's tiny model):
   is for ChatML models (Qwen2/2.5/3, SmolLM2, our tiny tokenizer); for other chat formats override ``obs_prefix``,
   ``obs_suffix``, ``close_turn`` and ``invalid_feedback`` (``get_template("qwen_tools", obs_prefix=...)``).
 
+* ``qwen3_think`` (protocol ``tags``) and ``qwen3_tools`` (protocol ``tool_call``): Qwen3-style thinking, each turn
+  ``<think>...</think>`` then an action. ``qwen3_tools`` renders tool results as a ``tool`` message through the
+  tokenizer's *own* chat template (``obs_role``; the token delta the template adds, :mod:`openrlhf_search.env.chat`),
+  so it fits any chat format whose template knows a tool role (SmolLM2's generic ChatML writes ``<|im_start|>tool``,
+  Qwen3's wraps it in ``<tool_response>`` inside a user turn). Both ask the template for ``enable_thinking=True``.
+
 A user template file (``get_template("path/to/prompt.txt")``) replaces the user message of the ``search_r1``
 template: plain text with a ``{question}`` placeholder, or a Jinja file (``.jinja``/``.j2``) given ``question``.
 
@@ -70,6 +76,14 @@ class PromptTemplate:
     """Render ``user`` with Jinja (``{{ question }}``) instead of the literal ``{question}`` replacement."""
     use_chat_template: bool = True
     """Use the tokenizer's chat template when it has one (else always the plain-text fallback)."""
+    obs_role: str | None = None
+    """Render observations with the tokenizer's chat template as a message of this role (``tool``): the wrapper is
+    the template's own delta (:func:`openrlhf_search.env.chat.chat_observation_format`), measured when the
+    environment is built. None, or a tokenizer without a chat template: the literal ``obs_prefix``/``obs_suffix``."""
+    feedback_message: str | None = None
+    """With ``obs_role``: the corrective message (with ``{hint}``) rendered as an ``obs_role`` message."""
+    chat_kwargs: tuple[tuple[str, object], ...] = ()
+    """Extra ``apply_chat_template`` arguments as ``(name, value)`` pairs (``(("enable_thinking", True),)``)."""
 
     def __post_init__(self) -> None:
         from openrlhf_search.rewards import extract_answer
@@ -95,7 +109,8 @@ class PromptTemplate:
     def render(self, question: str, tokenizer=None) -> str:
         """The prompt text the first generation continues (chat template + generation prompt when available)."""
         if self.use_chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            out = tokenizer.apply_chat_template(self.messages(question), tokenize=False, add_generation_prompt=True)
+            out = tokenizer.apply_chat_template(self.messages(question), tokenize=False, add_generation_prompt=True,
+                                                **dict(self.chat_kwargs))
             if not isinstance(out, str):
                 raise TypeError(f"template {self.name!r}: apply_chat_template returned {type(out).__name__}, not str")
             return out
@@ -107,6 +122,13 @@ class PromptTemplate:
         appends :attr:`last_turn_hint` on its own line after the documents."""
         extra = "\n" + self.last_turn_hint if hint else ""
         return ("" if turn_ended else self.close_turn) + self.obs_prefix + body + extra + self.obs_suffix
+
+    def with_chat_format(self, fmt) -> PromptTemplate:
+        """This template with the observation wrapper a :class:`~openrlhf_search.env.chat.ChatObservationFormat`
+        measured (close turn, prefix, suffix; the corrective message wrapped the same way)."""
+        msg = self.feedback_message if self.feedback_message is not None else self.invalid_feedback
+        return replace(self, obs_prefix=fmt.prefix, obs_suffix=fmt.suffix, close_turn=fmt.close_turn,
+                       invalid_feedback=fmt.prefix + msg + fmt.suffix)
 
     def feedback(self, turn_ended: bool = True, hint: bool = False) -> str:
         """The corrective observation for an invalid action (with the last-turn hint when ``hint``)."""
@@ -174,6 +196,46 @@ def _qwen_tools() -> PromptTemplate:
             "<answer> tags.{hint}<|im_end|>\n<|im_start|>assistant\n"
         ),
     )
+
+
+QWEN3_THINK_USER = (
+    "Answer the question below. Each turn, first reason inside <think> and </think>, then do exactly one of two "
+    "things: look something up by writing a search query between <search> and </search> (the results will be shown "
+    "to you between <information> and </information>), or, when you are sure, write only the final answer between "
+    "<answer> and </answer>, for example <answer> Paris </answer>.\n"
+    "Question: {question}\n"
+)
+
+
+@register_template("qwen3_think")
+def _qwen3_think() -> PromptTemplate:
+    """Qwen3-style thinking with the Search-R1 tags: ``<think>...</think>`` then ``<search>`` or ``<answer>``; the
+    chat template is asked for thinking mode (``enable_thinking=True``: Qwen3 templates then leave the generation
+    prompt open instead of pre-filling an empty ``<think></think>``)."""
+    return PromptTemplate(name="qwen3_think", protocol="tags", user=QWEN3_THINK_USER,
+                          chat_kwargs=(("enable_thinking", True),))
+
+
+QWEN3_TOOLS_SYSTEM = QWEN_TOOLS_SYSTEM.replace(
+    "The results come back inside <tool_response></tool_response>. Think inside <think></think> when useful. "
+    "Once you know the answer, write only the answer between <answer> and </answer>.",
+    "Each turn, first reason inside <think></think>, then either call the function once or, when you are sure, "
+    "write only the final answer between <answer> and </answer>. The function's results come back to you as a "
+    "tool message.")
+
+QWEN3_FEEDBACK = (
+    'That was not a valid action. To search, write <tool_call>{"name": "search", "arguments": {"query": "..."}}'
+    "</tool_call>. To finish, write only the final answer inside the <answer> tags.{hint}"
+)
+
+
+@register_template("qwen3_tools")
+def _qwen3_tools() -> PromptTemplate:
+    """Qwen3-style thinking with native tool calls: the results are a ``tool`` message rendered by the tokenizer's
+    own chat template (:mod:`openrlhf_search.env.chat`); without a chat template, ``qwen_tools``' ChatML wrapper."""
+    base = _qwen_tools()
+    return replace(base, name="qwen3_tools", system=QWEN3_TOOLS_SYSTEM, obs_role="tool",
+                   feedback_message=QWEN3_FEEDBACK, chat_kwargs=(("enable_thinking", True),))
 
 
 COMPACT_USER = "Search with <search> query </search>, answer with <answer> answer </answer>.\nQuestion: {question}\n"

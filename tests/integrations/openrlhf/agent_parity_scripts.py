@@ -53,6 +53,14 @@ SCENARIOS = [
                                     ('<tool_call>{{"name": "search", "arguments": {{"query": "{subject}"}}}}'
                                      "</tool_call>", "stop"),
                                     ("<answer>{gold}</answer><|im_end|>", "stop")], "answer", template=TOOLS),
+    Scenario("qwen3_tools_chat_rendered", [('<think>find it</think><tool_call>{{"name": "search", "arguments": '
+                                            '{{"query": "{subject}"}}}}</tool_call>', "stop"),
+                                           ('<think>read it</think><tool_call>{{"name": "open", "arguments": '
+                                            '{{"id": "{doc_id}"}}}}</tool_call><|im_end|>', "stop"),
+                                           ("not json", "stop")], "max_turns", template="qwen3_tools"),
+    Scenario("qwen3_think_tags", [("<think>look it up</think><search>{subject}</search>", "stop"),
+                                  ("<think>got it</think><answer>{gold}</answer>", "stop")], "answer",
+             template="qwen3_think"),
 ]
 
 ENV_LIMITS = {"max_turns": 3, "max_tokens_per_turn": 40, "max_obs_tokens": 60, "topk": 2}

@@ -123,6 +123,13 @@ def test_parity_scenarios_exercise_what_they_claim(world):
     assert t.turns[0].action == "invalid" and "<open>" not in t.meta["prompt_text"]
     t = run("tool_call_protocol")
     assert [x.action for x in t.turns] == ["open", "search", "answer"] and t.turns[0].doc_ids == [world.doc_id]
+    t = run("qwen3_tools_chat_rendered")  # the tool result is the chat template's own `tool` message delta
+    assert [x.action for x in t.turns] == ["search", "open", "invalid"]
+    assert t.turns[0].obs_text.startswith("<|im_end|>\n<|im_start|>tool\n")  # stopped at </tool_call>: close the turn
+    assert t.turns[1].obs_text.startswith("\n<|im_start|>tool\n")  # the model wrote <|im_end|> itself
+    assert t.turns[1].obs_text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    t = run("qwen3_think_tags")
+    assert [x.action for x in t.turns] == ["search", "answer"] and "<information>" in t.turns[0].obs_text
     t = run("answer_on_the_last_turn")
     assert len(t.turns) == 3 and t.answer == world.sample.golden_answers[0]
 
