@@ -92,7 +92,12 @@ def _check_run(result, assets, required_metrics) -> str:
 
     assert result.returncode == 0, result.log[-4000:]
     assert len(result.steps) >= 2, result.log[-4000:]
-    for step in result.steps:
+    # OpenRLHF logs a last, partial step whose few samples (the dataset ran out under dynamic filtering) fill no
+    # training batch: it has rollout metrics but no training ones. Every step that trained must carry them all.
+    trained = [s for s in result.steps if "policy_loss" in s]
+    assert trained, "no step trained"
+    assert all("policy_loss" in s for s in result.steps[:-1]), "a step other than the last did not train"
+    for step in trained:
         missing = [k for k in [*required_metrics, "reward", "policy_loss", "actor_grad_norm"] if k not in step]
         assert not missing, f"step {step['_step']}: metrics {missing} not in OpenRLHF's log"
         assert math.isfinite(step["reward"]) and 0.0 <= step["reward"] <= 1.0, step["reward"]
@@ -117,7 +122,7 @@ def _check_run(result, assets, required_metrics) -> str:
         if i > 1 and updated:
             assert stale > 10 * max(synced, baseline), f"step {i}: {synced=:.4f}, {stale=:.4f}, {baseline=:.4f}"
             checked += 1
-        updated = updated or step["actor_grad_norm"] > 0
+        updated = updated or step.get("actor_grad_norm", 0.0) > 0
     assert checked, "no step sampled after an update: every group of the earlier steps had equal rewards"
     synced, stale = gaps[-1]
     assert stale > 10 * synced and stale > 0.1, f"last step: {synced=:.4f}, {stale=:.4f}: weights not synced?"
@@ -203,9 +208,10 @@ def test_dspo_calibadv_through_openrlhf(assets, tmp_path):
     gaps = _check_run(result, assets, ["calibadv/missing_records", "search_loss/pg_loss", "search_loss/ratio_mean",
                                        "search_loss/clip_frac_low", "search_loss/clip_frac_high",
                                        "dynamic_filtering_pass_rate", "search/num_searches"])  # fmt: skip
-    assert all(step["calibadv/missing_records"] == 0.0 for step in result.steps)
+    trained = [s for s in result.steps if "policy_loss" in s]
+    assert all(step["calibadv/missing_records"] == 0.0 for step in trained)
     # DSPO's clip fired (off-policy minibatches move the sequence ratio out of [1 - 3e-4, 1 + 4e-4])
-    clipped = max(s["search_loss/clip_frac_low"] + s["search_loss/clip_frac_high"] for s in result.steps)
+    clipped = max(s["search_loss/clip_frac_low"] + s["search_loss/clip_frac_high"] for s in trained)
     assert clipped > 0, "DSPO's clip never fired"
     # dynamic filtering dropped groups and refilled the batches
     filtered = result.log.count("Filtered out: avg_reward=")
