@@ -620,7 +620,17 @@ def materialize(plan: LaunchPlan, config: Any) -> None:
     """Write the prompt dataset and the agent/patch JSON files of ``plan``."""
     from transformers import AutoTokenizer
 
+    from openrlhf_search.trainer.models import same_tokenization
+
+    # OpenRLHF's actors and vLLM load the tokenizer with AutoTokenizer too: render the prompts with exactly that one,
+    # and refuse a checkpoint it would rebuild differently from its tokenizer.json (e.g. a tiny-model run's locally
+    # trained BPE under a qwen2 config) instead of training on a silently different tokenization.
     tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    saved = Path(config.model.path) / "tokenizer.json"
+    if saved.is_file() and not same_tokenization(tokenizer, saved):
+        raise ValueError(f"model.path={config.model.path}: AutoTokenizer (used by OpenRLHF's actors and vLLM) "
+                         f"does not reproduce {saved}; this checkpoint's tokenizer would change on the OpenRLHF "
+                         "path. Use a checkpoint whose config.json names its own tokenizer class, or train locally")
     n_rows = config.steps * config.rollout.prompts_per_step
     write_prompt_dataset(load_train_samples(config.data), plan.prompt_file, n_rows, config.env.template, tokenizer,
                          config.seed, tools=list(config.env.tools))  # fmt: skip
