@@ -96,7 +96,6 @@ def eval_config(args: argparse.Namespace, settings: dict, run_config: Path | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    import openrlhf_search.trainer.templates  # noqa: F401  (registers search_r1_compact, the quickstart's template)
     from openrlhf_search.data.formats import read_dataset
     from openrlhf_search.env.search_env import SearchEnv
     from openrlhf_search.env.templates import get_template

@@ -68,7 +68,6 @@ def _name_problem(registry_error: Exception) -> str:
 
 
 def _templates():
-    import openrlhf_search.trainer.templates  # noqa: F401  (registers search_r1_compact)
     from openrlhf_search.env.templates import available_templates, get_template
 
     return available_templates, get_template

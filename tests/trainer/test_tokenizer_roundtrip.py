@@ -20,7 +20,6 @@ from openrlhf_search.trainer.models import TinyModelSpec, build_tiny_qwen2, load
 
 @pytest.fixture(scope="module")
 def world():
-    import openrlhf_search.trainer.templates  # noqa: F401  (registers search_r1_compact)
 
     kb = generate_kb(seed=0, n_entities=60)
     texts = [d.contents for d in kb.corpus] + [s.question for s in kb.train]
