@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=cfg["max_tokens_per_turn"], temperature=cfg["temperature"],
                             top_p=cfg["top_p"], seed=cfg["seed"] if cfg["temperature"] > 0 else None)
     try:
-        rows, trajs = evaluate_datasets(engine, env, datasets, params, batch_size=args.batch_size)
+        rows, trajs = evaluate_datasets(engine, env, datasets, params, batch_size=args.batch_size, progress=True)
     except Exception as exc:
         if _is_retrieval_failure(exc):
             return fail(f"the retriever {args.retriever!r} failed: {exc}", 3)

@@ -142,14 +142,17 @@ def evaluate_datasets(engine, env, datasets: dict[str, list], params, batch_size
                       progress: bool = False) -> tuple[list[EvalRow], list]:
     """Roll out every question once per dataset; returns one :class:`EvalRow` per dataset + the trajectories."""
     from openrlhf_search.rollout.runner import run_rollouts
+    from openrlhf_search.trainer.logging import Progress
 
     rows, all_trajs = [], []
     for name, samples in datasets.items():
         trajs = []
+        bar = Progress(len(samples), enabled=progress, desc=f"eval {name}", unit="question")
         for i in range(0, len(samples), batch_size):
-            trajs += run_rollouts(engine, env, samples[i : i + batch_size], 1, params)
-            if progress:
-                print(f"  {name}: {len(trajs)}/{len(samples)}", flush=True)
+            batch = run_rollouts(engine, env, samples[i : i + batch_size], 1, params)
+            trajs += batch
+            bar.update(len(batch), f1=score_rollouts(trajs)["f1"])
+        bar.close()
         s = score_rollouts(trajs)
         rows.append(EvalRow(name, s["n"], s["em"], s["subem"], s["f1"], s["turns"], s["searches"], s["answered"]))
         all_trajs += trajs

@@ -164,7 +164,7 @@ def render_trajectory(traj, tokenizer, reward: float | None = None) -> str:
 class Progress:
     """A progress bar (tqdm) showing reward, step time and ETA; silent when disabled."""
 
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "RL"):
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "RL", unit: str = "step"):
         self.bar = None
         if enabled:
             import sys
@@ -173,15 +173,15 @@ class Progress:
 
             # A terminal redraws in place; a log file (CI, Slurm) would get one line per redraw: redraw rarely there.
             tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, unit="step",
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, unit=unit,
                             mininterval=0.5 if tty else 30.0)
 
-    def update(self, **postfix) -> None:
+    def update(self, n: int = 1, **postfix) -> None:
         if self.bar is not None:
             # refresh=False: the postfix is drawn with the next (rate-limited) redraw, not on every step
             self.bar.set_postfix({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in postfix.items()},
                                  refresh=False)
-            self.bar.update(1)
+            self.bar.update(n)
 
     def close(self) -> None:
         if self.bar is not None:
