@@ -89,3 +89,19 @@ def test_tiny_tokenizer_as_a_model_path_keeps_its_tokenizer(tmp_path, world):
     ckpt = save_checkpoint(tmp_path / "checkpoints", 2, model, tok, {"step": 2})
     _, loaded = load_pretrained(str(ckpt))
     _assert_same(tok, loaded, probe)
+
+
+def test_openrlhf_launcher_refuses_a_checkpoint_autotokenizer_would_rebuild(tmp_path, world):
+    """The OpenRLHF path tokenizes with AutoTokenizer (OpenRLHF's loader): a tiny-model checkpoint it rebuilds as
+    another tokenizer is refused by prompt line; the run's own tokenizer used as AutoTokenizer's result passes."""
+    from transformers import AutoTokenizer
+
+    from openrlhf_search.integrations.openrlhf.launch import check_tokenizer_reloads
+
+    tok, model, probe = world
+    ckpt = save_checkpoint(tmp_path / "checkpoints", 1, model, tok, {"step": 1})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"input": t}) + "\n" for t in probe[-40:]))
+    with pytest.raises(ValueError, match=r"tokenizes prompt \d+ of .*prompts\.jsonl differently"):
+        check_tokenizer_reloads(str(ckpt), AutoTokenizer.from_pretrained(str(ckpt)), prompts)
+    check_tokenizer_reloads(str(ckpt), load_tokenizer(ckpt), prompts)  # the same tokenizer: no error

@@ -616,24 +616,41 @@ def write_prompt_dataset(samples: list, path: Path, n_rows: int, template_name: 
     return path
 
 
+def check_tokenizer_reloads(model_path: str, tokenizer, prompt_file: Path, sample: int = 64) -> None:
+    """Refuse a checkpoint whose ``AutoTokenizer`` (what OpenRLHF's actors and vLLM load) tokenizes its prompts
+    differently from the tokenizer it was saved with (``trainer.models.load_tokenizer``): e.g. a tiny-model run's
+    locally trained BPE under a ``qwen2`` config, which transformers 5 rebuilds as ``Qwen2Tokenizer``. Compared on
+    the first ``sample`` rendered prompts, by token ids (a backend that differs only in unused settings passes)."""
+    from openrlhf_search.trainer.models import load_tokenizer
+
+    if not (Path(model_path) / "tokenizer.json").is_file():
+        return
+    try:
+        exact = load_tokenizer(model_path)
+    except (OSError, RuntimeError, ValueError):  # nothing to compare against
+        return
+    with open(prompt_file, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if line_no > sample:
+                break
+            text = json.loads(line)["input"]
+            if tokenizer.encode(text, add_special_tokens=False) != exact.encode(text, add_special_tokens=False):
+                raise ValueError(f"model.path={model_path}: AutoTokenizer (used by OpenRLHF's actors and vLLM) "
+                                 f"tokenizes prompt {line_no} of {prompt_file} differently from the tokenizer this "
+                                 "checkpoint was saved with; train it locally, or use a checkpoint whose "
+                                 "config.json names its own tokenizer class")  # fmt: skip
+
+
 def materialize(plan: LaunchPlan, config: Any) -> None:
     """Write the prompt dataset and the agent/patch JSON files of ``plan``."""
     from transformers import AutoTokenizer
 
-    from openrlhf_search.trainer.models import same_tokenization
-
-    # OpenRLHF's actors and vLLM load the tokenizer with AutoTokenizer too: render the prompts with exactly that one,
-    # and refuse a checkpoint it would rebuild differently from its tokenizer.json (e.g. a tiny-model run's locally
-    # trained BPE under a qwen2 config) instead of training on a silently different tokenization.
+    # OpenRLHF's actors and vLLM load the tokenizer with AutoTokenizer too: render the prompts with exactly that one.
     tokenizer = AutoTokenizer.from_pretrained(config.model.path)
-    saved = Path(config.model.path) / "tokenizer.json"
-    if saved.is_file() and not same_tokenization(tokenizer, saved):
-        raise ValueError(f"model.path={config.model.path}: AutoTokenizer (used by OpenRLHF's actors and vLLM) "
-                         f"does not reproduce {saved}; this checkpoint's tokenizer would change on the OpenRLHF "
-                         "path. Use a checkpoint whose config.json names its own tokenizer class, or train locally")
     n_rows = config.steps * config.rollout.prompts_per_step
     write_prompt_dataset(load_train_samples(config.data), plan.prompt_file, n_rows, config.env.template, tokenizer,
                          config.seed, tools=list(config.env.tools))  # fmt: skip
+    check_tokenizer_reloads(config.model.path, tokenizer, plan.prompt_file)
     to_json_file(plan.agent_config, plan.agent_file)
     to_json_file(plan.patch_config, plan.patch_file)
     if plan.backend_config is not None and plan.backend_file is not None:
