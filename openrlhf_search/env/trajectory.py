@@ -69,6 +69,9 @@ class Trajectory:
     """The parsed final answer (None if the trajectory ended without one)."""
     finish_reason: str | None = None
     """``answer`` | ``max_turns`` | ``max_length`` | ``stop`` (EOS without any action), None while running."""
+    token_versions: list[int] | None = None
+    """Asynchronous runs only (``rollout.async_producer``): per response token, the policy version that sampled it
+    (``-1`` on observation tokens); ``None`` in synchronous runs, where every token comes from the current policy."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Sample fields: ``sample_id``, ``question``, ``golden_answers``, ``group_id``, ``data_source``, ``protocol``,
     ``tools``, ``prompt_text``, ``sample_index``, ``rollout_index``."""

@@ -1,8 +1,8 @@
 """Scheduling core of asynchronous rollouts: the staleness bound and partial-rollout version tagging (pure logic).
 
 Nothing here runs a model or a thread. The same three objects drive ``benchmarks/async_rollout_sim.py`` (a
-discrete-event simulation) and are the intended core of a future asynchronous producer in the local trainer
-(design in docs/async.md; NOT wired into the trainer yet).
+discrete-event simulation) and drive the local trainer's asynchronous producer
+(:mod:`openrlhf_search.rollout.producer`, ``rollout.async_producer``).
 
 Vocabulary. The learner publishes policy *versions* ``0, 1, 2, ...`` (version ``v`` = the weights after ``v``
 optimiser updates). The scheduling unit is an *item* (a GRPO group of ``G`` trajectories of one prompt, so group
@@ -59,6 +59,8 @@ class StalenessBound:
     """Items handed to the learner so far (``learner_version * batch_size``)."""
     open_tags: Counter = field(default_factory=Counter)
     """Start tag -> number of admitted, not yet consumed items (running or finished)."""
+    dropped: int = 0
+    """Items released without being consumed (:meth:`drop`)."""
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -112,11 +114,14 @@ class StalenessBound:
         """``learner_version - start_tag``."""
         return self.learner_version - start_tag
 
-    def take_batch(self, completed):
+    def take_batch(self, completed, allow_partial: bool = False):
         """Choose and consume the next batch, or return None if the learner must wait.
 
         Args:
             completed: ``(start_tag, key)`` of finished, not yet consumed items.
+            allow_partial: take fewer than ``batch_size`` items (possibly none) if that is all there is; the
+                version's ``batch_size`` slots are consumed all the same (dynamic filtering's cap: the batch stays
+                partial). Still None while an open item is due at this version.
         Returns:
             The ``batch_size`` keys with the oldest tags (earliest deadlines; ties in the given order), or None when
             fewer are complete or taking them would leave an item that can no longer meet its deadline (an older
@@ -130,7 +135,7 @@ class StalenessBound:
             raise StalenessError(f"open items {dict(self.open_tags)} cannot all meet staleness "
                                  f"{self.max_staleness} at version {self.learner_version}: admission was bypassed")
         completed = list(completed)
-        if len(completed) < self.batch_size:
+        if len(completed) < self.batch_size and not allow_partial:
             return None
         done = sorted(enumerate(completed), key=lambda x: (x[1][0], x[0]))
         chosen = [item for _, item in done[: self.batch_size]]
@@ -147,6 +152,14 @@ class StalenessBound:
         self.open_tags = +left
         self.consumed += self.batch_size
         return [key for _, key in chosen]
+
+    def drop(self, start_tag: int) -> None:
+        """An admitted item will never be consumed (dynamic filtering rejected it): release its slot."""
+        if self.open_tags[start_tag] <= 0:
+            raise StalenessError(f"drop({start_tag}): no open item with that tag")
+        self.open_tags[start_tag] -= 1
+        self.open_tags = +self.open_tags
+        self.dropped += 1
 
     def publish(self) -> int:
         """The learner finished the update on the batch it took; returns the new version."""

@@ -170,9 +170,18 @@ class RolloutConfig:
     """DSPO/DAPO dynamic filtering: at most this many sampling rounds per step to fill the batch with groups of
     mixed outcomes (the batch may end smaller; the shortfall is logged)."""
     max_staleness: int = 0
-    """Train on batches sampled ``max_staleness`` policy versions ago (0 = synchronous, today's loop). The batches are
-    produced sequentially and queued (the off-policy *semantics* of asynchronous training, not its speed; see
-    docs/async.md); ``--resume`` is refused when > 0 (the queue is not checkpointed)."""
+    """Staleness in policy versions (0 = synchronous). Without ``async_producer``: train on batches sampled exactly
+    ``max_staleness`` versions ago, produced sequentially and queued (the off-policy *semantics* of asynchronous
+    training, deterministic, not its speed; ``--resume`` is refused when > 0). With ``async_producer``: the bound
+    a concurrent producer never exceeds (docs/async.md)."""
+    async_producer: bool = False
+    """Generate in a background thread while the learner updates (asynchronous RL, bounded by ``max_staleness``); the
+    engine samples from its own copy of the weights. Not bit-reproducible; ``--resume`` loses and repeats no
+    question. HF and vLLM engines."""
+    partial_rollouts: bool = True
+    """With ``async_producer``: new weights reach the engine at the next turn boundary and trajectories in flight
+    continue under them (every token keeps the version that sampled it); false: an update waits until nothing is in
+    flight."""
     eval_temperature: float = 0.0
     """Temperature of held-out evaluation (0 = greedy)."""
 

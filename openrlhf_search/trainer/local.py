@@ -268,6 +268,8 @@ class PackedBatch:
     action_mask: Any  # [B, T] 1 on model tokens
     engine_logprobs: Any  # [B, T]
     response_len: list[int]
+    token_versions: Any = None  # [B, T] long, sampling version per token (-1: observation/pad); async runs only
+    version: int | None = None  # the learner's version these rows are trained at (async runs only)
 
 
 def pack(trajs, pad_id: int, device) -> PackedBatch:
@@ -289,8 +291,15 @@ def pack(trajs, pad_id: int, device) -> PackedBatch:
         index[i, :r] = torch.arange(p, p + r)
         amask[i, :r] = torch.tensor(list(t.action_mask), dtype=torch.float32)
         elp[i, :r] = torch.tensor([float(x) for x in t.logprobs], dtype=torch.float32)
+    versions = None
+    if any(getattr(t, "token_versions", None) is not None for t in trajs):
+        versions = torch.full((B, T), -1, dtype=torch.long)
+        for i, t in enumerate(trajs):
+            if t.token_versions:
+                versions[i, : len(t.token_versions)] = torch.tensor(t.token_versions, dtype=torch.long)
+        versions = versions.to(device)
     return PackedBatch(ids.to(device), attn.to(device), index.to(device), amask.to(device), elp.to(device),
-                       [len(t.response_ids) for t in trajs])
+                       [len(t.response_ids) for t in trajs], versions)
 
 
 def response_logprobs(model, batch: PackedBatch, rows, temperature: float):
@@ -479,12 +488,19 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     if resume_dir is not None:
         guard.saved = (resume_dir, start_step)
 
+    producer = None  # the asynchronous rollout producer (rollout.async_producer), started below
+
+    def data_snapshot() -> dict:
+        """Data position and RNG: with the asynchronous producer its open groups' questions are requeued."""
+        if producer is not None:
+            return {"data": producer.data_state(), "rng": producer.engine_rng_state(capture_rng_state)}
+        return {"data": stream.state_dict(), "rng": capture_rng_state(getattr(engine, "generator", None))}
+
     def checkpoint(step: int, snapshot: dict | None = None) -> Path:
         """Save the state after ``step``; ``snapshot`` (data position, RNG) when taken at the start of step+1."""
         if guard.saved is not None and guard.saved[1] == step:
             return guard.saved[0]  # already saved (a periodic save right before the final or a preemption save)
-        snapshot = snapshot or {"data": stream.state_dict(),
-                                "rng": capture_rng_state(getattr(engine, "generator", None))}
+        snapshot = snapshot or data_snapshot()
         state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **snapshot}
         path = save_checkpoint(out / "checkpoints", step, policy, tokenizer, state, keep=cfg.logging.keep_checkpoints,
                                extra_files={"run_config.yaml": run_config_text})
@@ -497,123 +513,150 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     step = start_step
     if cfg.rollout.max_staleness < 0:
         raise ValueError(f"rollout.max_staleness={cfg.rollout.max_staleness}: expected >= 0 (0 = synchronous)")
-    if cfg.rollout.max_staleness > 0 and resume_dir is not None:
+    if cfg.rollout.max_staleness > 0 and resume_dir is not None and not cfg.rollout.async_producer:
         raise ValueError(f"rollout.max_staleness={cfg.rollout.max_staleness} cannot --resume: the queue of stale "
                          "batches is not checkpointed (start a new run or resume with rollout.max_staleness=0)")
     stale_queue: collections.deque = collections.deque()  # (policy version that sampled it, batch)
     policy_version = start_step
+    eval_engine, eval_env = engine, env
+    if cfg.rollout.async_producer:
+        producer, eval_engine, eval_env = start_producer(cfg, policy, engine, tokenizer, retriever, stream,
+                                                         reward_fn, preset, sample_params, timer, start_step)
     guard.deferred = True  # from here on SIGTERM/SIGINT checkpoint at the end of the step
-    for step in range(start_step + 1, cfg.steps + 1):
-        t_step = time.perf_counter()
-        # the state a checkpoint of step - 1 holds (saved if this step cannot complete: retriever outage)
-        snapshot = {"data": stream.state_dict(), "rng": capture_rng_state(getattr(engine, "generator", None))}
-        timer.reset()
-        retrieval_calls = retriever.calls
-        metrics: dict[str, float] = {}
+    try:
+        for step in range(start_step + 1, cfg.steps + 1):
+            t_step = time.perf_counter()
+            # the state a checkpoint of step - 1 holds (saved if this step cannot complete: retriever outage)
+            snapshot = data_snapshot()
+            timer.reset()
+            retrieval_calls = retriever.calls
+            metrics: dict[str, float] = {}
 
-        # 1-3. rollout, reward, DSPO/DAPO filtering (resampling until the batch is full, capped); with
-        # rollout.max_staleness = k the batch trained on was sampled k versions ago (queued; k = 0: this step's)
-        try:
-            while len(stale_queue) < cfg.rollout.max_staleness + 1:
-                stale_queue.append((policy_version, collect_groups(
-                    engine, env, stream.take, lambda tr: score_trajectories(tr, reward_fn, tokenizer),
-                    target_groups=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
-                    params=sample_params, dynamic_filtering=preset.dynamic_filter,
-                    max_rounds=cfg.rollout.max_filter_rounds, timer=timer)))
-        except Exception as exc:
-            if _is_retrieval_failure(exc):
-                saved = checkpoint(step - 1, snapshot)
-                raise RetrieverDownError(f"step {step}: the retriever failed: {exc} (state after step {step - 1} "
-                                         f"saved in {saved}; rerun with --resume)") from exc
-            raise
-        batch_version, batch = stale_queue.popleft()
-        if cfg.rollout.max_staleness > 0:
-            metrics["rollout/staleness"] = float(policy_version - batch_version)
-        metrics.update(batch.metrics)
-        metrics["reward_mean"] = batch.metrics.get("reward_all_mean", _mean(batch.rewards))
-        metrics["samples"] = batch.samples_used
-        trajs = batch.trajectories
+            # 1-3. rollout, reward, DSPO/DAPO filtering (resampling until the batch is full, capped); with
+            # rollout.max_staleness = k the batch trained on was sampled k versions ago (queued; k = 0: this step's)
+            try:
+                if producer is not None:  # asynchronous: the producer thread has been sampling all along
+                    stale_queue.append((None, producer.next_batch()[0]))
+                while producer is None and len(stale_queue) < cfg.rollout.max_staleness + 1:
+                    stale_queue.append((policy_version, collect_groups(
+                        engine, env, stream.take, lambda tr: score_trajectories(tr, reward_fn, tokenizer),
+                        target_groups=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
+                        params=sample_params, dynamic_filtering=preset.dynamic_filter,
+                        max_rounds=cfg.rollout.max_filter_rounds, timer=timer)))
+            except Exception as exc:
+                if _is_retrieval_failure(exc):
+                    saved = checkpoint(step - 1, snapshot)
+                    raise RetrieverDownError(f"step {step}: the retriever failed: {exc} (state after step {step - 1} "
+                                             f"saved in {saved}; rerun with --resume)") from exc
+                raise
+            batch_version, batch = stale_queue.popleft()
+            if cfg.rollout.max_staleness > 0 and producer is None:
+                metrics["rollout/staleness"] = float(policy_version - batch_version)
+            metrics.update(batch.metrics)
+            metrics["reward_mean"] = batch.metrics.get("reward_all_mean", _mean(batch.rewards))
+            metrics["samples"] = batch.samples_used
+            trajs = batch.trajectories
 
-        t_update = time.perf_counter()
-        if trajs:
-            metrics.update(trajectory_stats(trajs))
-            calls = retriever.calls - retrieval_calls
-            metrics.update(retrieval_metrics(trajs, timer.seconds.get("retrieval", 0.0), calls))
-            # 4. advantages: group-relative per sequence, then (CalibAdv) per token
-            rewards = torch.tensor(batch.rewards, dtype=torch.float32)
-            group_ids = torch.tensor(batch.group_ids)
-            seq_adv = estimator(rewards, group_ids)
-            packed = pack(trajs, tokenizer.pad_token_id, device)
-            advantages = seq_adv.to(device)
-            if adv_chain:  # advantage post-processors (CalibAdv, plugins), the chain the OpenRLHF patch runs too
-                records = [t.to_calib_record() for t in trajs] if needs_records(adv_chain) else None
-                advantages, cal_metrics = apply_postprocessors(adv_chain, seq_adv, packed.action_mask.cpu(),
-                                                               group_ids, records)
-                advantages = advantages.to(device)
-                metrics.update(cal_metrics)
-            metrics["adv_abs_mean"] = float(seq_adv.abs().mean())
+            t_update = time.perf_counter()
+            if trajs:
+                metrics.update(trajectory_stats(trajs))
+                calls = retriever.calls - retrieval_calls
+                metrics.update(retrieval_metrics(trajs, timer.seconds.get("retrieval", 0.0), calls))
+                # 4. advantages: group-relative per sequence, then (CalibAdv) per token
+                rewards = torch.tensor(batch.rewards, dtype=torch.float32)
+                group_ids = torch.tensor(batch.group_ids)
+                seq_adv = estimator(rewards, group_ids)
+                packed = pack(trajs, tokenizer.pad_token_id, device)
+                packed.version = policy_version
+                advantages = seq_adv.to(device)
+                if adv_chain:  # advantage post-processors (CalibAdv, plugins), the chain the OpenRLHF patch runs too
+                    records = [t.to_calib_record() for t in trajs] if needs_records(adv_chain) else None
+                    advantages, cal_metrics = apply_postprocessors(adv_chain, seq_adv, packed.action_mask.cpu(),
+                                                                   group_ids, records)
+                    advantages = advantages.to(device)
+                    metrics.update(cal_metrics)
+                metrics["adv_abs_mean"] = float(seq_adv.abs().mean())
 
-            # 5. old (and reference) log-probs, recomputed by the trainer
-            all_rows = torch.arange(len(trajs))
-            with torch.no_grad():
-                policy.eval()
-                old_lp = torch.cat([response_logprobs(policy, packed, r, cfg.rollout.temperature)
-                                    for r in all_rows.split(16)])
-                ref_lp = None
-                if reference is not None:
-                    ref_lp = torch.cat([response_logprobs(reference, packed, r, cfg.rollout.temperature)
+                # 5. old (and reference) log-probs, recomputed by the trainer
+                all_rows = torch.arange(len(trajs))
+                with torch.no_grad():
+                    policy.eval()
+                    old_lp = torch.cat([response_logprobs(policy, packed, r, cfg.rollout.temperature)
                                         for r in all_rows.split(16)])
-            m = packed.action_mask
-            metrics["rollout/engine_logprob_gap"] = float(((old_lp - packed.engine_logprobs).abs() * m).sum()
-                                                          / m.sum().clamp(min=1))
+                    ref_lp = None
+                    if reference is not None:
+                        ref_lp = torch.cat([response_logprobs(reference, packed, r, cfg.rollout.temperature)
+                                            for r in all_rows.split(16)])
+                m = packed.action_mask
+                metrics["rollout/engine_logprob_gap"] = float(((old_lp - packed.engine_logprobs).abs() * m).sum()
+                                                              / m.sum().clamp(min=1))
 
-            # 6. minibatch updates
-            policy.train()
-            upd = update_policy(policy, opt, sched, loss_fn, packed, old_lp, ref_lp, advantages, cfg)
-            policy.eval()
-            engine.update_weights(policy)
-            policy_version += 1
-            metrics.update(upd)
-            skips.update(step, math.isnan(upd.get("update/grad_norm", float("nan"))),
-                         str(guard.saved[0]) if guard.saved else None)
-            if cfg.logging.rollout_every and (step % cfg.logging.rollout_every == 0 or step == start_step + 1):
-                write_rollout_records(out, step, batch, packed, advantages, old_lp, policy, tokenizer, cfg)
-        else:
-            metrics["update/skipped_empty_batch"] = 1.0
-        t_end = time.perf_counter()
+                # 6. minibatch updates
+                policy.train()
+                upd = update_policy(policy, opt, sched, loss_fn, packed, old_lp, ref_lp, advantages, cfg)
+                policy.eval()
+                if producer is not None:
+                    producer.publish(policy)  # the engine takes the weights at its next turn boundary
+                else:
+                    engine.update_weights(policy)
+                policy_version += 1
+                metrics.update(upd)
+                skips.update(step, math.isnan(upd.get("update/grad_norm", float("nan"))),
+                             str(guard.saved[0]) if guard.saved else None)
+                if cfg.logging.rollout_every and (step % cfg.logging.rollout_every == 0 or step == start_step + 1):
+                    write_rollout_records(out, step, batch, packed, advantages, old_lp, policy, tokenizer, cfg)
+            else:
+                metrics["update/skipped_empty_batch"] = 1.0
+                if producer is not None:  # the version still advances: the bound counts batches, not updates
+                    producer.publish(None)
+                    policy_version += 1
+            t_end = time.perf_counter()
 
-        # 7. timing, logging, samples, checkpoints
-        phases = timer.reset()
-        total = t_end - t_step
-        metrics["time/generation"] = phases.get("generation", 0.0)
-        metrics["time/retrieval"] = phases.get("retrieval", 0.0)
-        metrics["time/env"] = max(0.0, phases.get("env", 0.0) - metrics["time/retrieval"])
-        metrics["time/update"] = t_end - t_update
-        metrics["time/other"] = max(0.0, total - metrics["time/generation"] - metrics["time/retrieval"]
-                                    - metrics["time/env"] - metrics["time/update"])
-        metrics["time/step"] = total
-        metrics["lr"] = sched.get_last_lr()[0]
-        if cfg.logging.eval_every and step % cfg.logging.eval_every == 0 and step < cfg.steps:
-            ev = evaluate_policy(engine, env, eval_samples, tokenizer, eval_params)
-            metrics.update({f"eval/{k}": v for k, v in ev.items()})
-        logger.log(step, metrics)
-        if trajs and cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == start_step + 1):
-            best = max(range(len(trajs)), key=lambda i: batch.rewards[i])
-            (samples_dir / f"step_{step:06d}.txt").write_text(
-                render_trajectory(trajs[best], tokenizer, batch.rewards[best]) + "\n\n---\n\n"
-                + render_trajectory(trajs[0], tokenizer, batch.rewards[0]) + "\n")
-        progress.update(reward=metrics["reward_mean"], step_s=total)
-        if cfg.logging.save_every and step % cfg.logging.save_every == 0:
-            checkpoint(step)
-        elif cfg.logging.save_every_seconds and time.perf_counter() - saves["t"] >= cfg.logging.save_every_seconds:
-            checkpoint(step)
-        if guard.requested:
-            progress.close()
-            logger.close()
-            raise Preempted(guard.requested, checkpoint(step), step)
-        if cfg.max_step_seconds and time.perf_counter() - t_rl > cfg.max_step_seconds:
-            print(f"\n[openrlhf-search] RL time budget max_step_seconds={cfg.max_step_seconds} reached at step {step}")
-            break
+            # 7. timing, logging, samples, checkpoints
+            phases = timer.reset()
+            total = t_end - t_step
+            metrics["time/generation"] = phases.get("generation", 0.0)
+            metrics["time/retrieval"] = phases.get("retrieval", 0.0)
+            metrics["time/env"] = max(0.0, phases.get("env", 0.0) - metrics["time/retrieval"])
+            metrics["time/update"] = t_end - t_update
+            metrics["time/other"] = max(0.0, total - metrics["time/generation"] - metrics["time/retrieval"]
+                                        - metrics["time/env"] - metrics["time/update"])
+            metrics["time/step"] = total
+            if producer is not None:
+                metrics["async/learner_idle_share"] = metrics["async/learner_idle_s"] / total if total > 0 else 0.0
+            metrics["lr"] = sched.get_last_lr()[0]
+            if cfg.logging.eval_every and step % cfg.logging.eval_every == 0 and step < cfg.steps:
+                ev = evaluate_policy(eval_engine, eval_env, eval_samples, tokenizer, eval_params)
+                metrics.update({f"eval/{k}": v for k, v in ev.items()})
+            logger.log(step, metrics)
+            if trajs and cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == start_step + 1):
+                best = max(range(len(trajs)), key=lambda i: batch.rewards[i])
+                (samples_dir / f"step_{step:06d}.txt").write_text(
+                    render_trajectory(trajs[best], tokenizer, batch.rewards[best]) + "\n\n---\n\n"
+                    + render_trajectory(trajs[0], tokenizer, batch.rewards[0]) + "\n")
+            if producer is None:
+                progress.update(reward=metrics["reward_mean"], step_s=total)
+            else:  # asynchronous: how stale the batch was and who waited for whom
+                progress.update(reward=metrics["reward_mean"], step_s=total,
+                                stale=metrics.get("rollout/staleness_mean", 0.0),
+                                idle=f"L{100 * metrics['async/learner_idle_share']:.0f}%/"
+                                     f"R{100 * metrics['async/rollout_idle_share']:.0f}%")
+            if cfg.logging.save_every and step % cfg.logging.save_every == 0:
+                checkpoint(step)
+            elif cfg.logging.save_every_seconds and time.perf_counter() - saves["t"] >= cfg.logging.save_every_seconds:
+                checkpoint(step)
+            if guard.requested:
+                progress.close()
+                logger.close()
+                raise Preempted(guard.requested, checkpoint(step), step)
+            if cfg.max_step_seconds and time.perf_counter() - t_rl > cfg.max_step_seconds:
+                print(f"\n[openrlhf-search] RL time budget max_step_seconds={cfg.max_step_seconds} reached at step "
+                      f"{step}")
+                break
+    finally:
+        if producer is not None:
+            producer.close()
+            engine.update_weights(policy)  # the final evaluation samples from the trained weights
     progress.close()
     summary["steps_done"] = step
     summary["rl_seconds"] = time.perf_counter() - t_rl
@@ -638,6 +681,29 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     summary.update(reward_window_stats(out / "metrics.jsonl"))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def start_producer(cfg: TrainConfig, policy, engine, tokenizer, retriever, stream, reward_fn, preset, params, timer,
+                   start_version: int):
+    """Start the asynchronous rollout producer (``rollout.async_producer``).
+
+    Returns ``(producer, eval_engine, eval_env)``: the engine belongs to the producer thread until it is closed, so
+    mid-run evaluation (``logging.eval_every``) samples from the learner's policy through its own HF engine and
+    environment (greedy by default, so the figures do not depend on the engine).
+    """
+    import copy
+
+    from openrlhf_search.rollout.hf import HFEngine
+    from openrlhf_search.rollout.producer import AsyncProducer
+
+    shadow = copy.deepcopy(policy).eval().requires_grad_(False)  # the engine's own weights
+    producer = AsyncProducer(
+        engine, shadow, build_env(cfg, tokenizer, retriever), stream,
+        lambda tr: score_trajectories(tr, reward_fn, tokenizer), batch_size=cfg.rollout.prompts_per_step,
+        group_size=cfg.rollout.group_size, params=params, max_staleness=cfg.rollout.max_staleness,
+        partial_rollouts=cfg.rollout.partial_rollouts, dynamic_filtering=preset.dynamic_filter,
+        max_filter_rounds=cfg.rollout.max_filter_rounds, start_version=start_version, timer=timer)
+    return producer, HFEngine(policy, tokenizer, seed=cfg.seed + 1), build_env(cfg, tokenizer, retriever)
 
 
 # ============================================================================================ front-end glue
@@ -741,6 +807,8 @@ def update_policy(policy, opt, sched, loss_fn, packed: PackedBatch, old_lp, ref_
                 extra = {"ref_log_probs": ref_lp[r]} if ref_lp is not None else {}
                 if getattr(loss_fn, "needs_behaviour_log_probs", False):  # +tis / +mis: the engine's own log-probs
                     extra["behaviour_log_probs"] = packed.engine_logprobs[r]
+                    if packed.token_versions is not None and packed.version is not None:  # staleness diagnostics
+                        extra.update(token_versions=packed.token_versions[r], current_version=packed.version)
                 loss, m = loss_fn(lp, old_lp[r], advantages[r], packed.action_mask[r], **extra, **norms)
                 if not norms:  # no normaliser: each call is a local mean, average them
                     loss = loss / len(micro)
