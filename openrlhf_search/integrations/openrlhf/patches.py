@@ -414,9 +414,13 @@ def make_async_trainer_class(base_remote_cls, training_actor_remote_cls, patch: 
     """A Ray actor class like OpenRLHF's ``PPOTrainerAsync`` (the ``--train.async_enable`` controller) that builds our
     :func:`make_training_actor_class` instead of OpenRLHF's ``TrainingActor``.
 
-    ``PPOTrainerAsync.__init__`` runs in its own Ray worker and looks ``TrainingActor`` up in its module there, so the
-    driver cannot swap it: our controller sets the module attribute in that worker, then checks that the actor it
-    built is ours and has its hooks (it raises otherwise: CalibAdv is never silently skipped)."""
+    ``PPOTrainerAsync.__init__`` runs in its own Ray worker and looks the global ``TrainingActor`` up there, so the
+    driver cannot swap it. Ray ships OpenRLHF's class to that worker *by value* (cloudpickle: the module attribute
+    is the Ray wrapper, not the class), with a private copy of the globals its methods use, so setting the module
+    attribute in the worker does nothing (measured: the first async e2e run built OpenRLHF's TrainingActor). Our
+    controller therefore sets the name in ``__init__.__globals__`` -- the module dict when pickled by reference,
+    the private copy when by value -- around ``super().__init__``, then checks that the actor it built is ours and
+    has its hooks (it raises otherwise: CalibAdv is never silently skipped)."""
     base = base_remote_cls.__ray_actor_class__
     training_cls = make_training_actor_class(training_actor_remote_cls, patch)
 
@@ -424,15 +428,15 @@ def make_async_trainer_class(base_remote_cls, training_actor_remote_cls, patch: 
         _training_cls = training_cls
 
         def __init__(self, *args, **kwargs):
-            import openrlhf.trainer.ppo_trainer_async as async_mod
             import ray
 
-            original = async_mod.TrainingActor
-            async_mod.TrainingActor = _as_remote(self._training_cls, original)
+            init_globals = base.__init__.__globals__
+            original = init_globals["TrainingActor"]
+            init_globals["TrainingActor"] = _as_remote(self._training_cls, original)
             try:
                 super().__init__(*args, **kwargs)
             finally:
-                async_mod.TrainingActor = original
+                init_globals["TrainingActor"] = original
             try:
                 hooks = ray.get(self.trainer_actor.openrlhf_search_hooks.remote())
             except AttributeError as exc:
