@@ -211,8 +211,8 @@ def test_megatron_backend_refuses_async_with_its_reason(monkeypatch):
 def test_loss_adapter_forwards_rollout_logprobs_as_behaviour(mode):
     """+tis/+mis: OpenRLHF's rollout_log_probs are the behaviour log-probs of the wrapped loss (same loss and
     gradient as calling the corrected registry loss directly); without them the adapter names the setting."""
-    from openrlhf_search.algorithms.offpolicy import with_offpolicy_correction
     from openrlhf_search.algorithms.losses import get_policy_loss
+    from openrlhf_search.algorithms.offpolicy import with_offpolicy_correction
 
     new, old, adv, mask = _batch(b=4, t=6, seed=2)
     behaviour = old + 0.8 * torch.randn(old.shape, generator=torch.Generator().manual_seed(3))
@@ -232,11 +232,13 @@ def test_staleness_tags_and_metrics():
 
     assert staleness.trajectory_tags([]) == {"weight_version_min": 0, "weight_version_max": 0}
     assert staleness.trajectory_tags([(2, 2), (2, 3), (3, 3)]) == {"weight_version_min": 2, "weight_version_max": 3}
-    exps = [SimpleNamespace(info={"weight_version_min": torch.tensor([1.0, 3.0]),
-                                  "weight_version_max": torch.tensor([1.0, 3.0])}),
-            SimpleNamespace(info={"weight_version_min": torch.tensor([2.0]), "weight_version_max": torch.tensor([3.0])})]
+    def exp(lo, hi):
+        return SimpleNamespace(info={"weight_version_min": torch.tensor(lo), "weight_version_max": torch.tensor(hi)})
+
+    exps = [exp([1.0, 3.0], [1.0, 3.0]), exp([2.0], [3.0])]
     metrics = staleness.tag_staleness(exps, trainer_version=3)
-    assert exps[0].info["async/staleness"].tolist() == [2.0, 0.0] and exps[1].info["async/staleness"].tolist() == [1.0]
+    assert exps[0].info["async/staleness"].tolist() == [2.0, 0.0]
+    assert exps[1].info["async/staleness"].tolist() == [1.0]
     assert metrics == {"async/staleness_max": 2.0, "async/mixed_version_share": pytest.approx(1 / 3),
                        "async/trainer_version": 3.0}
     assert staleness.tag_staleness([SimpleNamespace(info={})], 1) == {}
