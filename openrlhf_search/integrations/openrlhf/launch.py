@@ -191,9 +191,6 @@ def resolve_algorithm(config: Any) -> tuple[list[str], PatchConfig, list[str]]:
     load_plugins(plugins, source="plugins")
     alg = config.algorithm
     preset = preset_for(alg)
-    if preset.offpolicy:
-        raise ValueError(f"algorithm.name={alg.name!r}: the +{preset.offpolicy} off-policy modifier runs in the local "
-                         "trainer only; the OpenRLHF/Megatron actors do not pass engine log-probs to our loss yet")
     loss_cfg = {**preset.loss_cfg, **alg.loss_overrides}
     notes = [f"algorithm {preset.name}: {preset.description}"]
     estimator, estimator_cfg, chain = advantage_chain(config, preset)
@@ -218,7 +215,7 @@ def resolve_algorithm(config: Any) -> tuple[list[str], PatchConfig, list[str]]:
             raise ValueError(f"algorithm.loss_overrides.{key}={resolved[key]}: OpenRLHF does not pass reference "
                              f"log-probs or entropies to the policy loss; {hint}")  # fmt: skip
     native_fn = NATIVE_LOSSES.get(preset.policy_loss) if preset.policy_loss in NATIVE_LOSSES else None
-    native = native_fn(resolved, bool(chain)) if native_fn is not None else None
+    native = native_fn(resolved, bool(chain)) if native_fn is not None and not preset.offpolicy else None
     if native is not None:
         flags += native
         notes.append(f"loss {preset.policy_loss}: OpenRLHF's native loss ({' '.join(native[:2])})")
@@ -226,6 +223,10 @@ def resolve_algorithm(config: Any) -> tuple[list[str], PatchConfig, list[str]]:
         patch.loss, patch.loss_config = preset.policy_loss, loss_cfg
         flags += ["--actor.policy_loss_type", "ppo"]  # replaced in the actors by openrlhf_search's loss
         notes.append(f"loss {preset.policy_loss}: injected from openrlhf_search ({loss_cfg})")
+    if preset.offpolicy:  # our loss wrapped with TIS/MIS; behaviour log-probs = OpenRLHF's rollout_log_probs
+        patch.offpolicy = preset.offpolicy
+        notes.append(f"+{preset.offpolicy}: off-policy correction with vLLM's rollout log-probs as the behaviour "
+                     "policy (OpenRLHF's --algo.advantage.is_correction_* stays off)")
     if preset.dynamic_filter:
         flags += ["--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", "0.0", "1.0"]
         notes.append("dynamic filtering: OpenRLHF's (keeps groups with 0 < mean score < 1); filtered prompts are "
@@ -337,6 +338,21 @@ def build_flags(config: Any, orl: OpenRLHFConfig, paths: dict[str, Path]) -> tup
         flags += ["--logger.wandb.project", config.logging.wandb_project,
                   "--logger.wandb.run_name", Path(config.logging.output_dir).name or "openrlhf-search",
                   "--logger.wandb.key", WANDB_KEY_FROM_ENV]  # fmt: skip
+    if orl.async_train:
+        flags += ["--train.async_enable", "--train.async_queue_size", str(orl.async_queue_size)]
+        if orl.partial_rollout:
+            flags.append("--train.partial_rollout_enable")
+        notes.append(f"asynchronous training: OpenRLHF's PPOTrainerAsync, queue {orl.async_queue_size} batch(es)"
+                     + (", partial rollouts (vLLM paused, not drained, for each weight sync)" if orl.partial_rollout
+                        else "") + "; staleness logged as async/*")  # fmt: skip
+    if patch.offpolicy and not orl.record_rollout_logprobs:
+        raise ValueError(f"algorithm.name={config.algorithm.name!r} (+{patch.offpolicy}) needs vLLM's log-probs of "
+                         "the sampled tokens: set openrlhf.record_rollout_logprobs=true")  # fmt: skip
+    given = [a for a in orl.extra_args if a.split("=")[0].startswith("--algo.advantage.is_correction")]
+    if patch.loss and given:
+        raise ValueError(f"openrlhf.extra_args {given}: OpenRLHF's is_correction_* runs inside the PolicyLoss that "
+                         f"openrlhf_search's loss patch ({patch.loss!r}) replaces; use the algorithm's +tis / +mis "
+                         "modifier instead (e.g. algorithm.name=grpo+tis)")  # fmt: skip
     flags += list(orl.extra_args)
     return flags, patch, notes
 
@@ -430,8 +446,13 @@ def resolve_backend(config: Any, orl: OpenRLHFConfig, backend: Any = None) -> tu
     alg, ro = config.algorithm, config.rollout
     preset = preset_for(alg)
     if preset.offpolicy:
-        raise ValueError(f"algorithm.name={alg.name!r}: the +{preset.offpolicy} off-policy modifier runs in the local "
-                         "trainer only; the Megatron actor does not pass engine log-probs to our loss yet")
+        raise ValueError(f"algorithm.name={alg.name!r}: the +{preset.offpolicy} off-policy modifier is not available "
+                         "with backend: megatron (its actor does not pass vLLM's rollout log-probs to our loss); use "
+                         "the DeepSpeed backend or drop the modifier")
+    if orl.async_train:
+        raise ValueError("openrlhf.async_train=true (--train.async_enable) is not available with backend: megatron: "
+                         "the Megatron actors' weight broadcast was never run concurrently with generation and is "
+                         "not versioned for staleness tags; use the DeepSpeed backend")
     if given_loss is not None and given_loss != preset.policy_loss:
         raise ValueError(f"megatron_actor.loss={given_loss!r} conflicts with algorithm.name={alg.name!r} (policy loss "
                          f"{preset.policy_loss!r}); drop megatron_actor.loss, the algorithm defines it")  # fmt: skip

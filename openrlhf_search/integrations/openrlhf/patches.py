@@ -8,9 +8,11 @@ swap them in the driver before ``train_ppo_ray.train`` builds its actor groups:
   :class:`OpenRLHFPolicyLoss`, an adapter around any loss of our registry
   (:func:`openrlhf_search.algorithms.losses.get_policy_loss`, e.g. SAPO), and the trainer's ``training_step`` also
   reports our loss's metrics (``search_loss/*``) into OpenRLHF's logs.
-* ``PPOTrainer`` (``openrlhf.trainer.ppo_trainer``): its ``RemoteExperienceMaker`` gets
+* ``PPOTrainer`` (``openrlhf.trainer.ppo_trainer``) and, for ``--train.async_enable``, the ``TrainingActor`` that
+  ``PPOTrainerAsync`` builds (``openrlhf.trainer.ppo_trainer_async``): their ``RemoteExperienceMaker`` gets
   :func:`calibrate_experiences` after OpenRLHF's ``compute_advantages_and_returns`` (CalibAdv,
-  :func:`openrlhf_search.algorithms.calibadv.calibrate_advantages`), with metrics ``calibadv/*``.
+  :func:`openrlhf_search.algorithms.calibadv.calibrate_advantages`), with metrics ``calibadv/*``, plus the
+  staleness tags (``async/*``, :mod:`.staleness`).
 
 The subclasses are built by factories that capture the :class:`~.config.PatchConfig`, so Ray pickles them by value
 with their configuration: nothing has to be set in the workers' environment, on one node or many. Every entry point
@@ -22,9 +24,16 @@ What OpenRLHF passes to its loss (``ActorPPOTrainer.training_step``)::
                   dp_size=..., batch_num_tokens=..., global_batch_size=...)
     -> (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)
 
-Reference log-probs are not passed: a KL term to the reference stays OpenRLHF's (``--algo.kl.use_loss``). Not
-supported with our patches: ``--train.async_enable`` (a different trainer class) and ``--train.dynamic_batch_enable``
-(our loss normalization assumes OpenRLHF's fixed micro-batches) -- :func:`apply_patches` refuses them.
+Reference log-probs are not passed: a KL term to the reference stays OpenRLHF's (``--algo.kl.use_loss``).
+
+Asynchronous training (``--train.async_enable``, optionally ``--train.partial_rollout_enable``): OpenRLHF builds
+``PPOTrainerAsync`` (a controller with a ``GenerateSamplesActor`` and a ``TrainingActor`` linked by a Ray queue)
+instead of ``PPOTrainer``; :func:`make_async_trainer_class` makes the controller build our ``TrainingActor``, which
+installs the same experience-maker hooks. Both trainers count their weight broadcasts and tell the vLLM actors,
+so every sample carries weight-version tags and a staleness (:mod:`.staleness`). Not supported with our patches:
+``--train.dynamic_batch_enable`` with the loss patch (our normalization assumes OpenRLHF's fixed micro-batches) and
+OpenRLHF's own ``--algo.advantage.is_correction_*`` with the loss patch (use ``+tis``/``+mis``) --
+:func:`check_openrlhf_args` refuses them.
 """
 
 from __future__ import annotations
@@ -60,17 +69,33 @@ class OpenRLHFPolicyLoss(_loss_module_base()):
     optimizer-step window, :meth:`begin_step` sums and all-reduces it the same way. Without the counts (a bare call
     outside ``ppo_train``) the loss uses its local means.
 
+    Off-policy correction (``offpolicy="tis"``/``"mis"``, the ``+tis``/``+mis`` modifiers): the registry loss is
+    wrapped by :func:`~openrlhf_search.algorithms.offpolicy.with_offpolicy_correction` and gets OpenRLHF's
+    ``rollout_log_probs`` (vLLM's processed log-probs of the sampled tokens, 0 on masked positions) as
+    ``behaviour_log_probs``: ``rho = pi_old / pi_vllm`` corrects both the vLLM/trainer numerics gap and stale samples
+    of ``--train.async_enable``. The proximal policy is ``old_log_probs`` (recomputed by the trainer with the current
+    weights), as in the local trainer. With MIS the dropped tokens stay in OpenRLHF's global token count (the
+    normalizer), as in the local trainer and in OpenRLHF's own mask mode. OpenRLHF's own correction
+    (``--algo.advantage.is_correction_*``) lives in the ``PolicyLoss`` this adapter replaces: :func:`apply_patches`
+    refuses it with any loss patch, so the two are never applied together (nor is theirs silently dropped).
+
     Metrics of the last call are kept in :attr:`last_metrics` (floats): our loss's diagnostics plus
     ``rollout_logprob_abs_diff``, the mean ``|log pi_old - log pi_rollout|`` over model tokens when vLLM's log-probs
     are available -- ~1e-3 when vLLM samples from the trained weights, far larger when weight sync is broken.
     """
 
-    def __init__(self, loss_name: str, loss_config: dict | None = None) -> None:
+    def __init__(self, loss_name: str, loss_config: dict | None = None, offpolicy: str = "",
+                 offpolicy_config: dict | None = None) -> None:  # fmt: skip
         super().__init__()
         from openrlhf_search.algorithms.losses import get_policy_loss
 
-        self.loss_name = loss_name
+        self.loss_name = loss_name + (f"+{offpolicy}" if offpolicy else "")
         self.loss_fn = get_policy_loss(loss_name, **(loss_config or {}))
+        if offpolicy:
+            from openrlhf_search.algorithms.offpolicy import with_offpolicy_correction
+
+            self.loss_fn = with_offpolicy_correction(self.loss_fn, offpolicy, **(offpolicy_config or {}))
+        self.needs_behaviour = bool(getattr(self.loss_fn, "needs_behaviour_log_probs", False))
         self.loss_agg = self.loss_fn.config.loss_agg
         self.last_metrics: dict[str, float] = {}
         self.sapo_count: Any = None
@@ -117,6 +142,14 @@ class OpenRLHFPolicyLoss(_loss_module_base()):
                         "count for the step: call begin_step() per optimizer step (install_loss wires it)"
                     )
                 extra["sapo_normalizer"] = self.sapo_count / dp_size
+        if self.needs_behaviour:
+            if rollout_log_probs is None:
+                raise RuntimeError(
+                    f"policy loss {self.loss_name!r}: the off-policy correction needs vLLM's log-probs of the sampled "
+                    "tokens (OpenRLHF's rollout_log_probs) and the experience has none: set "
+                    "openrlhf.record_rollout_logprobs=true (the agent then asks vLLM for them)"
+                )
+            extra["behaviour_log_probs"] = rollout_log_probs.to(old_log_probs.dtype)
         loss, metrics = self.loss_fn(log_probs, old_log_probs, advantages, mask, **extra)
         with torch.no_grad():
             n_tok = mask.sum().clamp(min=1)
@@ -250,7 +283,7 @@ def install_loss(trainer, patch: PatchConfig) -> None:
     from openrlhf_search.plugins import load_plugins
 
     load_plugins(patch.plugins, source="patch.plugins")  # a user's loss may live in a plugin module
-    loss = OpenRLHFPolicyLoss(patch.loss, patch.loss_config)
+    loss = OpenRLHFPolicyLoss(patch.loss, patch.loss_config, patch.offpolicy, patch.offpolicy_config)
     trainer.actor_loss_fn = loss
     if loss.needs_sapo_count:
         trainer.strategy._search_policy_loss = loss
@@ -302,26 +335,128 @@ def _wrap_step_windows() -> None:
     ppo_actor_mod.iter_grad_accum_global_norm = iter_grad_accum_global_norm
 
 
+def _versioned_broadcast_base():
+    """A ``BasePPOTrainer`` subclass whose ``broadcast_to_vllm`` counts the weight versions (:mod:`.staleness`).
+
+    It is placed *after* OpenRLHF's concrete trainer in the bases of our subclasses (``class
+    SearchTrainingActor(TrainingActor, WeightVersionedBroadcast)``), so the MRO puts it between that trainer and
+    ``BasePPOTrainer``: the async ``TrainingActor.broadcast_to_vllm`` (vLLM lock, ``pause_generation`` with partial
+    rollouts) calls it through ``super()``, and the new version reaches the rollout actors *before* OpenRLHF resumes
+    generation. A turn that starts after the resume therefore never reads the old version."""
+    from openrlhf.trainer.ppo_trainer import BasePPOTrainer
+
+    class WeightVersionedBroadcast(BasePPOTrainer):
+        _search_weight_version = 0
+
+        def broadcast_to_vllm(self):
+            super().broadcast_to_vllm()
+            from .staleness import publish_engine_version
+
+            self._search_weight_version += 1
+            publish_engine_version(self.vllm_engines, self._search_weight_version)
+
+        def search_weight_version(self) -> int:
+            return self._search_weight_version
+
+        def openrlhf_search_hooks(self) -> dict:
+            """What our patches installed in this trainer (the async controller checks it)."""
+            return dict(getattr(self, "_search_hooks", {}))
+
+    return WeightVersionedBroadcast
+
+
+def _install_trainer_hooks(trainer, patch: PatchConfig) -> None:
+    """Our experience-maker hooks on a freshly built OpenRLHF trainer (sync ``PPOTrainer`` or async
+    ``TrainingActor``); raises if the trainer has no experience maker to hook."""
+    maker = getattr(trainer, "experience_maker", None)
+    if maker is None or not hasattr(maker, "compute_advantages_and_returns"):
+        raise RuntimeError(
+            f"{type(trainer).__name__} has no experience maker with compute_advantages_and_returns: openrlhf_search "
+            "cannot install CalibAdv / its advantage estimator / dumps / staleness tags (OpenRLHF layout changed?)"
+        )
+    install_maker_hooks(maker, patch, version_fn=lambda: trainer._search_weight_version)
+    trainer._search_hooks = {"maker": True, "advantages": patch.advantages_patched, "dump": bool(patch.dump_dir)}
+
+
 def make_ppo_trainer_class(base_remote_cls, patch: PatchConfig):
-    """A Ray actor class like OpenRLHF's ``PPOTrainer`` whose experience maker applies CalibAdv (and dumps)."""
+    """A Ray actor class like OpenRLHF's ``PPOTrainer`` whose experience maker applies CalibAdv (and dumps) and whose
+    weight broadcasts are versioned (staleness tags, always 0 in the synchronous loop)."""
     base = base_remote_cls.__ray_actor_class__
 
-    class SearchPPOTrainer(base):
+    class SearchPPOTrainer(base, _versioned_broadcast_base()):
         _patch_config = patch
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            install_maker_hooks(self.experience_maker, self._patch_config)
+            _install_trainer_hooks(self, self._patch_config)
 
     SearchPPOTrainer.__qualname__ = SearchPPOTrainer.__name__ = "SearchPPOTrainer"
     return _as_remote(SearchPPOTrainer, base_remote_cls)
 
 
-def install_maker_hooks(maker, patch: PatchConfig) -> None:
-    """Wrap ``maker.compute_advantages_and_returns``: then run :func:`postprocess_experiences` (our estimator and
-    post-processors, e.g. CalibAdv; their metrics go to the experiences' ``info``, one value per sample, so OpenRLHF
-    averages and logs them) and, with ``patch.dump_dir``, :func:`dump_experiences`."""
-    if not (patch.advantages_patched or patch.dump_dir):
+def make_training_actor_class(base_remote_cls, patch: PatchConfig):
+    """The raw (not yet ``ray.remote``) class of OpenRLHF's async ``TrainingActor`` with our hooks: the trainer half
+    of ``PPOTrainerAsync``; it builds the experience maker (``BasePPOTrainer.__init__``) and broadcasts weights."""
+    base = base_remote_cls.__ray_actor_class__
+
+    class SearchTrainingActor(base, _versioned_broadcast_base()):
+        _patch_config = patch
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _install_trainer_hooks(self, self._patch_config)
+
+    SearchTrainingActor.__qualname__ = SearchTrainingActor.__name__ = "SearchTrainingActor"
+    return SearchTrainingActor
+
+
+def make_async_trainer_class(base_remote_cls, training_actor_remote_cls, patch: PatchConfig):
+    """A Ray actor class like OpenRLHF's ``PPOTrainerAsync`` (the ``--train.async_enable`` controller) that builds our
+    :func:`make_training_actor_class` instead of OpenRLHF's ``TrainingActor``.
+
+    ``PPOTrainerAsync.__init__`` runs in its own Ray worker and looks the global ``TrainingActor`` up there, so the
+    driver cannot swap it. Ray ships OpenRLHF's class to that worker *by value* (cloudpickle: the module attribute
+    is the Ray wrapper, not the class), with a private copy of the globals its methods use, so setting the module
+    attribute in the worker does nothing (measured: the first async e2e run built OpenRLHF's TrainingActor). Our
+    controller therefore sets the name in ``__init__.__globals__`` -- the module dict when pickled by reference,
+    the private copy when by value -- around ``super().__init__``, then checks that the actor it built is ours and
+    has its hooks (it raises otherwise: CalibAdv is never silently skipped)."""
+    base = base_remote_cls.__ray_actor_class__
+    training_cls = make_training_actor_class(training_actor_remote_cls, patch)
+
+    class SearchPPOTrainerAsync(base):
+        _training_cls = training_cls
+
+        def __init__(self, *args, **kwargs):
+            import ray
+
+            init_globals = base.__init__.__globals__
+            original = init_globals["TrainingActor"]
+            init_globals["TrainingActor"] = _as_remote(self._training_cls, original)
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                init_globals["TrainingActor"] = original
+            try:
+                hooks = ray.get(self.trainer_actor.openrlhf_search_hooks.remote())
+            except AttributeError as exc:
+                raise RuntimeError("--train.async_enable: OpenRLHF's PPOTrainerAsync did not build openrlhf_search's "
+                                   "TrainingActor (its constructor changed?); CalibAdv/dumps/staleness would not "
+                                   "run") from exc  # fmt: skip
+            if not hooks.get("maker"):
+                raise RuntimeError("--train.async_enable: openrlhf_search's experience-maker hooks are not installed "
+                                   f"in the TrainingActor ({hooks})")  # fmt: skip
+
+    SearchPPOTrainerAsync.__qualname__ = SearchPPOTrainerAsync.__name__ = "SearchPPOTrainerAsync"
+    return _as_remote(SearchPPOTrainerAsync, base_remote_cls)
+
+
+def install_maker_hooks(maker, patch: PatchConfig, version_fn=None) -> None:
+    """Wrap ``maker.compute_advantages_and_returns``: then tag staleness (with ``version_fn``, the trainer's weight
+    version: :func:`.staleness.tag_staleness`), run :func:`postprocess_experiences` (our estimator and
+    post-processors, e.g. CalibAdv) and, with ``patch.dump_dir``, :func:`dump_experiences`. Metrics go to the
+    experiences' ``info``, one value per sample, so OpenRLHF averages and logs them."""
+    if not (patch.advantages_patched or patch.dump_dir or version_fn is not None):
         return
     from openrlhf_search.plugins import load_plugins
 
@@ -332,14 +467,17 @@ def install_maker_hooks(maker, patch: PatchConfig) -> None:
     def compute_advantages_and_returns(experiences):
         import torch
 
+        from .staleness import tag_staleness
+
         experiences = original(experiences)
+        metrics = tag_staleness(experiences, int(version_fn())) if version_fn is not None else {}
         if patch.advantages_patched:
             n_per_prompt = maker.args.rollout.n_samples_per_prompt
-            metrics = postprocess_experiences(experiences, n_per_prompt, patch)
-            for exp in experiences:
-                n = exp.action_mask.shape[0]
-                for key, value in metrics.items():
-                    exp.info[key] = torch.full((n,), value)
+            metrics.update(postprocess_experiences(experiences, n_per_prompt, patch))
+        for exp in experiences:
+            n = exp.action_mask.shape[0]
+            for key, value in metrics.items():
+                exp.info[key] = torch.full((n,), value)
         state["step"] += 1
         if patch.dump_dir:
             dump_experiences(experiences, Path(patch.dump_dir) / f"step_{state['step']}.pt")
@@ -362,6 +500,9 @@ def dump_experiences(experiences: list, path: Path) -> Path:
                 row["rollout_log_probs"] = exp.rollout_log_probs[r].cpu()
             if "reward" in exp.info:
                 row["reward"] = float(torch.as_tensor(exp.info["reward"]).reshape(-1)[r])
+            for key in ("weight_version_min", "weight_version_max", "async/staleness", "async/trainer_version"):
+                if key in exp.info:  # staleness tags (.staleness)
+                    row[key] = float(torch.as_tensor(exp.info[key]).reshape(-1)[r])
             rows.append(row)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(rows, path)
@@ -385,12 +526,34 @@ def _remote_options(remote_cls) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- entry point
+def check_openrlhf_args(patch: PatchConfig, args) -> None:
+    """Refuse the OpenRLHF flags our patches cannot honour, each with a message naming the flag (pure: no
+    OpenRLHF import, so the main suite tests it with a namespace)."""
+    train, algo = args.train, args.algo
+    correction = getattr(algo.advantage, "is_correction_level", "off")
+    if patch.loss and correction != "off":
+        raise ValueError(
+            f"--algo.advantage.is_correction_level {correction}: OpenRLHF applies that correction inside its "
+            f"PolicyLoss, which openrlhf_search's loss patch ({patch.loss!r}) replaces, so it would be silently "
+            "dropped (or, with +tis/+mis, applied twice); use the algorithm's +tis / +mis modifier instead "
+            "(e.g. algorithm.name=grpo+tis) and leave OpenRLHF's --algo.advantage.is_correction_* at off"
+        )
+    if patch.offpolicy and not patch.loss:
+        raise ValueError(f"patch offpolicy={patch.offpolicy!r} without a loss: +{patch.offpolicy} wraps our loss")
+    if patch.loss and train.dynamic_batch_enable:
+        raise ValueError("--train.dynamic_batch_enable is not supported with openrlhf_search's loss patch (its "
+                         "normalization assumes OpenRLHF's fixed micro-batches)")  # fmt: skip
+    if getattr(train, "partial_rollout_enable", False) and not train.async_enable:
+        raise ValueError("--train.partial_rollout_enable needs --train.async_enable (OpenRLHF's rule)")
+
+
 def apply_patches(patch: PatchConfig, args=None) -> None:
-    """Swap OpenRLHF's ``PolicyModelActor`` / ``PPOTrainer`` for our subclasses (driver side, before ``train``).
+    """Swap OpenRLHF's ``PolicyModelActor`` / ``PPOTrainer`` (or, with ``--train.async_enable``, its
+    ``PPOTrainerAsync``, whose ``TrainingActor`` becomes ours) for our subclasses (driver side, before ``train``).
 
     Args:
         patch: what to replace; an inactive config changes nothing.
-        args: OpenRLHF's parsed arguments, used to refuse unsupported modes (async training, dynamic batching).
+        args: OpenRLHF's parsed arguments, checked by :func:`check_openrlhf_args` (refused flag combinations).
     """
     from openrlhf_search.plugins import load_plugins
 
@@ -401,23 +564,25 @@ def apply_patches(patch: PatchConfig, args=None) -> None:
         return
     check_openrlhf_version()
     if args is not None:
-        if args.train.async_enable:
-            raise ValueError("--train.async_enable is not supported with openrlhf_search's loss/CalibAdv patches")
-        if patch.loss and args.train.dynamic_batch_enable:
-            raise ValueError("--train.dynamic_batch_enable is not supported with openrlhf_search's loss patch")
+        check_openrlhf_args(patch, args)
     import openrlhf.trainer.ppo_trainer as ppo_trainer_mod
+    import openrlhf.trainer.ppo_trainer_async as ppo_trainer_async_mod
     import openrlhf.trainer.ray.ppo_actor as ppo_actor_mod
 
     if "PolicyModelActor" not in _PATCHED:
         _PATCHED["PolicyModelActor"] = ppo_actor_mod.PolicyModelActor
         _PATCHED["PPOTrainer"] = ppo_trainer_mod.PPOTrainer
+        _PATCHED["PPOTrainerAsync"] = ppo_trainer_async_mod.PPOTrainerAsync
+        _PATCHED["TrainingActor"] = ppo_trainer_async_mod.TrainingActor
     if patch.loss:
         ppo_actor_mod.PolicyModelActor = make_policy_actor_class(_PATCHED["PolicyModelActor"], patch)
         cli = sys.modules.get("openrlhf.cli.train_ppo_ray")
         if cli is not None:
             cli.PolicyModelActor = ppo_actor_mod.PolicyModelActor
-    if patch.advantages_patched or patch.dump_dir:
-        ppo_trainer_mod.PPOTrainer = make_ppo_trainer_class(_PATCHED["PPOTrainer"], patch)
+    # both trainers: train_ppo_ray imports the one --train.async_enable selects when train() runs
+    ppo_trainer_mod.PPOTrainer = make_ppo_trainer_class(_PATCHED["PPOTrainer"], patch)
+    ppo_trainer_async_mod.PPOTrainerAsync = make_async_trainer_class(_PATCHED["PPOTrainerAsync"],
+                                                                     _PATCHED["TrainingActor"], patch)
 
 
 # --------------------------------------------------------------------------------------------- Megatron backend
@@ -476,7 +641,14 @@ def apply_megatron_backend(backend, args=None) -> None:
             world = getattr(args, role).num_nodes * getattr(args, role).num_gpus_per_node
             if world % dup:
                 raise ValueError(f"backend: megatron: {role} world size {world} is not divisible by TPxPPxCP={dup}")
-        refused = {"--ds.packing_samples": args.ds.packing_samples, "--train.async_enable": args.train.async_enable,
+        if args.train.async_enable or getattr(args.train, "partial_rollout_enable", False):
+            raise ValueError(
+                "backend: megatron does not support --train.async_enable / --train.partial_rollout_enable: OpenRLHF's "
+                "async TrainingActor would drive the Megatron actors while vLLM generates, but their bucketed weight "
+                "broadcast (megatron.weight_sync) is not versioned for staleness tags and was never run concurrently "
+                "with generation; use the DeepSpeed backend for asynchronous training"
+            )
+        refused = {"--ds.packing_samples": args.ds.packing_samples,
                    "--train.dynamic_batch_enable": args.train.dynamic_batch_enable}  # fmt: skip
         bad = [flag for flag, on in refused.items() if on]
         if bad:

@@ -158,7 +158,10 @@ def compare(env, traj, result, agent_traj, reward_fn, calib_record):
     assert result["reward"] == score and result["scores"] == score
     assert agent_traj.finish_reason == traj.finish_reason
     assert result["truncated"] == (traj.finish_reason == "max_length")
-    logs = {k: v for k, v in result["extra_logs"].items() if k != "calib_id"}
+    from openrlhf_search.integrations.openrlhf.staleness import TRANSPORT_KEYS
+
+    assert {k: result["extra_logs"][k] for k in TRANSPORT_KEYS} == {k: 0 for k in TRANSPORT_KEYS}  # no trainer
+    logs = {k: v for k, v in result["extra_logs"].items() if k != "calib_id" and k not in TRANSPORT_KEYS}
     assert logs == env.metrics(traj, info)
     assert sorted(logs) == sorted(env.episode.metric_names())
     assert calib_record == dataclasses.asdict(traj.to_calib_record(offset=P - 1))

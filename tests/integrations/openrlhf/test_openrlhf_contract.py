@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from openrlhf_search.integrations.openrlhf.config import OpenRLHFConfig, PatchConfig  # noqa: E402
 
-ALGORITHMS = ["grpo", "dr_grpo", "dapo", "gspo", "dspo", "sapo", "calibadv", "dspo+calibadv", "sapo+calibadv"]
+ALGORITHMS = ["grpo", "dr_grpo", "dapo", "gspo", "dspo", "sapo", "calibadv", "dspo+calibadv", "sapo+calibadv",
+              "grpo+calibadv+tis", "dspo+mis"]
 
 
 def openrlhf_args(argv):
@@ -42,7 +43,9 @@ def test_version_is_pinned():
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("cluster", [{}, {"actor_num_nodes": 2, "zero_stage": 3, "vllm_tensor_parallel_size": 2,
                                           "colocate_all": False, "cpu_shim": True, "vllm_sync_backend": "gloo",
-                                          "shared_dir": "/shared/run", "retrieval_host": "10.0.0.1"}])
+                                          "shared_dir": "/shared/run", "retrieval_host": "10.0.0.1"},
+                                     {"colocate_all": False, "async_train": True, "async_queue_size": 2,
+                                      "partial_rollout": True}])
 def test_every_emitted_flag_is_accepted_by_openrlhf(algorithm, cluster):
     from openrlhf_search.integrations.openrlhf.launch import build_plan
     from openrlhf_search.trainer.config import load_config
@@ -59,6 +62,9 @@ def test_every_emitted_flag_is_accepted_by_openrlhf(algorithm, cluster):
     assert args.algo.kl.use_loss is True and args.algo.kl.init_coef == pytest.approx(0.001)
     assert args.ds.zero_stage == cluster.get("zero_stage", 2)
     assert args.vllm.sync_with_ray is False
+    assert args.train.async_enable is cluster.get("async_train", False)
+    assert args.train.partial_rollout_enable is cluster.get("partial_rollout", False)
+    assert args.algo.advantage.is_correction_level == "off"
 
 
 def test_cluster_flags_land_in_openrlhf_args(tmp_path):
@@ -312,23 +318,35 @@ def test_calibadv_runs_after_openrlhf_advantages():
 
 
 def test_apply_patches_swaps_the_ray_actor_classes():
+    """The sync trainer and the async controller are both swapped; the async controller builds our TrainingActor,
+    whose MRO puts the versioned broadcast between OpenRLHF's TrainingActor (lock, pause/resume) and
+    BasePPOTrainer."""
     import openrlhf.trainer.ppo_trainer as ppo_trainer_mod
+    import openrlhf.trainer.ppo_trainer_async as async_mod
     import openrlhf.trainer.ray.ppo_actor as ppo_actor_mod
 
     from openrlhf_search.integrations.openrlhf import patches
 
-    before = (ppo_actor_mod.PolicyModelActor, ppo_trainer_mod.PPOTrainer)
+    before = (ppo_actor_mod.PolicyModelActor, ppo_trainer_mod.PPOTrainer, async_mod.PPOTrainerAsync)
     try:
-        patches.apply_patches(PatchConfig(loss="sapo", calibadv=True))
+        patches.apply_patches(PatchConfig(loss="sapo", calibadv=True),
+                              openrlhf_args(["--train.async_enable", "--train.partial_rollout_enable"]))
         actor_cls = ppo_actor_mod.PolicyModelActor.__ray_actor_class__
         trainer_cls = ppo_trainer_mod.PPOTrainer.__ray_actor_class__
         assert issubclass(actor_cls, before[0].__ray_actor_class__) and actor_cls._patch_config.loss == "sapo"
         assert issubclass(trainer_cls, before[1].__ray_actor_class__) and trainer_cls._patch_config.calibadv
         assert patches._remote_options(ppo_actor_mod.PolicyModelActor) == patches._remote_options(before[0])
-        with pytest.raises(ValueError, match="async_enable"):
-            patches.apply_patches(PatchConfig(loss="sapo"), openrlhf_args(["--train.async_enable"]))
+        controller = async_mod.PPOTrainerAsync.__ray_actor_class__
+        assert issubclass(controller, before[2].__ray_actor_class__)
+        training = controller._training_cls
+        mro = [c.__name__ for c in training.__mro__]
+        assert mro[:4] == ["SearchTrainingActor", "TrainingActor", "WeightVersionedBroadcast", "BasePPOTrainer"]
+        assert training._patch_config.calibadv and async_mod.TrainingActor is patches._PATCHED["TrainingActor"]
+        with pytest.raises(ValueError, match="is_correction_level token"):
+            patches.apply_patches(PatchConfig(loss="sapo"),
+                                  openrlhf_args(["--algo.advantage.is_correction_level", "token"]))
     finally:
-        ppo_actor_mod.PolicyModelActor, ppo_trainer_mod.PPOTrainer = before
+        ppo_actor_mod.PolicyModelActor, ppo_trainer_mod.PPOTrainer, async_mod.PPOTrainerAsync = before
 
 
 def test_shared_files_are_checked_on_every_ray_node(tmp_path):

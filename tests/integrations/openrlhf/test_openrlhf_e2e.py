@@ -250,3 +250,100 @@ def test_grpo_layouts_through_openrlhf(assets, tmp_path, layout):
     result.workdir_model = tmp_path / "openrlhf" / "model"
     gaps = _check_run(result, assets, ["search/num_searches"])
     print(f"GRPO {layout} e2e: {result.seconds:.0f} s; {gaps}")
+
+
+ASYNC_STEPS = 4
+"""Steps of the asynchronous run: step 1 samples the initial weights (fresh), steps 2-4 are one version stale."""
+
+
+@pytest.mark.parametrize("mode", ["locked", "partial"])
+def test_async_grpo_calibadv_tis_through_openrlhf(assets, tmp_path, mode):
+    """``--train.async_enable`` (queue 1, no partial rollouts) with ``grpo+calibadv+tis``: OpenRLHF's
+    PPOTrainerAsync runs our TrainingActor. HF checkpoints of every version (``save_steps=1``) let the test
+    recompute each sample's log-probs under the weights its tag names.
+
+    Proves: (a) masking, (d) the weights moved; staleness tags: step 1 all version 0 / staleness 0, every sample's
+    tokens from one version (no partial rollouts: a batch is generated under OpenRLHF's vLLM lock), staleness in
+    {0, 1} and some samples 1 (the generator ran ahead); vLLM sampled from the version its tag names (gap to that
+    checkpoint < SYNC_LIMIT) which is not the trainer's (the stale gap is larger) nor, after an update, the initial
+    model; +tis saw the stale samples (larger |log rho| than step 1); CalibAdv changed the advantages.
+
+    ``partial`` (``--train.partial_rollout_enable``): the generator runs without the lock and a weight sync pauses
+    vLLM mid-batch, so a trajectory may mix versions (tags (v, v + 1)); staleness is still <= 1 (the generator
+    starts batch k + 1 only when the trainer takes batch k). The sync check then runs on the unmixed samples only
+    (per-token versions are not recorded), the mixed share is reported.
+
+    Measured 2026-12-01, ``locked`` (177 s run): rollout vs the tagged version's checkpoint 0.0017 / 0.0018 /
+    0.0036 / 0.0068 at steps 1-4, vs the trainer 0.0008 (fresh) / 0.16 / 0.59 / 0.94 (stale), vs the initial model
+    0.002 / 0.002 / 0.37 / 1.71; 48 of 64 samples stale (steps 2-4, staleness 1); +tis mean |log rho| 0.0008 at
+    step 1, 0.16 / 0.59 / 0.94 after; CalibAdv changed advantages by up to 1.09. ``partial`` (182 s run): the same
+    pattern (rollout vs tagged checkpoint 0.0020 / 0.0026 / 0.0024 / 0.0042, vs the trainer 0.0014 / 0.21 / 0.23 /
+    0.26, 48 stale samples) but **0 mixed-version samples**: on this CPU machine each batch finished generating
+    before the trainer's next broadcast, so the mid-trajectory pause was not exercised (only the scripted-engine
+    unit test covers a (v, v + 1) turn)."""
+    result = run_openrlhf_e2e(assets, tmp_path, "grpo+calibadv+tis", steps=ASYNC_STEPS, lr=DSPO_LR,
+                              port=free_port(), prompts_per_step=PROMPTS_PER_STEP,
+                              overrides=("env.reward=f1_x_format", "logging.keep_checkpoints=10"),
+                              layout={"async_train": True, "save_steps": 1,
+                                      "partial_rollout": mode == "partial"})  # fmt: skip
+    assert result.returncode == 0, result.log[-4000:]
+    trained = [s for s in result.steps if "policy_loss" in s]
+    assert len(trained) >= 3, result.log[-4000:]
+    for step in trained:
+        missing = [k for k in ("async/staleness", "async/staleness_max", "async/trainer_version",
+                               "calibadv/missing_records", "search_loss/offpolicy/abs_log_rho_mean",
+                               "search_loss/offpolicy/truncated_share") if k not in step]  # fmt: skip
+        assert not missing, f"step {step['_step']}: {missing} not in OpenRLHF's log"
+        assert step["calibadv/missing_records"] == 0.0
+    dumps = load_dumps(result.dump_dir)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets.model_dir)
+    masked_retrieval, model_tokens = masking_check([r for d in dumps for r in d], tok)
+    assert masked_retrieval > 0 and model_tokens > 0
+    ckpt = tmp_path / "openrlhf" / "checkpoints"
+    summary = []
+    stale_rows = mixed_rows = 0
+    for k, rows in enumerate(dumps, start=1):
+        versions = {(r["weight_version_min"], r["weight_version_max"]) for r in rows}
+        assert all(lo <= hi <= k - 1 for lo, hi in versions), f"step {k}: versions {versions}"
+        if mode == "locked":
+            assert all(lo == hi for lo, hi in versions), f"step {k}: mixed versions without partial rollouts"
+        mixed_rows += sum(r["weight_version_min"] < r["weight_version_max"] for r in rows)
+        assert all(r["async/trainer_version"] == k - 1 for r in rows), f"step {k}: trainer version"
+        stale = {r["async/staleness"] for r in rows}
+        assert stale <= {0.0, 1.0}, f"step {k}: staleness {stale} beyond the queue size 1"
+        if k == 1:
+            assert versions == {(0.0, 0.0)}, versions
+        stale_rows += sum(r["async/staleness"] == 1.0 for r in rows)
+        for (v, hi), group in _by_version(rows).items():
+            if hi > v:  # tokens of two versions (partial rollouts): no per-token tags to check them against
+                summary.append(f"step {k} v{v:g}-v{hi:g} (n={len(group)}, mixed)")
+                continue
+            weights = assets.model_dir if v == 0 else ckpt / f"global_step{int(v)}_hf"
+            to_trainer, to_tag = logprob_gaps(group, weights)
+            _, to_initial = logprob_gaps(group, assets.model_dir)
+            assert to_tag < SYNC_LIMIT, f"step {k}: vLLM (tag v{v:g}) differs from checkpoint v{v:g} by {to_tag:.4f}"
+            if v < k - 1:  # stale: the trainer (version k - 1) has moved on
+                assert to_trainer > 2 * to_tag, f"step {k}, v{v:g}: {to_trainer=:.4f} {to_tag=:.4f}"
+            summary.append(f"step {k} v{v:g} (n={len(group)}, staleness {k - 1 - v:g}): rollout-tagged {to_tag:.4f}, "
+                           f"rollout-trainer {to_trainer:.4f}, rollout-initial {to_initial:.3f}")
+    assert stale_rows > 0, "no stale sample: the generator never ran ahead of the trainer"
+    late = [s for s in trained if s["async/staleness"] > 0]
+    first = trained[0]["search_loss/offpolicy/abs_log_rho_mean"]
+    assert late and max(s["search_loss/offpolicy/abs_log_rho_mean"] for s in late) > 2 * first
+    gap = max(outcome_advantage_gap(d) for d in dumps)
+    assert gap > 0.05, f"the trained advantages equal group_norm's (max diff {gap:.2e}): CalibAdv not applied?"
+    change, n_changed = weight_change(assets.model_dir, tmp_path / "openrlhf" / "model")
+    assert change > MIN_WEIGHT_CHANGE and n_changed > 0
+    rho = ", ".join(f"{s['search_loss/offpolicy/abs_log_rho_mean']:.4f}" for s in trained)
+    print(f"async {mode} e2e: {result.seconds:.0f} s, {len(trained)} steps, {stale_rows} stale samples, "
+          f"{mixed_rows} mixed-version samples, |log rho| per step "
+          f"{rho}, CalibAdv advantage change <= {gap:.3f}, weights changed {change:.3f}; " + "; ".join(summary))
+
+
+def _by_version(rows) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault((r["weight_version_min"], r["weight_version_max"]), []).append(r)
+    return out

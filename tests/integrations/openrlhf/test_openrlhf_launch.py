@@ -85,9 +85,52 @@ def test_loss_terms_openrlhf_cannot_feed_are_refused():
         launch.build_plan(make_config("algorithm.name=sapo", "algorithm.loss_overrides={kl_coef: 0.1}"))
 
 
-def test_offpolicy_modifiers_are_refused_outside_the_local_trainer():
-    with pytest.raises(ValueError, match=r"algorithm.name='grpo\+tis': the \+tis off-policy modifier runs"):
-        launch.build_plan(make_config("algorithm.name=grpo+tis"))
+@pytest.mark.parametrize("algorithm", ["grpo+tis", "dspo+mis", "sapo+tis", "calibadv+tis"])
+def test_offpolicy_modifiers_inject_our_loss_with_the_correction(algorithm):
+    """+tis/+mis on the DeepSpeed backend: our loss is always injected (OpenRLHF's native ppo/gspo cannot be
+    wrapped) with the correction; the behaviour log-probs are OpenRLHF's rollout_log_probs (patches.py)."""
+    plan = launch.build_plan(make_config(f"algorithm.name={algorithm}"))
+    base = algorithm.split("+")[0]
+    assert plan.patch_config.loss == ("grpo" if base == "calibadv" else base)
+    assert plan.patch_config.offpolicy == algorithm.split("+")[1]
+    assert flag_values(plan.command, "--actor.policy_loss_type") == ["ppo"]
+    assert not [a for a in plan.command if "is_correction" in a]
+
+
+def test_offpolicy_modifiers_refuse_openrlhfs_own_correction_and_missing_logprobs():
+    extra = OpenRLHFConfig(extra_args=["--algo.advantage.is_correction_level", "token"])
+    with pytest.raises(ValueError, match=r"is_correction.*\+tis / \+mis"):
+        launch.build_plan(make_config("algorithm.name=grpo+tis"), extra)
+    with pytest.raises(ValueError, match="is_correction"):  # also without +tis: our loss replaces their PolicyLoss
+        launch.build_plan(make_config("algorithm.name=sapo"), extra)
+    assert "token" in launch.build_plan(make_config("algorithm.name=grpo"), extra).command  # native loss: theirs
+    with pytest.raises(ValueError, match="openrlhf.record_rollout_logprobs=true"):
+        launch.build_plan(make_config("algorithm.name=grpo+mis"), OpenRLHFConfig(record_rollout_logprobs=False))
+
+
+def test_offpolicy_and_async_are_refused_with_megatron():
+    mega = {"backend": "megatron", "megatron": {"parallel": {"tensor_model_parallel_size": 2}}}
+    orl = OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2)
+    with pytest.raises(ValueError, match=r"\+tis off-policy modifier is not available with backend: megatron"):
+        launch.build_plan(make_config("algorithm.name=grpo+tis"), orl, mega)
+    import dataclasses
+
+    with pytest.raises(ValueError, match=r"async_train=true \(--train.async_enable\) is not available with backend"):
+        launch.build_plan(make_config(), dataclasses.replace(orl, async_train=True), mega)
+
+
+def test_async_training_flags():
+    orl = OpenRLHFConfig(colocate_all=False, async_train=True, async_queue_size=2, partial_rollout=True)
+    plan = launch.build_plan(make_config("algorithm.name=grpo+calibadv+tis"), orl)
+    assert "--train.async_enable" in plan.command and "--train.partial_rollout_enable" in plan.command
+    assert flag_values(plan.command, "--train.async_queue_size") == ["2"]
+    assert any("asynchronous training" in n for n in plan.notes)
+    assert "--train.async_enable" not in launch.build_plan(make_config()).command
+    for bad, message in (({"partial_rollout": True}, "partial_rollout=true needs openrlhf.async_train=true"),
+                         ({"async_train": True}, "vllm_enable_sleep"),
+                         ({"async_train": True, "async_queue_size": 0}, "async_queue_size=0")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            launch.build_plan(make_config(), OpenRLHFConfig(**bad))
 
 
 def test_estimators_and_kl():

@@ -166,3 +166,173 @@ def test_torch_cuda_patch_maps_to_cpu(monkeypatch):
     assert fake_cuda.current_device() == torch.device("cpu")
     assert fake_cuda.synchronize() is None and fake_cuda.set_device(3) is None
     assert torch.zeros(2).to(fake_cuda.current_device()).device.type == "cpu"
+
+
+# --------------------------------------------------------------------------------------------- async (issue 13)
+def _args(async_enable=False, partial=False, correction="off", dynamic=False):
+    return SimpleNamespace(train=SimpleNamespace(async_enable=async_enable, partial_rollout_enable=partial,
+                                                 dynamic_batch_enable=dynamic),
+                           algo=SimpleNamespace(advantage=SimpleNamespace(is_correction_level=correction)))
+
+
+def test_openrlhf_flags_async_allowed_their_correction_refused_with_our_loss():
+    from openrlhf_search.integrations.openrlhf.config import PatchConfig
+    from openrlhf_search.integrations.openrlhf.patches import check_openrlhf_args
+
+    calib = PatchConfig(calibadv=True)
+    tis = PatchConfig(loss="grpo", offpolicy="tis")
+    for patch in (calib, tis):
+        check_openrlhf_args(patch, _args(async_enable=True))
+        check_openrlhf_args(patch, _args(async_enable=True, partial=True))
+    check_openrlhf_args(calib, _args(correction="token"))  # OpenRLHF's own loss stays: its correction is honoured
+    with pytest.raises(ValueError, match=r"--algo.advantage.is_correction_level seq: .*\+tis / \+mis"):
+        check_openrlhf_args(tis, _args(correction="seq"))
+    with pytest.raises(ValueError, match="--train.dynamic_batch_enable"):
+        check_openrlhf_args(tis, _args(dynamic=True))
+    with pytest.raises(ValueError, match="--train.partial_rollout_enable needs --train.async_enable"):
+        check_openrlhf_args(calib, _args(partial=True))
+
+
+def test_megatron_backend_refuses_async_with_its_reason(monkeypatch):
+    from openrlhf_search.integrations.openrlhf import compat
+    from openrlhf_search.integrations.openrlhf.patches import apply_megatron_backend
+
+    monkeypatch.setattr(compat, "check_openrlhf_version", lambda: None)
+    args = _args(async_enable=True)
+    args.ds = SimpleNamespace(ring_attn_size=1, tensor_parallel_size=1, packing_samples=False)
+    args.algo.kl = SimpleNamespace(init_coef=0.0)
+    args.actor = SimpleNamespace(num_nodes=1, num_gpus_per_node=1)
+    backend = SimpleNamespace(backend="megatron", duplicate_actors=1)
+    with pytest.raises(ValueError, match=r"--train.async_enable .*weight broadcast"):
+        apply_megatron_backend(backend, args)
+
+
+@pytest.mark.parametrize("mode", ["tis", "mis"])
+def test_loss_adapter_forwards_rollout_logprobs_as_behaviour(mode):
+    """+tis/+mis: OpenRLHF's rollout_log_probs are the behaviour log-probs of the wrapped loss (same loss and
+    gradient as calling the corrected registry loss directly); without them the adapter names the setting."""
+    from openrlhf_search.algorithms.losses import get_policy_loss
+    from openrlhf_search.algorithms.offpolicy import with_offpolicy_correction
+
+    new, old, adv, mask = _batch(b=4, t=6, seed=2)
+    behaviour = old + 0.8 * torch.randn(old.shape, generator=torch.Generator().manual_seed(3))
+    ours = OpenRLHFPolicyLoss("grpo", {}, mode)
+    loss, *_ = ours(new, old, adv, action_mask=mask, rollout_log_probs=behaviour)
+    ref, _ = with_offpolicy_correction(get_policy_loss("grpo"), mode)(new, old, adv, mask,
+                                                                        behaviour_log_probs=behaviour)
+    plain, _ = get_policy_loss("grpo")(new, old, adv, mask)
+    assert torch.allclose(loss, ref) and not torch.allclose(loss, plain)
+    assert f"search_loss/offpolicy/{'truncated' if mode == 'tis' else 'masked'}_share" in ours.last_metrics
+    with pytest.raises(RuntimeError, match="openrlhf.record_rollout_logprobs=true"):
+        ours(new, old, adv, action_mask=mask)
+
+
+def test_staleness_tags_and_metrics():
+    from openrlhf_search.integrations.openrlhf import staleness
+
+    assert staleness.trajectory_tags([]) == {"weight_version_min": 0, "weight_version_max": 0}
+    assert staleness.trajectory_tags([(2, 2), (2, 3), (3, 3)]) == {"weight_version_min": 2, "weight_version_max": 3}
+    def exp(lo, hi):
+        return SimpleNamespace(info={"weight_version_min": torch.tensor(lo), "weight_version_max": torch.tensor(hi)})
+
+    exps = [exp([1.0, 3.0], [1.0, 3.0]), exp([2.0], [3.0])]
+    metrics = staleness.tag_staleness(exps, trainer_version=3)
+    assert exps[0].info["async/staleness"].tolist() == [2.0, 0.0]
+    assert exps[1].info["async/staleness"].tolist() == [1.0]
+    assert metrics == {"async/staleness_max": 2.0, "async/mixed_version_share": pytest.approx(1 / 3),
+                       "async/trainer_version": 3.0}
+    assert staleness.tag_staleness([SimpleNamespace(info={})], 1) == {}
+    with pytest.raises(RuntimeError, match="inconsistent weight versions"):
+        staleness.tag_staleness(exps, trainer_version=2)  # a sample newer than the trainer
+    actor = SimpleNamespace()
+    assert staleness.engine_version(actor) == 0
+    staleness.set_engine_version(actor, 4)
+    assert staleness.engine_version(actor) == 4
+
+
+def test_turn_capped_engine_records_the_version_before_and_after_each_turn():
+    """A broadcast landing during a turn (partial rollouts) shows as (start, end) = (v, v + 1)."""
+    import asyncio
+
+    from openrlhf_search.integrations.openrlhf import agent_core, staleness
+
+    class Engine:
+        async def generate(self, ids, params, multi_modal_data=None):
+            staleness.set_engine_version(self, staleness.engine_version(self) + 1)  # an update mid-turn
+            return SimpleNamespace(outputs=[SimpleNamespace(token_ids=[1])])
+
+    traj = SimpleNamespace(prompt_ids=[5], response_ids=[])
+    episode = SimpleNamespace(new_trajectory=lambda ids, meta: traj, turn_budget=lambda t: 4)
+    st = agent_core.EpisodeState(episode=episode)
+    engine = Engine()
+    staleness.set_engine_version(engine, 2)
+    token = agent_core._STATE.set(st)
+    try:
+        asyncio.run(agent_core.TurnCappedEngine(engine).generate([5], SimpleNamespace(max_tokens=9)))
+    finally:
+        agent_core._STATE.reset(token)
+    assert st.turn_versions == [(2, 3)]
+
+
+def _fake_openrlhf_trainer(monkeypatch, events):
+    """A stand-in ``openrlhf.trainer.ppo_trainer.BasePPOTrainer`` and an async ``TrainingActor`` shaped like
+    OpenRLHF 0.11.2's (lock -> pause -> super().broadcast_to_vllm() -> resume)."""
+    mod = types.ModuleType("openrlhf.trainer.ppo_trainer")
+
+    class BasePPOTrainer:
+        def __init__(self):
+            self.vllm_engines = ["e0", "e1"]
+            self.experience_maker = SimpleNamespace(compute_advantages_and_returns=lambda exps: exps,
+                                                    args=SimpleNamespace(rollout=SimpleNamespace(
+                                                        n_samples_per_prompt=1)))  # fmt: skip
+
+        def broadcast_to_vllm(self):
+            events.append("broadcast")
+
+    class TrainingActor(BasePPOTrainer):
+        def broadcast_to_vllm(self):
+            events.append("pause")
+            super().broadcast_to_vllm()
+            events.append("resume")
+
+    mod.BasePPOTrainer = BasePPOTrainer
+    for name in ("openrlhf", "openrlhf.trainer"):
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name) or types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "openrlhf.trainer.ppo_trainer", mod)
+    return SimpleNamespace(__ray_actor_class__=TrainingActor)
+
+
+def test_async_training_actor_versions_inside_the_pause_and_hooks_the_maker(monkeypatch):
+    from openrlhf_search.integrations.openrlhf import staleness
+    from openrlhf_search.integrations.openrlhf.config import PatchConfig
+    from openrlhf_search.integrations.openrlhf.patches import make_training_actor_class
+
+    events: list = []
+    remote_like = _fake_openrlhf_trainer(monkeypatch, events)
+    monkeypatch.setattr(staleness, "publish_engine_version",
+                        lambda engines, v: events.append(("publish", tuple(engines), v)))
+    cls = make_training_actor_class(remote_like, PatchConfig(calibadv=True))
+    trainer = cls()
+    assert trainer.openrlhf_search_hooks() == {"maker": True, "advantages": True, "dump": False}
+    trainer.broadcast_to_vllm()
+    trainer.broadcast_to_vllm()
+    assert events == ["pause", "broadcast", ("publish", ("e0", "e1"), 1), "resume",
+                      "pause", "broadcast", ("publish", ("e0", "e1"), 2), "resume"]
+    exp = SimpleNamespace(info={"weight_version_min": torch.tensor([1.0]), "weight_version_max": torch.tensor([1.0])},
+                          action_mask=torch.ones(1, 2))
+    monkeypatch.setattr("openrlhf_search.integrations.openrlhf.patches.postprocess_experiences",
+                        lambda exps, n, patch: {"calibadv/ran": 1.0})
+    trainer.experience_maker.compute_advantages_and_returns([exp])
+    assert exp.info["async/staleness"].tolist() == [1.0] and exp.info["calibadv/ran"].tolist() == [1.0]
+    assert exp.info["async/trainer_version"].tolist() == [2.0]
+
+
+def test_trainer_without_an_experience_maker_is_refused(monkeypatch):
+    from openrlhf_search.integrations.openrlhf.config import PatchConfig
+    from openrlhf_search.integrations.openrlhf.patches import make_training_actor_class
+
+    remote_like = _fake_openrlhf_trainer(monkeypatch, [])
+    base = remote_like.__ray_actor_class__
+    base.__init__ = lambda self: None  # noqa: E731 -- a layout change: no experience_maker
+    with pytest.raises(RuntimeError, match="cannot install CalibAdv"):
+        make_training_actor_class(remote_like, PatchConfig(calibadv=True))()
