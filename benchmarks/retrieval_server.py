@@ -177,15 +177,24 @@ def in_process_ceiling(index_dir: Path, singles: list[list[str]], clients: int, 
     queries = [qs[0] for qs in singles]
     retriever.search(queries[:clients], k)  # warm-up (numba compilation, encoder first call)
     rates: dict[str, list[float]] = {"batch_1": [], f"batch_{clients}": []}
+    cpu: dict[str, list[float]] = {"batch_1": [], f"batch_{clients}": []}
     for _ in range(rounds):
         for name, size in (("batch_1", 1), (f"batch_{clients}", clients)):
-            start = time.perf_counter()
+            start, c0 = time.perf_counter(), time.process_time()  # process time: every thread (numba's too)
             for b in batches(queries, size):
                 retriever.search(b, k)
             rates[name].append(len(queries) / (time.perf_counter() - start))
+            cpu[name].append((time.process_time() - c0) / len(queries) * 1e6)
     med = {n: float(np.median(r)) for n, r in rates.items()}
     return {"qps": {n: round(v, 1) for n, v in med.items()},
+            "cpu_us_per_query": {n: round(float(np.median(c)), 1) for n, c in cpu.items()},
             "max_ratio": round(med[f"batch_{clients}"] / med["batch_1"], 2)}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all threads (``/proc/<pid>/stat``; Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def concurrency_study(index_dir: Path, log: Path, singles: list[list[str]], clients: int, k: int,
@@ -198,10 +207,19 @@ def concurrency_study(index_dir: Path, log: Path, singles: list[list[str]], clie
     warm = singles[: 2 * clients]
     with serve(index_dir, log, *extra) as url:
         raw_clients(url, warm, clients, k)
-        out["microbatched_16_clients"] = raw_clients(url, singles, clients, k)
-        out["microbatched_16_clients"]["server_batch_queries"] = httpx.get(f"{url}/metrics").json()["batch_queries"]
+        pid = SERVER_PIDS[url]
+        s0, c0 = process_cpu_seconds(pid), time.process_time()
+        run = out["microbatched_16_clients"] = raw_clients(url, singles, clients, k)
+        n = sum(map(len, singles))
+        run["server_cpu_us_per_query"] = round((process_cpu_seconds(pid) - s0) / n * 1e6, 1)
+        run["load_generator_cpu_us_per_query"] = round((time.process_time() - c0) / n * 1e6, 1)
+        run["server_batch_queries"] = httpx.get(f"{url}/metrics").json()["batch_queries"]
         out["microbatched_vs_in_process_batch16"] = round(
-            out["microbatched_16_clients"]["qps"] / out["in_process_ceiling"]["qps"][f"batch_{clients}"], 3)
+            run["qps"] / out["in_process_ceiling"]["qps"][f"batch_{clients}"], 3)
+        # the load-independent figure: in-process CPU per query at batch 16 over the server's CPU per query, i.e.
+        # the throughput ratio when the clients do not share the server's cores (rollout workers on other hosts)
+        out["server_cpu_efficiency_vs_in_process_batch16"] = round(
+            out["in_process_ceiling"]["cpu_us_per_query"][f"batch_{clients}"] / run["server_cpu_us_per_query"], 3)
         if not baselines:
             return out
         out["microbatched_16_httpx_threads"] = concurrent_clients(url, singles, clients, k)

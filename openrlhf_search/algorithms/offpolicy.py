@@ -23,8 +23,10 @@ The PPO surrogate assumes ``pi_old`` sampled the data. The behaviour/proximal ra
 * **MIS**, masked importance sampling: tokens (or whole sequences) whose ``rho`` leaves ``[low, high]`` are removed
   from the loss entirely (IcePop, the Ling/Ring team's "Small leak can sink a great ship" report, 2025, masks
   tokens with ratio outside ``[0.5, 5]``; the same two-sided mask is verl's ``rollout_rs`` rejection sampling).
-  Masking changes the denominator of ``token-mean``: the masked tokens are no longer counted. Note for callers
-  passing a global ``normalizer`` (see docs/contracts.md): compute it from the *corrected* mask.
+  Without a ``normalizer``, masking changes the denominator of ``token-mean``: the masked tokens are no longer
+  counted. With the step normaliser every backend passes (``losses.step_normalizers``, from the *uncorrected*
+  mask, see docs/contracts.md) the masked tokens stay in the denominator with zero gradient, so the normaliser does
+  not depend on the micro-batch split; the local trainer and the OpenRLHF adapter both do this.
 
 Every function here is pure (no state, no in-place edits), never reads masked positions (``torch.where``, so NaN
 log-probs on padding/retrieved tokens cannot leak) and returns detached weights. :func:`with_offpolicy_correction`

@@ -120,6 +120,8 @@ class AsyncProducer:
         self._finished_since_take = 0
         self._rollout_idle = 0.0
         self._t_period = time.perf_counter()
+        self.last_group_staleness: list[int] = []
+        """Staleness of each group of the last batch (the TensorBoard histogram)."""
         self.engine.update_weights(self.shadow)
         self._thread = threading.Thread(target=self._run, name="openrlhf-search-rollout-producer", daemon=True)
         self._thread.start()
@@ -265,7 +267,8 @@ class AsyncProducer:
             "async/rollout_idle_share": rollout_idle / period if period > 0 else 0.0,
             "async/groups_finished": float(finished),
         }
-        metrics.update(staleness_metrics([version - g.tag for g in groups], trajs, version))
+        self.last_group_staleness = [version - g.tag for g in groups]
+        metrics.update(staleness_metrics(self.last_group_staleness, trajs, version))
         used = [g.sample.id for g in sorted(groups + dropped, key=lambda g: g.key)]
         return RolloutBatch(trajs, rewards, gids, infos, metrics, used), metrics
 

@@ -628,7 +628,8 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
             if cfg.logging.eval_every and step % cfg.logging.eval_every == 0 and step < cfg.steps:
                 ev = evaluate_policy(eval_engine, eval_env, eval_samples, tokenizer, eval_params)
                 metrics.update({f"eval/{k}": v for k, v in ev.items()})
-            logger.log(step, metrics)
+            logger.log(step, metrics, histograms={"rollout/staleness": producer.last_group_staleness}
+                       if producer is not None else None)
             if trajs and cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == start_step + 1):
                 best = max(range(len(trajs)), key=lambda i: batch.rewards[i])
                 (samples_dir / f"step_{step:06d}.txt").write_text(

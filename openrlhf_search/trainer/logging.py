@@ -63,8 +63,9 @@ class MetricsLogger:
 
             self.wandb = wandb.init(project=wandb_project, dir=str(self.dir), config=run_config or {}, resume="allow")
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Write one step (``metrics`` must not contain ``step``)."""
+    def log(self, step: int, metrics: dict[str, Any], histograms: dict[str, list[float]] | None = None) -> None:
+        """Write one step (``metrics`` must not contain ``step``); ``histograms`` (name -> values) go to TensorBoard
+        as histograms (metrics.jsonl holds their summary, e.g. ``rollout/staleness_hist_{k}`` shares)."""
         row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
@@ -72,6 +73,12 @@ class MetricsLogger:
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                 if self.tb is not None:
                     self.tb.add_scalar(k, v, step)
+        if self.tb is not None:
+            for k, values in (histograms or {}).items():
+                if values:
+                    import numpy as np
+
+                    self.tb.add_histogram(k, np.asarray(values, dtype=np.float64), step)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
 

@@ -172,3 +172,19 @@ def test_producer_failure_reaches_the_learner_with_its_cause(tmp_path):
         producer.next_batch()
     assert isinstance(err.value.__cause__, ConnectionError)
     producer.close()
+
+
+def test_staleness_histogram_reaches_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from openrlhf_search.trainer.logging import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    logger.log(1, {"rollout/staleness_mean": 2 / 3}, histograms={"rollout/staleness": [0, 1, 1]})
+    logger.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert "rollout/staleness" in acc.Tags()["histograms"]
+    hist = acc.Histograms("rollout/staleness")[0].histogram_value
+    assert hist.num == 3 and hist.sum == 2 and hist.max == 1

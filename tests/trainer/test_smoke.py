@@ -91,6 +91,47 @@ def test_resume_after_sigkill_reaches_same_step_count_without_repeating_data(tmp
     assert used == _stream_prefix(out)[: len(used)]  # the stream continued exactly: nothing lost or repeated
 
 
+def test_async_producer_stays_within_its_bound_and_resumes_after_sigkill_losing_and_repeating_nothing(tmp_path):
+    """rollout.async_producer: every logged batch within max_staleness; SIGKILL, then --resume: every step once, no
+    question twice, and the only questions never trained on are the ones still in flight when the run ended."""
+    out = tmp_path / "run"
+    args = ["train", "--config", SMOKE, f"logging.output_dir={out}", "steps=6", "rollout.async_producer=true",
+            "rollout.max_staleness=1", "algorithm.name=grpo+tis", "sft.steps=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "openrlhf_search", *args], env=_env(), cwd=str(REPO),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 150
+    try:
+        while time.time() < deadline:
+            if metrics.exists() and any(r["step"] >= 3 for r in _rows(metrics)):
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"run ended before it could be killed: {proc.stderr.read()[-3000:]}")
+            time.sleep(0.1)
+        else:
+            pytest.fail("run did not reach step 3 in time")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    res = _cli(*args, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout
+    rows = _rows(metrics)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for r in rows:
+        assert r["rollout/staleness_max"] <= 1 and r["rollout/token_staleness_max"] <= 1
+        assert 0.0 <= r["async/learner_idle_share"] <= 1.0 and r["async/rollout_idle_s"] >= 0.0
+        assert "offpolicy/staleness_mean" in r  # +tis received the token versions
+    assert any(r["rollout/staleness_max"] == 1 for r in rows[1:])
+    used = [q for r in rows for q in r["samples"]]
+    assert len(used) == len(set(used)) == 6 * 2  # prompts_per_step 2, grpo keeps every group
+    order = _stream_prefix(out)
+    last = max(order.index(q) for q in used)
+    skipped = [q for q in order[:last] if q not in used]
+    # open groups at the end (at most (max_staleness + 1) x prompts_per_step) may have been skipped, nothing else
+    assert len(skipped) <= 4, skipped
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
