@@ -91,13 +91,39 @@ def test_resume_after_sigkill_reaches_same_step_count_without_repeating_data(tmp
     assert used == _stream_prefix(out)[: len(used)]  # the stream continued exactly: nothing lost or repeated
 
 
+LEN_PARITY_PLUGIN = '''
+from openrlhf_search.rewards import register_reward
+
+
+@register_reward("test_len_parity")
+def _factory(**cfg):
+    """A reward with variance on an untrained model (response length parity): advantages are non-zero, so the
+    policy really changes every step and a stale batch's behaviour log-probs differ from the trainer's."""
+    def fn(response_text, golden_answers, retrieved_text="", *, answer):
+        return float(len(response_text) % 2), {"answer": answer, "em": 0.0, "subem": 0.0, "f1": 0.0,
+                                               "valid_format": True, "format_error": "", "retrieval_hit": False}
+    return fn
+'''
+
+
+def plugin_env(tmp_path: Path) -> dict:
+    """The subprocess environment with ``test_len_parity_plugin`` importable (config ``plugins=[...]``)."""
+    (tmp_path / "test_len_parity_plugin.py").write_text(LEN_PARITY_PLUGIN)
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
 def test_async_producer_stays_within_its_bound_and_resumes_after_sigkill_losing_and_repeating_nothing(tmp_path):
-    """rollout.async_producer: every logged batch within max_staleness; SIGKILL, then --resume: every step once, no
-    question twice, and the only questions never trained on are the ones still in flight when the run ended."""
+    """rollout.async_producer: every logged batch within max_staleness, stale batches sampled by older weights;
+    SIGKILL, then --resume: every step once, no question twice, and the only questions never trained on are the ones
+    still in flight when the run ended."""
     out = tmp_path / "run"
     args = ["train", "--config", SMOKE, f"logging.output_dir={out}", "steps=6", "rollout.async_producer=true",
-            "rollout.max_staleness=1", "algorithm.name=grpo+tis", "sft.steps=0"]
-    proc = subprocess.Popen([sys.executable, "-m", "openrlhf_search", *args], env=_env(), cwd=str(REPO),
+            "rollout.max_staleness=1", "algorithm.name=grpo+tis", "sft.steps=0", "plugins=[test_len_parity_plugin]",
+            "env.reward=test_len_parity"]
+    env = plugin_env(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "openrlhf_search", *args], env=env, cwd=str(REPO),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 150
@@ -113,7 +139,8 @@ def test_async_producer_stays_within_its_bound_and_resumes_after_sigkill_losing_
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    res = _cli(*args, "--resume")
+    res = subprocess.run([sys.executable, "-m", "openrlhf_search", *args, "--resume"], capture_output=True, text=True,
+                         timeout=180, env=env, cwd=str(REPO))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
     rows = _rows(metrics)
@@ -122,7 +149,13 @@ def test_async_producer_stays_within_its_bound_and_resumes_after_sigkill_losing_
         assert r["rollout/staleness_max"] <= 1 and r["rollout/token_staleness_max"] <= 1
         assert 0.0 <= r["async/learner_idle_share"] <= 1.0 and r["async/rollout_idle_s"] >= 0.0
         assert "offpolicy/staleness_mean" in r  # +tis received the token versions
-    assert any(r["rollout/staleness_max"] == 1 for r in rows[1:])
+    assert sum(r["update/grad_norm"] > 0 for r in rows) >= 3  # the policy really changed
+    assert rows[0]["rollout/engine_logprob_gap"] < 1e-4  # version 0: the engine's copy = the trainer's weights
+    # a batch sampled entirely one version ago, after an update that moved the weights: behaviour != proximal
+    stale = [j for j in range(1, len(rows)) if rows[j]["rollout/token_staleness_mean"] == 1.0
+             and rows[j - 1]["update/grad_norm"] > 0]
+    assert stale and all(rows[j]["rollout/engine_logprob_gap"] > 1e-4 for j in stale), [
+        (r["rollout/token_staleness_mean"], r["update/grad_norm"], r["rollout/engine_logprob_gap"]) for r in rows]
     used = [q for r in rows for q in r["samples"]]
     assert len(used) == len(set(used)) == 6 * 2  # prompts_per_step 2, grpo keeps every group
     order = _stream_prefix(out)

@@ -54,3 +54,37 @@ def test_local_trainer_with_the_vllm_engine(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     gaps = [r["rollout/engine_logprob_gap"] for r in rows]
     assert max(gaps) < 1e-3, gaps  # 0.012 in step 1 before the post-SFT sync was added (stale pre-SFT weights)
+
+
+def test_async_producer_with_the_vllm_engine(tmp_path):
+    """``rollout.async_producer`` with ``rollout.engine=vllm``: the producer thread drives vLLM and hands it each new
+    version through the engine's own weight copy. With ``max_staleness=0`` every batch is fresh, so vLLM's log-probs
+    must equal the trainer's at every step although the weights move; with ``max_staleness=1`` stale batches were
+    sampled by older weights (a large gap) and the bound holds."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "trainer"))
+    from test_smoke import plugin_env
+
+    repo = Path(__file__).resolve().parents[3]
+    env = {**plugin_env(tmp_path), "PYTHONWARNINGS": "ignore", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    runs = {}
+    for eta in (0, 1):
+        out = tmp_path / f"run{eta}"
+        proc = subprocess.run([sys.executable, "-m", "openrlhf_search", "train", "--config",
+                               str(repo / "examples" / "configs" / "smoke.yaml"), "rollout.engine=vllm", "steps=4",
+                               "rollout.async_producer=true", f"rollout.max_staleness={eta}",
+                               "algorithm.name=grpo+tis", "plugins=[test_len_parity_plugin]",
+                               "env.reward=test_len_parity",
+                               f"logging.output_dir={out}"], capture_output=True, text=True, timeout=600, env=env,
+                              cwd=str(repo))  # fmt: skip
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        runs[eta] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        assert [r["step"] for r in runs[eta]] == [1, 2, 3, 4]
+        assert all(r["rollout/staleness_max"] <= eta for r in runs[eta])
+    fresh = runs[0]
+    assert sum(r["update/grad_norm"] > 0 for r in fresh) >= 2  # the weights moved
+    assert max(r["rollout/engine_logprob_gap"] for r in fresh) < 2e-3, [r["rollout/engine_logprob_gap"] for r in fresh]
+    stale = runs[1]
+    moved = [j for j in range(1, 4) if stale[j]["rollout/token_staleness_mean"] == 1.0
+             and stale[j - 1]["update/grad_norm"] > 0]
+    assert moved and all(stale[j]["rollout/engine_logprob_gap"] > 1e-2 for j in moved), [
+        (r["rollout/token_staleness_mean"], r["update/grad_norm"], r["rollout/engine_logprob_gap"]) for r in stale]
