@@ -524,14 +524,19 @@ def install() -> Any:
     return state.mode
 
 
-def _in_mode(fn: Any, mode: Any) -> Any:
-    """``fn`` run inside ``mode`` unless the mode is already on the (thread-local) stack."""
+_BACKWARD: list[Any] = []
+"""The mode :func:`track_backward` re-enters in autograd callbacks (empty: pass-through)."""
+
+
+def _in_backward_mode(fn: Any) -> Any:
+    """``fn`` run inside the mode set by :func:`track_backward` unless it is already on the thread's stack."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from torch.overrides import _get_current_function_mode_stack
 
-        if mode in _get_current_function_mode_stack():
+        mode = _BACKWARD[-1] if _BACKWARD else None
+        if mode is None or mode in _get_current_function_mode_stack():
             return fn(*args, **kwargs)
         with mode:
             return fn(*args, **kwargs)
@@ -539,27 +544,28 @@ def _in_mode(fn: Any, mode: Any) -> Any:
     return wrapper
 
 
-def track_backward(mode: Any = None) -> None:
-    """Re-enter ``mode`` (default: the global one) where autograd's engine calls back into Python during backward,
-    which it does without the torch-function mode stack: every ``torch.autograd.Function``'s backward (through
-    ``BackwardCFunction.apply``; this includes ``nn.Module`` full backward hooks and checkpointing), tensor hooks
-    (``Tensor.register_hook``) and post-accumulate-grad hooks (``register_post_accumulate_grad_hook``, DeepSpeed
-    ZeRO's gradient hooks). Ops of the engine itself (the builtin backward formulas) stay untracked. Idempotent;
-    process-wide (used by the OpenRLHF DeepSpeed actors, :mod:`.openrlhf.strict_deepspeed`)."""
+def track_backward(mode: Any = "global") -> None:
+    """Re-enter ``mode`` (default: the global one; None: stop) where autograd's engine calls back into Python during
+    backward, which it does without the torch-function mode stack: every ``torch.autograd.Function``'s backward
+    (through ``BackwardCFunction.apply``; this includes ``nn.Module`` full backward hooks and checkpointing), tensor
+    hooks (``Tensor.register_hook``) and post-accumulate-grad hooks (``register_post_accumulate_grad_hook``,
+    DeepSpeed ZeRO's gradient hooks). The builtin backward formulas stay untracked (their results have no logical
+    device). The wrappers are installed once, process-wide, and pass through while no mode is set; used by the
+    OpenRLHF DeepSpeed actors (:mod:`.openrlhf.strict_deepspeed`)."""
     import torch
     from torch.autograd.function import BackwardCFunction
 
-    mode = mode if mode is not None else global_mode()
-    if mode is None or getattr(BackwardCFunction.apply, "_strict_tracked", False):
+    _BACKWARD[:] = [global_mode() if mode == "global" else mode]
+    if getattr(BackwardCFunction.apply, "_strict_tracked", False):
         return
-    apply = _in_mode(BackwardCFunction.apply, mode)
+    apply = _in_backward_mode(BackwardCFunction.apply)
     apply._strict_tracked = True  # type: ignore[attr-defined]
     BackwardCFunction.apply = apply
     for name in ("register_hook", "register_post_accumulate_grad_hook"):
         original = getattr(torch.Tensor, name)
 
         def register(self, hook, _original=original):
-            return _original(self, _in_mode(hook, mode))
+            return _original(self, _in_backward_mode(hook))
 
         functools.update_wrapper(register, original)
         setattr(torch.Tensor, name, register)

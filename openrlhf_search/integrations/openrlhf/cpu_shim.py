@@ -359,12 +359,22 @@ def patch_megatron_bucket_receiver(module: types.ModuleType) -> None:
     APPLIED.append("BucketWorkerExtension.update_weight_bucket")
 
 
+def _strict_ppo_actor(module: types.ModuleType) -> None:
+    """Strict mode: log the proxy's counters after each ``ppo_train`` (:func:`.strict_deepspeed.report_after_ppo_train`)."""
+    if strict_enabled() and _cuda_absent():
+        from .strict_deepspeed import report_after_ppo_train
+
+        report_after_ppo_train(module)
+        APPLIED.append("strict ppo_train report")
+
+
 HOOKS: dict[str, Callable[[types.ModuleType], None]] = {
     "torch": patch_torch_cuda,
     "openrlhf.utils.deepspeed.deepspeed": patch_deepspeed_strategy,
     "openrlhf.trainer.ppo_utils.replay_buffer": patch_replay_buffer,
     "openrlhf.utils.distributed_util": patch_distributed_util,
     "openrlhf.trainer.ray.vllm_worker_wrap": patch_vllm_worker_wrap,
+    "openrlhf.trainer.ray.ppo_actor": _strict_ppo_actor,
     "openrlhf_search.integrations.megatron.vllm_sync": patch_megatron_bucket_receiver,
 }
 """Module -> patch applied right after it is imported."""

@@ -106,7 +106,39 @@ def install() -> bool:
     ds_accel.set_accelerator(strict_accelerator())
     _STATE["is_available"] = torch.cuda.is_available
     torch.cuda.is_available = _is_available_for(original, _openrlhf_dir())
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "openrlhf_search: strict device proxy installed in this DeepSpeed actor (pid %d, current device cuda:%d, "
+        "physical fake GPU %d)", os.getpid(), sd.current_device_index(), sd.fake_gpu_index())
     return True
+
+
+def counters() -> dict[str, int]:
+    """Device checks and CUDA redirects the proxy made so far in this process."""
+    from openrlhf_search.integrations.strict_devices import _mode_class
+
+    cls = _mode_class()
+    return {"checks": cls.checks, "redirects": cls.redirects}
+
+
+def report_after_ppo_train(module: Any) -> None:
+    """Log :func:`counters` after each ``ActorPPOTrainer.ppo_train`` of a strict actor (evidence that the training
+    step ran under the proxy; hooked on ``openrlhf.trainer.ray.ppo_actor`` in strict mode)."""
+    import functools
+    import logging
+
+    cls = module.ActorPPOTrainer
+    original = cls.ppo_train
+
+    @functools.wraps(original)
+    def ppo_train(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if installed():
+            logging.getLogger(__name__).warning("openrlhf_search: strict device proxy after ppo_train: %s", counters())
+        return out
+
+    cls.ppo_train = ppo_train
 
 
 def installed() -> bool:
