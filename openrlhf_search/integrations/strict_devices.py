@@ -7,8 +7,9 @@ first step. Under this module every tensor carries a *logical device*:
 
 * a tensor the code places on CUDA -- ``.cuda()``, ``.to("cuda")``/``.to(0)``, ``device="cuda"``/
   ``device=torch.cuda.current_device()`` on a factory, a module moved with ``.cuda()``/``.to("cuda")``, a
-  ``torch.nn.Parameter`` wrapping such a tensor -- is *logical-CUDA* on this process's fake GPU (its storage is
-  still the CPU's); a factory without a CUDA device, ``.cpu()`` and ``.to("cpu")`` give *logical-CPU*; every
+  ``torch.nn.Parameter`` wrapping such a tensor -- is *logical-CUDA* on this process's current device
+  (:func:`current_device_index`, what ``torch.cuda.current_device()`` answers: an index among the visible GPUs, as on
+  a GPU; its storage is still the CPU's); a factory without a CUDA device, ``.cpu()`` and ``.to("cpu")`` give *logical-CPU*; every
   other op's result inherits the device of its tensor inputs;
 * an op mixing logical-CUDA and logical-CPU tensors (or two fake GPUs) raises the ``RuntimeError`` torch raises
   on a GPU ("Expected all tensors to be on the same device ..."), except what torch itself allows: 0-dim CPU
@@ -23,8 +24,9 @@ first step. Under this module every tensor carries a *logical device*:
   two ranks on one fake GPU of one host raises ("Duplicate GPU detected"), as NCCL does
   (:func:`check_nccl_members`; also used by the weight-sync group of the OpenRLHF shim).
 
-Tensors created where no torch-function mode runs (autograd's backward outside megatron's custom functions,
-C++ internals, unpickled from another process) have *no* logical device and are accepted with anything; see
+Tensors created where no torch-function mode runs (autograd's backward outside the callbacks that
+:func:`track_backward` or the Megatron shim re-enter the mode in, C++ internals, unpickled from another process)
+have *no* logical device and are accepted with anything; see
 ``docs/strict-devices.md`` for what this can and cannot catch.
 
 Switch: ``OPENRLHF_SEARCH_STRICT_DEVICES=1`` (both CPU shims read it; :func:`enabled`), or the context manager

@@ -360,7 +360,8 @@ def patch_megatron_bucket_receiver(module: types.ModuleType) -> None:
 
 
 def _strict_ppo_actor(module: types.ModuleType) -> None:
-    """Strict mode: log the proxy's counters after each ``ppo_train`` (:func:`.strict_deepspeed.report_after_ppo_train`)."""
+    """Strict mode: log the proxy's counters after each ``ppo_train``
+    (:func:`.strict_deepspeed.report_after_ppo_train`)."""
     if strict_enabled() and _cuda_absent():
         from .strict_deepspeed import report_after_ppo_train
 

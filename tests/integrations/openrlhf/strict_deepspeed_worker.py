@@ -57,9 +57,9 @@ def main() -> int:
                "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}  # fmt: skip
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
         results[f"z{stage}_param_device"] = str(next(engine.module.parameters()).device)
-        run(f"z{stage}_host_input", lambda: engine(torch.randn(2, 8, dtype=torch.bfloat16)) and None)
+        run(f"z{stage}_host_input", lambda engine=engine: engine(torch.randn(2, 8, dtype=torch.bfloat16)) and None)
 
-        def steps():
+        def steps(engine=engine):
             losses = []
             for _ in range(3):
                 x = torch.randn(2, 8, dtype=torch.bfloat16).to(dev)
@@ -73,7 +73,8 @@ def main() -> int:
     from openrlhf.utils.loss_utils import _get_dp_group, _optimizer_step_loss_norm
 
     mask = torch.ones(2, 5).to(dev)
-    run("loss_norm", lambda: str(_optimizer_step_loss_norm([mask], _get_dp_group(strategy), 1, 1)["batch_num_tokens"].device))
+    norm = _optimizer_step_loss_norm
+    run("loss_norm", lambda: str(norm([mask], _get_dp_group(strategy), 1, 1)["batch_num_tokens"].device))
     run("strategy_all_reduce", lambda: strategy.all_reduce({"x": 1.0, "y": torch.tensor([2.0])}) and None)
     from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer
 
