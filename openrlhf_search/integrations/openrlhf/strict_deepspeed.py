@@ -39,17 +39,27 @@ def strict_accelerator() -> Any:
 
     from openrlhf_search.integrations import strict_devices as sd
 
+    from torch.overrides import _get_current_function_mode_stack
+
+    def tracked() -> bool:
+        # the mode stack is thread-local: on a thread without the proxy a "cuda" placement would reach real CUDA,
+        # so such a thread gets the plain CPU accelerator's names (untracked, as the plain shim)
+        mode = sd.global_mode()
+        return mode is not None and mode in _get_current_function_mode_stack()
+
     class StrictCPUAccelerator(CPU_Accelerator):
         """DeepSpeed's CPU accelerator, with device placements that are logical-CUDA under the strict proxy."""
 
         def device_name(self, device_index=None):
+            if not tracked():
+                return super().device_name(device_index)
             return "cuda" if device_index is None else f"cuda:{int(device_index)}"
 
         def current_device(self):
             return sd.current_device_index()
 
         def current_device_name(self):
-            return f"cuda:{sd.current_device_index()}"
+            return f"cuda:{sd.current_device_index()}" if tracked() else super().current_device_name()
 
         def set_device(self, device_index):
             sd._set_device(device_index)

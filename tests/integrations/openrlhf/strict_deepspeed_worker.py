@@ -79,6 +79,14 @@ def main() -> int:
     from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer
 
     results["replay_target"] = str(NaiveReplayBuffer(sample_batch_size=1).target_device)
+    import threading
+
+    def other_thread():  # no proxy on a thread the mode was not entered on: the plain CPU names, no real CUDA
+        results["other_thread_accelerator"] = get_accelerator().current_device_name()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
     results["counters"] = strict_deepspeed.counters()
     with open(sys.argv[1], "w") as f:
         json.dump(results, f, indent=1)

@@ -43,6 +43,7 @@ def test_strict_deepspeed_actor_is_installed_with_cuda_placements(strict_actor):
     assert r["installed"] is True
     assert (r["current_device"], r["fake_gpu"], r["accelerator"]) == (0, 3, "cuda:0")  # Ray: visible cuda:0 = GPU 3
     assert r["replay_target"] == "cuda:0"  # OpenRLHF's own target, not the plain shim's CPU
+    assert r["other_thread_accelerator"] == "cpu"  # a thread without the proxy never reaches real CUDA
     assert r["counters"]["checks"] > 100 and r["counters"]["redirects"] > 0
 
 
