@@ -20,6 +20,9 @@ to OpenRLHF's own code (files of the installed ``openrlhf`` package), which has 
 that one, not the CPU branch (which would all-reduce a CPU tensor over the NCCL-like DP group, a false positive).
 Every other caller (torch, transformers, DeepSpeed) still sees ``False`` and takes its CPU code paths.
 
+Off by default; on in the opt-in OpenRLHF test suite (``tests/integrations/openrlhf/conftest.py``) and wherever
+``OPENRLHF_SEARCH_STRICT_DEVICES=1`` reaches the actor processes (Ray workers inherit the driver's environment).
+
 Installed late on purpose: DeepSpeed's import-time choices (e.g. ``zero/linear.py``'s autocast decorators) were
 made with the CPU accelerator; only run-time placements use the CUDA names.
 """
