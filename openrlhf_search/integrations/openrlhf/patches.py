@@ -48,6 +48,19 @@ _PATCHED: dict[str, Any] = {}
 
 
 # --------------------------------------------------------------------------------------------- the loss adapter
+def _train_device():
+    """The device OpenRLHF's ``ppo_train`` moves micro-batches to: ``torch.cuda.current_device()`` (the CPU shim's
+    CPU, or the strict proxy's logical GPU, on CPU machines); ``"cpu"`` where torch has no CUDA and no shim runs
+    (unit tests). Not decided on ``torch.cuda.is_available()``: under the strict proxy that is False, and the CPU
+    branch would all-reduce a host tensor over the NCCL DP group, which no GPU run does."""
+    import torch
+
+    try:
+        return torch.cuda.current_device()
+    except (AssertionError, RuntimeError):  # "Torch not compiled with CUDA enabled" / no device
+        return "cpu"
+
+
 def _loss_module_base():
     import torch
 
@@ -113,7 +126,7 @@ class OpenRLHFPolicyLoss(_loss_module_base()):
 
         from openrlhf_search.algorithms.losses import sapo_normalizer
 
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = _train_device()
         count = torch.zeros((), dtype=torch.float32, device=device)
         for exp in experiences:
             count += sapo_normalizer(exp.action_mask.to(device), exp.advantages.to(device)).float()

@@ -1,6 +1,10 @@
 """OpenRLHF tests run the way OpenRLHF runs on a CPU machine: with the project's CPU shim installed.
 
 In the main environment (no ``openrlhf``) nothing happens and the ``openrlhf``-marked modules skip themselves.
+
+The opt-in runs (where ``openrlhf`` is installed) are strict by default: ``OPENRLHF_SEARCH_STRICT_DEVICES=1`` (inherited by Ray's workers) puts
+OpenRLHF's DeepSpeed actors and the Megatron actors under the strict device proxy (docs/strict-devices.md); set
+``OPENRLHF_SEARCH_STRICT_DEVICES=0`` to run them with the plain CPU shim.
 """
 
 import importlib.util
@@ -10,6 +14,7 @@ from pathlib import Path
 import pytest
 
 if importlib.util.find_spec("openrlhf") is not None:
+    os.environ.setdefault("OPENRLHF_SEARCH_STRICT_DEVICES", "1")
     import torch
 
     if not torch.cuda.is_available():
