@@ -9,8 +9,8 @@ first step. Under this module every tensor carries a *logical device*:
   ``device=torch.cuda.current_device()`` on a factory, a module moved with ``.cuda()``/``.to("cuda")``, a
   ``torch.nn.Parameter`` wrapping such a tensor -- is *logical-CUDA* on this process's current device
   (:func:`current_device_index`, what ``torch.cuda.current_device()`` answers: an index among the visible GPUs, as on
-  a GPU; its storage is still the CPU's); a factory without a CUDA device, ``.cpu()`` and ``.to("cpu")`` give *logical-CPU*; every
-  other op's result inherits the device of its tensor inputs;
+  a GPU; its storage is still the CPU's); a factory without a CUDA device, ``.cpu()`` and ``.to("cpu")`` give
+  *logical-CPU*; every other op's result inherits the device of its tensor inputs;
 * an op mixing logical-CUDA and logical-CPU tensors (or two fake GPUs) raises the ``RuntimeError`` torch raises
   on a GPU ("Expected all tensors to be on the same device ..."), except what torch itself allows: 0-dim CPU
   tensors in element-wise ops, ``copy_``, ``.to``, indexing and item assignment;

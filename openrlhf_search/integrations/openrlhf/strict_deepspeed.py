@@ -39,10 +39,9 @@ _STATE: dict[str, Any] = {}
 def strict_accelerator() -> Any:
     """An instance of DeepSpeed's ``CPU_Accelerator`` subclass with the CUDA accelerator's device naming."""
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+    from torch.overrides import _get_current_function_mode_stack
 
     from openrlhf_search.integrations import strict_devices as sd
-
-    from torch.overrides import _get_current_function_mode_stack
 
     def tracked() -> bool:
         # the mode stack is thread-local: on a thread without the proxy a "cuda" placement would reach real CUDA,

@@ -2,9 +2,9 @@
 
 In the main environment (no ``openrlhf``) nothing happens and the ``openrlhf``-marked modules skip themselves.
 
-The opt-in runs (where ``openrlhf`` is installed) are strict by default: ``OPENRLHF_SEARCH_STRICT_DEVICES=1`` (inherited by Ray's workers) puts
-OpenRLHF's DeepSpeed actors and the Megatron actors under the strict device proxy (docs/strict-devices.md); set
-``OPENRLHF_SEARCH_STRICT_DEVICES=0`` to run them with the plain CPU shim.
+The opt-in runs (where ``openrlhf`` is installed) are strict by default: ``OPENRLHF_SEARCH_STRICT_DEVICES=1``
+(inherited by Ray's workers) puts OpenRLHF's DeepSpeed actors and the Megatron actors under the strict device proxy
+(docs/strict-devices.md); set ``OPENRLHF_SEARCH_STRICT_DEVICES=0`` to run them with the plain CPU shim.
 """
 
 import importlib.util

@@ -39,6 +39,18 @@ def test_vllm_engine_logprobs_stops_and_weight_update(assets, tmp_path_factory):
     assert max(r["after_vs_initial"]) > 0.05, r["after_vs_initial"]
 
 
+def test_vllm_engine_weight_update_without_a_prefix_cache_reset_is_caught(assets, tmp_path_factory):
+    """The planted mistake: ``update_weights`` keeps vLLM's prefix cache. The prompts share a 100+-token prefix in
+    32-token blocks, so the second generate reuses KV computed by the old weights and its log-probs are off from
+    the updated model by nats (measured 1.6-4.5; 3e-6 with the reset); the check above would fail."""
+    out = tmp_path_factory.mktemp("vllm_engine_no_reset") / "result.json"
+    proc = subprocess.run([sys.executable, str(WORKER), str(assets.model_dir), str(out), "--no-prefix-reset"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    r = json.loads(out.read_text())
+    assert max(r["after_vs_updated"]) > 0.1, r["after_vs_updated"]
+
+
 def test_local_trainer_with_the_vllm_engine(tmp_path):
     """``openrlhf-search train rollout.engine=vllm`` end to end on the smoke config: every step's rollout log-probs
     equal the trainer's (the engine got the warm-started weights before step 1: it was built before the SFT)."""

