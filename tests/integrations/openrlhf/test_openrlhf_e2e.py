@@ -48,6 +48,7 @@ pytestmark = [pytest.mark.openrlhf, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 from openrlhf_e2e_assets import (  # noqa: E402
     GROUP_SIZE,
+    POISON_ANSWER,
     load_dumps,
     logprob_gaps,
     masking_check,
@@ -143,10 +144,13 @@ def _prompt_text(row, tokenizer) -> str:
     return tokenizer.decode(row["sequence"][: first + 1].tolist(), skip_special_tokens=True)
 
 
-def _dataset_questions(prompt_file) -> list[str]:
+def _dataset_questions(prompt_file, poisoned: bool | None = None) -> list[str]:
+    """Questions of OpenRLHF's prompt file; ``poisoned=False``/``True``: only the clean/poisoned rows."""
     import json
 
-    return [json.loads(json.loads(line)["label"])["question"] for line in prompt_file.read_text().splitlines()]
+    labels = [json.loads(json.loads(line)["label"]) for line in prompt_file.read_text().splitlines() if line.strip()]
+    return [lab["question"] for lab in labels
+            if poisoned is None or (lab["golden_answers"] == [POISON_ANSWER]) == poisoned]
 
 
 def _groups(rows):
@@ -221,7 +225,10 @@ def test_dspo_calibadv_through_openrlhf(assets, tmp_path):
     dumps = load_dumps(result.dump_dir)
     tok = AutoTokenizer.from_pretrained(assets.model_dir)
     prompts = {_prompt_text(r, tok) for d in dumps for r in d}
-    poisoned = result.prepared
+    # the synthetic training set can hold a question twice (80 rows, 5 duplicates in the 2026-12-01 run): a question
+    # with a clean copy may be trained from that copy, so only questions whose every copy is poisoned are checked
+    clean = set(_dataset_questions(result.plan.prompt_file, poisoned=False))
+    poisoned = [q for q in result.prepared if q not in clean]
     assert poisoned and not [q for q in poisoned if any(q in p for p in prompts)], "a poisoned group was trained on"
     assert any(q in p for p in prompts for q in _dataset_questions(result.plan.prompt_file)), "prompt decoding broken"
     assert all(len(d) == PROMPTS_PER_STEP * GROUP_SIZE for d in dumps[:-1]), [len(d) for d in dumps]
