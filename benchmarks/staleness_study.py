@@ -181,6 +181,7 @@ def main(argv=None) -> int:
             "logging.rollout_every=0", "logging.sample_every=0"] + overrides
 
     cells: dict = {}
+    table: dict = {}
     total = len(args.algorithms) * len(args.staleness) * len(args.seeds)
     n = 0
     for seed in args.seeds:  # seed-major: an interrupted study has every cell at fewer seeds, not fewer cells
