@@ -53,6 +53,24 @@ def test_train_smoke_writes_metrics_and_checkpoint(tmp_path):
     assert list((out / "samples").glob("step_*.txt"))
 
 
+def _kill_after_step(args: list[str], env: dict, metrics: Path, step: int, timeout: float = 150) -> None:
+    """Start ``openrlhf-search *args`` and SIGKILL it as soon as ``metrics`` logs ``step`` (fails if it ends first)."""
+    proc = subprocess.Popen([sys.executable, "-m", "openrlhf_search", *args], env=env, cwd=str(REPO),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if metrics.exists() and any(r["step"] >= step for r in _rows(metrics)):
+                return
+            if proc.poll() is not None:
+                pytest.fail(f"run ended before it could be killed: {proc.stderr.read()[-3000:]}")
+            time.sleep(0.1)
+        pytest.fail(f"run did not reach step {step} in time")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
 def _stream_prefix(out: Path) -> list[str]:
     """The order in which the run's question stream hands out training questions (from the saved data)."""
     from openrlhf_search.data.formats import read_dataset
@@ -65,22 +83,8 @@ def _stream_prefix(out: Path) -> list[str]:
 def test_resume_after_sigkill_reaches_same_step_count_without_repeating_data(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--config", SMOKE, f"logging.output_dir={out}", "steps=5"]
-    proc = subprocess.Popen([sys.executable, "-m", "openrlhf_search", *args], env=_env(), cwd=str(REPO),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 150
-    try:
-        while time.time() < deadline:  # kill as soon as step 2 was logged (step 2's checkpoint may or may not exist)
-            if metrics.exists() and any(r["step"] >= 2 for r in _rows(metrics)):
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"run ended before it could be killed: {proc.stderr.read()[-3000:]}")
-            time.sleep(0.2)
-        else:
-            pytest.fail("run did not reach step 2 in time")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    _kill_after_step(args, _env(), metrics, 2)  # step 2's checkpoint may or may not exist
     assert (out / "checkpoints" / "latest").is_file()
     res = _cli("train", "--config", SMOKE, f"logging.output_dir={out}", "steps=5", "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -123,22 +127,8 @@ def test_async_producer_stays_within_its_bound_and_resumes_after_sigkill_losing_
             "rollout.max_staleness=1", "algorithm.name=grpo+tis", "sft.steps=0", "plugins=[test_len_parity_plugin]",
             "env.reward=test_len_parity"]
     env = plugin_env(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "openrlhf_search", *args], env=env, cwd=str(REPO),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 150
-    try:
-        while time.time() < deadline:
-            if metrics.exists() and any(r["step"] >= 3 for r in _rows(metrics)):
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"run ended before it could be killed: {proc.stderr.read()[-3000:]}")
-            time.sleep(0.1)
-        else:
-            pytest.fail("run did not reach step 3 in time")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    _kill_after_step(args, env, metrics, 3)
     res = subprocess.run([sys.executable, "-m", "openrlhf_search", *args, "--resume"], capture_output=True, text=True,
                          timeout=180, env=env, cwd=str(REPO))
     assert res.returncode == 0, res.stderr[-3000:]
