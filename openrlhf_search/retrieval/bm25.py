@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import shutil
 import tempfile
@@ -85,21 +86,40 @@ def make_tokenizer(config: BM25Config):
 
 @functools.cache
 def enable_numba_cache() -> bool:
-    """Cache bm25s' numba kernels on disk (``numba`` ``cache=True`` semantics).
+    """Cache bm25s' numba kernels on disk, one cache file per kernel.
 
     bm25s compiles its retrieval kernels without ``cache=True``, which costs every new process 5-8 s of JIT on its
-    first query (a server start, each test process). Turning caching on for its two dispatchers makes later
-    processes load the machine code in ~0.2 s. Numba writes next to bm25s or, if that is read-only, to its
-    user-wide cache directory (``NUMBA_CACHE_DIR`` overrides). Returns False if bm25s' internals moved.
+    first query (a server start, each test process). Caching them makes later processes load the machine code in
+    ~0.2 s. bm25s builds its serial and its parallel kernel from ONE Python function, and numba names a cache file
+    after the function (not after the compile flags): with plain ``enable_caching()`` both dispatchers shared one
+    file, whichever compiled first was loaded by the other, and ``n_threads=1`` silently ran the OpenMP kernel on
+    every core (found by a per-thread CPU profile; ``tests/retrieval/test_bm25.py`` pins the fix). Each dispatcher
+    therefore gets a cache named after its own kernel. Numba writes next to bm25s or, if that is read-only, to its
+    user-wide cache directory (``NUMBA_CACHE_DIR`` overrides). Returns False if bm25s' or numba's internals moved.
     """
     try:
         from bm25s.numba import retrieve_utils
+        from numba.core.caching import CompileResultCacheImpl, FunctionCache
 
         for name in ("_retrieve_internal_jitted_parallel", "_retrieve_internal_jitted_serial"):
-            getattr(retrieve_utils, name).enable_caching()
+            dispatcher = getattr(retrieve_utils, name)
+            dispatcher._cache = _kernel_cache(FunctionCache, CompileResultCacheImpl, dispatcher.py_func, name)
     except (ImportError, AttributeError):
         return False
     return True
+
+
+def _kernel_cache(cache_class, impl_class, py_func, tag: str):
+    """A numba ``FunctionCache`` for ``py_func`` whose files carry ``tag`` (one file per compiled kernel)."""
+
+    class TaggedImpl(impl_class):
+        def get_filename_base(self, fullname, abiflags):
+            return super().get_filename_base(f"{fullname}-{tag}", abiflags)
+
+    class TaggedCache(cache_class):
+        _impl_class = TaggedImpl
+
+    return TaggedCache(py_func)
 
 
 def resolve_backend(backend: str) -> str:
@@ -236,7 +256,12 @@ class BM25Index(IndexDirectory):
 class BM25Retriever(InProcessRetriever):
     """In-process BM25 retriever over a :class:`BM25Index`; one ``search`` call scores a whole batch.
 
-    Thread-safe: concurrent callers are serialised by a lock (each call already uses every core).
+    With numba, a call runs bm25s' own scoring kernel directly: its serial kernel for ``n_threads=1``, else its
+    OpenMP kernel on ``n_threads`` threads. ``bm25s.BM25.retrieve`` around the same kernel spent ~160 us per call
+    on argument checks and numba's keyword-argument dispatch, and its tokenizer ~40 us on a (disabled) progress bar:
+    more than scoring one query costs (~190 us on 100k passages). ``tests/retrieval/test_bm25.py`` pins this path
+    to ``bm25s.BM25.retrieve`` (same documents, same scores). Thread-safe: concurrent callers are serialised by a
+    lock.
     """
 
     def __init__(self, index: BM25Index, n_threads: int = 0):
@@ -244,6 +269,7 @@ class BM25Retriever(InProcessRetriever):
         self.docs = index.docs
         self.n_threads = n_threads or (os.cpu_count() or 1)
         self._empty_id = index.tokenizer.get_vocab_dict().get("")
+        self._known = getattr(index.model, "unique_token_ids_set", None) or set(index.model.vocab_dict.values())
         self._lock = threading.Lock()
 
     @classmethod
@@ -252,9 +278,35 @@ class BM25Retriever(InProcessRetriever):
 
     def tokenize(self, queries: list[str]) -> list[list[int]]:
         """Token ids of each query in the index vocabulary; unknown words and the empty token are dropped."""
-        ids = self.index.tokenizer.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
-        empty = self._empty_id
-        return [[t for t in q if t != empty] for q in ids]
+        stream = self.index.tokenizer.streaming_tokenize(queries, update_vocab=False)
+        empty, known = self._empty_id, self._known
+        return [[t for t in q if t != empty and t in known] for q in stream]
+
+    def _retrieve(self, token_ids: list[list[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(documents, scores)``, both ``[len(token_ids), k]``, of non-empty token lists (bm25s' kernel or numpy)."""
+        model = self.index.model
+        if model.backend != "numba":
+            res = model.retrieve(token_ids, k=k, show_progress=False, n_threads=self.n_threads, return_as="tuple")
+            return res.documents, res.scores
+        import numba
+        from bm25s.numba import retrieve_utils
+
+        int_dtype = np.dtype(model.int_dtype)
+        pointers = np.cumsum([0, *map(len, token_ids)], dtype=int_dtype)
+        flat = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=int_dtype, count=int(pointers[-1]))
+        s = model.scores
+        args = (flat, pointers, k, True, np.dtype(model.dtype), int_dtype, s["data"], s["indptr"], s["indices"],
+                s["num_docs"], getattr(model, "nonoccurrence_array", None), None)
+        if self.n_threads == 1:
+            scores, documents = retrieve_utils._retrieve_internal_jitted_serial(*args)
+        else:
+            before = numba.get_num_threads()
+            numba.set_num_threads(min(self.n_threads, numba.config.NUMBA_NUM_THREADS))
+            try:
+                scores, documents = retrieve_utils._retrieve_internal_jitted_parallel(*args)
+            finally:
+                numba.set_num_threads(before)
+        return documents, scores
 
     def score_rows(self, queries: list[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
         n_docs = len(self.docs)
@@ -266,12 +318,10 @@ class BM25Retriever(InProcessRetriever):
             live = [i for i, q in enumerate(token_ids) if q]
             if not live:
                 return rows, scores
-            res = self.index.model.retrieve(
-                [token_ids[i] for i in live], k=k, show_progress=False, n_threads=self.n_threads, return_as="tuple"
-            )
-        found = res.scores > 0  # a zero score means no query term occurs in that passage
-        rows[live] = np.where(found, res.documents, -1)
-        scores[live] = np.where(found, res.scores, -np.inf)
+            documents, found_scores = self._retrieve([token_ids[i] for i in live], k)
+        found = found_scores > 0  # a zero score means no query term occurs in that passage
+        rows[live] = np.where(found, documents, -1)
+        scores[live] = np.where(found, found_scores, -np.inf)
         return rows, scores
 
 

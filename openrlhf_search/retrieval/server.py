@@ -565,4 +565,5 @@ def serve_forever(retriever: Retriever, cfg: ServerConfig, info: dict | None = N
     import uvicorn
 
     app = create_app(retriever, cfg, info)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", access_log=False, timeout_keep_alive=30)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", access_log=False, timeout_keep_alive=30,
+                timeout_graceful_shutdown=10)

@@ -128,3 +128,75 @@ def test_empty_corpus_and_corrupt_index(tmp_path, bm25_dir):
     manifest.save(bad)
     with pytest.raises(ManifestError, match="corrupt"):
         BM25Index.load(bad)
+
+
+def _corpus_queries(documents, n: int = 60, seed: int = 1) -> list[str]:
+    """Queries of 1-5 words drawn from the corpus (plus an unknown word and a stop-word-only query)."""
+    import random
+
+    rng = random.Random(seed)
+    words = [w for d in documents for w in d.contents.replace('"', " ").split()]
+    return [" ".join(rng.choices(words, k=rng.randint(1, 5))) for _ in range(n)] + ["zzzunknownzzz", "the of and"]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_direct_kernel_call_equals_bm25s_retrieve(bm25_dir, documents, n_threads):
+    """Our call of bm25s' scoring kernel (no argument checks, positional dispatch, no progress bar) returns exactly
+    what ``bm25s.BM25.retrieve`` and ``Tokenizer.tokenize`` return, serial and parallel."""
+    retriever = BM25Retriever(BM25Index.load(bm25_dir), n_threads=n_threads)
+    model, tokenizer = retriever.index.model, retriever.index.tokenizer
+    queries = _corpus_queries(documents)
+    reference = tokenizer.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
+    empty = tokenizer.get_vocab_dict().get("")
+    tokens = retriever.tokenize(queries)
+    assert tokens == [[t for t in q if t != empty] for q in reference]
+    live = [q for q in tokens if q]
+    assert len(live) < len(queries)  # the unknown and stop-word queries have no token
+    for k in (1, 3, 7):
+        docs, scores = retriever._retrieve(live, k)
+        ref = model.retrieve(live, k=k, show_progress=False, n_threads=n_threads, return_as="tuple")
+        np.testing.assert_array_equal(docs, ref.documents)
+        np.testing.assert_array_equal(scores, ref.scores)
+
+
+def test_serial_and_parallel_kernels_get_their_own_numba_cache_file():
+    """bm25s builds both kernels from one Python function; numba names a cache file after the function, so plain
+    ``enable_caching()`` gave both the same file (planted below: the default names collide) and the serial path
+    loaded the OpenMP kernel. Ours names each file after its kernel."""
+    from bm25s.numba import retrieve_utils
+    from numba.core.caching import FunctionCache
+
+    from openrlhf_search.retrieval.bm25 import enable_numba_cache
+
+    serial = retrieve_utils._retrieve_internal_jitted_serial
+    parallel = retrieve_utils._retrieve_internal_jitted_parallel
+    # the mistake: numba's default cache for the two dispatchers is one and the same index file
+    default_names = {FunctionCache(d.py_func)._cache_file._index_name for d in (serial, parallel)}
+    assert len(default_names) == 1
+    assert enable_numba_cache()
+    names = {d._cache._cache_file._index_name for d in (serial, parallel)}
+    assert len(names) == 2 and any("serial" in n for n in names) and any("parallel" in n for n in names)
+
+
+def test_one_thread_never_starts_the_openmp_pool_even_after_the_parallel_kernel_was_cached(tmp_path, bm25_dir):
+    """Behaviour, in fresh processes sharing one numba cache: a process that ran the parallel kernel caches it; a
+    later process with ``n_threads=1`` must run the serial kernel, so numba's threading layer is never launched
+    (with the shared cache file it loaded the parallel kernel and started a thread pool on every core)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "PYTHONWARNINGS": "ignore"}
+    script = (
+        "import sys; from numba.np.ufunc import parallel\n"
+        "from openrlhf_search.retrieval.bm25 import BM25Index, BM25Retriever\n"
+        f"r = BM25Retriever(BM25Index.load({str(bm25_dir)!r}), n_threads=int(sys.argv[1]))\n"
+        "r.search(['capital of France', 'highest mountain'], 3)\n"
+        "print('pool', parallel._is_initialized)\n"
+    )
+    first = subprocess.run([sys.executable, "-c", script, "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "pool True" in first.stdout  # the parallel kernel ran (and is now in the cache)
+    second = subprocess.run([sys.executable, "-c", script, "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "pool False" in second.stdout

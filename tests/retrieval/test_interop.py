@@ -215,3 +215,26 @@ def test_token_from_the_environment_and_config_for_client_load_retriever_and_tra
             HTTPRetriever(srv.url, token="", retries=0).search(["paris"], 1)
         denied = httpx.post(f"{srv.url}/retrieve", content=json.dumps({"queries": ["x"]}))
         assert denied.status_code == 401 and denied.headers["WWW-Authenticate"] == 'Bearer realm="openrlhf-search"'
+
+
+def test_stable_topk_fast_path_equals_the_full_sort():
+    """``stable_topk`` skips its sort when an index's top-k is already sorted with no tie between hits; on random
+    inputs (sorted or not, with and without ties and no-hits) it equals sorting by (score desc, row asc)."""
+    from openrlhf_search.retrieval.inprocess import stable_topk
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        q, n = int(rng.integers(1, 5)), int(rng.integers(1, 8))
+        scores = rng.choice([1.0, 2.0, 3.0] if trial % 2 else rng.random(50) + 1, size=(q, n)).astype(np.float32)
+        rows = np.stack([rng.permutation(100)[:n] for _ in range(q)]).astype(np.int64)
+        if trial % 3 == 0:  # an index's output: sorted by score, no-hits (-1, -inf) last
+            order = np.argsort(-scores, axis=1, kind="stable")
+            scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+            cut = int(rng.integers(0, n + 1))
+            scores[:, cut:], rows[:, cut:] = -np.inf, -1
+        k = int(rng.integers(1, n + 1))
+        got_rows, got_scores = stable_topk(rows, scores, k)
+        for i in range(q):
+            pairs = sorted(zip(scores[i].tolist(), rows[i].tolist()),
+                           key=lambda p: (-p[0], p[1] if p[1] >= 0 else 1 << 62))[:k]
+            assert got_rows[i].tolist() == [r for _, r in pairs] and got_scores[i].tolist() == [s for s, _ in pairs]
