@@ -198,9 +198,9 @@ def epoll_clients(url: str, requests: list[list[str]], clients: int, topk: int, 
                 end = c["buf"].find(b"\r\n\r\n")
                 if end < 0:
                     continue
-                head = c["buf"][:end].lower()
-                j = head.index(b"content-length:") + 15
-                c["need"] = end + 4 + int(head[j: head.find(b"\r\n", j) if head.find(b"\r\n", j) > 0 else None])
+                length = next(line for line in c["buf"][:end].lower().split(b"\r\n")
+                              if line.startswith(b"content-length:"))
+                c["need"] = end + 4 + int(length[15:])
             if len(c["buf"]) < c["need"]:
                 continue
             now = time.perf_counter()

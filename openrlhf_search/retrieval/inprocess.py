@@ -140,17 +140,14 @@ def stable_topk(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarra
     """The first ``k`` columns after sorting each row of ``(rows, scores)`` by (score desc, row asc); no-hits last."""
     if rows.size == 0:
         return rows[:, :k], scores[:, :k]
-    if not np.any((scores[:, 1:] == scores[:, :-1]) & (rows[:, 1:] >= 0)) and _descending(scores):
-        return rows[:, :k], scores[:, :k]  # no tie between real hits and already sorted: the order is the key order
+    # already sorted with no tie between real hits (each hit strictly below the one before it; no-hits, -inf, after
+    # them): the order is the key order
+    if np.all((rows[:, 1:] < 0) | (scores[:, 1:] < scores[:, :-1])):
+        return rows[:, :k], scores[:, :k]
     big = np.iinfo(np.int64).max
     key_rows = np.where(rows >= 0, rows, big)  # "no hit" (-1, score -inf) sorts after every real row
     order = np.lexsort((key_rows, -scores.astype(np.float64)), axis=1)[:, :k]
     return np.take_along_axis(rows, order, axis=1), np.take_along_axis(scores, order, axis=1)
-
-
-def _descending(scores: np.ndarray) -> bool:
-    """Every row of ``scores`` is non-increasing (``-inf`` no-hits last), as an index's sorted top-k returns it."""
-    return bool(np.all(scores[:, 1:] <= scores[:, :-1])) if scores.shape[1] > 1 else True
 
 
 def hits_from_rows(docs: DocStore, rows: np.ndarray, scores: np.ndarray) -> list[list[Hit]]:
