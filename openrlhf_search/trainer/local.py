@@ -146,7 +146,8 @@ def build_demo_worlds(cfg: TrainConfig, kb) -> list:
 
 
 def build_retriever(cfg: TrainConfig, out: Path, kb):
-    """The configured retriever, or a BM25 index over the synthetic corpus built into ``<out>/index``."""
+    """The configured retriever, or a BM25 index over the synthetic corpus built into ``<out>/index`` (loaded when it
+    is there already: ``kb`` may then be None, as for ``openrlhf-search eval`` of a run)."""
     from openrlhf_search.retrieval import load_retriever
     from openrlhf_search.retrieval.cache import with_cache
 
@@ -155,11 +156,11 @@ def build_retriever(cfg: TrainConfig, out: Path, kb):
         http = rc.spec.startswith(("http://", "https://"))
         return load_retriever(rc.spec or None, token=rc.token, cache=rc.cache or None, cache_mode=rc.cache_mode,
                               **({"timeout": rc.timeout} if http else {}))
-    if kb is None:
+    index_dir = out / "index"
+    if kb is None and not (index_dir / "manifest.json").exists():  # eval of a run reuses the run's own index
         raise ValueError("retriever.spec is empty and data.source is not synthetic: give an index dir or URL")
     from openrlhf_search.retrieval.bm25 import BM25Config, BM25Index, BM25Retriever
 
-    index_dir = out / "index"
     if not (index_dir / "manifest.json").exists():
         BM25Index.build(out / "data" / "corpus.jsonl", index_dir, config=BM25Config(), show_progress=False)
     # numpy backend: on a few hundred passages it answers in well under a millisecond, while numba's first call
