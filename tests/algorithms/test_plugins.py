@@ -58,7 +58,7 @@ def plugin_config(tmp_path, *extra: str):
 
 
 def test_plugin_estimator_postprocessor_and_loss_run_in_a_fresh_actor_process(tmp_path):
-    cfg = plugin_config(tmp_path, "backend=megatron", "openrlhf.colocate_all=false")
+    cfg = plugin_config(tmp_path, "backend=megatron", "openrlhf.colocate_all=false", "openrlhf.vllm_num_engines=2")
     plan = launch.build_plan(cfg)  # the launcher has no table entry for any of the plugin's names
     assert plan.command[plan.command.index("--algo.advantage.estimator") + 1] == "group_norm"
     assert plan.patch_config.estimator == "plugin_sign"

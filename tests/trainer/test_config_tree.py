@@ -61,7 +61,7 @@ def test_yaml11_float_strings_reach_every_backend_as_floats(tmp_path):
     path = _write(tmp_path, "model: {path: /models/qwen}\nretriever: {spec: /idx}\noptimizer:\n  lr: 1e-6\n"
                             "backend: megatron\nmegatron:\n  weight_decay: 1e-2\n"
                             "openrlhf: {actor_num_gpus_per_node: 2, vllm_gpu_memory_utilization: 5e-1,\n"
-                            "           colocate_all: false}\n")
+                            "           colocate_all: false, vllm_num_engines: 2}\n")
     import yaml
 
     assert yaml.safe_load(path.read_text())["optimizer"]["lr"] == "1e-6"  # the trap this guards against
@@ -140,6 +140,7 @@ def test_agent_config_is_a_view_of_the_tree_with_the_same_defaults():
 def test_the_launcher_builds_its_views_only_from_the_tree(tmp_path):
     cfg = load_config(None, ["model.path=/m", "retriever.spec=http://r:1", "plugins=[json]", "env.max_turns=3",
                              "openrlhf.actor_num_gpus_per_node=2", "backend=megatron", "openrlhf.colocate_all=false",
+                             "openrlhf.vllm_num_engines=2",
                              f"logging.output_dir={tmp_path}"])  # fmt: skip
     plan = launch.build_plan(cfg)
     assert plan.agent_config.max_turns == 3 and plan.agent_config.plugins == ["json"]

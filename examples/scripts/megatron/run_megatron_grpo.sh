@@ -113,6 +113,8 @@ megatron:
   micro_batch_size: ${MICRO_BATCH}
   weight_sync_bucket_mb: ${BUCKET_MB}
 openrlhf:
+  cluster_nodes: ${NNODES}
+  cluster_gpus_per_node: ${GPUS_PER_NODE}
   actor_num_nodes: ${TRAIN_NODES}
   actor_num_gpus_per_node: ${GPUS_PER_NODE}
   ref_num_nodes: ${TRAIN_NODES}

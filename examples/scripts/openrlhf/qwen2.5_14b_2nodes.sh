@@ -19,6 +19,7 @@ exec "${SCRIPT_DIR}/train.sh" "${ALGORITHM}" \
     "model.path=${MODEL:-Qwen/Qwen2.5-14B-Instruct}" \
     "openrlhf.retrieval_url=${RETRIEVAL_URL:?set RETRIEVAL_URL to a server reachable from every node}" \
     "openrlhf.ray_address=${RAY_ADDRESS:-auto}" "openrlhf.shared_dir=${SHARED_DIR:-${OUTPUT_DIR}/openrlhf}" \
+    "openrlhf.cluster_nodes=${NODES}" openrlhf.cluster_gpus_per_node=8 \
     "openrlhf.actor_num_nodes=${NODES}" openrlhf.actor_num_gpus_per_node=8 \
     "openrlhf.ref_num_nodes=${NODES}" openrlhf.ref_num_gpus_per_node=8 \
     "openrlhf.vllm_num_engines=$((NODES * 4))" openrlhf.vllm_tensor_parallel_size=2 \

@@ -72,6 +72,13 @@ class OpenRLHFConfig:
     """Disable CUDA graphs in vLLM (debugging; the CPU path forces it)."""
     colocate_all: bool = True
     """Put actor, reference and vLLM on the same GPUs (hybrid engine)."""
+    cluster_nodes: int = 0
+    """Nodes of the Ray cluster the run goes to (0: unknown; inside a Slurm job its allocation is used). When known,
+    a layout needing more GPUs than ``cluster_nodes x cluster_gpus_per_node`` is refused at launch instead of
+    waiting forever for its placement groups."""
+    cluster_gpus_per_node: int = 8
+    """GPUs of one cluster node (inside a Slurm job its allocation is used): the multi-node checks count the nodes a
+    layout spans with it, vLLM-only nodes included."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage (3 for 14B+)."""
     param_dtype: str = "bf16"

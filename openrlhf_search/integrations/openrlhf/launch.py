@@ -41,6 +41,7 @@ from typing import Any
 
 from openrlhf_search.registry import Registry
 
+from .cluster import check_command, cluster_from_env, gpus_needed, model_heads, nodes_spanned
 from .config import (
     AGENT_CONFIG_ENV,
     CPU_SHIM_ENV,
@@ -500,6 +501,27 @@ def resolve_backend(config: Any, orl: OpenRLHFConfig, backend: Any = None) -> tu
     return bc, ["--ds.tensor_parallel_size", str(dup)], notes
 
 
+def cluster_size(orl: OpenRLHFConfig) -> tuple[int | None, int]:
+    """``(nodes or None, GPUs per node)`` of the cluster: the Slurm allocation the launcher runs in, else
+    ``openrlhf.cluster_nodes`` (0: unknown) and ``openrlhf.cluster_gpus_per_node``."""
+    nodes, gpus = cluster_from_env()
+    if nodes is not None and gpus is not None:
+        return nodes, gpus
+    return (orl.cluster_nodes or None), orl.cluster_gpus_per_node
+
+
+def run_nodes(config: Any, orl: OpenRLHFConfig) -> int:
+    """Nodes the run spans: the actor's and the reference's, and the vLLM-only ones (engines that are not colocated
+    fill GPUs beyond the training groups'). One under the CPU shim (one machine)."""
+    if orl.cpu_shim:
+        return 1
+    ref = config.algorithm.kl_coef > 0
+    ref_gpus = orl.ref_num_nodes * orl.ref_num_gpus_per_node if ref else 0
+    total = gpus_needed(orl.actor_num_nodes * orl.actor_num_gpus_per_node, ref_gpus,
+                        orl.vllm_num_engines * orl.vllm_tensor_parallel_size, orl.colocate_all, False, orl.async_train)
+    return max(orl.actor_num_nodes, orl.ref_num_nodes if ref else 1, nodes_spanned(total, cluster_size(orl)[1]))
+
+
 def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None, backend: Any = None) -> LaunchPlan:
     """Translate ``config`` into a :class:`LaunchPlan` without touching the file system or network.
 
@@ -526,7 +548,7 @@ def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None, backe
         raise ValueError(f"openrlhf.packing_samples=true with openrlhf.attn_implementation="
                          f"{orl.attn_implementation!r}: OpenRLHF 0.11.2 then silently switches to flash_attention_2; "
                          "set packing_samples=false or a flash_attention implementation")  # fmt: skip
-    nodes = max(orl.actor_num_nodes, orl.ref_num_nodes if config.algorithm.kl_coef > 0 else 1)
+    nodes = run_nodes(config, orl)
     if nodes > 1 and not orl.shared_dir:
         raise ValueError(f"a {nodes}-node run needs openrlhf.shared_dir: OpenRLHF's trainer actor reads the prompt "
                          "dataset and the actor ranks write checkpoints on whichever node Ray places them; set it "
@@ -553,6 +575,9 @@ def build_plan(config: Any, openrlhf: OpenRLHFConfig | dict | None = None, backe
     if not retrieval_url:
         raise ValueError("retriever.spec is empty and openrlhf.retrieval_url is unset: the agent needs a retriever")
     host = urllib.parse.urlsplit(retrieval_url).hostname or ""
+    if host in ("0.0.0.0", "::"):
+        raise ValueError(f"retriever at {retrieval_url}: {host} is an address to listen on, not one to connect to "
+                         "(the agents would call themselves); give the server's own address, e.g. the head node's")
     if nodes > 1 and (host in ("localhost", "::1") or host.startswith("127.")):
         where = "openrlhf.retrieval_host" if server_command else "the retriever URL"
         raise ValueError(f"retriever at {retrieval_url} on a {nodes}-node run: the agents in the vLLM engines on the "
@@ -709,6 +734,23 @@ def check_cluster_inputs(config: Any, plan: LaunchPlan, orl: OpenRLHFConfig) -> 
         raise ValueError("data.source='synthetic' (the toy KB, the default when the config has no data: section) on "
                          "a GPU run: give a data: section (e.g. Search-R1's train files) and a retriever, or set "
                          "openrlhf.allow_toy_data=true if the toy run is intended")  # fmt: skip
+    problems = cluster_problems(config, plan, orl)
+    if problems:
+        raise ValueError(" | ".join(problems))
+
+
+def cluster_problems(config: Any, plan: LaunchPlan, orl: OpenRLHFConfig) -> list[str]:
+    """What DeepSpeed, Ray's placement groups and vLLM would refuse in ``plan``'s command
+    (:func:`.cluster.check_command`: batch arithmetic, colocation, TP vs the model's heads when ``model.path`` is a
+    local directory, the GPU count vs the cluster of :func:`cluster_size` when its node count is known)."""
+    heads, kv_heads = model_heads(str(config.model.path))
+    nodes, gpus_per_node = cluster_size(orl)
+    par = plan.backend_config.megatron.parallel if plan.backend_config is not None else None
+    return check_command(plan.command[3:], backend="megatron" if par is not None else "deepspeed",
+                         megatron_tp=par.tensor_model_parallel_size if par else 1,
+                         megatron_pp=par.pipeline_model_parallel_size if par else 1,
+                         megatron_cp=par.context_parallel_size if par else 1, heads=heads, kv_heads=kv_heads,
+                         cluster_nodes=nodes, cluster_gpus_per_node=gpus_per_node)  # fmt: skip
 
 
 def checkpoint_dir(plan: LaunchPlan) -> Path:

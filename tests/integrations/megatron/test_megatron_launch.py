@@ -50,7 +50,8 @@ def test_megatron_backend_plan():
 
 def test_megatron_explicit_fields_win_and_extra_args_last():
     backend = {**MEGATRON_TP2, "megatron": {**MEGATRON_TP2["megatron"], "lr": 1e-5, "micro_batch_size": 1}}
-    orl = OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2, extra_args=["--vllm.enforce_eager"])
+    orl = OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2, vllm_num_engines=2,
+                         extra_args=["--vllm.enforce_eager"])
     plan = launch.build_plan(make_config(), orl, backend)
     megatron = plan.backend_config.megatron
     assert megatron.lr == pytest.approx(1e-5) and megatron.micro_batch_size == 1
@@ -58,7 +59,7 @@ def test_megatron_explicit_fields_win_and_extra_args_last():
 
 
 def test_kl_goes_into_the_megatron_loss():
-    orl = OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2, ref_num_gpus_per_node=2)
+    orl = OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2, ref_num_gpus_per_node=2, vllm_num_engines=2)
     plan = launch.build_plan(make_config("algorithm.name=grpo", "algorithm.kl_coef=0.01"), orl, MEGATRON_TP2)
     assert plan.backend_config.actor.loss_config["kl_coef"] == pytest.approx(0.01)
     assert "--ref.num_gpus_per_node" in plan.command  # OpenRLHF creates the (Megatron) reference group
@@ -94,7 +95,7 @@ def test_backend_keys_from_yaml_and_overrides(tmp_path):
     path.write_text(
         "model: {path: /models/qwen}\nretriever: {spec: /idx}\nbackend: megatron\n"
         "megatron: {parallel: {tensor_model_parallel_size: 4}}\n"
-        "openrlhf: {actor_num_gpus_per_node: 8, colocate_all: false}\n"
+        "openrlhf: {actor_num_gpus_per_node: 8, colocate_all: false, cluster_gpus_per_node: 16}\n"
     )
     overrides = ["megatron.parallel.pipeline_model_parallel_size=2", "rollout.group_size=4"]
     cfg = load_config(str(path), overrides)  # one tree: backend, megatron and openrlhf are sections of it
@@ -108,7 +109,8 @@ def test_backend_keys_from_yaml_and_overrides(tmp_path):
 
 def test_backend_file_written(tmp_path, monkeypatch):
     cfg = make_config(f"logging.output_dir={tmp_path}", "algorithm.name=grpo")
-    plan = launch.build_plan(cfg, OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2), MEGATRON_TP2)
+    plan = launch.build_plan(cfg, OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2, vllm_num_engines=2),
+                             MEGATRON_TP2)
     monkeypatch.setattr(launch, "write_prompt_dataset", lambda *a, **k: None)
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
     launch.materialize(plan, cfg)

@@ -23,7 +23,9 @@ from openrlhf_search.trainer.config import load_config
 
 
 def make_config(*overrides: str):
-    return load_config(None, ["model.path=/models/qwen2.5-7b", "retriever.spec=/indexes/wiki-bm25", *overrides])
+    # 16 prompts x 8 samples / 2 minibatches = 64 sequences: DeepSpeed's batch arithmetic holds on the default 8 ranks
+    return load_config(None, ["model.path=/models/qwen2.5-7b", "retriever.spec=/indexes/wiki-bm25",
+                              "rollout.prompts_per_step=16", *overrides])
 
 
 REAL_DATA = ("data.source=files", "data.train_files=[/data/searchr1/train.parquet]")
@@ -120,7 +122,8 @@ def test_offpolicy_and_async_are_refused_with_megatron():
 
 
 def test_async_training_flags():
-    orl = OpenRLHFConfig(colocate_all=False, async_train=True, async_queue_size=2, partial_rollout=True)
+    orl = OpenRLHFConfig(colocate_all=False, async_train=True, async_queue_size=2, partial_rollout=True,
+                         actor_num_gpus_per_node=4, ref_num_gpus_per_node=4, vllm_num_engines=4)  # one 8-GPU node
     plan = launch.build_plan(make_config("algorithm.name=grpo+calibadv+tis"), orl)
     assert "--train.async_enable" in plan.command and "--train.partial_rollout_enable" in plan.command
     assert flag_values(plan.command, "--train.async_queue_size") == ["2"]
@@ -285,7 +288,9 @@ def test_cluster_flags_prefix_cache_checkpoints_resume_wandb(monkeypatch):
     off = launch.build_plan(cfg, OpenRLHFConfig(vllm_enable_prefix_caching=False, save_hf=False, save_steps=10))
     assert "--vllm.enable_prefix_caching" not in off.command and "--ckpt.save_hf" not in off.command
     assert flag_values(off.command, "--ckpt.save_steps") == ["10"]
-    split = launch.build_plan(cfg, OpenRLHFConfig(colocate_all=False)).command  # sleep mode needs colocation
+    split = launch.build_plan(cfg, OpenRLHFConfig(colocate_all=False, shared_dir="/s",  # 8 + 8 GPUs: two nodes
+                                                  retrieval_url="http://10.0.0.1:8000")).command  # fmt: skip
+    # sleep mode needs colocation
     assert "--vllm.enable_sleep" not in split and "--vllm.enable_sleep" in cmd
 
 
@@ -310,7 +315,8 @@ def test_toy_data_and_megatron_hub_ids_are_refused_at_launch(tmp_path, capsys):
     capsys.readouterr()
     megatron = {"backend": "megatron", "megatron": {"micro_batch_size": 1}}
     hub = load_config(None, ["model.path=Qwen/Qwen2.5-14B-Instruct", "retriever.spec=/i", *REAL_DATA])
-    split = {"colocate_all": False, "vllm_enable_sleep": False}  # the Megatron backend refuses colocation
+    split = {"colocate_all": False, "vllm_enable_sleep": False,  # the Megatron backend refuses colocation
+             "actor_num_gpus_per_node": 4, "ref_num_gpus_per_node": 4, "vllm_num_engines": 4}  # one 8-GPU node
     assert launch.run_openrlhf(hub, dry_run=True, openrlhf=split, backend=megatron) == 2
     assert "'Qwen/Qwen2.5-14B-Instruct' is not a local directory" in capsys.readouterr().err
     local = load_config(None, [f"model.path={tmp_path}", "retriever.spec=/i", *REAL_DATA])
@@ -329,7 +335,8 @@ def test_packing_without_flash_attention_is_refused():
 
 def test_resume_flag_of_the_launcher(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model: {path: /m}\nretriever: {spec: /i}\ndata: {source: files, train_files: [/d.parquet]}\n")
+    cfg.write_text("model: {path: /m}\nretriever: {spec: /i}\ndata: {source: files, train_files: [/d.parquet]}\n"
+                   "rollout: {prompts_per_step: 16}\n")  # 64 sequences per step: fits DeepSpeed on 8 ranks
     for flag in ("--resume", "--resume-or-start"):
         assert launch.main(["--config", str(cfg), "--dry-run", flag]) == 0
         assert "--ckpt.load_enable" in capsys.readouterr().out
