@@ -85,20 +85,22 @@ variance, so the row sees real RL updates (it checks the device path, not learni
 
 
 def _register_check_reward() -> None:
-    from openrlhf_search.rewards import available_rewards, get_reward_fn, register_reward
+    from openrlhf_search.rewards import Reward, available_rewards, get_reward_fn, register_reward
 
     if CHECK_REWARD in available_rewards():
         return
 
+    class LengthTerm(Reward):
+        def __init__(self, base: Reward) -> None:
+            self.base, self.metrics = base, base.metrics
+
+        def score(self, x):
+            reward, info = self.base.score(x)
+            return reward + 0.1 * min(1.0, len(x.response_text) / 200), info
+
     @register_reward(CHECK_REWARD)
     def factory(**cfg):
-        base = get_reward_fn("format_f1", **cfg)
-
-        def fn(response_text, *args, **kwargs):
-            reward, info = base(response_text, *args, **kwargs)
-            return reward + 0.1 * min(1.0, len(response_text) / 200), info
-
-        return fn
+        return LengthTerm(get_reward_fn("format_f1", **cfg))
 
 
 def check_local_trainer(workdir: Path, steps: int = 3) -> Row:

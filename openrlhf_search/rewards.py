@@ -1,44 +1,64 @@
-"""Outcome rewards for search agents: SQuAD-style answer metrics and a format-aware reward.
+"""Outcome rewards for search agents: the reward protocol, its runner, and the built-in rewards.
 
-Metrics (Rajpurkar et al., 2016, SQuAD evaluation script; the same normalization is used by Search-R1,
-FlashRAG and CalibAdv):
+**What a reward sees.** One :class:`RewardInput` per finished trajectory, built by the environment
+(``openrlhf_search.env.episode.reward_inputs``, the one builder of every backend): the question, the answer the
+environment *accepted* (``Trajectory.answer``; ``None`` when the rollout gave none: an ``<answer>`` block the action
+parser rejected earns nothing), the golden answers, the text the environment retrieved (never the model's own
+``<information>`` blocks), the format check the environment ran once (``valid_format`` / ``format_error``), the
+number of tool calls it executed, and the trajectory record itself (turns, response text, meta). A reward never
+re-parses the response to decide the answer or the format.
 
-* ``normalize_answer``: lower-case, drop punctuation, drop the articles ``a|an|the``, collapse whitespace.
-* ``exact_match``: 1 if the normalized prediction equals one normalized golden answer.
-* ``substring_exact_match`` ("subEM", "cover EM"): 1 if a normalized golden answer occurs inside the
-  normalized prediction (token-aligned, so ``"1984"`` does not match ``"19845"``).
-* ``f1_score``: bag-of-tokens F1 between prediction and gold, maximised over the golden answers.
-  ``P = |common| / |pred|``, ``R = |common| / |gold|``, ``F1 = 2PR / (P + R)``.
+**The protocol** (:class:`Reward`): ``score_batch(inputs) -> [(score, info), ...]``, plain or ``async def``; the
+default ``score_batch`` maps :meth:`Reward.score` over the batch. ``metrics`` declares the ``info`` keys the reward
+fills with numbers; the environment logs exactly those (``search/<key>``), so a metric a reward does not compute is
+absent from the logs instead of a silent 0. ``timeout`` (seconds, per batch; ``reward_kwargs: {timeout: ...}``)
+bounds every call: a reward that does not answer in time raises :class:`RewardTimeoutError` naming it.
+:func:`run_reward` (synchronous callers: the local trainer) and :func:`arun_reward` (the OpenRLHF agent's event
+loop, which it never blocks: sync rewards run in a thread) are the only two ways a reward is called.
 
-Every reward function receives the answer **the environment accepted** (``Trajectory.answer``; ``None`` when the
-rollout gave none) as the required keyword ``answer``: an ``<answer>`` block the action parser rejected (inside a
-model-written ``<information>`` block, after the first action of a turn) earns nothing, on every backend. The
-response text is still passed for the format check; :func:`extract_answer` (the last complete ``<answer>`` block
-of a text) is a helper for texts that did not go through the environment.
+**Built-in rewards** (``env.reward``): ``em``, ``subem``, ``f1`` (the metric of the accepted answer), and the
+format-aware ``format_em``, ``format_f1``, ``f1_x_format`` (:class:`FormatRewardWeights`). With ``m`` in [0, 1]
+the answer metric, a *correct* answer is ``m = 1``; with ``x`` the format outcome (valid or not)::
 
-Format-aware reward (Search-R1's structured reward, rewritten with one linear rule). With ``m`` in [0, 1] the
-answer metric (EM or F1) and ``valid`` the format check of :func:`is_valid_format`::
+    correct:  r = correct_x
+    wrong:    r = wrong_x + (correct_x - wrong_x - retrieval_score - no_search_penalty) * m
+                + retrieval_score      if a golden answer occurs in the retrieved text
+    then      r -= no_search_penalty   if the trajectory made no tool call
 
-    valid:    r = wrong_valid   + (correct_valid   - wrong_valid)   * m
-    invalid:  r = wrong_invalid + (correct_invalid - wrong_invalid) * m
-    r += retrieval_bonus   if m < 1 and a golden answer occurs in the (environment-provided) retrieved text
-    r  = min(r, correct_valid)
-
-so for EM the four cases are exactly "valid & correct = 1", "correct but invalid format = 0.8", "valid but wrong
-= 0.1", "invalid and wrong = 0" (defaults). The retrieval bonus uses the text the *environment* retrieved, never
-the model's own ``<information>`` blocks, so it cannot be gamed by writing fake evidence.
+so at equal format a correct answer always scores strictly more than any wrong one, whatever was retrieved and
+whether it searched (the wrong band stays below ``correct_x - no_search_penalty``), and a correct answer in a
+valid response outranks every wrong answer. With ``retrieval_score = no_search_penalty = 0`` this is Search-R1's
+structured reward (``valid & correct = 1``, ``correct but invalid format = 0.8``, ``valid but wrong = 0.1``,
+``invalid and wrong = 0`` for EM). The weights are checked when the reward is built.
 
 Pure Python on purpose (no torch import): the reward runs inside rollout workers and the HTTP-free tests.
 """
 
 from __future__ import annotations
 
-import re
-import string
-from collections import Counter
-from collections.abc import Callable, Sequence
+import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+from openrlhf_search.env.protocol import (
+    exact_match,
+    extract_answer,
+    f1_score,
+    normalize_answer,
+    substring_exact_match,
+)
+from openrlhf_search.env.protocol import format_error as _format_error
+from openrlhf_search.env.scoring import (
+    DEFAULT_TIMEOUT,
+    Reward,
+    RewardError,
+    RewardInput,
+    RewardTimeoutError,
+    arun_reward,
+    run_reward,
+)
+from openrlhf_search.env.tools import tool_names
 from openrlhf_search.registry import Registry
 
 __all__ = [
@@ -49,225 +69,45 @@ __all__ = [
     "extract_answer",
     "is_valid_format",
     "format_error",
+    "RewardInput",
+    "Reward",
+    "RewardError",
+    "RewardTimeoutError",
+    "run_reward",
+    "arun_reward",
+    "answer_info",
     "FormatRewardWeights",
-    "RewardFn",
     "REWARDS",
     "register_reward",
     "get_reward_fn",
     "available_rewards",
+    "DEFAULT_TIMEOUT",
 ]
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-_PUNCT = set(string.punctuation)
-
-
-def normalize_answer(s: str) -> str:
-    """SQuAD normalization: lower case, remove punctuation and articles, collapse whitespace.
-
-    >>> normalize_answer("The  Eiffel-Tower!")
-    'eiffeltower'
-    """
-    s = str(s).lower()
-    s = "".join(ch for ch in s if ch not in _PUNCT)
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
-
-
-def _as_list(golds: str | Sequence[str]) -> list[str]:
-    if isinstance(golds, str):
-        return [golds]
-    return [str(g) for g in golds]
-
-
-def exact_match(pred: str | None, golds: str | Sequence[str]) -> float:
-    """1.0 if ``normalize_answer(pred)`` equals the normalized form of any golden answer, else 0.0.
-
-    ``pred=None`` (no answer) scores 0. ``golds`` may be a single string or a list of strings.
-    """
-    if pred is None:
-        return 0.0
-    p = normalize_answer(pred)
-    return float(any(p == normalize_answer(g) for g in _as_list(golds)))
-
-
-def substring_exact_match(pred: str | None, golds: str | Sequence[str]) -> float:
-    """1.0 if a normalized golden answer is a token-aligned substring of the normalized prediction.
-
-    Empty golden answers never match (otherwise every prediction would).
-    """
-    if pred is None:
-        return 0.0
-    p = f" {normalize_answer(pred)} "
-    for g in _as_list(golds):
-        ng = normalize_answer(g)
-        if ng and f" {ng} " in p:
-            return 1.0
-    return 0.0
-
-
-def _f1_single(pred_tokens: list[str], gold_tokens: list[str]) -> float:
-    if not pred_tokens or not gold_tokens:
-        return float(pred_tokens == gold_tokens)
-    common = Counter(pred_tokens) & Counter(gold_tokens)
-    overlap = sum(common.values())
-    if overlap == 0:
-        return 0.0
-    precision = overlap / len(pred_tokens)
-    recall = overlap / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-def f1_score(pred: str | None, golds: str | Sequence[str]) -> float:
-    """Token-level F1 (SQuAD) between the prediction and each golden answer; the maximum is returned.
-
-    Both sides are normalized with :func:`normalize_answer` and split on whitespace. Two empty strings score 1,
-    one empty side scores 0; ``pred=None`` scores 0.
-    """
-    if pred is None:
-        return 0.0
-    pt = normalize_answer(pred).split()
-    return max((_f1_single(pt, normalize_answer(g).split()) for g in _as_list(golds)), default=0.0)
-
-
-# ----------------------------------------------------------------------------------------------------- answer & format
-# Tag matching is deliberately lenient about case and inner whitespace (``< /Answer >``), the same way the action
-# parser and the observation neutralizer are (openrlhf_search.env.actions uses these helpers).
-def tag_pattern(name: str, closing: bool) -> str:
-    """Regex source for an opening or closing protocol tag ``<name>`` / ``</name>`` (case and space tolerant)."""
-    return r"<\s*" + (r"/\s*" if closing else "") + re.escape(name) + r"\s*>"
-
-
-# The body may not contain another opening tag: "<answer> tags. <answer>x</answer>" yields "x" (innermost).
-_ANSWER_RE = re.compile(
-    tag_pattern("answer", False) + r"((?:(?!" + tag_pattern("answer", False) + r").)*?)" + tag_pattern("answer", True),
-    re.S | re.I,
-)
-
-
-def extract_answer(response_text: str) -> str | None:
-    """The stripped content of the last complete ``<answer>...</answer>`` in the response, or None.
-
-    Pass the response only (not the prompt, whose instructions show an example answer tag). An unclosed final
-    ``<answer>`` does not count: Search-R1 and our environment both require the closing tag.
-    """
-    matches = _ANSWER_RE.findall(response_text or "")
-    if not matches:
-        return None
-    return matches[-1].strip()
-
-
-# Chat scaffolding that may legitimately appear between the model's blocks in a decoded response (turn markers of
-# the tool-call protocol, an EOS at the very end): removed before the structural check.
-_CHAT_NOISE = re.compile(r"<\|im_start\|>\s*(?:system|user|assistant|tool)?\s*|<\|[^|<>\s]{1,40}\|>|</s>|<eos>")
-
-# Block grammar per protocol. ``think`` may precede any action; observation blocks must follow the call they answer.
-_PROTOCOLS: dict[str, str] = {"tags": "information", "tool_call": "tool_response"}
-"""Observation block of each protocol."""
-
-
-def _call_tags(protocol: str, tools) -> list[str]:
-    if protocol == "tool_call":
-        return ["tool_call"]
-    if tools is None:
-        from openrlhf_search.env.tools import tool_names
-
-        return sorted(tool_names(), key=lambda n: (n != "search", n))  # the first tool first in messages
-    return [tools] if isinstance(tools, str) else list(tools)
 
 
 def format_error(response_text: str, protocol: str = "tags", tools=None) -> str | None:
-    """Why ``response_text`` breaks the protocol, or None when it is well formed.
-
-    Grammar (whitespace allowed between blocks, nothing else)::
-
-        response := ( [think] call obs )* [think] answer
-        tags protocol:      call = <search>..</search> | <open>..</open> | ..  obs = <information>..</information>
-        tool_call protocol: call = <tool_call>..</tool_call>                  obs = <tool_response>..</tool_response>
-
-    ``tools``: the tool tags that count as calls in the ``tags`` protocol (the environment's ``EnvConfig.tools``);
-    ``None`` accepts every registered tool (the environment only inserts an observation after a call it ran, so a
-    tag it does not know is followed by its corrective message, i.e. text outside blocks, and fails anyway).
-    Blocks may not nest, ``answer`` appears exactly once and last. Chat turn markers (``<|im_start|>user``,
-    ``<|im_end|>``) are ignored so the tool-call protocol's turn structure and a final EOS are accepted.
-    """
-    if protocol not in _PROTOCOLS:
-        raise KeyError(f"unknown protocol {protocol!r}; valid: {sorted(_PROTOCOLS)}")
-    calls, obs = _call_tags(protocol, tools), _PROTOCOLS[protocol]
-    names = ["think", *calls, obs, "answer"]
-    text = _CHAT_NOISE.sub(" ", response_text or "")
-    block = re.compile(
-        "|".join(rf"(?P<{n}>{tag_pattern(n, False)}(?P<{n}_body>.*?){tag_pattern(n, True)})" for n in names),
-        re.S | re.I,
-    )
-    any_tag = re.compile("|".join(tag_pattern(n, c) for n in names for c in (False, True)), re.I)
-    seq: list[str] = []
-    pos = 0
-    for m in block.finditer(text):
-        if text[pos : m.start()].strip():
-            return f"text outside blocks near {text[pos : m.start()].strip()[:40]!r}"
-        kind = next(n for n in names if m.group(n) is not None)
-        body = m.group(f"{kind}_body")
-        if any_tag.search(body):
-            return f"nested tag inside <{kind}>"
-        seq.append(kind)
-        pos = m.end()
-    if text[pos:].strip():
-        return f"text outside blocks near {text[pos:].strip()[:40]!r}"
-    if not seq or seq[-1] != "answer":
-        return "the response does not end with an <answer> block"
-    if seq.count("answer") != 1:
-        return "more than one <answer> block"
-    prev = None
-    for kind in seq:
-        if kind == "think" and prev == "think":
-            return "two <think> blocks in a row"
-        if kind == obs and prev not in calls:
-            return f"<{obs}> without a preceding {'/'.join(f'<{c}>' for c in calls)}"
-        if (kind in calls or kind == "answer") and prev in calls:
-            return f"<{prev}> not followed by <{obs}>"
-        prev = kind
-    return None
+    """Why ``response_text`` breaks the protocol, or None (:func:`openrlhf_search.env.protocol.format_error`);
+    ``tools=None`` accepts every registered tool as a call."""
+    if tools is None:
+        tools = sorted(tool_names(), key=lambda n: (n != "search", n))  # the first tool first in messages
+    return _format_error(response_text, protocol, tools)
 
 
 def is_valid_format(response_text: str, protocol: str = "tags", tools=None) -> bool:
-    """True when the response follows the protocol (see :func:`format_error` for the grammar and ``tools``)."""
+    """True when the response follows the protocol (see :func:`format_error`)."""
     return format_error(response_text, protocol, tools) is None
 
 
-# ---------------------------------------------------------------------------------------------------------- registry
-@dataclass(frozen=True)
-class FormatRewardWeights:
-    """Weights of the format-aware reward (see the module docstring for the formula)."""
-
-    correct_valid: float = 1.0
-    """Reward of a correct answer in a well-formed response (the maximum)."""
-    correct_invalid: float = 0.8
-    """Reward of a correct answer whose response breaks the protocol (less than ``correct_valid``)."""
-    wrong_valid: float = 0.1
-    """Reward of a wrong (or missing) answer in a well-formed response: a little credit for the format."""
-    wrong_invalid: float = 0.0
-    """Reward of a wrong answer in a malformed response."""
-    retrieval_bonus: float = 0.0
-    """Added when the answer is not fully correct but a golden answer occurs in the retrieved text (0 = off)."""
-    protocol: str = "tags"
-    """Which grammar :func:`is_valid_format` checks: ``tags`` (Search-R1) or ``tool_call`` (Qwen JSON tools)."""
-    tools: tuple[str, ...] | None = None
-    """Tool tags that count as calls in the ``tags`` grammar (None: all registered tools, see :func:`format_error`)."""
-
-    def __post_init__(self) -> None:
-        if self.protocol not in _PROTOCOLS:
-            raise ValueError(f"FormatRewardWeights.protocol={self.protocol!r}; valid: {sorted(_PROTOCOLS)}")
+# ---------------------------------------------------------------------------------------------------- registry
+REWARDS: Registry[Callable[..., Reward]] = Registry("reward")
+"""Reward *factories* by name: ``factory(**reward_kwargs) -> Reward``."""
 
 
-RewardFn = Callable[..., tuple[float, dict]]
-"""``fn(response_text, golden_answers, retrieved_text="", *, answer) -> (score, info)``; ``answer`` is required."""
-REWARDS: Registry[Callable[..., RewardFn]] = Registry("reward")
-"""Reward *factories* by name: ``factory(**cfg) -> RewardFn``."""
+def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
+    """Register a reward *factory* ``factory(**reward_kwargs) -> Reward`` (a name taken twice raises ``KeyError``).
 
-
-def register_reward(name: str) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
-    """Register a reward *factory* ``factory(**cfg) -> fn(response_text, golden_answers, retrieved_text="", *,
-    answer)`` (registering a name twice raises ``KeyError``)."""
+    A factory may still return a plain function ``fn(response_text, golden_answers, retrieved_text="", *, answer)
+    -> (score, info)`` (the earlier protocol): it is wrapped, and declares the metrics listed in ``fn.metrics``."""
     return REWARDS.register(name)
 
 
@@ -276,90 +116,182 @@ def available_rewards() -> list[str]:
     return REWARDS.names()
 
 
-def get_reward_fn(name: str, **cfg) -> RewardFn:
-    """Build the reward function registered under ``name``.
+class _FunctionReward(Reward):
+    """A plain ``fn(response_text, golden_answers, retrieved_text, *, answer)`` as a :class:`Reward`."""
 
-    Returns ``fn(response_text, golden_answers, retrieved_text="", *, answer) -> (score, info)`` where ``info``
-    holds ``answer``, ``em``, ``subem``, ``f1``, ``valid_format``, ``format_error`` and ``retrieval_hit``.
-    ``answer`` (keyword only, **required**) is the answer the environment accepted (``Trajectory.answer``; ``None``
-    = the trajectory gave no accepted answer); it is what the metric scores. The environment computes it once
-    (``openrlhf_search.env.episode.score_trajectory`` is the one call every backend makes). The format check reads
-    the whole response. ``cfg`` are the :class:`FormatRewardWeights` fields (for the format rewards).
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.metrics = tuple(getattr(fn, "metrics", ()))
+
+    def score(self, x: RewardInput) -> tuple[float, dict]:
+        return self.fn(x.response_text, list(x.golden_answers), x.retrieved_text, answer=x.answer)
+
+
+def get_reward_fn(name: str, **cfg) -> Reward:
+    """Build the reward registered under ``name`` with ``cfg`` (``env.reward_kwargs``).
+
+    ``timeout`` (seconds per batch, or None) is accepted by every reward; the other keys go to the factory.
     """
-    return REWARDS.get(name)(**cfg)
+    timeout = cfg.pop("timeout", Reward.timeout)
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ValueError(f"reward {name!r}: timeout must be a positive number of seconds or null, got {timeout!r}")
+    made = REWARDS.get(name)(**cfg)
+    if not isinstance(made, Reward):
+        if not callable(made):
+            raise TypeError(f"reward {name!r}: the factory returned {type(made).__name__}, not a Reward")
+        made = _FunctionReward(made)
+    made.name = name
+    made.timeout = None if timeout is None else float(timeout)
+    return made
 
 
-def _info(response_text: str, golden_answers, retrieved_text: str, answer: str | None, protocol: str = "tags",
-          tools=None) -> dict:
-    golds = _as_list(golden_answers)
-    err = format_error(response_text, protocol, tools)
+# ------------------------------------------------------------------------------------------------ built-in rewards
+ANSWER_METRICS = ("em", "subem", "f1")
+"""The metrics every built-in reward fills."""
+
+
+def answer_info(x: RewardInput) -> dict:
+    """The built-in rewards' info: the answer, its metrics and the environment's checks."""
+    golds = list(x.golden_answers)
     return {
-        "answer": answer,
-        "em": exact_match(answer, golds),
-        "subem": substring_exact_match(answer, golds),
-        "f1": f1_score(answer, golds),
-        "valid_format": err is None,
-        "format_error": err,
-        "retrieval_hit": bool(retrieved_text) and substring_exact_match(retrieved_text, golds) > 0,
+        "answer": x.answer,
+        "em": exact_match(x.answer, golds),
+        "subem": substring_exact_match(x.answer, golds),
+        "f1": f1_score(x.answer, golds),
+        "valid_format": x.valid_format,
+        "format_error": x.format_error,
+        "retrieval_hit": x.retrieval_hit,
     }
 
 
-def _plain(metric: str) -> Callable[..., RewardFn]:
-    def factory(**cfg) -> RewardFn:
+class MetricReward(Reward):
+    """The metric (``em``, ``subem`` or ``f1``) of the accepted answer, whatever the format."""
+
+    metrics = ANSWER_METRICS
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+
+    def score(self, x: RewardInput) -> tuple[float, dict]:
+        info = answer_info(x)
+        return float(info[self.metric]), info
+
+
+def _plain(metric: str) -> Callable[..., Reward]:
+    def factory(**cfg) -> Reward:
         if cfg:
             raise TypeError(f"reward {metric!r} takes no options, got {sorted(cfg)}")
-
-        def fn(response_text: str, golden_answers, retrieved_text: str = "", *, answer: str | None
-               ) -> tuple[float, dict]:
-            info = _info(response_text, golden_answers, retrieved_text, answer)
-            return float(info[metric]), info
-
-        fn.__name__ = f"reward_{metric}"
-        return fn
+        return MetricReward(metric)
 
     return factory
 
 
-for _m in ("em", "subem", "f1"):
+for _m in ANSWER_METRICS:
     register_reward(_m)(_plain(_m))
 
 
-def _make_weights(cfg: dict, defaults: dict | None = None) -> FormatRewardWeights:
+@dataclass(frozen=True)
+class FormatRewardWeights:
+    """Weights of the format-aware rewards (formula in the module docstring). Checked when built: at equal format a
+    correct answer must outscore every wrong one, so ``correct_x - wrong_x`` must exceed ``retrieval_score +
+    no_search_penalty`` for both formats (or equal 0 or more when both are 0)."""
+
+    correct_valid: float = 1.0
+    """Reward of a correct answer in a well-formed response (the maximum)."""
+    correct_invalid: float = 0.8
+    """Reward of a correct answer whose response breaks the protocol (at most ``correct_valid``)."""
+    wrong_valid: float = 0.1
+    """Reward of a wrong (or missing) answer in a well-formed response: a little credit for the format."""
+    wrong_invalid: float = 0.0
+    """Reward of a wrong answer in a malformed response."""
+    retrieval_score: float = 0.0
+    """Credit for a wrong answer when a golden answer occurs in the retrieved text (0 = off). A correct answer gets
+    no more than ``correct_x``: the partial credit of wrong answers shrinks to leave room for it."""
+    no_search_penalty: float = 0.0
+    """Subtracted from every trajectory that executed no tool call (answered without searching; 0 = off)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"reward option {f.name} must be a finite number, got {v!r}")
+        for key in ("retrieval_score", "no_search_penalty"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"reward option {key} must be >= 0, got {getattr(self, key)}")
+        if self.correct_valid < self.correct_invalid:
+            raise ValueError(f"reward options: correct_valid ({self.correct_valid}) must be >= correct_invalid "
+                             f"({self.correct_invalid})")
+        extra = self.retrieval_score + self.no_search_penalty
+        for fmt in ("valid", "invalid"):
+            c, w = getattr(self, f"correct_{fmt}"), getattr(self, f"wrong_{fmt}")
+            if c - w < 0 or (extra > 0 and c - w <= extra):
+                raise ValueError(
+                    f"reward options: correct_{fmt} - wrong_{fmt} = {c - w:g} must be "
+                    + (f"greater than retrieval_score + no_search_penalty = {extra:g}" if extra > 0 else ">= 0")
+                    + ", or a wrong answer could reach a correct one's reward")
+
+    def reward(self, m: float, valid: bool, hit: bool, searched: bool) -> float:
+        """The reward of a trajectory with answer metric ``m``, format ``valid``, retrieval ``hit``, ``searched``."""
+        c, w = (self.correct_valid, self.wrong_valid) if valid else (self.correct_invalid, self.wrong_invalid)
+        if m >= 1.0:
+            r = c
+        else:
+            r = w + (c - w - self.retrieval_score - self.no_search_penalty) * m
+            r += self.retrieval_score if hit else 0.0
+        return r - (0.0 if searched else self.no_search_penalty)
+
+
+_RENAMED = {"retrieval_bonus": "retrieval_score"}
+_REMOVED = {
+    "protocol": "the environment checks the format once, with its template's protocol",
+    "tools": "the environment checks the format once, with its env.tools list",
+}
+
+
+def _make_weights(reward: str, cfg: dict, defaults: dict | None = None) -> FormatRewardWeights:
+    cfg = dict(cfg)
+    for old, new in _RENAMED.items():
+        if old in cfg:
+            if new in cfg:
+                raise TypeError(f"reward {reward!r}: give {new!r} only ({old!r} is its old name)")
+            warnings.warn(f"reward option {old!r} is deprecated, use {new!r} (env.reward_kwargs.{new}): the same "
+                          "credit for a wrong answer whose golden answer was retrieved, which can no longer lift it "
+                          "to a correct answer's reward", FutureWarning, stacklevel=3)
+            cfg[new] = cfg.pop(old)
+    for old, why in _REMOVED.items():
+        if old in cfg:
+            raise TypeError(f"reward {reward!r}: option {old!r} was removed ({why})")
     valid = {f.name for f in fields(FormatRewardWeights)}
     unknown = set(cfg) - valid
     if unknown:
-        raise TypeError(f"unknown reward option(s) {sorted(unknown)}; valid: {sorted(valid)}")
-    merged = {**(defaults or {}), **cfg}
-    if merged.get("tools") is not None:
-        merged["tools"] = tuple([merged["tools"]] if isinstance(merged["tools"], str) else merged["tools"])
-    return FormatRewardWeights(**merged)
+        raise TypeError(f"unknown reward option(s) {sorted(unknown)}; valid: {sorted(valid | {'timeout'})}")
+    return FormatRewardWeights(**{**(defaults or {}), **cfg})
 
 
-def _format_reward(metric: str, defaults: dict | None = None) -> Callable[..., RewardFn]:
-    def factory(**cfg) -> RewardFn:
-        w = _make_weights(cfg, defaults)
+class FormatReward(Reward):
+    """An answer metric combined with the environment's format check, retrieval and search (formula above)."""
 
-        def fn(response_text: str, golden_answers, retrieved_text: str = "", *, answer: str | None
-               ) -> tuple[float, dict]:
-            info = _info(response_text, golden_answers, retrieved_text, answer, w.protocol, w.tools)
-            m = float(info[metric])
-            if info["valid_format"]:
-                r = w.wrong_valid + (w.correct_valid - w.wrong_valid) * m
-            else:
-                r = w.wrong_invalid + (w.correct_invalid - w.wrong_invalid) * m
-            if w.retrieval_bonus and m < 1.0 and info["retrieval_hit"]:
-                r = min(r + w.retrieval_bonus, w.correct_valid)
-            return float(r), info
+    metrics = ANSWER_METRICS
 
-        fn.__name__ = f"reward_format_{metric}"
-        return fn
+    def __init__(self, metric: str, weights: FormatRewardWeights) -> None:
+        self.metric = metric
+        self.weights = weights
+
+    def score(self, x: RewardInput) -> tuple[float, dict]:
+        info = answer_info(x)
+        r = self.weights.reward(float(info[self.metric]), x.valid_format, info["retrieval_hit"], x.num_tool_calls > 0)
+        return float(r), info
+
+
+def _format_reward(name: str, metric: str, defaults: dict | None = None) -> Callable[..., Reward]:
+    def factory(**cfg) -> Reward:
+        return FormatReward(metric, _make_weights(name, cfg, defaults))
 
     return factory
 
 
-register_reward("format_em")(_format_reward("em"))
-register_reward("format_f1")(_format_reward("f1"))
+register_reward("format_em")(_format_reward("format_em", "em"))
+register_reward("format_f1")(_format_reward("format_f1", "f1"))
 # CalibAdv's default reward: F1 when the format is valid, else 0 (``F1 x format``).
-register_reward("f1_x_format")(
-    _format_reward("f1", {"correct_valid": 1.0, "correct_invalid": 0.0, "wrong_valid": 0.0, "wrong_invalid": 0.0})
-)
+register_reward("f1_x_format")(_format_reward(
+    "f1_x_format", "f1", {"correct_valid": 1.0, "correct_invalid": 0.0, "wrong_valid": 0.0, "wrong_invalid": 0.0}))

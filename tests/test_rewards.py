@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from openrlhf_search.rewards import (
-    FormatRewardWeights,
+    RewardInput,
     available_rewards,
     exact_match,
     extract_answer,
@@ -16,6 +16,7 @@ from openrlhf_search.rewards import (
     is_valid_format,
     normalize_answer,
     register_reward,
+    run_reward,
     substring_exact_match,
 )
 
@@ -123,6 +124,17 @@ GOOD = "<think>t</think><answer>Paris</answer>"
 BAD_FORMAT = "Sure! <answer>Paris</answer>"
 
 
+def inp(text, golds, answer, retrieved="", tool_calls=1, question="Q?"):
+    """The reward input the environment would build for ``text`` (format checked once, here)."""
+    err = format_error(text)
+    return RewardInput(question=question, answer=answer, golden_answers=tuple(golds), retrieved_text=retrieved,
+                       valid_format=err is None, format_error=err, num_tool_calls=tool_calls)
+
+
+def score(reward, x):
+    return run_reward(reward, [x])[0]
+
+
 @pytest.mark.parametrize(
     "name, text, golds, expected",
     [
@@ -140,37 +152,57 @@ BAD_FORMAT = "Sure! <answer>Paris</answer>"
     ],
 )
 def test_reward_registry_values(name, text, golds, expected):
-    score, info = get_reward_fn(name)(text, golds, answer=extract_answer(text))
-    assert score == pytest.approx(expected)
+    reward = get_reward_fn(name)
+    value, info = score(reward, inp(text, golds, extract_answer(text)))
+    assert value == pytest.approx(expected)
     assert set(info) >= {"answer", "em", "subem", "f1", "valid_format", "retrieval_hit"}
+    assert reward.metrics == ("em", "subem", "f1")
 
 
-def test_format_reward_weights_and_retrieval_bonus():
-    fn = get_reward_fn("format_em", wrong_valid=0.2, retrieval_bonus=0.3)
+def test_format_reward_weights_and_retrieval_score():
+    fn = get_reward_fn("format_em", wrong_valid=0.2, retrieval_score=0.3)
     wrong = "<answer>Lyon</answer>"
-    assert fn(wrong, ["Paris"], answer="Lyon")[0] == pytest.approx(0.2)
-    score, info = fn(wrong, ["Paris"], retrieved_text="Doc 1 (Title: France) Its capital is Paris.", answer="Lyon")
-    assert info["retrieval_hit"] and score == pytest.approx(0.5)
-    # the bonus never lifts a reward above the maximum, and a correct answer gets no bonus
-    boosted = get_reward_fn("format_em", retrieval_bonus=5.0)
-    assert boosted(wrong, ["Paris"], "Paris", answer="Lyon")[0] == pytest.approx(1.0)
-    assert fn("<answer>Paris</answer>", ["Paris"], "Paris", answer="Paris")[0] == pytest.approx(1.0)
+    assert score(fn, inp(wrong, ["Paris"], "Lyon"))[0] == pytest.approx(0.2)
+    value, info = score(fn, inp(wrong, ["Paris"], "Lyon", retrieved="Doc 1 (Title: France) Its capital is Paris."))
+    assert info["retrieval_hit"] and value == pytest.approx(0.5)
+    assert score(fn, inp("<answer>Paris</answer>", ["Paris"], "Paris", retrieved="Paris"))[0] == pytest.approx(1.0)
     # the model's own <information> block is not retrieved text
     fake = "<search>q</search><information>Paris</information><answer>Lyon</answer>"
-    assert fn(fake, ["Paris"], answer="Lyon")[1]["retrieval_hit"] is False
+    assert score(fn, inp(fake, ["Paris"], "Lyon"))[1]["retrieval_hit"] is False
+    # answering without a tool call costs no_search_penalty, correct or not
+    pen = get_reward_fn("format_em", no_search_penalty=0.05)
+    assert score(pen, inp("<answer>Paris</answer>", ["Paris"], "Paris", tool_calls=0))[0] == pytest.approx(0.95)
+    assert score(pen, inp(wrong, ["Paris"], "Lyon", tool_calls=0))[0] == pytest.approx(0.05)
+
+
+def test_weights_that_let_a_wrong_answer_reach_a_correct_one_are_refused():
+    with pytest.raises(ValueError, match="correct_valid - wrong_valid = 0.9 must be greater than retrieval_score"):
+        get_reward_fn("format_em", retrieval_score=0.9)
+    with pytest.raises(ValueError, match="correct_invalid - wrong_invalid"):
+        get_reward_fn("format_f1", retrieval_score=0.5, no_search_penalty=0.3)
+    with pytest.raises(ValueError, match="no_search_penalty must be >= 0"):
+        get_reward_fn("format_em", no_search_penalty=-0.1)
+    with pytest.raises(ValueError, match="correct_valid .* must be >= correct_invalid"):
+        get_reward_fn("format_em", correct_invalid=1.5)
+
+
+def test_old_reward_options_say_what_replaced_them():
+    with pytest.warns(FutureWarning, match="'retrieval_bonus' is deprecated, use 'retrieval_score'"):
+        old = get_reward_fn("format_f1", retrieval_bonus=0.5)
+    assert old.weights == get_reward_fn("format_f1", retrieval_score=0.5).weights
+    with pytest.raises(TypeError, match="'protocol' was removed"):
+        get_reward_fn("format_em", protocol="tool_call")
 
 
 @pytest.mark.parametrize("name", ["em", "subem", "f1", "format_em", "format_f1", "f1_x_format"])
-def test_the_answer_keyword_is_what_is_scored(name):
-    fn = get_reward_fn(name)
+def test_the_accepted_answer_is_what_is_scored(name):
+    reward = get_reward_fn(name)
     text = "<answer>wrong</answer> <answer>Paris</answer>"
-    with pytest.raises(TypeError, match="answer"):  # no signature sniffing: the accepted answer is required
-        fn(text, ["Paris"])
-    score, info = fn(text, ["Paris"], answer="wrong")  # the environment's parsed answer, not the text's last block
+    value, info = score(reward, inp(text, ["Paris"], "wrong"))  # the environment's answer, not the text's last block
     assert info["answer"] == "wrong" and info["em"] == 0.0 and info["valid_format"] is False
-    score_none, info_none = fn(text, ["Paris"], answer=None)  # no accepted answer: the metric is 0
-    assert info_none["answer"] is None and info_none["f1"] == 0.0 and score_none == score
-    assert fn(text, ["Paris"], answer="Paris")[1]["em"] == 1.0
+    value_none, info_none = score(reward, inp(text, ["Paris"], None))  # no accepted answer: the metric is 0
+    assert info_none["answer"] is None and info_none["f1"] == 0.0 and value_none == value
+    assert score(reward, inp(text, ["Paris"], "Paris"))[1]["em"] == 1.0
 
 
 def test_registry_errors():
@@ -183,8 +215,9 @@ def test_registry_errors():
         get_reward_fn("em", correct_valid=1.0)
     with pytest.raises(KeyError, match="already registered"):
         register_reward("em")(lambda **cfg: None)
-    with pytest.raises(ValueError, match="protocol"):
-        FormatRewardWeights(protocol="xml")
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        get_reward_fn("em", timeout=0)
+    assert get_reward_fn("em", timeout=None).timeout is None and get_reward_fn("em", timeout=5).timeout == 5.0
 
 
 def test_rewards_module_does_not_import_torch():

@@ -3,12 +3,14 @@ observations, token-in/token-out trajectories.
 
 :class:`Episode` is the per-trajectory step (plan -> batched tool execute -> render) that both ``SearchEnv`` (the
 local batched environment: one backend call per tool per turn for the whole batch) and the OpenRLHF agent instance
-run; :data:`~openrlhf_search.env.tools.TOOLS` holds the tools (``search``, ``open``).
+run; :data:`~openrlhf_search.env.tools.TOOLS` holds the tools (``search``, ``open``); :mod:`.protocol` the tag
+grammar and answer normalisation; :mod:`.scoring` the reward call of every backend.
 """
 
 from openrlhf_search.env.actions import Action, parse_action
-from openrlhf_search.env.episode import EnvConfig, Episode, score_trajectory
+from openrlhf_search.env.episode import EnvConfig, Episode
 from openrlhf_search.env.observation import format_observation, neutralize
+from openrlhf_search.env.scoring import Reward, RewardInput, score_trajectories, score_trajectory
 from openrlhf_search.env.search_env import SearchEnv
 from openrlhf_search.env.templates import PromptTemplate, available_templates, get_template
 from openrlhf_search.env.tools import TOOLS, Tool, get_tools
@@ -19,6 +21,8 @@ __all__ = [
     "EnvConfig",
     "Episode",
     "PromptTemplate",
+    "Reward",
+    "RewardInput",
     "SearchEnv",
     "TOOLS",
     "Tool",
@@ -30,5 +34,6 @@ __all__ = [
     "get_tools",
     "neutralize",
     "parse_action",
+    "score_trajectories",
     "score_trajectory",
 ]

@@ -37,40 +37,15 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from types import SimpleNamespace
 
-from openrlhf_search.rewards import tag_pattern
+from openrlhf_search.env.protocol import ANY_TAG_RE, OBSERVATION_TAGS, PROTOCOL_TAG_NAMES, any_tag_re, tag_pattern
+from openrlhf_search.env.tools import SearchTool, Tool
+from openrlhf_search.env.tools import split_queries as _split_queries
 
-__all__ = ["Action", "parse_action", "split_queries", "PROTOCOL_TAG_NAMES", "ANY_TAG_RE", "protocol_tag_names",
-           "any_tag_re"]
+__all__ = ["Action", "parse_action", "split_queries", "PROTOCOL_TAG_NAMES", "ANY_TAG_RE"]
 
-BASE_TAG_NAMES = ("think", "information", "answer", "tool_call", "tool_response")
-"""Tag names of both protocols that are not tools."""
-PROTOCOL_TAG_NAMES = ("think", "search", "open", "information", "answer", "tool_call", "tool_response")
-"""Every tag name of both protocols with the built-in tools (:func:`protocol_tag_names` adds registered tools)."""
-
-
-def protocol_tag_names() -> tuple[str, ...]:
-    """The base tags plus the name of every registered tool (the neutralizer escapes all of them)."""
-    from openrlhf_search.env.tools import tool_names
-
-    return tuple(dict.fromkeys(PROTOCOL_TAG_NAMES + tuple(tool_names())))
-
-
-@lru_cache(maxsize=32)
-def _any_tag_re(names: tuple[str, ...]) -> re.Pattern:
-    return re.compile("|".join(tag_pattern(n, c) for n in names for c in (False, True)), re.I)
-
-
-def any_tag_re() -> re.Pattern:
-    """Matches any opening or closing protocol tag (:func:`protocol_tag_names`)."""
-    return _any_tag_re(protocol_tag_names())
-
-
-ANY_TAG_RE = _any_tag_re(PROTOCOL_TAG_NAMES)
-"""Matches any opening or closing tag of :data:`PROTOCOL_TAG_NAMES`."""
-
-PROTOCOLS = ("tags", "tool_call")
+PROTOCOLS = tuple(OBSERVATION_TAGS)
 
 
 @dataclass(frozen=True)
@@ -93,9 +68,7 @@ class Action:
 
 def split_queries(body: str, max_queries: int = 4) -> list[str]:
     """Queries of a ``<search>`` body (see :func:`openrlhf_search.env.tools.search.split_queries`)."""
-    from openrlhf_search.env.tools.search import split_queries as split
-
-    return split(body, max_queries)
+    return _split_queries(body, max_queries)
 
 
 def _blank(text: str, start: int, end: int) -> str:
@@ -140,11 +113,7 @@ def _tool_call(body: str, tools: dict) -> tuple[str | None, dict, str | None]:
     return name, parsed, err
 
 
-def _default_tools(max_queries: int) -> list:
-    from types import SimpleNamespace
-
-    from openrlhf_search.env.tools.search import SearchTool
-
+def _default_tools(max_queries: int) -> list[Tool]:
     return [SearchTool(SimpleNamespace(topk=3, max_queries_per_turn=max_queries, max_docs_per_turn=None))]
 
 
@@ -161,7 +130,7 @@ def parse_action(text: str, protocol: str = "tags", max_queries: int = 4, tools:
         raise KeyError(f"unknown protocol {protocol!r}; valid: {sorted(PROTOCOLS)}")
     by_name = {t.name: t for t in (tools if tools is not None else _default_tools(max_queries))}
     calls = list(by_name) if protocol == "tags" else ["tool_call"]
-    nested_re = _any_tag_re(tuple(dict.fromkeys(PROTOCOL_TAG_NAMES + tuple(by_name))))
+    nested_re = any_tag_re(tuple(dict.fromkeys(PROTOCOL_TAG_NAMES + tuple(by_name))))
     clean = text or ""
     for obs in ("information", "tool_response"):
         clean = _blank_blocks(clean, obs)

@@ -9,7 +9,8 @@ A turn of one trajectory is three calls, so that only the tool execution is batc
 :class:`~openrlhf_search.env.search_env.SearchEnv` runs ``plan`` for every live trajectory, one ``execute`` for all
 of them, then ``render`` for each; the OpenRLHF agent instance runs :meth:`Episode.step` (the same three calls for
 one trajectory) on every turn OpenRLHF's executor hands it. Records are :class:`~.trajectory.Trajectory` /
-:class:`~.trajectory.TurnRecord` on both, rewards come from :func:`score_trajectory` and diagnostics from
+:class:`~.trajectory.TurnRecord` on both, rewards come from :mod:`.scoring` (the format check runs once per finished
+trajectory, ``Trajectory.check_format``, and the reward receives its result) and diagnostics from
 :meth:`Episode.metrics` (same names on both), the CalibAdv record from ``Trajectory.to_calib_record``.
 
 Rules (:class:`EnvConfig`): ``max_turns`` counts model generations (the answering one included);
@@ -29,24 +30,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from openrlhf_search.env.actions import Action, parse_action
+from openrlhf_search.env.chat import chat_observation_format
 from openrlhf_search.env.observation import special_token_strings
+from openrlhf_search.env.protocol import substring_exact_match
+from openrlhf_search.env.scoring import score_trajectory
 from openrlhf_search.env.templates import PromptTemplate, get_template, with_tools
 from openrlhf_search.env.tools import RenderContext, Tool, get_tools, turn_is_repeated
 from openrlhf_search.env.trajectory import Trajectory, TurnRecord
 
-__all__ = ["EnvConfig", "Episode", "PendingCall", "score_trajectory", "EPISODE_METRICS"]
+__all__ = ["EnvConfig", "Episode", "PendingCall", "score_trajectory", "EPISODE_METRICS", "reward_metric_names"]
 
 EPISODE_METRICS = (
     "search/num_turns",
     "search/num_invalid",
     "search/answered",
     "search/truncated",
-    "search/em",
-    "search/f1",
     "search/valid_format",
     "search/retrieval_hit",
 )
-"""Per-trajectory diagnostics of every episode (each tool adds its own, :meth:`Tool.metric_names`)."""
+"""Per-trajectory diagnostics of every episode (each tool adds its own, :meth:`Tool.metric_names`, and the reward
+the metrics it declares, :func:`reward_metric_names`)."""
+
+
+def reward_metric_names(reward) -> list[str]:
+    """``search/<key>`` for every metric ``reward`` declares (``Reward.metrics``; none for None)."""
+    return [f"search/{k}" for k in getattr(reward, "metrics", ())]
 
 
 @dataclass
@@ -80,6 +88,9 @@ class EnvConfig:
     the prompt, the stop strings, the format check and the metrics follow from this list."""
     open_page_tokens: int | None = None
     """``open`` tool: tokens per page of an opened document (None = ``max_obs_tokens``)."""
+    tool_options: dict[str, dict] = field(default_factory=dict)
+    """Each tool's own settings by tool name (``{web_search: {max_results: 5}}``): the keys are the fields of the
+    tool's :attr:`~openrlhf_search.env.tools.Tool.options` dataclass; only tools of :attr:`tools` may appear."""
 
     def __post_init__(self) -> None:
         for name in ("max_turns", "max_tokens_per_turn", "max_total_tokens", "topk", "max_queries_per_turn"):
@@ -88,6 +99,11 @@ class EnvConfig:
         if isinstance(self.tools, str):
             self.tools = [self.tools]
         self.tools = list(self.tools)
+        if not isinstance(self.tool_options, dict) or not all(
+                isinstance(v, dict) for v in self.tool_options.values()):
+            raise ValueError(f"EnvConfig.tool_options must map tool names to option mappings, got "
+                             f"{self.tool_options!r}")
+        self.tool_options = {str(k): dict(v) for k, v in self.tool_options.items()}
 
 
 @dataclass
@@ -101,14 +117,6 @@ class PendingCall:
     turn_ended: bool
     """The model's generation ended its chat turn (EOS): the observation does not need the template's
     ``close_turn`` prefix."""
-
-
-def score_trajectory(traj: Trajectory, reward_fn) -> tuple[float, dict]:
-    """The one reward call of every backend: ``reward_fn(response_text, golden_answers, retrieved_text,
-    answer=traj.answer)`` -- the answer the environment accepted, never a re-parse of the text."""
-    score, info = reward_fn(traj.response_text, traj.meta.get("golden_answers", []), traj.retrieved_text,
-                            answer=traj.answer)
-    return float(score), dict(info)
 
 
 class Episode:
@@ -132,8 +140,6 @@ class Episode:
         """The measured :class:`~openrlhf_search.env.chat.ChatObservationFormat` (templates with ``obs_role``)."""
         tpl = self.template
         if tpl.obs_role and tpl.use_chat_template and getattr(tokenizer, "chat_template", None):
-            from openrlhf_search.env.chat import chat_observation_format
-
             try:
                 self.chat_format = chat_observation_format(tokenizer, tpl.messages("probe question"), tpl.obs_role,
                                                            getattr(tokenizer, "eos_token", None),
@@ -246,25 +252,28 @@ class Episode:
         return traj.turns[before].obs_text if len(traj.turns) > before else ""
 
     # ------------------------------------------------------------------------------------------- metrics
-    def metric_names(self) -> list[str]:
-        """The diagnostic names :meth:`metrics` returns (fixed for a given tool list)."""
-        return list(EPISODE_METRICS) + [n for t in self.tools for n in t.metric_names()]
+    def metric_names(self, reward=None) -> list[str]:
+        """The diagnostic names :meth:`metrics` returns (fixed for a given tool list and reward)."""
+        return list(EPISODE_METRICS) + [n for t in self.tools for n in t.metric_names()] + reward_metric_names(reward)
 
-    def metrics(self, traj: Trajectory, info: dict) -> dict[str, float]:
-        """Per-trajectory diagnostics (``info``: the reward's info dict)."""
+    def metrics(self, traj: Trajectory, info: dict, reward=None) -> dict[str, float]:
+        """Per-trajectory diagnostics: the episode's own, each tool's, and the metrics ``reward`` declares, read
+        from ``info`` (its info dict for this trajectory); a metric no reward declares is not logged."""
         finish = traj.finish_reason or "max_length"
+        golds = traj.meta.get("golden_answers", [])
+        retrieved = traj.retrieved_text
         out = {
             "search/num_turns": float(len(traj.turns)),
             "search/num_invalid": float(sum(t.action == "invalid" for t in traj.turns)),
             "search/answered": float(finish == "answer"),
             "search/truncated": float(finish == "max_length"),
-            "search/em": float(info.get("em", 0.0)),
-            "search/f1": float(info.get("f1", 0.0)),
-            "search/valid_format": float(bool(info.get("valid_format", False))),
-            "search/retrieval_hit": float(bool(info.get("retrieval_hit", False))),
+            "search/valid_format": float(traj.valid_format),
+            "search/retrieval_hit": float(bool(retrieved) and substring_exact_match(retrieved, golds) > 0),
         }
         for t in self.tools:
             out.update(t.metrics(traj.turns))
+        for key, name in zip(getattr(reward, "metrics", ()), reward_metric_names(reward)):
+            out[name] = float(info[key])
         return out
 
     # ----------------------------------------------------------------------------------------- internals

@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
-from openrlhf_search.env.actions import protocol_tag_names
+from openrlhf_search.env.protocol import tag_names
 from openrlhf_search.retrieval.types import Hit
 
 __all__ = ["neutralize", "format_observation", "truncate_to_tokens", "special_token_strings"]
@@ -62,7 +62,7 @@ def neutralize(text: str, extra_tokens: Iterable[str] = ()) -> str:
     Applied until a fixed point, so overlapping tricks such as ``<<search>search>`` cannot reassemble a tag.
     """
     extra = sorted({t for t in extra_tokens if t and len(t) >= 2}, key=len, reverse=True)
-    tag_re = _tag_re(protocol_tag_names())  # every registered tool's tag, whatever the environment enables
+    tag_re = _tag_re(tag_names())  # every registered tool's tag, whatever the environment enables
     for _ in range(10):
         before = text
         text = tag_re.sub(lambda m: f"[{m.group(1)}{m.group(2).lower()}]", text)

@@ -21,7 +21,8 @@ import time
 from collections.abc import Sequence
 
 from openrlhf_search.data.types import QASample
-from openrlhf_search.env.episode import EnvConfig, Episode, score_trajectory
+from openrlhf_search.env.episode import EnvConfig, Episode
+from openrlhf_search.env.scoring import score_trajectories
 from openrlhf_search.env.templates import PromptTemplate
 from openrlhf_search.env.tools.search import merge_hits, turn_is_repeated
 from openrlhf_search.env.trajectory import Trajectory
@@ -160,11 +161,12 @@ class SearchEnv:
         return {"queries": sum(len(p.turn.queries) for p in pending), "retrieval_seconds": seconds,
                 "finished": finished}
 
-    def compute_rewards(self, trajs: Sequence[Trajectory], reward_fn) -> list[tuple[float, dict]]:
-        """:func:`~openrlhf_search.env.episode.score_trajectory` of each trajectory: the reward of the answer the
-        environment accepted (``Trajectory.answer``), not of the last ``<answer>`` block of the text."""
-        return [score_trajectory(t, reward_fn) for t in trajs]
+    def compute_rewards(self, trajs: Sequence[Trajectory], reward) -> list[tuple[float, dict]]:
+        """``(score, info)`` of each trajectory in one batched reward call
+        (:func:`~openrlhf_search.env.scoring.score_trajectories`): the reward of the answer the environment accepted
+        (``Trajectory.answer``), with the format checked once by the environment."""
+        return score_trajectories(trajs, reward)
 
-    def metrics(self, traj: Trajectory, info: dict) -> dict[str, float]:
+    def metrics(self, traj: Trajectory, info: dict, reward=None) -> dict[str, float]:
         """Per-trajectory diagnostics, the same names as the OpenRLHF agent's ``extra_logs``."""
-        return self.episode.metrics(traj, info)
+        return self.episode.metrics(traj, info, reward)

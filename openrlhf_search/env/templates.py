@@ -30,10 +30,13 @@ add_generation_prompt=True)``), else a plain-text fallback ``system\\n\\nuser\\n
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from openrlhf_search.env.protocol import action_pairs, tag_names
+from openrlhf_search.env.tools import get_tools
 from openrlhf_search.registry import Registry
 
 __all__ = ["PromptTemplate", "TEMPLATES", "register_template", "get_template", "available_templates",
@@ -62,13 +65,12 @@ class PromptTemplate:
     """Prepended to an observation when the model's turn did not already end with EOS (tool protocol: ``<|im_end|>``
     followed by a newline, so the tool result sits in its own chat turn)."""
     invalid_feedback: str = (
-        "\n\nThat was not a valid action. To search, write <search> your query </search>. "
-        "To finish, write only the final answer inside the <answer> tags.{hint}\n\n"
+        "\n\nThat was not a valid action. To search, write your query inside <search></search>. "
+        "To finish, write only the final answer inside <answer></answer>.{hint}\n\n"
     )
     """The fixed corrective observation for an invalid action (as in Search-R1, in our own words); ``{hint}`` is
-    replaced by the last-turn hint (or nothing). It must never contain a complete ``<answer>...</answer>`` pair:
-    this text is part of the response, and a stray ``</answer>`` from the model would otherwise complete a pair that
-    text-based readers (``extract_answer``, the format check) take for an answer."""
+    replaced by the last-turn hint (or nothing). Like every instruction it names the tags as empty pairs, never
+    around an example (see :meth:`example_pairs`)."""
     last_turn_hint: str = "No searches are left: give your final answer now."
     """Shown before the last turn when search is forbidden on the last turn (after the documents, or in the
     corrective message)."""
@@ -86,12 +88,21 @@ class PromptTemplate:
     """Extra ``apply_chat_template`` arguments as ``(name, value)`` pairs (``(("enable_thinking", True),)``)."""
 
     def __post_init__(self) -> None:
-        from openrlhf_search.rewards import extract_answer
-
         if self.protocol not in ("tags", "tool_call"):
             raise ValueError(f"template {self.name!r}: protocol must be 'tags' or 'tool_call', got {self.protocol!r}")
-        if extract_answer(self.feedback(hint=True)) is not None:
-            raise ValueError(f"template {self.name!r}: invalid_feedback contains an <answer>...</answer> pair")
+        pairs = self.example_pairs()
+        if pairs:
+            raise ValueError(
+                f"template {self.name!r}: its instructions hold the complete action {pairs[0]!r}; a model that copies "
+                "the prompt would run it (name a tag as an empty pair such as <search></search>, and give examples "
+                "outside the tags)")
+
+    def example_pairs(self) -> list[str]:
+        """Complete action pairs with a non-blank body in the instructions and corrective messages (must be none: a
+        model echoing the prompt would otherwise search for the example or answer it)."""
+        names = [n for n in tag_names() if n not in ("think", "information", "tool_response")]
+        texts = [self.system or "", self.user, self.invalid_feedback, self.feedback_message or "", self.last_turn_hint]
+        return [p for t in texts for p in action_pairs(t, names)]
 
     def user_message(self, question: str) -> str:
         """The user message for ``question``."""
@@ -152,11 +163,11 @@ def available_templates() -> list[str]:
 
 
 SEARCH_R1_USER = (
-    "Answer the question below. Reason step by step inside <think> and </think> whenever you need to. "
-    "If a fact is missing, look it up by writing a search query between <search> and </search>; the results "
-    "will be shown to you between <information> and </information>. You may search several times. "
-    "When you are sure, write only the final answer between <answer> and </answer>, "
-    "for example <answer> Paris </answer>.\n"
+    "Answer the question below. Reason step by step inside <think></think> whenever you need to. "
+    "If a fact is missing, look it up by writing a search query inside <search></search>; the results "
+    "will be shown to you inside <information></information>. You may search several times. "
+    "When you are sure, write only the final answer inside <answer></answer>: a few words, such as a name or a "
+    "year, with no explanation.\n"
     "Question: {question}\n"
 )
 
@@ -172,10 +183,10 @@ QWEN_TOOLS_SYSTEM = (
     '<tools>\n{"type": "function", "function": {"name": "search", "description": "Search a text collection and '
     'return the best matching passages.", "parameters": {"type": "object", "properties": {"query": {"type": '
     '"string", "description": "what to look for"}}, "required": ["query"]}}}\n</tools>\n\n'
-    "To call it, write a JSON object with the function name and its arguments inside <tool_call></tool_call>:\n"
-    '<tool_call>\n{"name": "search", "arguments": {"query": "..."}}\n</tool_call>\n'
+    "To call it, write a JSON object with the function name and its arguments, such as "
+    '{"name": "search", "arguments": {"query": "..."}}, inside <tool_call></tool_call>.\n'
     "The results come back inside <tool_response></tool_response>. Think inside <think></think> when useful. "
-    "Once you know the answer, write only the answer between <answer> and </answer>."
+    "Once you know the answer, write only the answer inside <answer></answer>."
 )
 
 
@@ -191,18 +202,18 @@ def _qwen_tools() -> PromptTemplate:
         obs_suffix="\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
         close_turn="<|im_end|>\n",
         invalid_feedback=(
-            '<|im_start|>user\nThat was not a valid action. To search, write <tool_call>{"name": "search", '
-            '"arguments": {"query": "..."}}</tool_call>. To finish, write only the final answer inside the '
-            "<answer> tags.{hint}<|im_end|>\n<|im_start|>assistant\n"
+            '<|im_start|>user\nThat was not a valid action. To search, write {"name": "search", "arguments": '
+            '{"query": "..."}} inside <tool_call></tool_call>. To finish, write only the final answer inside '
+            "<answer></answer>.{hint}<|im_end|>\n<|im_start|>assistant\n"
         ),
     )
 
 
 QWEN3_THINK_USER = (
-    "Answer the question below. Each turn, first reason inside <think> and </think>, then do exactly one of two "
-    "things: look something up by writing a search query between <search> and </search> (the results will be shown "
-    "to you between <information> and </information>), or, when you are sure, write only the final answer between "
-    "<answer> and </answer>, for example <answer> Paris </answer>.\n"
+    "Answer the question below. Each turn, first reason inside <think></think>, then do exactly one of two "
+    "things: look something up by writing a search query inside <search></search> (the results will be shown "
+    "to you inside <information></information>), or, when you are sure, write only the final answer inside "
+    "<answer></answer>: a few words, such as a name or a year, with no explanation.\n"
     "Question: {question}\n"
 )
 
@@ -218,14 +229,14 @@ def _qwen3_think() -> PromptTemplate:
 
 QWEN3_TOOLS_SYSTEM = QWEN_TOOLS_SYSTEM.replace(
     "The results come back inside <tool_response></tool_response>. Think inside <think></think> when useful. "
-    "Once you know the answer, write only the answer between <answer> and </answer>.",
+    "Once you know the answer, write only the answer inside <answer></answer>.",
     "Each turn, first reason inside <think></think>, then either call the function once or, when you are sure, "
-    "write only the final answer between <answer> and </answer>. The function's results come back to you as a "
+    "write only the final answer inside <answer></answer>. The function's results come back to you as a "
     "tool message.")
 
 QWEN3_FEEDBACK = (
-    'That was not a valid action. To search, write <tool_call>{"name": "search", "arguments": {"query": "..."}}'
-    "</tool_call>. To finish, write only the final answer inside the <answer> tags.{hint}"
+    'That was not a valid action. To search, write {"name": "search", "arguments": {"query": "..."}} inside '
+    "<tool_call></tool_call>. To finish, write only the final answer inside <answer></answer>.{hint}"
 )
 
 
@@ -238,7 +249,7 @@ def _qwen3_tools() -> PromptTemplate:
                    feedback_message=QWEN3_FEEDBACK, chat_kwargs=(("enable_thinking", True),))
 
 
-COMPACT_USER = "Search with <search> query </search>, answer with <answer> answer </answer>.\nQuestion: {question}\n"
+COMPACT_USER = "Search inside <search></search>, answer inside <answer></answer>.\nQuestion: {question}\n"
 """The one-line instruction of ``search_r1_compact``."""
 
 
@@ -258,8 +269,6 @@ def with_tools(tpl: PromptTemplate, tools) -> PromptTemplate:
     prompt's ``<tools>`` block. Stop strings gain each tool's closing tag (``tags``). Templates are otherwise
     unchanged, so an environment with ``tools=["search"]`` renders exactly what it always did.
     """
-    import json
-
     extra = [t for t in tools if t.name != "search"]
     if not extra:
         return tpl
@@ -280,8 +289,6 @@ def with_tools(tpl: PromptTemplate, tools) -> PromptTemplate:
 def env_template(name: str | PromptTemplate, cfg) -> PromptTemplate:
     """The template an environment with config ``cfg`` uses: :func:`get_template` + :func:`with_tools` of
     ``cfg.tools`` (what ``Episode`` renders; the OpenRLHF launcher writes its prompts with it too)."""
-    from openrlhf_search.env.tools import get_tools
-
     return with_tools(get_template(name), get_tools(cfg.tools, cfg))
 
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from openrlhf_search.env.protocol import f1_score, format_error
+from openrlhf_search.env.tools import TOOLS, tool_names
+
 __all__ = ["TurnRecord", "Trajectory"]
 
 
@@ -75,6 +78,10 @@ class Trajectory:
     meta: dict[str, Any] = field(default_factory=dict)
     """Sample fields: ``sample_id``, ``question``, ``golden_answers``, ``group_id``, ``data_source``, ``protocol``,
     ``tools``, ``prompt_text``, ``sample_index``, ``rollout_index``."""
+    format_checked: bool = field(default=False, repr=False)
+    """Whether :attr:`format_error` holds the format check of the finished response (:meth:`check_format`)."""
+    format_error: str | None = None
+    """Why the finished response breaks the protocol (None when well formed or not checked yet)."""
 
     @property
     def done(self) -> bool:
@@ -102,6 +109,23 @@ class Trajectory:
         """Number of executed tool calls of any tool."""
         return sum(1 for t in self.turns if t.action not in ("answer", "invalid") and t.error is None)
 
+    def check_format(self) -> str | None:
+        """Why the response breaks its protocol, or None (:func:`openrlhf_search.env.protocol.format_error` with the
+        protocol and tools of ``meta``); computed once when the trajectory is finished and kept (the reward, the
+        metrics and the CalibAdv record all read this one result)."""
+        if self.format_checked:
+            return self.format_error
+        tools = self.meta.get("tools") or tool_names()
+        err = format_error(self.response_text, self.meta.get("protocol", "tags"), tools)
+        if self.done:
+            self.format_checked, self.format_error = True, err
+        return err
+
+    @property
+    def valid_format(self) -> bool:
+        """Whether the response follows its protocol (:meth:`check_format`)."""
+        return self.check_format() is None
+
     def append(self, ids: list[int], is_model: bool, logprobs: list[float] | None = None) -> tuple[int, int]:
         """Append ids (model tokens with their log-probs, or observation tokens); returns their ``[start, end)``."""
         start = len(self.response_ids)
@@ -124,17 +148,14 @@ class Trajectory:
           ``calib_credit`` (``search``); the span is the turn's *model* tokens (end exclusive);
         * ``answer_span``: the model tokens of the turn that produced the final answer, or None;
         * ``f1``: token F1 of ``answer`` against ``meta["golden_answers"]``;
-        * ``valid_format``: :func:`openrlhf_search.rewards.is_valid_format` of the response text (protocol and tools
-          from ``meta``).
+        * ``valid_format``: :attr:`valid_format` (the environment's one format check).
 
         Args:
             offset: added to every span. 0: the response axis (``response_ids``, the local trainer). OpenRLHF's
                 action-mask axis is ``mask[1:]`` of the full sequence, i.e. ``offset = len(prompt_ids) - 1``.
-            protocol: overrides ``meta["protocol"]``.
+            protocol: overrides ``meta["protocol"]`` for the format check.
         """
-        from openrlhf_search.algorithms.calibadv import CalibRecord, SearchTurn
-        from openrlhf_search.env.tools import TOOLS
-        from openrlhf_search.rewards import f1_score, is_valid_format
+        from openrlhf_search.algorithms.calibadv import CalibRecord, SearchTurn  # imports torch
 
         def credited(t: TurnRecord) -> bool:
             return t.action in TOOLS and TOOLS.get(t.action).calib_credit and t.error is None
@@ -152,8 +173,8 @@ class Trajectory:
             search_turns=search_turns,
             answer_span=answer_span,
             f1=f1_score(self.answer, golds) if golds else 0.0,
-            valid_format=is_valid_format(self.response_text, protocol or self.meta.get("protocol", "tags"),
-                                         self.meta.get("tools")),
+            valid_format=self.valid_format if protocol is None else format_error(
+                self.response_text, protocol, self.meta.get("tools") or tool_names()) is None,
         )
 
     def to_dict(self) -> dict:

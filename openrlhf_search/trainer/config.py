@@ -144,11 +144,14 @@ class EnvConfig:
     """Reward function name (``openrlhf_search.rewards.get_reward_fn``); the default is Search-R1's exact match with
     a format check."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra arguments of the reward factory."""
+    """Options of the reward (``format_*``: the ``FormatRewardWeights`` fields such as ``retrieval_score`` and
+    ``no_search_penalty``; every reward: ``timeout``, seconds per batch)."""
     tools: list[str] = field(default_factory=lambda: ["search"])
     """Tools the model may call (``openrlhf_search.env.tools``: ``search``, ``open``)."""
     open_page_tokens: int | None = None
     """``open`` tool: tokens per page of an opened document (None = ``max_obs_tokens``)."""
+    tool_options: dict[str, dict] = field(default_factory=dict)
+    """Each tool's own settings by tool name (``{web_search: {max_results: 5}}``, the fields of its ``options``)."""
 
 
 @dataclass

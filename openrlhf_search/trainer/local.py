@@ -246,17 +246,13 @@ def build_engine(cfg: TrainConfig, policy, tokenizer, out: Path):
 
 # ============================================================================================ scoring / tensors
 def score_trajectories(trajs, reward_fn, tokenizer) -> tuple[list[float], list[dict]]:
-    """Reward of each trajectory: the one reward call of every backend (``env.episode.score_trajectory``), which
-    scores the answer the environment accepted (``Trajectory.answer``)."""
-    from openrlhf_search.env.episode import score_trajectory
+    """Reward of each trajectory: one batched call of the reward every backend makes
+    (``env.scoring.score_trajectories``: the answer the environment accepted, its one format check)."""
+    from openrlhf_search.env.scoring import score_trajectories as score_batch
 
     del tokenizer  # the trajectory carries its decoded turns
-    rewards, infos = [], []
-    for t in trajs:
-        r, info = score_trajectory(t, reward_fn)
-        rewards.append(r)
-        infos.append(info)
-    return rewards, infos
+    scored = score_batch(trajs, reward_fn)
+    return [r for r, _ in scored], [info for _, info in scored]
 
 
 @dataclass

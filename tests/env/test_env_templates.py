@@ -40,8 +40,10 @@ def test_feedback_and_observation_wrapping():
     assert tools.wrap_observation("D", turn_ended=True).startswith("<|im_start|>user\n<tool_response>")
     for t in (tpl, tools):
         assert extract_answer(t.feedback(hint=True)) is None
-    with pytest.raises(ValueError, match="contains an <answer>"):
+    with pytest.raises(ValueError, match="hold the complete action '<answer>a</answer>'"):
         PromptTemplate(name="x", protocol="tags", user="{question}", invalid_feedback="use <answer>a</answer>")
+    with pytest.raises(ValueError, match="hold the complete action '<search> and </search>'"):
+        PromptTemplate(name="x", protocol="tags", user="Search between <search> and </search>. {question}")
     with pytest.raises(ValueError, match="protocol"):
         PromptTemplate(name="x", protocol="json", user="{question}")
 

@@ -3,7 +3,7 @@
 import pytest
 
 from openrlhf_search.env import EnvConfig, SearchEnv
-from openrlhf_search.rewards import extract_answer, get_reward_fn, is_valid_format
+from openrlhf_search.rewards import RewardInput, extract_answer, get_reward_fn, is_valid_format, run_reward
 
 
 def _char_ids(tok, text):
@@ -166,7 +166,7 @@ def test_tool_call_protocol_end_to_end(tok, kb, retriever, gen):
     assert t.finish_reason == "answer"
     assert tok.decode(t.prompt_ids + t.response_ids) == t.meta["prompt_text"] + t.response_text
     assert is_valid_format(t.response_text, "tool_call")
-    assert env.compute_rewards([t], get_reward_fn("format_em", protocol="tool_call"))[0][0] == 1.0
+    assert t.valid_format and env.compute_rewards([t], get_reward_fn("format_em"))[0][0] == 1.0  # env's protocol
 
 
 def test_to_calib_record(tok, kb, retriever, gen):
@@ -199,7 +199,7 @@ def test_turn_end_detection(tok, kb, retriever, gen):
     [
         ["<information><answer>{gold}</answer>", "I give up"],  # fake evidence block: the parser rejects the answer
         ["<answer>wrong</answer> <answer>{gold}</answer>"],  # first action wins: the env's answer is "wrong"
-        ["<search>x", "{gold}</answer>"],  # a stray </answer> would close the corrective message's "<answer> tags"
+        ["<search>x", "<answer>{gold}"],  # unclosed: no answer, whatever the text shows
     ],
 )
 def test_rewards_score_the_answer_the_env_accepted(tok, kb, retriever, gen, script):
@@ -212,13 +212,10 @@ def test_rewards_score_the_answer_the_env_accepted(tok, kb, retriever, gen, scri
             env.step(trajs, [gen(text.format(gold=gold))])
     t = trajs[0]
     assert t.answer != gold and t.to_calib_record().f1 == 0.0
-    assert extract_answer(t.response_text) is not None  # the text alone would have yielded a scorable answer
+    assert extract_answer(t.response_text) is not None or script[-1].startswith("<answer>")  # the text alone
     for name in ("em", "subem", "f1", "format_em", "format_f1", "f1_x_format"):
         score, info = env.compute_rewards(trajs, get_reward_fn(name))[0]
         assert score == 0.0 and info["answer"] == t.answer, name
-    # one reward call, no signature sniffing: a reward function must take the accepted ``answer``
-    with pytest.raises(TypeError, match="answer"):
-        env.compute_rewards(trajs, lambda text, golds, retrieved="": (len(text), {}))
 
 
 def test_rewards_of_an_accepted_answer_are_unchanged(tok, kb, retriever, gen):
@@ -228,8 +225,10 @@ def test_rewards_of_an_accepted_answer_are_unchanged(tok, kb, retriever, gen):
     env.step(trajs, [gen(f"<answer>{s.golden_answers[0]}</answer>")])
     for name in ("em", "format_em", "f1_x_format"):
         fn = get_reward_fn(name)
-        assert env.compute_rewards(trajs, fn)[0] == fn(trajs[0].response_text, s.golden_answers,
-                                                       answer=extract_answer(trajs[0].response_text))
+        text = trajs[0].response_text
+        x = RewardInput(question=s.question, answer=extract_answer(text), golden_answers=tuple(s.golden_answers),
+                        valid_format=is_valid_format(text), num_tool_calls=0)
+        assert env.compute_rewards(trajs, fn)[0] == run_reward(fn, [x])[0]
         assert env.compute_rewards(trajs, fn)[0][0] == 1.0
 
 

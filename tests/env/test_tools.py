@@ -151,7 +151,7 @@ class Calculator(Tool):
     name = "calc"
     description = "Evaluate an arithmetic expression."
     parameters = {"type": "object", "properties": {"expr": {"type": "string"}}, "required": ["expr"]}
-    instruction = "To compute, write an expression between <calc> and </calc>."
+    instruction = "To compute, write an expression inside <calc></calc>."
 
     def parse_tag(self, body):
         return ({"expr": body.strip()}, None) if body.strip() else ({}, "empty expression")

@@ -26,13 +26,14 @@ environment (vLLM rollout actors included). See docs/environment.md for a worked
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from openrlhf_search.registry import Registry
+from openrlhf_search.env.protocol import TOOLS, tag_names
 
-__all__ = ["Tool", "Rendered", "RenderContext", "TOOLS", "get_tools", "tool_names"]
+__all__ = ["Tool", "Rendered", "RenderContext", "TOOLS", "executed", "tag_names", "build_options"]
 
 
 @dataclass
@@ -76,9 +77,13 @@ class Tool:
     """How to call it in the ``tags`` protocol, added to the prompt of templates that do not describe it already."""
     calib_credit: ClassVar[bool] = False
     """Whether its turns are CalibAdv "search turns" (credited by the documents they retrieve)."""
+    options: ClassVar[type | None] = None
+    """The tool's own settings: a dataclass whose fields are the keys of ``env.tool_options.<name>`` in the config
+    (None: the tool has none). The instance is :attr:`opts`."""
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
+        self.opts = build_options(type(self), getattr(cfg, "tool_options", None))  # None without options
 
     # ---------------------------------------------------------------------------------------------- parsing
     def parse_tag(self, body: str) -> tuple[dict, str | None]:
@@ -127,34 +132,19 @@ def executed(turn, name: str) -> bool:
     return turn.action == name and turn.error is None
 
 
-TOOLS: Registry[type[Tool]] = Registry("tool")
-"""Tool classes by name (built-ins: ``search``, ``open``)."""
-
-
-def get_tools(names: Sequence[str], cfg) -> list[Tool]:
-    """Instantiate the registered tools ``names`` with the environment config (unknown names list the valid ones)."""
-    import openrlhf_search.env.tools  # noqa: F401  (the built-in tools live in the package)
-
-    if isinstance(names, str):
-        raise TypeError(f"tools must be a list of names, got the string {names!r} (write [{names!r}])")
-    if not names:
-        raise ValueError("an environment needs at least one tool (e.g. tools: [search])")
-    out: list[Tool] = []
-    for n in names:
-        cls = TOOLS.get(n)
-        tool = cls(cfg)
-        if not tool.name:
-            raise ValueError(f"tool {n!r}: the class {cls.__name__} has no name")
-        if tool.name in ("answer", "think", "information", "tool_call", "tool_response"):
-            raise ValueError(f"tool {n!r}: the name {tool.name!r} is a protocol tag")
-        if any(t.name == tool.name for t in out):
-            raise ValueError(f"tool {tool.name!r} is listed twice in {list(names)}")
-        out.append(tool)
-    return out
-
-
-def tool_names() -> list[str]:
-    """Names of the registered tools (every one of them is neutralized in retrieved text)."""
-    import openrlhf_search.env.tools  # noqa: F401
-
-    return TOOLS.names()
+def build_options(cls: type[Tool], tool_options: dict | None):
+    """The :attr:`Tool.options` instance of ``cls`` from ``env.tool_options`` (its entry under the tool's name)."""
+    raw = (tool_options or {}).get(cls.name)
+    if cls.options is None:
+        if raw:
+            raise ValueError(f"env.tool_options.{cls.name}: tool {cls.name!r} takes no options, got {sorted(raw)}")
+        return None
+    raw = dict(raw or {})
+    valid = {f.name for f in dataclasses.fields(cls.options)}
+    unknown = sorted(set(raw) - valid)
+    if unknown:
+        raise ValueError(f"env.tool_options.{cls.name}: unknown option(s) {unknown}; valid: {sorted(valid)}")
+    try:
+        return cls.options(**raw)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"env.tool_options.{cls.name}: {exc}") from exc

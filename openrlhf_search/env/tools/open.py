@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from openrlhf_search.env.observation import neutralize, truncate_to_tokens
 from openrlhf_search.env.tools.base import TOOLS, RenderContext, Rendered, Tool, executed
 
 __all__ = ["OpenTool", "paginate"]
@@ -26,8 +27,6 @@ __all__ = ["OpenTool", "paginate"]
 
 def paginate(text: str, tokenizer, page_tokens: int) -> list[str]:
     """Split ``text`` into consecutive pieces of at most ``page_tokens`` tokens (exact prefixes, nothing lost)."""
-    from openrlhf_search.env.observation import truncate_to_tokens
-
     pages, rest = [], text
     while rest.strip():
         head, cut = truncate_to_tokens(rest, tokenizer, page_tokens)
@@ -47,8 +46,8 @@ class OpenTool(Tool):
     parameters = {"type": "object", "properties": {
         "id": {"type": "string", "description": "document id or title (as shown in search results)"},
         "page": {"type": "integer", "description": "page to read, from 1 (default 1)"}}, "required": ["id"]}
-    instruction = ("To read a whole document, write its id or title between <open> and </open> "
-                   "(a later page: <open> title | 2 </open>).")
+    instruction = ("To read a whole document, write its id or title inside <open></open>; for a later page, put "
+                   "| and the page number after the title.")
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -87,8 +86,6 @@ class OpenTool(Tool):
         return list(docs)
 
     def render(self, args: dict, result, ctx: RenderContext) -> Rendered:
-        from openrlhf_search.env.observation import neutralize, truncate_to_tokens
-
         target, page = args["target"], args["page"]
         if result is None:
             return Rendered(neutralize(f"No document matches {target!r}.", ctx.specials))

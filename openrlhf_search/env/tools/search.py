@@ -15,6 +15,8 @@ import json
 import re
 from collections.abc import Sequence
 
+from openrlhf_search.env.observation import format_observation
+from openrlhf_search.env.protocol import normalize_answer
 from openrlhf_search.env.tools.base import TOOLS, RenderContext, Rendered, Tool, executed
 from openrlhf_search.retrieval.types import Hit
 
@@ -69,8 +71,6 @@ def turn_is_repeated(queries: Sequence[str], doc_ids: Sequence[str], text: str, 
     before, or its text equals an earlier turn's (whitespace-normalised). ``earlier`` holds the previous turns
     (anything with ``queries``, ``doc_ids`` and ``text``).
     """
-    from openrlhf_search.rewards import normalize_answer
-
     earlier_queries = {normalize_answer(q) for t in earlier for q in t.queries}
     earlier_docs = {d for t in earlier for d in t.doc_ids}
     earlier_texts = {" ".join(t.text.split()) for t in earlier}
@@ -135,8 +135,6 @@ class SearchTool(Tool):
         turn.queries = list(args["queries"])
 
     def render(self, args: dict, result, ctx: RenderContext) -> Rendered:
-        from openrlhf_search.env.observation import format_observation
-
         hits = merge_hits(result, self.max_docs)
         body = format_observation(hits, ctx.tokenizer, ctx.budget, ctx.specials) if ctx.budget > 0 else ""
         return Rendered(body, [h.document.id for h in hits], [float(h.score) for h in hits])

@@ -14,9 +14,11 @@ it with a scripted engine, need neither OpenRLHF nor vLLM). Per trajectory (one 
 3. :class:`SearchAgentLogic.step` (OpenRLHF's ``AgentInstanceBase.step``) hands that output to ``Episode.step`` --
    the same plan / execute / render the local ``SearchEnv`` runs -- and returns the inserted observation text as
    ``environment_feedback`` (OpenRLHF tokenizes it with the same tokenizer, to the same ids) and ``done``;
-4. :func:`finalize` scores the trajectory once (:func:`~openrlhf_search.env.episode.score_trajectory`), sets
-   ``truncated`` (only for ``max_length``; OpenRLHF's own flag only reads the last turn's finish reason), fills
-   ``extra_logs`` with ``Episode.metrics`` (fixed names, :func:`metric_names`) and, with ``calib_records``,
+4. :func:`finalize` scores the trajectory once (:func:`~openrlhf_search.env.scoring.ascore_trajectories`: an async
+   reward is awaited, a plain one runs in the loop's thread executor, both under the reward's timeout, so a slow
+   reward never blocks vLLM's event loop), sets ``truncated`` (only for ``max_length``; OpenRLHF's own flag only
+   reads the last turn's finish reason), fills ``extra_logs`` with ``Episode.metrics`` (fixed names: the episode's,
+   the tools' and the reward's declared metrics, :func:`metric_names`) and, with ``calib_records``,
    publishes ``Trajectory.to_calib_record(offset=len(prompt) - 1)`` (OpenRLHF's action-mask axis) to
    :mod:`.calib_store`, its id in ``extra_logs["calib_id"]``; it also adds the trajectory's weight-version tags
    (``weight_version_min`` / ``weight_version_max``, read from the rollout actor before and after every turn by
@@ -34,6 +36,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from openrlhf_search.env.episode import EPISODE_METRICS, Episode, reward_metric_names
+from openrlhf_search.env.scoring import ascore_trajectories
+from openrlhf_search.env.tools import get_tools
 from openrlhf_search.integrations.openrlhf import calib_store
 from openrlhf_search.integrations.openrlhf.config import AGENT_CONFIG_ENV, AgentConfig, from_env
 from openrlhf_search.integrations.openrlhf.staleness import engine_version, trajectory_tags
@@ -54,8 +59,6 @@ class AgentRuntime:
 
     def episode(self, tokenizer, max_length: int):
         """The :class:`~openrlhf_search.env.episode.Episode` of this config for OpenRLHF's ``max_length``."""
-        from openrlhf_search.env.episode import Episode
-
         key = (id(tokenizer), int(max_length))
         if key not in self.episodes:
             env_cfg = dataclasses.replace(self.config.search_env_config(), max_total_tokens=int(max_length))
@@ -68,12 +71,11 @@ class AgentRuntime:
 @lru_cache(maxsize=1)
 def get_runtime() -> AgentRuntime:
     """Build the :class:`AgentRuntime` from ``OPENRLHF_SEARCH_AGENT_CONFIG`` (cached per process)."""
+    from openrlhf_search.plugins import load_plugins
     from openrlhf_search.retrieval import load_retriever
     from openrlhf_search.rewards import get_reward_fn
 
     cfg = from_env(AgentConfig, AGENT_CONFIG_ENV)
-    from openrlhf_search.plugins import load_plugins
-
     load_plugins(cfg.plugins, source="agent config plugins")  # before the template, reward and tools resolve
     http = cfg.retrieval_url.startswith(("http://", "https://"))
     return AgentRuntime(
@@ -83,13 +85,15 @@ def get_runtime() -> AgentRuntime:
     )
 
 
-def metric_names(cfg: AgentConfig | None = None) -> list[str]:
-    """The ``extra_logs`` keys of every trajectory (``Episode.metric_names`` of the configured tools)."""
-    from openrlhf_search.env.episode import EPISODE_METRICS
-    from openrlhf_search.env.tools import get_tools
-
-    env_cfg = (cfg or get_runtime().config).search_env_config()
-    return list(EPISODE_METRICS) + [n for t in get_tools(env_cfg.tools, env_cfg) for n in t.metric_names()]
+def metric_names(cfg: AgentConfig | None = None, reward=None) -> list[str]:
+    """The ``extra_logs`` keys of every trajectory (``Episode.metric_names`` of the configured tools and reward;
+    both from this process's runtime when not given)."""
+    if cfg is None or reward is None:
+        runtime = get_runtime()
+        cfg, reward = cfg or runtime.config, reward if reward is not None else runtime.reward_fn
+    env_cfg = cfg.search_env_config()
+    return (list(EPISODE_METRICS) + [n for t in get_tools(env_cfg.tools, env_cfg) for n in t.metric_names()]
+            + reward_metric_names(reward))
 
 
 def parse_label(label: Any) -> tuple[str, list[str]]:
@@ -229,9 +233,8 @@ async def run_episode(inner_execute, prompt, label, sampling_params, max_length:
 
 
 async def finalize(result: dict, state: EpisodeState, runtime: AgentRuntime | None = None) -> dict:
-    """Outcome reward (computed once, whatever ended the episode), truncation flag, logs and CalibAdv record."""
-    from openrlhf_search.env.episode import score_trajectory
-
+    """Outcome reward (computed once, whatever ended the episode, without blocking the event loop), truncation
+    flag, logs and CalibAdv record."""
     runtime = runtime or get_runtime()
     ep, traj = state.episode, state.traj
     if traj is None:  # OpenRLHF never generated (the prompt filled the budget)
@@ -239,11 +242,11 @@ async def finalize(result: dict, state: EpisodeState, runtime: AgentRuntime | No
         traj.finish_reason = "max_length"
     if traj.finish_reason is None:  # OpenRLHF stopped the loop on its own budget
         traj.finish_reason = "max_length"
-    score, info = score_trajectory(traj, runtime.reward_fn)
+    ((score, info),) = await ascore_trajectories([traj], runtime.reward_fn)
     result["reward"] = score
     result["scores"] = score
     result["truncated"] = traj.finish_reason == "max_length"
-    logs = ep.metrics(traj, info)
+    logs = ep.metrics(traj, info, runtime.reward_fn)
     logs.update(trajectory_tags(state.turn_versions))  # weight versions: staleness in the trainer (.staleness)
     if runtime.config.calib_records:
         record = dataclasses.asdict(traj.to_calib_record(offset=len(traj.prompt_ids) - 1))

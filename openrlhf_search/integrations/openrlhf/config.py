@@ -216,7 +216,7 @@ class AgentConfig:
     reward: str = "format_em"
     """Reward name of :func:`openrlhf_search.rewards.get_reward_fn` (``env.reward``)."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Options of the reward (``FormatRewardWeights`` fields)."""
+    """Options of the reward (``env.reward_kwargs``)."""
     record_logprobs: bool = True
     """Request vLLM log-probs of sampled tokens on every turn."""
     calib_records: bool = False
@@ -229,6 +229,8 @@ class AgentConfig:
     """``env.tools``: the tools the model may call (``openrlhf_search.env.tools``: ``search``, ``open``)."""
     open_page_tokens: int | None = _ENV.open_page_tokens
     """``env.open_page_tokens``."""
+    tool_options: dict[str, dict] = field(default_factory=dict)
+    """``env.tool_options``."""
     rollout_dir: str = ""
     """Directory for viewer records (``<dir>/agent_<pid>.jsonl``, :mod:`openrlhf_search.viewer.records`); empty =
     none. The launcher sets ``<output>/rollouts`` when ``logging.rollout_every > 0``."""

@@ -63,7 +63,7 @@ SCENARIOS = [
              template="qwen3_think"),
 ]
 
-ENV_LIMITS = {"max_turns": 3, "max_tokens_per_turn": 40, "max_obs_tokens": 60, "topk": 2}
+ENV_LIMITS = {"max_turns": 3, "max_tokens_per_turn": 48, "max_obs_tokens": 60, "topk": 2}
 
 
 def fill(text: str, sample, doc_id: str) -> str:
@@ -162,8 +162,8 @@ def compare(env, traj, result, agent_traj, reward_fn, calib_record):
 
     assert {k: result["extra_logs"][k] for k in TRANSPORT_KEYS} == {k: 0 for k in TRANSPORT_KEYS}  # no trainer
     logs = {k: v for k, v in result["extra_logs"].items() if k != "calib_id" and k not in TRANSPORT_KEYS}
-    assert logs == env.metrics(traj, info)
-    assert sorted(logs) == sorted(env.episode.metric_names())
+    assert logs == env.metrics(traj, info, reward_fn)
+    assert sorted(logs) == sorted(env.episode.metric_names(reward_fn))
     assert calib_record == dataclasses.asdict(traj.to_calib_record(offset=P - 1))
     def record(t):  # the engine's own finish-reason word differs (vLLM: "stop" at EOS; ours: "eos"), nothing else
         return {k: v for k, v in dataclasses.asdict(t).items() if k != "gen_finish_reason"}
