@@ -4,7 +4,8 @@ Pure PyTorch (imports nothing heavier than torch). Public API (binding, see docs
 docs/algorithms.md)::
 
     get_policy_loss(name, **cfg) -> fn(log_probs, old_log_probs, advantages, action_mask, **extra) -> (loss, metrics)
-    loss_normalizer(action_mask, mode) / step_normalizers(micro_batches, cfg, group) -> the step's normaliser
+        (a PolicyLoss: .config, .normalizers(action_mask, advantages), .needs_*; ClippedPolicyLoss to extend)
+    loss_normalizer(action_mask, mode) / step_normalizers(micro_batches, loss, group) -> the step's normalisers
     get_advantage_estimator(name, **cfg) -> fn(rewards[B], group_ids[B]) -> advantages[B]
     mixed_outcome_groups(rewards, group_ids) -> bool[B];  GroupBatcher(target_groups, max_rounds, on_cap)
     calibrate_advantages(seq_adv, records, action_mask, group_ids, cfg) -> (token_adv, metrics)
@@ -19,6 +20,8 @@ from .filtering import BatchNotFilledError, BatchReport, GroupBatch, GroupBatche
 from .kl import kl_penalty
 from .logprobs import entropy_from_logits, logprobs_from_logits, sampled_token_logprobs
 from .losses import (
+    ClippedPolicyLoss,
+    PolicyLoss,
     PolicyLossConfig,
     get_policy_loss,
     loss_normalizer,
@@ -37,8 +40,10 @@ __all__ = [
     "BatchReport",
     "CalibAdvConfig",
     "CalibRecord",
+    "ClippedPolicyLoss",
     "GroupBatch",
     "GroupBatcher",
+    "PolicyLoss",
     "PolicyLossConfig",
     "Registry",
     "SearchTurn",

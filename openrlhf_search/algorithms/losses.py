@@ -5,6 +5,13 @@ Every loss is built by ``get_policy_loss(name, **cfg)`` and has the uniform sign
     loss, metrics = fn(log_probs, old_log_probs, advantages, action_mask, ref_log_probs=None, entropy=None,
                        normalizer=None, sapo_normalizer=None)
 
+What a backend may ask a loss is the :class:`PolicyLoss` protocol: its typed ``config``, the per-micro-batch counts
+of the normalisers it needs for an optimizer step (``normalizers(action_mask, advantages)``, summed and
+all-reduced by :func:`step_normalizers`), what it needs at call time (``needs_ref_log_probs``, ``needs_entropy``,
+``needs_behaviour_log_probs``) and the call itself. Backends never read a loss's hyperparameters, so a loss with
+hyperparameters of its own (a plugin: a config dataclass, usually extending :class:`PolicyLossConfig`, and a
+:class:`ClippedPolicyLoss` subclass or any class meeting the protocol) runs on every backend unchanged.
+
 ``log_probs`` ``[B, T]`` are the current policy's log-probs of the sampled tokens (differentiable);
 ``old_log_probs`` ``[B, T]`` those of the rollout policy; ``advantages`` ``[B]`` (one per trajectory, broadcast)
 or ``[B, T]`` (per token, e.g. after CalibAdv); ``action_mask`` ``[B, T]`` is True/1 on tokens the model
@@ -75,7 +82,7 @@ OpenRLHF/DeepSpeed and Megatron multiply by ``grad-accum steps x dp_size`` to ca
 averaging). Sequence modes are exact because a sequence never spans micro-batches (its token-mean is local).
 SAPO's KL term is a mean over the model tokens of non-negative-advantage sequences: globally, its denominator is
 that count over the whole step (``sapo_normalizer=``, from :func:`sapo_normalizer`, summed and all-reduced the same
-way; :func:`step_normalizers` adds it when ``sapo_coef > 0``), so the term is also micro-batch invariant -- not
+way; the loss's ``normalizers`` lists it when ``sapo_coef > 0``), so the term is also micro-batch invariant -- not
 the micro-batch mean of the paper's single-batch listing, which would weigh tokens of small micro-batches more.
 Without ``normalizer`` each call uses its local counts (a single micro-batch on one rank is then exact).
 Verified on CPU: 1, 2 and 4 micro-batches give the same gradient for every name and mode
@@ -86,10 +93,12 @@ adapter and Megatron at DP=1 and DP=2 (gloo).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 
 from .diagnostics import policy_diagnostics
 from .kl import KL_ESTIMATORS, kl_penalty
@@ -191,39 +200,43 @@ def sapo_normalizer(action_mask: torch.Tensor, advantages: torch.Tensor) -> torc
     return (mask & _nonnegative_sequences(adv, mask)).sum()
 
 
-def step_normalizers(micro_batches, config: PolicyLossConfig, group=None, device=None) -> dict[str, torch.Tensor]:
+def step_normalizers(micro_batches: Iterable, loss: PolicyLoss | PolicyLossConfig, group=None,
+                     device=None) -> dict[str, torch.Tensor]:
     """The global normalisers of one optimizer step, ready to pass to the loss as ``**kwargs``.
 
     Args:
         micro_batches: iterable of ``(action_mask[B, T], advantages[B] or [B, T])``, every micro-batch of the
-            step on this rank (advantages are only read when the config has a SAPO term).
-        config: the loss's :class:`PolicyLossConfig` (``loss_fn.config``).
+            step on this rank.
+        loss: the :class:`PolicyLoss` (its ``normalizers`` say which counts it needs); a bare
+            :class:`PolicyLossConfig` is read as the built-in clipped loss with that config.
         group: the data-parallel process group; when ``torch.distributed`` is initialised the counts are
             all-reduced (SUM) over it (``None`` = the default group). Every rank of the group must call this.
         device: device of the all-reduced tensor (NCCL needs CUDA); default: the first mask's device.
     Returns:
-        ``{"normalizer": n}`` plus ``"sapo_normalizer"`` when ``config.sapo_coef > 0`` (float64 0-dim tensors).
+        ``{keyword: count}`` (float64 0-dim tensors), e.g. ``{"normalizer": n}`` plus ``"sapo_normalizer"`` for
+        a SAPO term.
     """
-    sapo = config.sapo_coef > 0
+    if isinstance(loss, PolicyLossConfig):
+        loss = ClippedPolicyLoss("policy loss", loss)
+    keys: list[str] | None = None
     counts = None
     for mask, adv in micro_batches:
-        local = [loss_normalizer(mask, config.loss_agg)]
-        if sapo:
-            local.append(sapo_normalizer(mask, adv))
-        vec = torch.stack(local).to(torch.float64)
+        local = loss.normalizers(mask, adv)
+        if keys is None:
+            keys = list(local)
+        elif list(local) != keys:
+            raise ValueError(f"step_normalizers: the loss returned keys {list(local)} after {keys}")
+        vec = torch.stack([torch.as_tensor(local[k]) for k in keys]).to(torch.float64)
         counts = vec if counts is None else counts + vec.to(counts.device)
         device = device if device is not None else mask.device
-    if counts is None:
+    if counts is None or keys is None:
         raise ValueError("step_normalizers: no micro-batches")
+    if not keys:
+        return {}
     counts = counts.to(device)
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-    out = {"normalizer": counts[0]}
-    if sapo:
-        out["sapo_normalizer"] = counts[1]
-    return out
+    return {k: counts[i] for i, k in enumerate(keys)}
 
 
 ADDITIVE_METRICS = ("loss", "pg_loss", "kl_loss", "sapo_penalty")
@@ -290,22 +303,115 @@ class PolicyLossConfig:
         return self
 
 
+# --------------------------------------------------------------------------------------------- the protocol
+@runtime_checkable
+class PolicyLoss(Protocol):
+    """What every backend (local trainer, OpenRLHF adapter, Megatron actor) may ask of a policy loss.
+
+    A backend reads nothing else: it never inspects the config's fields, so a loss with hyperparameters of its own
+    runs everywhere once registered (:func:`register_policy_loss`).
+    """
+
+    config: Any
+    """The loss's typed configuration (a dataclass; the built-ins use :class:`PolicyLossConfig`), validated."""
+    needs_behaviour_log_probs: bool
+    """True when the call needs ``behaviour_log_probs=[B, T]`` (the rollout engine's log-probs: ``+tis``/``+mis``)."""
+
+    @property
+    def needs_ref_log_probs(self) -> bool:
+        """True when the call needs ``ref_log_probs=[B, T]`` (a KL-to-reference term)."""
+        ...
+
+    @property
+    def needs_entropy(self) -> bool:
+        """True when the call needs ``entropy=[B, T]`` (an entropy bonus)."""
+        ...
+
+    def normalizers(self, action_mask: torch.Tensor, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This micro-batch's share of every normaliser the loss divides by, keyed by the keyword the call takes.
+
+        ``action_mask`` ``[B, T]``, ``advantages`` ``[B]`` or ``[B, T]``; values are 0-dim counts. A backend sums them
+        over the optimizer step's micro-batches and all-reduces (SUM) over the data-parallel group
+        (:func:`step_normalizers`), then passes the totals to every micro-batch's call (the distributed note in the
+        module docstring). An empty dict means the loss wants none (each call is then a local mean).
+        """
+        ...
+
+    def __call__(self, log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                 action_mask: torch.Tensor, **extra: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """``(loss, metrics)``: a scalar loss and Python-float metrics (see the module docstring for ``extra``)."""
+        ...
+
+
+class ClippedPolicyLoss:
+    """The built-in clipped surrogate as a :class:`PolicyLoss` (every registered built-in name is one).
+
+    Subclass it for a loss with hyperparameters of its own: set :attr:`config_class` to a dataclass extending
+    :class:`PolicyLossConfig` with the new fields (its ``validate`` checks them too), override :meth:`__call__`
+    (and :meth:`normalizers` if the new term divides by another count), and register a factory that calls
+    :meth:`build`.
+    """
+
+    config_class: ClassVar[type] = PolicyLossConfig
+    """The config dataclass :meth:`build` fills (defaults, then the user's keys) and validates."""
+    needs_behaviour_log_probs = False
+
+    def __init__(self, name: str, config: Any) -> None:
+        self.name = name
+        self.config = config
+        self.__name__ = f"{name}_loss"
+
+    @classmethod
+    def build(cls, name: str, defaults: dict | None = None, **cfg) -> ClippedPolicyLoss:
+        """The loss ``name`` with ``defaults`` overridden by ``cfg`` (``TypeError`` naming unknown keys and listing
+        the valid ones; ``ValueError`` from the config's ``validate``)."""
+        valid = {f.name for f in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(cfg) - valid)
+        if unknown:
+            raise TypeError(f"policy loss {name!r}: unknown config key(s) {unknown}; valid keys: {sorted(valid)}")
+        config = cls.config_class(**{**(defaults or {}), **cfg})
+        return cls(name, config.validate(f"policy loss {name!r}"))
+
+    @property
+    def needs_ref_log_probs(self) -> bool:
+        return self.config.kl_coef > 0
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.config.entropy_coef > 0
+
+    def normalizers(self, action_mask: torch.Tensor, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The aggregation's count (:func:`loss_normalizer`), plus SAPO's (:func:`sapo_normalizer`) when
+        ``sapo_coef > 0``."""
+        out = {"normalizer": loss_normalizer(action_mask, self.config.loss_agg)}
+        if self.config.sapo_coef > 0:
+            out["sapo_normalizer"] = sapo_normalizer(action_mask, advantages)
+        return out
+
+    def __call__(self, log_probs, old_log_probs, advantages, action_mask, **extra):
+        return clipped_policy_loss(log_probs, old_log_probs, advantages, action_mask, self.config, **extra)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.config})"
+
+
 # --------------------------------------------------------------------------------------------- registry
-POLICY_LOSSES: Registry[Callable[..., PolicyLossFn]] = Registry(
+POLICY_LOSSES: Registry[Callable[..., PolicyLoss]] = Registry(
     "policy loss", hints={k: "Note: 'sapo' here is Search Agent PO (arXiv 2603.10069), not verl/TRL/AReaL's Soft "
                           "Adaptive PO (arXiv 2511.20347)." for k in ("soft", "adaptive", "sapo")})
 
 
 def register_policy_loss(name: str):
-    """Register a factory ``factory(**cfg) -> fn(log_probs, old_log_probs, advantages, action_mask, **extra)``."""
+    """Register a factory ``factory(**cfg) -> PolicyLoss`` (e.g. ``lambda **cfg: MyLoss.build("mine", **cfg)``)."""
     return POLICY_LOSSES.register(name)
 
 
-def get_policy_loss(name: str, **cfg) -> PolicyLossFn:
-    """Build the policy loss ``name`` with config overrides ``cfg`` (fields of :class:`PolicyLossConfig`).
+def get_policy_loss(name: str, **cfg) -> PolicyLoss:
+    """Build the policy loss ``name`` with config overrides ``cfg`` (fields of the loss's config dataclass).
 
-    Unknown names raise ``KeyError`` listing the valid ones; unknown or invalid config keys raise
-    ``TypeError``/``ValueError`` naming the field.
+    The result is callable as ``fn(log_probs, old_log_probs, advantages, action_mask, **extra) -> (loss, metrics)``
+    and meets :class:`PolicyLoss`. Unknown names raise ``KeyError`` listing the valid ones; unknown or invalid
+    config keys raise ``TypeError``/``ValueError`` naming the field.
     """
     return POLICY_LOSSES.get(name)(**cfg)
 
@@ -325,26 +431,15 @@ _DEFAULTS: dict[str, dict] = {
 }
 
 
-def make_config(name: str, **cfg) -> PolicyLossConfig:
-    """Merge the defaults of ``name`` with ``cfg`` into a validated :class:`PolicyLossConfig`."""
-    valid = {f.name for f in dataclasses.fields(PolicyLossConfig)}
-    unknown = sorted(set(cfg) - valid)
-    if unknown:
-        raise TypeError(f"policy loss {name!r}: unknown config key(s) {unknown}; valid keys: {sorted(valid)}")
-    return PolicyLossConfig(**{**_DEFAULTS.get(name, {}), **cfg}).validate(f"policy loss {name!r}")
+def make_config(name: str, **cfg) -> Any:
+    """The validated config of the registered loss ``name`` with overrides ``cfg`` (its own dataclass: a plugin's
+    hyperparameters included); raises like :func:`get_policy_loss`."""
+    return get_policy_loss(name, **cfg).config
 
 
 def _make_factory(name: str):
-    def factory(**cfg) -> PolicyLossFn:
-        config = make_config(name, **cfg)
-
-        def loss_fn(log_probs, old_log_probs, advantages, action_mask, **extra):
-            return clipped_policy_loss(log_probs, old_log_probs, advantages, action_mask, config, **extra)
-
-        loss_fn.config = config  # type: ignore[attr-defined]
-        loss_fn.__name__ = f"{name}_loss"
-        loss_fn.__doc__ = f"The {name!r} policy loss with {config}."
-        return loss_fn
+    def factory(**cfg) -> PolicyLoss:
+        return ClippedPolicyLoss.build(name, _DEFAULTS[name], **cfg)
 
     factory.__doc__ = f"Build the {name!r} loss; defaults {_DEFAULTS[name]} over PolicyLossConfig."
     return factory

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -234,20 +235,39 @@ def _share(flag: torch.Tensor, mask: torch.Tensor, level: str) -> float:
 
 
 # --------------------------------------------------------------------------------------------- loss modifier
-def with_offpolicy_correction(loss_fn: Callable, mode: str, **cfg) -> Callable:
-    """Wrap a policy loss (``fn(log_probs, old_log_probs, advantages, action_mask, **extra)``) with TIS or MIS.
+class OffPolicyCorrectedLoss:
+    """A :class:`~.losses.PolicyLoss` with TIS or MIS applied in front (see :func:`with_offpolicy_correction`).
 
-    The returned loss takes the extra keyword ``behaviour_log_probs`` ``[B, T]`` (required) and optionally
-    ``token_versions`` ``[B, T]`` + ``current_version`` (int) for the staleness diagnostics; every other keyword is
-    passed through to ``loss_fn`` (``ref_log_probs``, ``entropy``, ``normalizer``...). ``cfg``: fields of
-    :class:`OffPolicyConfig` other than ``mode``. Metrics: the wrapped loss's plus the ``offpolicy/*`` ones.
+    Its normalisers are the wrapped loss's, counted on the *uncorrected* mask and advantages: tokens MIS drops stay
+    in the step's denominator with zero gradient, so the normaliser does not depend on the micro-batch split.
     """
-    config = OffPolicyConfig(mode=mode, **cfg).validate()
-    inner_cfg = getattr(loss_fn, "config", None)
-    level = config.level or ("sequence" if getattr(inner_cfg, "ratio_level", "token") == "sequence" else "token")
 
-    def corrected(log_probs, old_log_probs, advantages, action_mask, *, behaviour_log_probs=None,
-                  token_versions=None, current_version=None, **extra):
+    needs_behaviour_log_probs = True
+
+    def __init__(self, loss: Any, config: OffPolicyConfig) -> None:
+        self.loss = loss
+        self.offpolicy = config
+        self.config = getattr(loss, "config", None)
+        self.name = f"{getattr(loss, 'name', getattr(loss, '__name__', 'loss'))}+{config.mode}"
+        self.__name__ = f"{getattr(loss, '__name__', 'loss')}+{config.mode}"
+        self.level = config.level or ("sequence" if getattr(self.config, "ratio_level", "token") == "sequence"
+                                      else "token")  # fmt: skip
+
+    @property
+    def needs_ref_log_probs(self) -> bool:
+        return bool(getattr(self.loss, "needs_ref_log_probs", False))
+
+    @property
+    def needs_entropy(self) -> bool:
+        return bool(getattr(self.loss, "needs_entropy", False))
+
+    def normalizers(self, action_mask: torch.Tensor, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+        inner = getattr(self.loss, "normalizers", None)
+        return inner(action_mask, advantages) if inner is not None else {}
+
+    def __call__(self, log_probs, old_log_probs, advantages, action_mask, *, behaviour_log_probs=None,
+                 token_versions=None, current_version=None, **extra):
+        config, level = self.offpolicy, self.level
         if behaviour_log_probs is None:
             raise ValueError(
                 f"off-policy correction {config.mode!r}: the loss needs behaviour_log_probs=[B, T] (the rollout "
@@ -262,15 +282,20 @@ def with_offpolicy_correction(loss_fn: Callable, mode: str, **cfg) -> Callable:
             mask, metrics = masked_is(old_log_probs, behaviour_log_probs, action_mask, config.mis_low,
                                       config.mis_high, level, config.log_ratio_clamp)
             mask = mask.to(action_mask.dtype)
-        loss, inner = loss_fn(log_probs, old_log_probs, advantages, mask, **extra)
+        loss, inner = self.loss(log_probs, old_log_probs, advantages, mask, **extra)
         if token_versions is not None and current_version is not None:
             log_rho = behaviour_log_ratio(old_log_probs, behaviour_log_probs, action_mask, level,
                                           config.log_ratio_clamp)
             metrics.update(offpolicy_diagnostics(log_rho, action_mask, level, token_versions, current_version))
         return loss, {**inner, **metrics}
 
-    corrected.config = inner_cfg  # type: ignore[attr-defined]
-    corrected.offpolicy = config  # type: ignore[attr-defined]
-    corrected.needs_behaviour_log_probs = True  # type: ignore[attr-defined]
-    corrected.__name__ = f"{getattr(loss_fn, '__name__', 'loss')}+{config.mode}"
-    return corrected
+
+def with_offpolicy_correction(loss_fn: Callable, mode: str, **cfg) -> OffPolicyCorrectedLoss:
+    """Wrap a policy loss (``fn(log_probs, old_log_probs, advantages, action_mask, **extra)``) with TIS or MIS.
+
+    The returned loss takes the extra keyword ``behaviour_log_probs`` ``[B, T]`` (required) and optionally
+    ``token_versions`` ``[B, T]`` + ``current_version`` (int) for the staleness diagnostics; every other keyword is
+    passed through to ``loss_fn`` (``ref_log_probs``, ``entropy``, ``normalizer``...). ``cfg``: fields of
+    :class:`OffPolicyConfig` other than ``mode``. Metrics: the wrapped loss's plus the ``offpolicy/*`` ones.
+    """
+    return OffPolicyCorrectedLoss(loss_fn, OffPolicyConfig(mode=mode, **cfg).validate())

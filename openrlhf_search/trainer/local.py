@@ -783,7 +783,7 @@ def update_policy(policy, opt, sched, loss_fn, packed: PackedBatch, old_lp, ref_
     """
     import torch
 
-    from openrlhf_search.algorithms.losses import ADDITIVE_METRICS, step_normalizers
+    from openrlhf_search.algorithms.losses import ADDITIVE_METRICS, PolicyLoss, step_normalizers
 
     B = packed.input_ids.size(0)
     n_mb = max(1, min(cfg.algorithm.num_minibatches, B))
@@ -795,8 +795,9 @@ def update_policy(policy, opt, sched, loss_fn, packed: PackedBatch, old_lp, ref_
         perm = torch.randperm(B, generator=gen)
         for rows in perm.chunk(n_mb):
             micro = rows.chunk(max(1, min(cfg.algorithm.micro_batches, len(rows))))
-            config = getattr(loss_fn, "config", None)  # registry losses carry theirs; a bare callable has none
-            norms = step_normalizers([(packed.action_mask[r], advantages[r]) for r in micro], config) if config else {}
+            # the loss says which step counts it divides by (PolicyLoss.normalizers); a bare callable: local means
+            norms = (step_normalizers([(packed.action_mask[r], advantages[r]) for r in micro], loss_fn)
+                     if isinstance(loss_fn, PolicyLoss) else {})  # fmt: skip
             opt.zero_grad(set_to_none=True)
             step: dict[str, float] = {}
             finite = True

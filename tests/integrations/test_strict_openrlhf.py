@@ -36,8 +36,7 @@ def test_strict_loss_adapter_host_advantages_raise(loss_name):
         new, old, adv, mask = _batch(dev)
         loss = OpenRLHFPolicyLoss(loss_name)
         n = mask.sum().float()
-        if loss.needs_sapo_count:
-            loss.begin_step([SimpleNamespace(action_mask=mask, advantages=adv)])
+        loss.begin_step([SimpleNamespace(action_mask=mask, advantages=adv)])
         out = loss(new, old, adv, action_mask=mask, dp_size=1, batch_num_tokens=n, global_batch_size=3.0)
         assert sd.logical_device(out[0]) == dev and sd.logical_device(out[2]) == dev
         out[0].backward()
@@ -61,14 +60,15 @@ def gloo_world():
 
 
 def test_strict_sapo_step_count_is_all_reduced_on_the_gpu(gloo_world, monkeypatch):
-    """SAPO's per-step count (``begin_step``) is all-reduced over OpenRLHF's DP group, NCCL on GPUs: it must live on
-    the training device. The old ``torch.cuda.is_available()`` branch (False on a CPU machine) counted on the host,
-    which the proxy now refuses as NCCL would; the training device passes."""
+    """The loss's per-step counts (``begin_step``; SAPO has two) are all-reduced over OpenRLHF's DP group, NCCL on
+    GPUs: they must live on the training device. The old ``torch.cuda.is_available()`` branch (False on a CPU
+    machine) counted on the host, which the proxy now refuses as NCCL would; the training device passes."""
     with sd.strict_devices():
         _, _, adv, mask = _batch(torch.cuda.current_device())
         loss = OpenRLHFPolicyLoss("sapo")
         loss.begin_step([SimpleNamespace(action_mask=mask, advantages=adv)], gas=1, dp_group=gloo_world)
-        assert sd.logical_device(loss.sapo_count) == 0
+        assert set(loss.step_counts) == {"normalizer", "sapo_normalizer"}
+        assert all(sd.logical_device(c) == 0 for c in loss.step_counts.values())
         monkeypatch.setattr(patches, "_train_device", lambda: "cpu")  # the planted mistake (the old branch)
         with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
             loss.begin_step([SimpleNamespace(action_mask=mask, advantages=adv)], gas=1, dp_group=gloo_world)

@@ -122,14 +122,12 @@ class MegatronActorCore:
 
     def __init__(self, pretrain: str, cfg: MegatronTrainConfig, settings: ActorSettings | None = None) -> None:
         from openrlhf_search.integrations.megatron import engine
-        from openrlhf_search.integrations.megatron.cpu_shim import maybe_apply_cpu_shim
         from openrlhf_search.integrations.megatron.model import build_model, init_model_parallel
 
         self.settings = settings or ActorSettings()
         self.cfg = cfg
         self.pretrain = pretrain
-        _init_torch_distributed()
-        maybe_apply_cpu_shim()
+        _init_torch_distributed()  # on CPU machines the shim layer applies megatron's CPU shim right after this
         init_model_parallel(cfg, order=MEGATRON_RANK_ORDER)
         training = self.settings.role == "policy"
         self.model = build_model(pretrain, cfg, wrap_for_training=training)
@@ -187,7 +185,7 @@ class MegatronActorCore:
             raise RuntimeError("megatron actor: fit() called with no appended experience")
         info = experience_info_means(self.replay)
         batch = experience_to_token_batch(self.replay)
-        if not getattr(self.loss_fn, "config", None) or self.loss_fn.config.kl_coef == 0:
+        if not getattr(self.loss_fn, "needs_ref_log_probs", False):  # the loss says whether it has a KL term
             batch["ref_log_probs"] = None
         n = batch["input_ids"].shape[0]
         step_size = self.settings.train_batch_size or n

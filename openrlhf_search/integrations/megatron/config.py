@@ -126,7 +126,7 @@ class ActorSettings:
     loss: str = "grpo"
     """Registry policy loss name (``openrlhf_search.algorithms.get_policy_loss``): grpo, dapo, gspo, dspo, sapo..."""
     loss_config: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the loss's ``PolicyLossConfig`` fields (e.g. ``{"clip_high": 0.28}``)."""
+    """Overrides of the loss's config fields (e.g. ``{"clip_high": 0.28}``; a plugin loss's own fields too)."""
     temperature: float = 1.0
     """Rollout sampling temperature (log-probs are computed at the same temperature)."""
     train_batch_size: int | None = None

@@ -22,7 +22,10 @@ device, mixing devices raises as on a GPU, CPU tensors on NCCL-like groups raise
 ``torch.cuda.current_device()`` is this process's current (visible) GPU index (``LOCAL_RANK``) instead of 0.
 
 The shim is applied only when CUDA is absent **and** ``OPENRLHF_SEARCH_MEGATRON_CPU_SHIM=1`` (or when
-:func:`apply_cpu_shim` is called explicitly), and it refuses megatron-core versions it was not checked on
+:func:`apply_cpu_shim` is called explicitly), and only by the shim/test layer, never by the product modules: inside
+OpenRLHF runs the OpenRLHF CPU shim's post-import hook (:func:`patch_actor_module`) applies it in each Megatron actor
+right after ``torch.distributed`` is initialised; scripts started by :func:`.launch.run_local_ranks` call
+:func:`maybe_apply_cpu_shim` themselves; and it refuses megatron-core versions it was not checked on
 (override with ``OPENRLHF_SEARCH_MEGATRON_CPU_SHIM_ANY_VERSION=1``). A megatron-core upgrade that adds a new
 touchpoint is caught by :class:`CudaTouchRecorder` (``tests/integrations/megatron``).
 """
@@ -459,6 +462,24 @@ def maybe_apply_cpu_shim() -> ShimState | None:
     if os.environ.get(ENV_SWITCH) != "1" or torch.cuda.is_available():
         return None
     return apply_cpu_shim()
+
+
+def patch_actor_module(module: types.ModuleType) -> None:
+    """Post-import hook of :mod:`openrlhf_search.integrations.megatron.actor` (installed by the OpenRLHF CPU shim in
+    every process, ``openrlhf/cpu_shim.py``): :func:`maybe_apply_cpu_shim` right after the actor initialises
+    ``torch.distributed``, before it builds the model. The product module never applies CPU simulation itself;
+    scripts that drive :class:`~.actor.MegatronActorCore` outside OpenRLHF call :func:`maybe_apply_cpu_shim`."""
+    original = module._init_torch_distributed
+    if getattr(original, "_megatron_cpu_shim", False):
+        return
+
+    @functools.wraps(original)
+    def init_then_shim() -> None:
+        original()
+        maybe_apply_cpu_shim()
+
+    init_then_shim._megatron_cpu_shim = True  # type: ignore[attr-defined]
+    module._init_torch_distributed = init_then_shim
 
 
 @dataclass

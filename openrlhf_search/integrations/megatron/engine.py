@@ -9,8 +9,9 @@ Each micro-batch runs ``GPTModel(input_ids, position_ids, mask)``; on the last p
 logits go straight into :func:`..logprobs.next_token_logprobs_entropy` (never gathering the vocabulary) and,
 for training, into a registry policy loss ``fn(log_probs, old_log_probs, advantages, action_mask, **extra)``.
 Loss normalisation (the contract of :mod:`openrlhf_search.algorithms.losses`): :func:`train_step` computes the
-step's global normaliser (:func:`~openrlhf_search.algorithms.losses.step_normalizers`: model tokens or sequences
-over all micro-batches, all-reduced over the data-parallel group) and passes it to every micro-batch's loss, whose
+step's global normalisers -- the counts the loss asks for (``PolicyLoss.normalizers``: model tokens or sequences,
+plus e.g. SAPO's count), summed over all micro-batches and all-reduced over the data-parallel group
+(:func:`~openrlhf_search.algorithms.losses.step_normalizers`) -- and passes them to every micro-batch's loss, whose
 value is then its share ``local sum / global count``. megatron's schedule divides each micro-batch loss by the
 number of micro-batches and DDP averages gradients over data-parallel ranks; the loss is multiplied by
 ``num_microbatches x dp_size`` to cancel both, so the gradient is that of the global objective on any layout and
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from openrlhf_search.algorithms.losses import ADDITIVE_METRICS
+from openrlhf_search.algorithms.losses import ADDITIVE_METRICS, PolicyLoss, step_normalizers
 from openrlhf_search.integrations.megatron.logprobs import next_token_logprobs_entropy
 from openrlhf_search.integrations.megatron.model import MegatronModel, model_device
 
@@ -227,21 +228,20 @@ def build_optimizer(model: MegatronModel) -> Any:
 def step_loss_normalizers(micro_batches: list[dict[str, Any]], loss_fn: Callable[..., Any]) -> tuple[dict, float]:
     """``(normalizer kwargs, loss scale)`` of one optimizer step over this rank's ``micro_batches``.
 
-    The kwargs are the step's global counts (all-reduced over the data-parallel group; every DP rank calls this),
-    the scale ``num_microbatches x dp_size`` cancels megatron's averaging. A loss without a
-    :class:`~openrlhf_search.algorithms.losses.PolicyLossConfig` (a bare callable) gets no normaliser and scale 1:
-    megatron's mean of micro-batch means, as before.
+    The kwargs are the counts the loss asks for (:meth:`~openrlhf_search.algorithms.losses.PolicyLoss.normalizers`),
+    summed over the step and all-reduced over the data-parallel group (every DP rank calls this); the scale
+    ``num_microbatches x dp_size`` cancels megatron's averaging. A loss that asks for none (or a bare callable)
+    gets no kwargs and scale 1: megatron's mean of micro-batch means.
     """
     from megatron.core import parallel_state as mpu
 
-    from openrlhf_search.algorithms.losses import step_normalizers
-
-    config = getattr(loss_fn, "config", None)
-    if config is None:
+    if not isinstance(loss_fn, PolicyLoss):
         return {}, 1.0
     pairs = [(mb["action_mask"][:, :-1], mb["advantages"][:, :-1]) for mb in micro_batches]
     device = pairs[0][0].device  # the model's (train_step moves the batch there): NCCL needs the GPU
-    norms = step_normalizers(pairs, config, group=mpu.get_data_parallel_group(), device=device)
+    norms = step_normalizers(pairs, loss_fn, group=mpu.get_data_parallel_group(), device=device)
+    if not norms:
+        return {}, 1.0
     return norms, float(len(micro_batches) * mpu.get_data_parallel_world_size())
 
 

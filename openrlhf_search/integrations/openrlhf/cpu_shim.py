@@ -29,7 +29,8 @@ What is handled, in the order it bites (see ../shared/NOTES.md, "OpenRLHF's real
 9. Megatron backend (``backend: megatron``): its bucketed receiver (``megatron.vllm_sync.BucketWorkerExtension``)
    allocates on ``"cuda"`` and loads per bucket; it is replaced by the same collect-and-reload path as item 7
    (buckets received on the CPU, one ``reload_weights`` at the end-of-sync marker). The Megatron actors also need
-   ``OPENRLHF_SEARCH_MEGATRON_CPU_SHIM=1`` (megatron-core's own CUDA touchpoints, ``megatron/cpu_shim.py``).
+   ``OPENRLHF_SEARCH_MEGATRON_CPU_SHIM=1`` (megatron-core's own CUDA touchpoints, ``megatron/cpu_shim.py``), which a
+   hook here applies in each actor right after it initialises ``torch.distributed``.
 
 Strict mode (``OPENRLHF_SEARCH_STRICT_DEVICES=1``, ``integrations/strict_devices.py``): the weight-sync group of
 item 5 checks that no two members share a fake GPU (NCCL's "Duplicate GPU detected") and refuses a logical-CPU
@@ -54,6 +55,8 @@ import sys
 import types
 from collections.abc import Callable
 from typing import Any
+
+from openrlhf_search.integrations.megatron import cpu_shim as megatron_cpu_shim
 
 SWITCH_ENV = "OPENRLHF_SEARCH_CPU_SHIM"
 _INSTALLED: list[bool] = []
@@ -369,6 +372,12 @@ def _strict_ppo_actor(module: types.ModuleType) -> None:
         APPLIED.append("strict ppo_train report")
 
 
+def _patch_megatron_actor(module: types.ModuleType) -> None:
+    """Item 9: the Megatron actors apply megatron-core's CPU shim (``OPENRLHF_SEARCH_MEGATRON_CPU_SHIM=1``) after
+    initialising ``torch.distributed`` (:func:`..megatron.cpu_shim.patch_actor_module`)."""
+    megatron_cpu_shim.patch_actor_module(module)
+
+
 HOOKS: dict[str, Callable[[types.ModuleType], None]] = {
     "torch": patch_torch_cuda,
     "openrlhf.utils.deepspeed.deepspeed": patch_deepspeed_strategy,
@@ -377,6 +386,7 @@ HOOKS: dict[str, Callable[[types.ModuleType], None]] = {
     "openrlhf.trainer.ray.vllm_worker_wrap": patch_vllm_worker_wrap,
     "openrlhf.trainer.ray.ppo_actor": _strict_ppo_actor,
     "openrlhf_search.integrations.megatron.vllm_sync": patch_megatron_bucket_receiver,
+    "openrlhf_search.integrations.megatron.actor": _patch_megatron_actor,
 }
 """Module -> patch applied right after it is imported."""
 

@@ -212,7 +212,7 @@ def resolve_algorithm(config: Any) -> tuple[list[str], PatchConfig, list[str]]:
     resolved = dataclasses.asdict(make_config(preset.policy_loss, **loss_cfg))  # validates the overrides too
     for key, hint in (("kl_coef", "set algorithm.kl_coef (OpenRLHF's own KL loss) instead"),
                       ("entropy_coef", "pass --actor.entropy_coef through openrlhf.extra_args instead")):  # fmt: skip
-        if resolved[key] > 0:
+        if resolved.get(key, 0) > 0:  # a plugin loss's config need not have these fields
             raise ValueError(f"algorithm.loss_overrides.{key}={resolved[key]}: OpenRLHF does not pass reference "
                              f"log-probs or entropies to the policy loss; {hint}")  # fmt: skip
     native_fn = NATIVE_LOSSES.get(preset.policy_loss) if preset.policy_loss in NATIVE_LOSSES else None

@@ -42,6 +42,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from openrlhf_search.algorithms.advantages import get_advantage_estimator
+from openrlhf_search.algorithms.calibadv import CalibRecord, SearchTurn
+from openrlhf_search.algorithms.losses import PolicyLoss, get_policy_loss, step_normalizers
+from openrlhf_search.algorithms.offpolicy import with_offpolicy_correction
+from openrlhf_search.algorithms.postprocess import apply_postprocessors, needs_records
+from openrlhf_search.integrations.megatron.actor import openrlhf_actor_classes
+from openrlhf_search.integrations.megatron.vllm_sync import WORKER_EXTENSION
+from openrlhf_search.integrations.megatron.weight_sync import encode_meta
+from openrlhf_search.plugins import load_plugins
+
+from . import calib_store, compat, staleness
 from .config import PatchConfig
 
 _PATCHED: dict[str, Any] = {}
@@ -53,42 +66,33 @@ def _train_device():
     CPU, or the strict proxy's logical GPU, on CPU machines); ``"cpu"`` where torch has no CUDA and no shim runs
     (unit tests). Not decided on ``torch.cuda.is_available()``: under the strict proxy that is False, and the CPU
     branch would all-reduce a host tensor over the NCCL DP group, which no GPU run does."""
-    import torch
-
     try:
         return torch.cuda.current_device()
     except (AssertionError, RuntimeError):  # "Torch not compiled with CUDA enabled" / no device
         return "cpu"
 
 
-def _loss_module_base():
-    import torch
+class OpenRLHFPolicyLoss(torch.nn.Module):
+    """OpenRLHF's ``PolicyLoss`` interface around a loss of our registry (any :class:`PolicyLoss`).
 
-    return torch.nn.Module
-
-
-class OpenRLHFPolicyLoss(_loss_module_base()):
-    """OpenRLHF's ``PolicyLoss`` interface around a loss of our registry.
-
-    Normalization (one objective on every backend, see :mod:`openrlhf_search.algorithms.losses`): OpenRLHF passes
-    the optimizer step's global counts -- ``batch_num_tokens`` (model tokens) and ``global_batch_size`` (sequences
-    with >= 1 model token), summed over the step's micro-batches and all-reduced over the DP group, *divided by the
-    gradient-accumulation steps* ``gas`` (``openrlhf.utils.loss_utils._optimizer_step_loss_norm``). DeepSpeed then
-    scales every backward by ``1/gas`` and averages gradients over the ``dp_size`` ranks. The adapter passes our
-    loss ``normalizer = count / dp_size`` (the count of the loss's mode), so each micro-batch loss is
+    Normalization (one objective on every backend, see :mod:`openrlhf_search.algorithms.losses`): the adapter asks
+    the loss which counts it divides by (``PolicyLoss.normalizers``). :func:`install_loss` wraps OpenRLHF's
+    ``iter_grad_accum_global_norm`` so that, per optimizer-step window, :meth:`begin_step` sums them over the
+    window's micro-batches and all-reduces them over the DP group (:func:`step_normalizers`), then divides them by
+    the gradient-accumulation steps ``gas`` as OpenRLHF does with its own counts
+    (``openrlhf.utils.loss_utils._optimizer_step_loss_norm``). DeepSpeed scales every backward by ``1/gas`` and
+    averages gradients over the ``dp_size`` ranks; the loss gets ``count / dp_size``, so each micro-batch loss is
     ``local sum x gas x dp_size / N`` and the final gradient is exactly that of ``sum over the step / N``, the
-    objective our loss defines. SAPO's KL denominator (model tokens of non-negative-advantage sequences) is not
-    among OpenRLHF's counts: :func:`install_loss` wraps OpenRLHF's ``iter_grad_accum_global_norm`` so that, per
-    optimizer-step window, :meth:`begin_step` sums and all-reduces it the same way. Without the counts (a bare call
-    outside ``ppo_train``) the loss uses its local means.
+    objective our loss defines. OpenRLHF's own counts (``batch_num_tokens``, ``global_batch_size``) only tell the
+    adapter that it runs inside ``ppo_train``; without them (a bare call) the loss uses its local means.
 
     Off-policy correction (``offpolicy="tis"``/``"mis"``, the ``+tis``/``+mis`` modifiers): the registry loss is
     wrapped by :func:`~openrlhf_search.algorithms.offpolicy.with_offpolicy_correction` and gets OpenRLHF's
     ``rollout_log_probs`` (vLLM's processed log-probs of the sampled tokens, 0 on masked positions) as
     ``behaviour_log_probs``: ``rho = pi_old / pi_vllm`` corrects both the vLLM/trainer numerics gap and stale samples
     of ``--train.async_enable``. The proximal policy is ``old_log_probs`` (recomputed by the trainer with the current
-    weights), as in the local trainer. With MIS the dropped tokens stay in OpenRLHF's global token count (the
-    normalizer), as in the local trainer and in OpenRLHF's own mask mode. OpenRLHF's own correction
+    weights), as in the local trainer. With MIS the dropped tokens stay in the step's counts (the normalizer), as
+    in the local trainer and in OpenRLHF's own mask mode. OpenRLHF's own correction
     (``--algo.advantage.is_correction_*``) lives in the ``PolicyLoss`` this adapter replaces: :func:`apply_patches`
     refuses it with any loss patch, so the two are never applied together (nor is theirs silently dropped).
 
@@ -100,61 +104,40 @@ class OpenRLHFPolicyLoss(_loss_module_base()):
     def __init__(self, loss_name: str, loss_config: dict | None = None, offpolicy: str = "",
                  offpolicy_config: dict | None = None) -> None:  # fmt: skip
         super().__init__()
-        from openrlhf_search.algorithms.losses import get_policy_loss
-
         self.loss_name = loss_name + (f"+{offpolicy}" if offpolicy else "")
         self.loss_fn = get_policy_loss(loss_name, **(loss_config or {}))
         if offpolicy:
-            from openrlhf_search.algorithms.offpolicy import with_offpolicy_correction
-
             self.loss_fn = with_offpolicy_correction(self.loss_fn, offpolicy, **(offpolicy_config or {}))
-        self.needs_behaviour = bool(getattr(self.loss_fn, "needs_behaviour_log_probs", False))
-        self.loss_agg = self.loss_fn.config.loss_agg
+        if not isinstance(self.loss_fn, PolicyLoss):
+            raise TypeError(f"policy loss {loss_name!r} does not meet the PolicyLoss protocol (config, normalizers, "
+                            f"needs_* and the call; see openrlhf_search.algorithms.losses): got {self.loss_fn!r}")
+        self.needs_behaviour = bool(self.loss_fn.needs_behaviour_log_probs)
         self.last_metrics: dict[str, float] = {}
-        self.sapo_count: Any = None
-        """SAPO's denominator of the current optimizer step / gas (set by :meth:`begin_step`)."""
-
-    @property
-    def needs_sapo_count(self) -> bool:
-        return self.loss_fn.config.sapo_coef > 0
+        self.step_counts: dict[str, Any] | None = None
+        """The loss's normalisers of the current optimizer step / gas (set by :meth:`begin_step`)."""
 
     def begin_step(self, experiences: list, gas: int = 1, dp_group: Any = None) -> None:
-        """Count SAPO's denominator over one optimizer step's micro-batches (``experiences``), all-reduced over
+        """Count the loss's normalisers over one optimizer step's micro-batches (``experiences``), all-reduced over
         ``dp_group`` when torch.distributed is initialised, divided by ``gas`` like OpenRLHF's own counts."""
-        import torch
-        import torch.distributed as dist
-
-        from openrlhf_search.algorithms.losses import sapo_normalizer
-
         device = _train_device()
-        count = torch.zeros((), dtype=torch.float32, device=device)
-        for exp in experiences:
-            count += sapo_normalizer(exp.action_mask.to(device), exp.advantages.to(device)).float()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(count, op=dist.ReduceOp.SUM, group=dp_group)
-        self.sapo_count = count / max(int(gas), 1)
+        pairs = [(exp.action_mask.to(device), exp.advantages.to(device)) for exp in experiences]
+        counts = step_normalizers(pairs, self.loss_fn, group=dp_group, device=device)
+        self.step_counts = {k: v.float() / max(int(gas), 1) for k, v in counts.items()}
 
     def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
                 batch_num_tokens=None, global_batch_size=None):  # fmt: skip
         """Compute our loss; return OpenRLHF's 5-tuple ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``."""
-        import torch
-
         if action_mask is None:
             action_mask = torch.ones_like(log_probs, dtype=torch.bool)
         mask = action_mask.bool()
-        from openrlhf_search.algorithms.losses import TOKEN_MODES
-
-        count = batch_num_tokens if self.loss_agg in TOKEN_MODES else global_batch_size
         extra = {}
-        if count is not None:  # see the class docstring: count / dp_size cancels DeepSpeed's 1/gas and DP mean
-            extra["normalizer"] = count / dp_size
-            if self.needs_sapo_count:
-                if self.sapo_count is None:
-                    raise RuntimeError(
-                        f"policy loss {self.loss_name!r} (SAPO term) got OpenRLHF's global counts but no SAPO "
-                        "count for the step: call begin_step() per optimizer step (install_loss wires it)"
-                    )
-                extra["sapo_normalizer"] = self.sapo_count / dp_size
+        if batch_num_tokens is not None or global_batch_size is not None:  # inside ppo_train: the step's counts
+            if self.step_counts is None:
+                raise RuntimeError(
+                    f"policy loss {self.loss_name!r} got OpenRLHF's global counts but no step counts of its own: "
+                    "call begin_step() per optimizer step (install_loss wires it)"
+                )
+            extra.update({k: v / dp_size for k, v in self.step_counts.items()})  # see the class docstring
         if self.needs_behaviour:
             if rollout_log_probs is None:
                 raise RuntimeError(
@@ -187,11 +170,8 @@ def calibrate_experiences(experiences: list, n_samples_per_prompt: int, calib_co
 
 def _calib_records(experiences: list) -> tuple[list, int]:
     """The agent's CalibRecords of every sample of ``experiences``, collected by id; ``(records, missing)``."""
-    import torch
 
-    from openrlhf_search.algorithms.calibadv import CalibRecord, SearchTurn
 
-    from . import calib_store
 
     ids = []
     for exp in experiences:
@@ -231,11 +211,6 @@ def postprocess_experiences(experiences: list, n_samples_per_prompt: int, patch:
     Returns the chain's metrics (CalibAdv's ``calibadv/*``, plus ``calibadv/missing_records`` when records are used:
     samples without a record get an empty one).
     """
-    import torch
-
-    from openrlhf_search.algorithms.advantages import get_advantage_estimator
-    from openrlhf_search.algorithms.postprocess import apply_postprocessors, needs_records
-    from openrlhf_search.plugins import load_plugins
 
     load_plugins(patch.plugins, source="patch.plugins")
     chain = patch.chain()
@@ -264,8 +239,6 @@ def postprocess_experiences(experiences: list, n_samples_per_prompt: int, patch:
         t_e = exp.advantages.shape[1]
         exp.advantages[r] = token_adv[k, :t_e].to(exp.advantages.dtype)
     if records is not None:
-        from . import calib_store
-
         for exp in experiences:
             exp.info.pop(calib_store.CALIB_ID_KEY, None)
         metrics["calibadv/missing_records"] = float(missing)
@@ -293,19 +266,15 @@ def install_loss(trainer, patch: PatchConfig) -> None:
     """Replace ``trainer.actor_loss_fn`` by our loss and make ``training_step`` log its metrics."""
     if not patch.loss:
         return
-    from openrlhf_search.plugins import load_plugins
 
     load_plugins(patch.plugins, source="patch.plugins")  # a user's loss may live in a plugin module
     loss = OpenRLHFPolicyLoss(patch.loss, patch.loss_config, patch.offpolicy, patch.offpolicy_config)
     trainer.actor_loss_fn = loss
-    if loss.needs_sapo_count:
-        trainer.strategy._search_policy_loss = loss
-        _wrap_step_windows()
+    trainer.strategy._search_policy_loss = loss  # the step windows count the loss's normalisers (begin_step)
+    _wrap_step_windows()
     original_step = trainer.training_step
 
     def training_step(experience, kl_ctl, step, loss_batch_info=None):
-        import torch
-
         status = original_step(experience, kl_ctl, step, loss_batch_info)
         for key, value in loss.last_metrics.items():
             status["metrics"][key] = torch.tensor(value)
@@ -317,7 +286,7 @@ def install_loss(trainer, patch: PatchConfig) -> None:
 
 def _wrap_step_windows() -> None:
     """Wrap OpenRLHF's ``iter_grad_accum_global_norm`` (its optimizer-step windows, as ``ppo_train`` uses them) so
-    that a SAPO loss installed on the strategy counts its denominator per window before the window trains."""
+    that the loss installed on the strategy counts its normalisers per window before the window trains."""
     import openrlhf.trainer.ray.ppo_actor as ppo_actor_mod
 
     original = ppo_actor_mod.iter_grad_accum_global_norm
@@ -363,10 +332,9 @@ def _versioned_broadcast_base():
 
         def broadcast_to_vllm(self):
             super().broadcast_to_vllm()
-            from .staleness import publish_engine_version
 
             self._search_weight_version += 1
-            publish_engine_version(self.vllm_engines, self._search_weight_version)
+            staleness.publish_engine_version(self.vllm_engines, self._search_weight_version)
 
         def search_weight_version(self) -> int:
             return self._search_weight_version
@@ -471,19 +439,15 @@ def install_maker_hooks(maker, patch: PatchConfig, version_fn=None) -> None:
     experiences' ``info``, one value per sample, so OpenRLHF averages and logs them."""
     if not (patch.advantages_patched or patch.dump_dir or version_fn is not None):
         return
-    from openrlhf_search.plugins import load_plugins
 
     load_plugins(patch.plugins, source="patch.plugins")
     original = maker.compute_advantages_and_returns
     state = {"step": 0}
 
     def compute_advantages_and_returns(experiences):
-        import torch
-
-        from .staleness import tag_staleness
 
         experiences = original(experiences)
-        metrics = tag_staleness(experiences, int(version_fn())) if version_fn is not None else {}
+        metrics = staleness.tag_staleness(experiences, int(version_fn())) if version_fn is not None else {}
         if patch.advantages_patched:
             n_per_prompt = maker.args.rollout.n_samples_per_prompt
             metrics.update(postprocess_experiences(experiences, n_per_prompt, patch))
@@ -501,7 +465,6 @@ def install_maker_hooks(maker, patch: PatchConfig, version_fn=None) -> None:
 
 def dump_experiences(experiences: list, path: Path) -> Path:
     """Save the per-sample tensors of ``experiences`` (unpadded rows) with ``torch.save``."""
-    import torch
 
     rows = []
     for exp in experiences:
@@ -568,14 +531,11 @@ def apply_patches(patch: PatchConfig, args=None) -> None:
         patch: what to replace; an inactive config changes nothing.
         args: OpenRLHF's parsed arguments, checked by :func:`check_openrlhf_args` (refused flag combinations).
     """
-    from openrlhf_search.plugins import load_plugins
-
-    from .compat import check_openrlhf_version
 
     load_plugins(patch.plugins, source="patch.plugins")  # the driver resolves names too
     if not patch.active:
         return
-    check_openrlhf_version()
+    compat.check_openrlhf_version()
     if args is not None:
         check_openrlhf_args(patch, args)
     import openrlhf.trainer.ppo_trainer as ppo_trainer_mod
@@ -606,7 +566,6 @@ def make_rollout_actor_class(base_remote_cls):
     ``update_weight_bucket``) instead of OpenRLHF's ``WorkerWrap``, and the actor forwards ``update_weight_bucket``
     to every worker with ``collective_rpc`` (as OpenRLHF's own ``update_weight``).
     """
-    from openrlhf_search.integrations.megatron.vllm_sync import WORKER_EXTENSION
 
     base = base_remote_cls.__ray_actor_class__
 
@@ -616,8 +575,6 @@ def make_rollout_actor_class(base_remote_cls):
             await super().__init__(*args, **kwargs)
 
         async def update_weight_bucket(self, meta):
-            from openrlhf_search.integrations.megatron.weight_sync import encode_meta
-
             # pickled: vLLM's collective_rpc serialiser would turn the BucketMeta dataclass into a dict
             return await self.llm.collective_rpc("update_weight_bucket", args=(encode_meta(meta),))
 
@@ -636,11 +593,10 @@ def apply_megatron_backend(backend, args=None) -> None:
     ``--ds.tensor_parallel_size``), the actor world size must be a multiple of it, and packing, dynamic batching and
     async training are refused (the Megatron actors do not implement them).
     """
-    from .compat import check_openrlhf_version
 
     if backend.backend != "megatron":
         return
-    check_openrlhf_version()
+    compat.check_openrlhf_version()
     if args is not None:
         dup = args.ds.ring_attn_size * args.ds.tensor_parallel_size
         if dup != backend.duplicate_actors:
@@ -669,8 +625,6 @@ def apply_megatron_backend(backend, args=None) -> None:
     import openrlhf.trainer.ray.launcher as launcher_mod
     import openrlhf.trainer.ray.ppo_actor as ppo_actor_mod
     import openrlhf.trainer.ray.vllm_engine as vllm_engine_mod
-
-    from openrlhf_search.integrations.megatron.actor import openrlhf_actor_classes
 
     for key, mod, name in (("MegatronPolicy", ppo_actor_mod, "PolicyModelActor"),
                            ("MegatronReference", launcher_mod, "ReferenceModelActor"),

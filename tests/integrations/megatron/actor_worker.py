@@ -88,8 +88,11 @@ def trainer(args) -> int:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    from openrlhf_search.integrations.megatron.cpu_shim import maybe_apply_cpu_shim
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    assert maybe_apply_cpu_shim() is not None, "the launcher sets the shim switch"  # the test layer applies it
     rank = dist.get_rank()
     from openrlhf_search.integrations.megatron.actor import MegatronActorCore
     from openrlhf_search.integrations.megatron.config import ActorSettings, MegatronParallelConfig, MegatronTrainConfig

@@ -206,3 +206,22 @@ def test_experience_to_token_batch_places_actions_on_next_token_columns():
     assert batch["old_log_probs"][1].tolist() == [0, 0, -3.0, 0, 0]
     assert batch["advantages"][1].tolist() == [0, 0, -1.0, 0, 0]
     assert batch["ref_log_probs"] is None
+
+
+def test_the_shim_layer_applies_the_megatron_cpu_shim_after_the_actors_distributed_init(monkeypatch):
+    """The Megatron actor never applies CPU simulation itself: the OpenRLHF CPU shim registers a post-import hook
+    for the actor module that applies megatron's shim right after ``torch.distributed`` is initialised."""
+    import types
+    from pathlib import Path
+
+    from openrlhf_search.integrations.megatron import actor, cpu_shim
+    from openrlhf_search.integrations.openrlhf import cpu_shim as openrlhf_cpu_shim
+
+    assert "cpu_shim" not in Path(actor.__file__).read_text()  # the product module does not apply it
+    calls = []
+    monkeypatch.setattr(cpu_shim, "maybe_apply_cpu_shim", lambda: calls.append("shim"))
+    fake = types.SimpleNamespace(_init_torch_distributed=lambda: calls.append("dist"))
+    openrlhf_cpu_shim.HOOKS["openrlhf_search.integrations.megatron.actor"](fake)
+    cpu_shim.patch_actor_module(fake)  # idempotent: wrapped once
+    fake._init_torch_distributed()
+    assert calls == ["dist", "shim"]

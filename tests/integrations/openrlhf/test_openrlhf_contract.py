@@ -192,7 +192,7 @@ def test_injected_loss_receives_exactly_what_openrlhf_passes():
 
     loss_module.forward = spy
     batch_info = {"dp_size": 1, "batch_num_tokens": exp.action_mask.sum().float(), "global_batch_size": 4.0}
-    loss_module.begin_step([exp])  # SAPO's step count (ppo_train's wrapped window iterator does this)
+    loss_module.begin_step([exp])  # the loss's step counts (ppo_train's wrapped window iterator does this)
     status = trainer.training_step(exp, 0.0, 0, batch_info)
     assert len(calls) == 1
     args, kwargs = calls[0]
