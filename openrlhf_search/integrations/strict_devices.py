@@ -19,6 +19,11 @@ first step. Under this module every tensor carries a *logical device*:
 * a ``torch.distributed`` collective or point-to-point call on a group that would use NCCL on GPUs (every group
   not created with an explicit gloo backend) raises for a logical-CPU tensor ("No backend type associated with
   device type cpu");
+* a ``torch.Generator(device="cuda")`` is a CPU generator with a logical CUDA device (``generator.device`` answers
+  ``cuda:N``); an op given ``generator=`` (``multinomial``, ``randn``/``rand``/``randint``/``randperm``/``normal``/
+  ``bernoulli``, ``normal_``/``uniform_``/... on a tensor) raises like torch on a GPU when the generator's device type
+  is not that of the op's tensors or of the factory's ``device=`` ("Expected a 'cuda' device type for generator but
+  found 'cpu'"); generators created before the proxy keep their real (CPU) device;
 * every process has a fake GPU (:func:`fake_gpu_index`: ``OPENRLHF_SEARCH_FAKE_GPU``, else
   ``CUDA_VISIBLE_DEVICES[LOCAL_RANK]`` as Ray sets it per actor, else ``LOCAL_RANK``); an NCCL-like group with
   two ranks on one fake GPU of one host raises ("Duplicate GPU detected"), as NCCL does
@@ -132,6 +137,53 @@ def check_nccl_members(members: list[tuple[str, int]], what: str = "NCCL group")
 def logical_device(t: Any) -> int | None:
     """The logical device tag of ``t`` (:data:`CPU`, a fake GPU index, or None when untracked)."""
     return getattr(t, _TAG, None)
+
+
+def generator_device(generator: Any) -> int | None:
+    """Logical device of a ``torch.Generator``: its tag when the proxy created it, else its real device."""
+    dev = getattr(generator, _TAG, None)
+    if dev is not None:
+        return dev
+    real = getattr(generator, "device", None)
+    return _parse_device(real) if real is not None else None
+
+
+@functools.cache
+def _generator_class() -> type:
+    """``torch.Generator`` under the proxy: CPU state, the logical device asked for (CUDA allowed)."""
+    import torch
+
+    class Generator(torch.Generator):
+        """A CPU ``torch.Generator`` that carries the logical device it was created for (strict device proxy)."""
+
+        def __new__(cls, device: Any = "cpu") -> Any:
+            gen = super().__new__(cls, "cpu")
+            dev = _parse_device(device)
+            setattr(gen, _TAG, CPU if dev is None else dev)
+            return gen
+
+        def __init__(self, device: Any = "cpu") -> None:  # state set up by __new__
+            pass
+
+        @property
+        def device(self) -> Any:
+            dev = getattr(self, _TAG, CPU)
+            return torch.device("cpu") if dev == CPU else torch.device("cuda", dev)
+
+    Generator.__qualname__ = Generator.__name__ = "Generator"
+    return Generator
+
+
+def _check_generator(name: str, generator: Any, op_device: int | None) -> None:
+    """Raise like torch on a GPU when ``generator``'s device type differs from the op's (``op_device``)."""
+    gen_dev = generator_device(generator)
+    if gen_dev is None or op_device is None or (gen_dev == CPU) == (op_device == CPU):
+        return
+    want, have = ("cpu", "cuda") if op_device == CPU else ("cuda", "cpu")
+    raise RuntimeError(
+        f"Expected a '{want}' device type for generator but found '{have}' (strict device proxy: torch.{name} at "
+        f"{_caller()}); create the generator on the tensors' device, torch.Generator(device=x.device)"
+    )
 
 
 def _set(t: Any, dev: int | None) -> None:
@@ -285,6 +337,16 @@ def _mode_class() -> type:
             tensors = list(_iter_tensors(args, kwargs))
             if name not in _UNCHECKED and tensors:
                 self._check(name, tensors)
+            if kwargs.get("generator") is not None:
+                if target is not None and func is not torch.Tensor.cpu:
+                    op_device = target  # a factory's device=
+                elif tensors:
+                    devs = [d for d in (logical_device(t) for t in tensors) if d is not None]
+                    op_device = next((d for d in devs if d != CPU), devs[0] if devs else None)
+                else:
+                    op_device = CPU if factory_default else None
+                _StrictDeviceMode.checks += 1
+                _check_generator(name, kwargs["generator"], op_device)
             out = func(*args, **kwargs)
             if target is None:
                 if tensors:
@@ -495,6 +557,8 @@ def _patch_torch(state: _Installed) -> None:
         return param
 
     torch.nn.Parameter.__new__ = __new__
+    state.saved[(torch, "Generator")] = torch.Generator
+    torch.Generator = _generator_class()
 
 
 def _restore(state: _Installed) -> None:
@@ -583,7 +647,8 @@ def strict_devices() -> Iterator[Any]:
     """Run the block under the strict device proxy (in-process; tests): yields the mode.
 
     Patches ``torch.cuda.current_device`` (fake GPU index), ``torch.nn.Parameter`` (keeps the placement of the
-    wrapped tensor) and the ``torch.distributed`` collectives for the duration of the block.
+    wrapped tensor), ``torch.Generator`` (logical devices) and the ``torch.distributed`` collectives for the duration
+    of the block.
     """
     import torch
 

@@ -8,7 +8,8 @@ log-probability of each sampled token under the sampling distribution, (3) finis
 ``</search>`` long before ``max_new_tokens``.
 
 Works on CPU and GPU. The engine holds a *reference* to the policy module: in the local trainer the policy and the
-engine share weights, so :meth:`HFEngine.update_weights` only swaps the reference (no copy).
+engine share weights, so :meth:`HFEngine.update_weights` only swaps the reference (no copy). Its sampler
+(``torch.Generator``) lives on the model's device: torch on a GPU refuses a CPU generator for CUDA probabilities.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class HFEngine:
         model: a ``PreTrainedModel`` (any causal LM with a KV cache).
         tokenizer: its tokenizer (used to decode for stop strings and for pad/EOS ids).
         max_batch_size: prompts are processed in chunks of this size.
-        seed: seed of the engine's own sampler (used when ``SamplingParams.seed`` is ``None``).
+        seed: seed of the engine's own sampler (used when ``SamplingParams.seed`` is ``None``), a
+            ``torch.Generator`` on the model's device (recreated with this seed if the model moves to another device).
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 64, seed: int = 0):
@@ -98,7 +100,8 @@ class HFEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.seed = seed
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     @property
     def device(self):
@@ -106,7 +109,11 @@ class HFEngine:
 
     def update_weights(self, model) -> None:
         """Sample from ``model`` from now on (the local trainer passes the policy itself: no copy is made)."""
+        import torch
+
         self.model = model
+        if self.generator.device.type != self.device.type:  # the sampler follows the model
+            self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
 
     def get_rng_state(self):
         return self.generator.get_state()
@@ -125,7 +132,7 @@ class HFEngine:
 
         gen = self.generator
         if params.seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(params.seed)
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
         out: list[Generation] = []
         was_training = self.model.training
         self.model.eval()

@@ -89,3 +89,71 @@ def test_strict_megatron_engine_pad_and_masks_follow_the_batch_device():
         assert megatron_attention_mask(mask).is_cuda
         padded = pad_to_multiple({"input_ids": mask.clone(), "attention_mask": mask}, 4)
         assert padded["input_ids"].is_cuda and padded["input_ids"].shape == (2, 8)
+
+
+def test_strict_generators_are_devices_too():
+    """torch on a GPU: a generator must be on the device type of the tensors it draws for."""
+    before = torch.Generator().manual_seed(0)  # created before the proxy: a real CPU generator
+    with strict_devices():
+        gpu = torch.Generator(device="cuda").manual_seed(1)
+        cpu = torch.Generator(device="cpu").manual_seed(1)
+        assert isinstance(gpu, torch.Generator) and gpu.device == torch.device("cuda", 0)
+        assert cpu.device.type == "cpu" and sd.generator_device(before) == sd.CPU
+        probs = torch.softmax(torch.randn(2, 5, device="cuda"), -1)
+        x = torch.zeros(3, device=torch.cuda.current_device())
+        planted = [  # each draws for CUDA tensors with a CPU generator (or the reverse)
+            lambda g: torch.multinomial(probs, 1, generator=g),
+            lambda g: torch.randn(3, device="cuda", generator=g),
+            lambda g: torch.rand(3, device="cuda", generator=g),
+            lambda g: torch.randint(0, 5, (3,), device="cuda", generator=g),
+            lambda g: torch.randperm(5, device="cuda", generator=g),
+            lambda g: torch.bernoulli(probs, generator=g),
+            lambda g: torch.normal(x, 1.0, generator=g),
+            lambda g: x.clone().normal_(generator=g),
+            lambda g: x.clone().uniform_(generator=g),
+            lambda g: x.clone().bernoulli_(0.5, generator=g),
+        ]
+        for draw in planted:
+            for wrong in (cpu, before):
+                with pytest.raises(RuntimeError, match="Expected a 'cuda' device type for generator but found 'cpu'"):
+                    draw(wrong)
+            draw(gpu)  # the fix: the generator on the tensors' device
+        with pytest.raises(RuntimeError, match="Expected a 'cpu' device type for generator but found 'cuda'"):
+            torch.randn(3, generator=gpu)  # a CPU factory with a CUDA generator
+        torch.randn(3, generator=cpu)
+        # same seed, same device type: the same draws (a seeded logical-CUDA generator is reproducible)
+        a = torch.multinomial(probs, 3, generator=torch.Generator(device="cuda").manual_seed(5))
+        b = torch.multinomial(probs, 3, generator=torch.Generator(device="cuda").manual_seed(5))
+        assert torch.equal(a, b) and a.is_cuda
+    assert torch.Generator is torch._C.Generator  # restored
+
+
+def test_strict_hf_engine_samples_with_a_generator_on_the_model_device():
+    """The HF rollout engine on a (logical) GPU at temperature 1: its sampler must be a CUDA generator."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from openrlhf_search.rollout.base import SamplingParams
+    from openrlhf_search.rollout.hf import HFEngine
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 1
+
+        def decode(self, ids, skip_special_tokens=False):
+            return " ".join(map(str, ids))
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64, eos_token_id=1, pad_token_id=0)
+    params = SamplingParams(temperature=1.0, max_new_tokens=4)
+    with strict_devices():
+        model = Qwen2ForCausalLM(cfg).to("cuda")
+        engine = HFEngine(model, Tok(), seed=3)
+        assert engine.generator.device.type == "cuda"
+        first = engine.generate([[2, 3, 4], [5, 6]], params)
+        assert [len(g.token_ids) for g in first] == [4, 4]
+        seeded = [engine.generate([[2, 3, 4]], SamplingParams(temperature=1.0, max_new_tokens=4, seed=9))
+                  for _ in range(2)]  # fmt: skip
+        assert seeded[0][0].token_ids == seeded[1][0].token_ids  # reproducible per seed
+        engine.generator = torch.Generator().manual_seed(3)  # planted: the sampler left on the host
+        with pytest.raises(RuntimeError, match="Expected a 'cuda' device type for generator but found 'cpu'"):
+            engine.generate([[2, 3, 4]], params)
