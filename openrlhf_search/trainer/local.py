@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from openrlhf_search.trainer.config import TrainConfig, config_to_dict, save_config
+from openrlhf_search.trainer.models import build_optimizer
 
 
 class RetrieverDownError(RuntimeError):
@@ -458,8 +459,8 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
 
     # ---- optimiser, schedule, data stream
     trainable = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapter only
-    opt = torch.optim.AdamW(trainable, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
-                            weight_decay=cfg.optimizer.weight_decay)
+    opt = build_optimizer(trainable, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
+                          weight_decay=cfg.optimizer.weight_decay)  # fp32 master weights for bf16 parameters
     total_updates = max(1, cfg.steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optimizer.schedule, cfg.optimizer.warmup_steps,
                                                              total_updates))

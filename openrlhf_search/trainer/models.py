@@ -7,6 +7,7 @@ sized by :class:`TinyModelSpec`. With a locally trained 4k-8k byte-level BPE voc
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -171,3 +172,91 @@ def load_pretrained(path: str, dtype: str = "float32"):
 def count_parameters(model) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@functools.cache
+def _master_weight_adamw() -> type:
+    """:class:`torch.optim.AdamW` over fp32 master copies of low-precision parameters (built lazily: torch)."""
+    import torch
+
+    class MasterWeightAdamW(torch.optim.AdamW):
+        """AdamW that keeps an fp32 master copy of every bf16/fp16 parameter (mixed-precision training).
+
+        AdamW steps on bf16 parameters round every update to bf16's 8-bit mantissa: a step smaller than half a unit
+        in the last place (``|w| x 2^-9``, e.g. 4e-5 for a weight of 0.02) is lost, so at the learning rates of RL
+        fine-tuning (1e-6) almost no weight moves. Here the optimizer state and the update live on fp32 masters;
+        after each step the model's parameters are the masters rounded to their dtype, so small updates accumulate
+        and show up once they cross a rounding boundary (what DeepSpeed's bf16 optimizer and Megatron's
+        distributed optimizer do). fp32 parameters are stepped in place (their master is themselves).
+        :meth:`state_dict` carries the masters (``master_weights``), so a resumed run continues from the exact fp32
+        values, not from their rounding.
+        """
+
+        def __init__(self, params, **kwargs):
+            self.model_params = [p for p in params]
+            self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.model_params]
+            super().__init__(self.masters, **kwargs)
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for p, m in zip(self.model_params, self.masters):
+                if m is not p:
+                    m.grad = None if p.grad is None else p.grad.float()
+            loss = super().step(closure)
+            for p, m in zip(self.model_params, self.masters):
+                if m is not p:
+                    p.copy_(m)  # round to nearest
+                    m.grad = None
+            return loss
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            super().zero_grad(set_to_none)
+            for p, m in zip(self.model_params, self.masters):
+                if m is not p and p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.zero_()
+
+        def state_dict(self):
+            state = super().state_dict()
+            state["master_weights"] = [None if m is p else m.detach().clone()
+                                       for p, m in zip(self.model_params, self.masters)]  # fmt: skip
+            return state
+
+        def load_state_dict(self, state_dict) -> None:
+            state_dict = dict(state_dict)
+            masters = state_dict.pop("master_weights", None)
+            if masters is not None and len(masters) != len(self.masters):
+                raise ValueError(f"optimizer state has {len(masters)} master weights for {len(self.masters)} "
+                                 "parameters (a checkpoint of another model or LoRA setting)")  # fmt: skip
+            super().load_state_dict(state_dict)
+            if masters is None:  # a checkpoint of plain AdamW: start the masters from the parameters
+                return
+            with torch.no_grad():
+                for p, m, saved in zip(self.model_params, self.masters, masters):
+                    if saved is not None and m is not p:
+                        m.copy_(saved)
+                        p.copy_(m)
+
+    return MasterWeightAdamW
+
+
+def build_optimizer(params, lr: float, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0):
+    """The local trainer's AdamW: plain when every parameter is fp32, else with fp32 master weights
+    (:class:`MasterWeightAdamW`, see ``_master_weight_adamw``) so that bf16/fp16 training keeps updates below the
+    parameters' resolution (``dtype: auto`` trains in bf16 on CUDA)."""
+    import torch
+
+    params = list(params)
+    kwargs = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
+    if all(p.dtype == torch.float32 for p in params):
+        return torch.optim.AdamW(params, **kwargs)
+    return _master_weight_adamw()(params, **kwargs)
+
+
+def optimizer_weights(optimizer, params) -> list:
+    """The full-precision weights an optimizer from :func:`build_optimizer` trains: its fp32 masters, or the
+    parameters themselves under plain AdamW (what the checkpoint's optimizer state resumes from)."""
+    masters = getattr(optimizer, "masters", None)
+    return list(masters) if masters is not None else list(params)
