@@ -1,20 +1,13 @@
-"""Outcome rewards for search agents: the reward protocol, its runner, and the built-in rewards.
+"""Outcome rewards for search agents: the registry and the built-in rewards.
 
-**What a reward sees.** One :class:`RewardInput` per finished trajectory, built by the environment
-(``openrlhf_search.env.episode.reward_inputs``, the one builder of every backend): the question, the answer the
-environment *accepted* (``Trajectory.answer``; ``None`` when the rollout gave none: an ``<answer>`` block the action
-parser rejected earns nothing), the golden answers, the text the environment retrieved (never the model's own
-``<information>`` blocks), the format check the environment ran once (``valid_format`` / ``format_error``), the
-number of tool calls it executed, and the trajectory record itself (turns, response text, meta). A reward never
-re-parses the response to decide the answer or the format.
-
-**The protocol** (:class:`Reward`): ``score_batch(inputs) -> [(score, info), ...]``, plain or ``async def``; the
-default ``score_batch`` maps :meth:`Reward.score` over the batch. ``metrics`` declares the ``info`` keys the reward
-fills with numbers; the environment logs exactly those (``search/<key>``), so a metric a reward does not compute is
-absent from the logs instead of a silent 0. ``timeout`` (seconds, per batch; ``reward_kwargs: {timeout: ...}``)
-bounds every call: a reward that does not answer in time raises :class:`RewardTimeoutError` naming it.
-:func:`run_reward` (synchronous callers: the local trainer) and :func:`arun_reward` (the OpenRLHF agent's event
-loop, which it never blocks: sync rewards run in a thread) are the only two ways a reward is called.
+**The protocol** lives in :mod:`openrlhf_search.env.scoring` (re-exported here): a reward receives one
+:class:`RewardInput` per finished trajectory, built by the environment (the question, the answer the environment
+accepted, the golden answers, the retrieved text, the format check it ran once, the executed tool calls, the
+trajectory record); it is a :class:`Reward` whose ``score_batch`` may be plain or ``async``, declares the ``info``
+keys it fills (``metrics``) and has a ``timeout`` (``reward_kwargs: {timeout: ...}``); :func:`run_reward` and
+:func:`arun_reward` are the only two ways one is called. The tag grammar and the answer metrics live in the leaf
+:mod:`openrlhf_search.env.protocol` (also re-exported here: ``normalize_answer``, ``exact_match``,
+``substring_exact_match``, ``f1_score``, ``extract_answer``).
 
 **Built-in rewards** (``env.reward``): ``em``, ``subem``, ``f1`` (the metric of the accepted answer), and the
 format-aware ``format_em``, ``format_f1``, ``f1_x_format`` (:class:`FormatRewardWeights`). With ``m`` in [0, 1]

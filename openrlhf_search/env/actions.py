@@ -1,7 +1,6 @@
 """Parse one model turn into an action: a tool call (``search``, ``open``...), an answer, or invalid.
 
-Models do not write clean tags. The rules, in the order they are applied (each is covered by the table test in
-``tests/env/test_actions.py``):
+Models do not write clean tags. The rules, in the order they are applied (each is covered by a table test):
 
 1. **Model-written observations are never trusted.** ``<information>...</information>`` and
    ``<tool_response>...</tool_response>`` blocks the model writes itself are blanked, as is everything after an

@@ -21,6 +21,11 @@ instruction, for the quickstart's tiny model):
   so it fits any chat format whose template knows a tool role (SmolLM2's generic ChatML writes ``<|im_start|>tool``,
   Qwen3's wraps it in ``<tool_response>`` inside a user turn). Both ask the template for ``enable_thinking=True``.
 
+No instruction, corrective message or hint holds a complete action: a tag is named as an empty pair
+(``inside <search></search>``) and examples stay outside the tags, because a model that copies its prompt would
+otherwise act on the example (search for "and" from "between <search> and </search>", answer "Paris"). A template
+whose texts hold a complete pair with a non-blank body is refused when built (:meth:`PromptTemplate.example_pairs`).
+
 A user template file (``get_template("path/to/prompt.txt")``) replaces the user message of the ``search_r1``
 template: plain text with a ``{question}`` placeholder, or a Jinja file (``.jinja``/``.j2``) given ``question``.
 

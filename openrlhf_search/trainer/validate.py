@@ -19,7 +19,7 @@ from typing import Any
 
 from openrlhf_search.registry import Registry, did_you_mean
 
-from .config import ConfigError, TrainConfig, load_config, origin
+from .config import ConfigError, TrainConfig, load_config, origin, search_env_config
 
 LR_SCHEDULES: Registry[str] = Registry("learning-rate schedule")
 """``optimizer.schedule`` names (the local trainer's ``lr_lambda``; the OpenRLHF launcher maps them too)."""
@@ -292,6 +292,18 @@ def _check_tools(cfg: TrainConfig, p: _Problems) -> None:
         name = name if isinstance(name, str) else getattr(name, "name", str(name))
         if name not in registry:
             p.add("env.tools", registry.unknown_message(name), name)
+            return
+    options = getattr(cfg.env, "tool_options", None)
+    if not options:
+        return
+    try:
+        env_cfg = search_env_config(cfg)
+    except (TypeError, ValueError):
+        return  # a field the other env checks report
+    try:  # each tool's own settings, checked by building the tools once
+        tools_mod.get_tools(list(tools), env_cfg)
+    except (TypeError, ValueError) as exc:
+        p.add("env.tool_options", str(exc), options)
 
 
 def _check_retriever_spec(cfg: TrainConfig, p: _Problems, backend: str, check_files: bool = True) -> None:

@@ -21,6 +21,7 @@ from openrlhf_search.plugins import load_plugins
 from openrlhf_search.rewards import REWARDS, Reward, RewardTimeoutError, get_reward_fn, run_reward
 from openrlhf_search.trainer.config import load_config, search_env_config
 from openrlhf_search.trainer.local import score_trajectories
+from openrlhf_search.trainer.validate import validate_config
 
 PLUGINS = Path(__file__).parent / "plugins"
 TOOL_PLUGIN, REWARD_PLUGIN = PLUGINS / "web_search_tool.py", PLUGINS / "judge_reward.py"
@@ -69,6 +70,10 @@ def test_tool_option_mistakes_name_the_config_key(plugins):
         Episode(None, "search_r1", EnvConfig(tool_options={"search": {"k": 1}}))
     with pytest.raises(ValueError, match=r"env.tool_options names \['web_search'\], which are not in env.tools"):
         Episode(None, "search_r1", EnvConfig(tool_options={"web_search": {"max_results": 2}}))
+    problems = validate_config(_config("env.tool_options={web_search: {max_result: 2}}"), check_files=False)
+    assert any(p.startswith("env.tool_options") and "max_result" in p for p in problems), problems
+    assert not [p for p in validate_config(_config("env.tool_options={web_search: {max_results: 2}}"),
+                                           check_files=False) if "tool_options" in p]
 
 
 # -------------------------------------------------------------------------------------------------------- the reward
