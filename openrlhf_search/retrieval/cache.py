@@ -112,7 +112,7 @@ class RetrievalCache:
             rows = conn.execute(f"SELECT query, hits FROM answers WHERE fingerprint = ? AND topk = ? "
                                 f"AND query IN ({marks})", [fingerprint, int(topk), *part]).fetchall()
             for query, hits in rows:
-                out[query] = [Hit(Document(d["id"], d["contents"]), s) for d, s in json.loads(hits)]
+                out[query] = [Hit(Document.from_json(d), s) for d, s in json.loads(hits)]
         return out
 
     def put(self, fingerprint: str, answers: dict[str, list[Hit]], topk: int) -> None:

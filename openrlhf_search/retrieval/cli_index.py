@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .manifest import MANIFEST_NAME
+from .manifest import MANIFEST_NAME, Manifest
 
 
 def _bm25_config(args: argparse.Namespace):
@@ -117,9 +117,13 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         count = BUILDERS[args.method](args)
-    except (CorpusError, ValueError) as exc:
+    except (CorpusError, ValueError) as exc:  # bad input data: exit status 2, like every other refusal
         print(f"openrlhf-search index: {exc}", file=sys.stderr)
-        return 1
+        return 2
+    skipped = Manifest.load(out).skipped
+    if skipped:
+        print(f"openrlhf-search index: skipped {skipped} bad row(s) of {args.corpus} (--skip-bad-rows); rerun "
+              "without it to see the first one's file and line", file=sys.stderr)
     print(f"indexed {count} passages from {args.corpus} into {out} ({args.method}) in "
-          f"{time.perf_counter() - start:.1f} s")
+          f"{time.perf_counter() - start:.1f} s" + (f", {skipped} bad row(s) skipped" if skipped else ""))
     return 0

@@ -9,21 +9,19 @@ Every index file is checked first (:func:`~openrlhf_search.retrieval.integrity.c
 refused with one line naming the file and what is wrong, exit status 2, no traceback. ``--corpus`` makes the server
 also check the corpus against the index manifest (size, then SHA-256). The bearer token can come from ``--token`` or
 the ``OPENRLHF_SEARCH_RETRIEVER_TOKEN`` variable (which keeps it out of ``ps``; our client, trainer, eval and the
-OpenRLHF agent read the same variable). ``--cache PATH --cache-mode record|replay|reuse`` puts the record/replay
-cache (:mod:`~openrlhf_search.retrieval.cache`) in front of the index.
+OpenRLHF agent read the same variable; the older name ``OPENRLHF_SEARCH_TOKEN`` is read everywhere too).
+``--cache PATH --cache-mode record|replay|reuse`` puts the record/replay cache
+(:mod:`~openrlhf_search.retrieval.cache`) in front of the index. The port is bound before anything is announced: a
+busy port is one line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import sys
 
-from .client import TOKEN_ENV
-
-LEGACY_TOKEN_ENV = "OPENRLHF_SEARCH_TOKEN"
-"""Read too (older name), after ``OPENRLHF_SEARCH_RETRIEVER_TOKEN``."""
+from .client import TOKEN_ENV, resolve_token
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,10 +34,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=d.port, help=f"TCP port (default {d.port})")
     parser.add_argument("--token", default=None, help=f"require 'Authorization: Bearer TOKEN' (or set ${TOKEN_ENV})")
     parser.add_argument("--default-topk", type=int, default=d.default_topk, help="topk when a request omits it")
-    parser.add_argument("--max-topk", type=int, default=d.max_topk, help="largest accepted topk")
+    parser.add_argument("--max-topk", type=int, default=d.max_topk,
+                        help=f"largest accepted topk (default {d.max_topk}; above it a 422 names this cap)")
     parser.add_argument("--max-queries", type=int, default=d.max_queries_per_request, help="max queries per request")
-    parser.add_argument("--max-query-chars", type=int, default=d.max_query_chars, help="max characters per query")
+    parser.add_argument("--max-query-chars", type=int, default=d.max_query_chars,
+                        help=f"longer queries are truncated to this many characters and counted (default "
+                             f"{d.max_query_chars})")
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="max request body size")
+    parser.add_argument("--read-timeout-s", type=float, default=d.read_timeout_s,
+                        help=f"seconds a client may take to send headers, and again the body (default "
+                             f"{d.read_timeout_s:g}; 408 after)")
+    parser.add_argument("--max-connections", type=int, default=d.max_connections,
+                        help=f"open connections beyond this get a 503 at once (default {d.max_connections})")
+    parser.add_argument("--keep-alive-s", type=float, default=d.keep_alive_s,
+                        help=f"idle keep-alive connections are closed after this (default {d.keep_alive_s:g} s)")
+    parser.add_argument("--shutdown-grace-s", type=float, default=d.shutdown_grace_s,
+                        help=f"on shutdown, time left to retrievals in flight (default {d.shutdown_grace_s:g} s)")
     parser.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
                         help="micro-batching: how long to wait for more requests after the first")
     parser.add_argument("--max-batch", type=int, default=d.max_batch_queries, help="max queries per retrieval call")
@@ -62,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from . import load_retriever
     from .integrity import check_index
     from .manifest import Manifest, ManifestError
-    from .server import ServerConfig, serve_forever
+    from .server import ServerConfig, bind_socket, serve_forever
 
     try:
         check_index(args.index)
@@ -72,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     except (ManifestError, OSError) as exc:
         print(f"openrlhf-search serve: refusing to start: {exc}", file=sys.stderr)
         return 2
-    token = args.token or os.environ.get(TOKEN_ENV) or os.environ.get(LEGACY_TOKEN_ENV) or None
+    token = args.token or resolve_token()
     if not _is_loopback(args.host) and not token:
         print(f"openrlhf-search serve: WARNING: binding {args.host} without a token; anyone who can reach this "
               "port can query the index", file=sys.stderr)
@@ -80,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
                        max_topk=args.max_topk, max_queries_per_request=args.max_queries,
                        max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes,
                        batch_wait_ms=args.batch_wait_ms, max_batch_queries=args.max_batch,
-                       cache=args.cache, cache_mode=args.cache_mode)
+                       cache=args.cache, cache_mode=args.cache_mode, read_timeout_s=args.read_timeout_s,
+                       max_connections=args.max_connections, keep_alive_s=args.keep_alive_s,
+                       shutdown_grace_s=args.shutdown_grace_s)
     kwargs = {"n_threads": args.n_threads} if manifest.method in ("bm25", "hybrid") else {}
     try:
         retriever = load_retriever(args.index, **kwargs)
@@ -93,7 +105,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"openrlhf-search serve: refusing to start: {args.index}: {type(exc).__name__}: "
               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", file=sys.stderr)
         return 2
-    print(f"serving {manifest.count} passages ({manifest.method}) from {args.index} on http://{args.host}:{args.port}",
+    try:  # bind before saying "serving": a busy port is one line, exit 2
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        print(f"openrlhf-search serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc} (is another "
+              "server running there? pick another --port)", file=sys.stderr)
+        return 2
+    port = sock.getsockname()[1]
+    print(f"serving {manifest.count} passages ({manifest.method}) from {args.index} on http://{args.host}:{port}",
           file=sys.stderr, flush=True)
-    serve_forever(retriever, cfg, info={"method": manifest.method, "index": str(args.index)})
+    serve_forever(retriever, cfg, info={"method": manifest.method, "index": str(args.index)}, sock=sock)
     return 0

@@ -17,7 +17,8 @@ so a batch that in-process retrieval accepts is accepted over HTTP too. A 413 (a
 limits) makes ``search`` re-read the limits once and re-split the rest of the batch.
 
 Token: ``token=`` or, when it is not given, the environment variable ``OPENRLHF_SEARCH_RETRIEVER_TOKEN`` (the
-variable the server reads too), sent as ``Authorization: Bearer <token>``.
+variable the server reads too; the older ``OPENRLHF_SEARCH_TOKEN`` is read after it), sent as
+``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ from .types import Document, Hit
 
 TOKEN_ENV = "OPENRLHF_SEARCH_RETRIEVER_TOKEN"
 """The environment variable holding the retrieval server's bearer token (read by the server and this client)."""
+LEGACY_TOKEN_ENV = "OPENRLHF_SEARCH_TOKEN"
+"""The older name, still read everywhere (server and client) after :data:`TOKEN_ENV`, so a variable set as older
+docs said does not lock our own client out."""
 
 
 def resolve_token(token: str | None = None) -> str | None:
-    """``token`` if given (``""`` means none), else ``$OPENRLHF_SEARCH_RETRIEVER_TOKEN``, else ``None``."""
+    """``token`` if given (``""`` means none), else ``$OPENRLHF_SEARCH_RETRIEVER_TOKEN``, else
+    ``$OPENRLHF_SEARCH_TOKEN``, else ``None``."""
     if token is None:
-        token = os.environ.get(TOKEN_ENV)
+        token = os.environ.get(TOKEN_ENV) or os.environ.get(LEGACY_TOKEN_ENV)
     return token or None
 
 
@@ -277,7 +282,7 @@ class HTTPRetriever:
         if not isinstance(docs, list) or len(docs) != len(ids_or_titles):
             raise RetrieverUnavailable(f"retrieval server {self.url}/documents answered {str(payload)[:200]!r} for "
                                        f"{len(ids_or_titles)} keys")
-        return [None if d is None else Document(str(d.get("id", "")), str(d.get("contents", ""))) for d in docs]
+        return [None if d is None else Document.from_json(d) for d in docs]
 
     def health(self) -> dict:
         """``GET /health`` (with the same retry policy)."""

@@ -9,6 +9,10 @@ Accepted row shapes (jsonl lines or parquet rows):
 * ``{"id": ..., "contents": "\\"Title\\"\\ntext"}`` -- Search-R1 and FlashRAG (``contents`` kept verbatim);
 * ``{"id": ..., "title": ..., "text": ...}`` -- converted to ``"Title"\\ntext`` (``title`` may be empty or absent).
 
+Every other field of a row (``url``, ``wikipedia_title``, ``title``/``text`` themselves...) is kept in
+:attr:`Document.fields` and stored with the passage, so the server returns each row as stored, as Search-R1's and
+ASearcher's servers do (their clients read such fields).
+
 ``id`` is converted to ``str``; when a row has no ``id`` the 0-based row number is used (FlashRAG corpora always
 carry one, some hand-made corpora do not). A bad row (invalid JSON, not an object, no text field, non-string text)
 raises :class:`CorpusError` naming the file and the 1-based line (jsonl) or 0-based row (parquet), or, with
@@ -64,7 +68,7 @@ def row_to_document(row: object, fallback_id: int) -> Document:
         contents = f'"{title}"\n{text}' if title else text
     elif not isinstance(contents, str):
         raise ValueError(f"field 'contents' must be a string, got {type(contents).__name__}")
-    return Document(str(raw_id), contents)
+    return Document(str(raw_id), contents, {k: v for k, v in row.items() if k not in ("id", "contents")})
 
 
 def _open_binary(path: Path):
@@ -102,11 +106,10 @@ def _iter_parquet(path: Path, batch_size: int) -> Iterator[tuple[str, object]]:
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise CorpusError(f"{path}: cannot open as parquet: {exc}") from exc
     names = set(pf.schema_arrow.names)
-    columns = [c for c in ("id", "contents", "title", "text") if c in names]
     if "contents" not in names and "text" not in names:
         raise CorpusError(f"{path}: parquet has no 'contents' or 'text' column (columns: {sorted(names)})")
     row = 0
-    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+    for batch in pf.iter_batches(batch_size=batch_size):  # every column: the extra fields are kept
         for rec in batch.to_pylist():
             yield f"row {row}", rec
             row += 1

@@ -10,10 +10,13 @@ Layout of a store directory::
     contents.bin        UTF-8 passage texts, concatenated
     contents.offsets.npy  int64[n + 1], row i is contents.bin[off[i]:off[i+1]]
     ids.bin / ids.offsets.npy   the same for the passage ids
+    fields.bin / fields.offsets.npy   the row's other fields as one JSON object (empty when it has none); stores
+                                      written before these files existed have no extra fields
 """
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 from array import array
@@ -25,6 +28,7 @@ import numpy as np
 from .types import Document
 
 _FILES = ("contents", "ids")
+_OPTIONAL = ("fields",)
 
 
 class DocStoreWriter:
@@ -33,13 +37,14 @@ class DocStoreWriter:
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._fh = {name: open(self.directory / f"{name}.bin", "wb") for name in _FILES}
-        self._offsets = {name: array("q", [0]) for name in _FILES}
-        self._pos = dict.fromkeys(_FILES, 0)
+        self._fh = {name: open(self.directory / f"{name}.bin", "wb") for name in (*_FILES, *_OPTIONAL)}
+        self._offsets = {name: array("q", [0]) for name in (*_FILES, *_OPTIONAL)}
+        self._pos = dict.fromkeys((*_FILES, *_OPTIONAL), 0)
 
     def add(self, doc: Document) -> int:
-        """Append one document; returns its row number."""
-        for name, value in (("contents", doc.contents), ("ids", doc.id)):
+        """Append one document (its extra fields too); returns its row number."""
+        extra = json.dumps(doc.fields, ensure_ascii=False, default=str) if doc.fields else ""
+        for name, value in (("contents", doc.contents), ("ids", doc.id), ("fields", extra)):
             data = value.encode("utf-8")
             self._fh[name].write(data)
             self._pos[name] += len(data)
@@ -50,7 +55,7 @@ class DocStoreWriter:
         return len(self._offsets["contents"]) - 1
 
     def close(self) -> None:
-        for name in _FILES:
+        for name in (*_FILES, *_OPTIONAL):
             self._fh[name].close()
             np.save(self.directory / f"{name}.offsets.npy", np.frombuffer(self._offsets[name], dtype=np.int64))
 
@@ -75,8 +80,10 @@ class DocStore(Sequence[Document]):
         self.directory = Path(directory)
         self._offsets: dict[str, np.ndarray] = {}
         self._maps: dict[str, mmap.mmap | bytes] = {}
-        for name in _FILES:
+        for name in (*_FILES, *_OPTIONAL):
             off_path, bin_path = self.directory / f"{name}.offsets.npy", self.directory / f"{name}.bin"
+            if name in _OPTIONAL and not off_path.is_file():
+                continue
             if not off_path.is_file() or not bin_path.is_file():
                 raise FileNotFoundError(f"{self.directory}: not a document store (missing {off_path.name} or "
                                         f"{bin_path.name}); rebuild the index with `openrlhf-search index`")
@@ -87,9 +94,11 @@ class DocStore(Sequence[Document]):
             else:
                 with open(bin_path, "rb") as fh:
                     self._maps[name] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        if len(self._offsets["contents"]) != len(self._offsets["ids"]):
-            raise ValueError(f"{self.directory}: contents and ids offsets disagree; the store is corrupt")
+        if len({len(off) for off in self._offsets.values()}) != 1:
+            raise ValueError(f"{self.directory}: the offset arrays disagree in length; the store is corrupt")
         self._n = len(self._offsets["contents"]) - 1
+        # any row with extra fields? (a store of bare {id, contents} rows skips the per-hit JSON decoding)
+        self.has_fields = "fields" in self._offsets and int(self._offsets["fields"][-1]) > 0
 
     def __len__(self) -> int:
         return self._n
@@ -106,7 +115,8 @@ class DocStore(Sequence[Document]):
             i += n
         if not 0 <= i < n:
             raise IndexError(f"document row {i} out of range for a store of {n}")
-        return Document(self._field("ids", i), self._field("contents", i))
+        extra = self._field("fields", i) if self.has_fields else ""
+        return Document(self._field("ids", i), self._field("contents", i), json.loads(extra) if extra else {})
 
     def fields(self, rows: np.ndarray | list[int]) -> tuple[list[str], list[str]]:
         """``(ids, contents)`` of many rows at once (vectorised offset lookup; rows must be in range)."""
@@ -120,7 +130,16 @@ class DocStore(Sequence[Document]):
             out.append([data[a:b].decode("utf-8") for a, b in zip(starts, ends)])
         return out[0], out[1]
 
+    def extra_fields(self, rows: np.ndarray | list[int]) -> list[dict]:
+        """The extra fields (``{}`` when none) of many rows at once (rows must be in range)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.has_fields:
+            return [{} for _ in range(rows.size)]
+        off, data = self._offsets["fields"], self._maps["fields"]
+        return [json.loads(data[a:b]) if b > a else {} for a, b in zip(off[rows].tolist(), off[rows + 1].tolist())]
+
     def get_many(self, rows: Iterable[int]) -> list[Document]:
         """Documents for the given row numbers, in order."""
-        ids, contents = self.fields(list(rows))
-        return [Document(i, c) for i, c in zip(ids, contents)]
+        rows = list(rows)
+        ids, contents = self.fields(rows)
+        return [Document(i, c, f) for i, c, f in zip(ids, contents, self.extra_fields(rows))]

@@ -88,6 +88,10 @@ class HybridRetriever:
         same corpus)."""
         return self.parts[0].get_documents(ids_or_titles)
 
+    def get_pages(self, urls: list[str]):
+        """Whole pages by URL (ASearcher's ``/access``), from the first part's corpus."""
+        return self.parts[0].get_pages(urls)
+
     @classmethod
     def from_dir(cls, directory: str | os.PathLike, n_threads: int = 0, **_) -> HybridRetriever:
         from .bm25 import BM25Retriever

@@ -24,6 +24,7 @@ import itertools
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 
@@ -95,6 +96,10 @@ class InProcessRetriever(abc.ABC):
         """
         return documents_by_key(self.docs, ids_or_titles, self)
 
+    def get_pages(self, urls: list[str]) -> list[dict | None]:
+        """Whole pages by URL (ASearcher's ``/access``): see :func:`pages_by_url`."""
+        return pages_by_url(self.docs, urls, self)
+
 
 def _norm_title(title: str) -> str:
     return " ".join(title.lower().split())
@@ -136,6 +141,51 @@ def documents_by_key(docs: DocStore, keys: list[str], owner) -> list[Document | 
     return out
 
 
+def _wiki_title(url: str) -> str | None:
+    """The article title in a Wikipedia-style URL (``.../wiki/Title`` or ``...?title=Title``), else ``None``."""
+    parsed = urlsplit(url)
+    title = parse_qs(parsed.query).get("title", [None])[0]
+    if title is None and "/wiki/" in parsed.path:
+        title = parsed.path.split("/wiki/", 1)[1]
+    return unquote(title).replace("_", " ") if title else None
+
+
+def pages_by_url(docs: DocStore, urls: list[str], owner) -> list[dict | None]:
+    """:meth:`InProcessRetriever.get_pages`: for each URL the whole page as one row, or ``None``.
+
+    A URL matches the passages whose stored ``url`` field equals it (ASearcher's ``index.php/`` spelling is read as
+    ``index.php?title=``, as its own server does); the page is the first such row with ``contents`` replaced by the
+    title line and every matching passage's text in corpus order. A corpus without ``url`` fields (wiki-18) is
+    looked up by the title in a Wikipedia-style URL (:meth:`InProcessRetriever.get_documents`). The URL table is
+    built on the first call (one pass over the stored fields).
+    """
+    if isinstance(urls, str):
+        raise TypeError("get_pages() takes a list of URLs, not a single string")
+    table = getattr(owner, "_url_table", None)
+    if table is None:
+        table = {}
+        if docs.has_fields:
+            for row, fields in enumerate(docs.extra_fields(np.arange(len(docs)))):
+                url = fields.get("url")
+                if isinstance(url, str):
+                    table.setdefault(url, []).append(row)
+        owner._url_table = table
+    out: list[dict | None] = []
+    for url in urls:
+        key = url.replace("index.php/", "index.php?title=") if "index.php/" in url else url
+        rows = table.get(key) or table.get(url)
+        if rows:
+            first = docs[rows[0]]
+            head = f'"{first.title}"\n' if first.title else ""
+            body = "\n".join(docs[r].text if first.title else docs[r].contents for r in rows)
+            out.append({**first.to_json(), "contents": head + body})
+            continue
+        title = _wiki_title(key)
+        doc = documents_by_key(docs, [title], owner)[0] if title else None
+        out.append(None if doc is None else {**doc.to_json(), "url": url})
+    return out
+
+
 def stable_topk(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``k`` columns after sorting each row of ``(rows, scores)`` by (score desc, row asc); no-hits last."""
     if rows.size == 0:
@@ -154,10 +204,10 @@ def hits_from_rows(docs: DocStore, rows: np.ndarray, scores: np.ndarray) -> list
     """Decode ``rows[Q, k]`` / ``scores[Q, k]`` into ``Q`` lists of :class:`Hit` (rows < 0 are dropped)."""
     valid = rows >= 0
     ids, contents = docs.fields(rows[valid])  # one vectorised lookup for the whole batch
-    flat = iter(zip(ids, contents, scores[valid].tolist()))
+    flat = iter(zip(ids, contents, docs.extra_fields(rows[valid]), scores[valid].tolist()))
     out: list[list[Hit]] = []
     for n in valid.sum(axis=1).tolist():
-        out.append([Hit(Document(i, c), s) for i, c, s in itertools.islice(flat, n)])
+        out.append([Hit(Document(i, c, f), s) for i, c, f, s in itertools.islice(flat, n)])
     return out
 
 

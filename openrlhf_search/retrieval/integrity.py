@@ -70,8 +70,10 @@ def _monotone(path: Path, arr: np.ndarray) -> None:
 
 def check_docstore(directory: Path, count: int) -> None:
     """The passage store of ``count`` documents under ``directory`` (see the module docstring)."""
-    for name in ("ids", "contents"):
+    for name in ("ids", "contents", "fields"):
         off_path, bin_path = directory / f"{name}.offsets.npy", directory / f"{name}.bin"
+        if name == "fields" and not off_path.exists():  # optional: stores written before it existed lack it
+            continue
         off = _load_npy(off_path)
         if off.ndim != 1 or off.dtype != np.int64:
             raise IndexIntegrityError(off_path, f"expected a 1-D int64 array, got {off.dtype} of shape {off.shape}")

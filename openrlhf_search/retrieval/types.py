@@ -19,6 +19,9 @@ class Document:
     """Stable passage id (the corpus' ``id`` field, as a string)."""
     contents: str
     """Search-R1 style text: ``"Title"\\ntext`` (the title line may be absent)."""
+    fields: dict = field(default_factory=dict, compare=False, repr=False)
+    """Every other field of the corpus row, as stored (``url``, ``title``, ``wikipedia_title``...): returned by the
+    server next to ``id`` and ``contents``, as Search-R1's and ASearcher's servers return the whole row."""
 
     @property
     def title(self) -> str:
@@ -33,7 +36,16 @@ class Document:
         return rest if sep else first
 
     def to_json(self) -> dict:
-        return {"id": self.id, "contents": self.contents}
+        """The corpus row: ``id``, ``contents`` and every stored field."""
+        if not self.fields:
+            return {"id": self.id, "contents": self.contents}
+        return {"id": self.id, "contents": self.contents, **self.fields}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Document:
+        """The inverse of :meth:`to_json` (other keys become :attr:`fields`)."""
+        fields = {k: v for k, v in obj.items() if k not in ("id", "contents")}
+        return cls(str(obj.get("id", "")), str(obj.get("contents", "")), fields)
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,7 @@ class Hit:
     @classmethod
     def from_json(cls, obj: dict) -> Hit:
         doc = obj.get("document", obj)
-        return cls(Document(str(doc.get("id", "")), str(doc.get("contents", ""))), float(obj.get("score", 0.0)))
+        return cls(Document.from_json(doc), float(obj.get("score", 0.0)))
 
 
 @runtime_checkable

@@ -34,10 +34,12 @@ def test_index_bad_corpus_names_the_line(tmp_path, capsys):
     corpus = tmp_path / "bad.jsonl"
     corpus.write_text('{"id": "a", "contents": "ok"}\n{"id": "b"\n{"id": "c", "contents": "ok too"}\n')
     out = tmp_path / "idx"
-    assert main(["index", "--corpus", str(corpus), "--out", str(out), "--quiet"]) == 1
+    assert main(["index", "--corpus", str(corpus), "--out", str(out), "--quiet"]) == 2  # bad data: 2, as documented
     err = capsys.readouterr().err
     assert str(corpus) in err and "line 2" in err and "invalid JSON" in err
     assert main(["index", "--corpus", str(corpus), "--out", str(out), "--quiet", "--skip-bad-rows"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 bad row(s)" in captured.err and "1 bad row(s) skipped" in captured.out
     manifest = Manifest.load(out)
     assert manifest.count == 2 and manifest.skipped == 1
     assert main(["index", "--corpus", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")]) == 2

@@ -65,13 +65,13 @@ def test_5xx_exhausts_retries(bm25_retriever):
 
 def test_4xx_is_not_retried(bm25_retriever):
     counting = Scripted(bm25_retriever)
-    with RetrievalServer(counting, ServerConfig(port=0, max_query_chars=10)) as srv:
+    with RetrievalServer(counting, ServerConfig(port=0, max_topk=5)) as srv:
         client = HTTPRetriever(srv.url + "/retrieve", retries=3, backoff=1.0)  # a '/retrieve' suffix is accepted
         start = time.perf_counter()
         with pytest.raises(RetrieverRequestError) as err:
-            client.search(["x" * 11], 1)
+            client.search(["x"], 6)
         assert time.perf_counter() - start < 1.0  # no backoff sleep happened
-        assert err.value.status == 413 and "11 characters" in str(err.value)
+        assert err.value.status == 422 and "cap is max_topk=5" in str(err.value)
         assert client.health()["status"] == "ok"
         client.close()
     assert counting.calls == 0

@@ -87,11 +87,11 @@ def test_verl_client_scores_and_topk_above_corpus(default_server, bm25_retriever
     assert error is None and body["result"][0][0]["document"]["id"] == "paris" and "score" in body["result"][0][0]
     plain, _ = verl_call_search_api(default_server.url, "capital of France", topk=2, return_scores=False)
     assert set(plain["result"][0][0]) == {"id", "contents"}
-    # topk above the corpus size (48 passages, topk 100 = max_topk): the hits there are, no error
+    # topk above the corpus size (48 passages, topk 100): the hits there are, no error
     many, error = verl_call_search_api(default_server.url, "capital city river", topk=100)
     assert error is None and 0 < len(many["result"][0]) <= len(bm25_retriever)
     # a bad request is a 4xx that verl does not retry
-    _, error = verl_call_search_api(default_server.url, "x", topk=0)
+    _, error = verl_call_search_api(default_server.url, "x", topk=-1)
     assert error == "HTTP 422"
 
 
