@@ -6,6 +6,8 @@ Examples::
     openrlhf-search index --corpus wiki-18.jsonl --out indexes/wiki-e5 --method dense \\
         --encoder intfloat/e5-base-v2 --index-type hnsw --batch-size 512 --fp16
     openrlhf-search index --corpus small.jsonl --out indexes/small-hybrid --method hybrid
+    openrlhf-search index --import-faiss e5_Flat.index --corpus wiki-18.jsonl --encoder intfloat/e5-base-v2 \
+        --out indexes/wiki-e5   # serve a Search-R1 / FlashRAG FAISS file as it is (no re-encoding)
 
 Each method writes its files and a ``manifest.json`` (method, corpus size + SHA-256, passage count, encoder,
 parameters, package version) that ``serve``/``load_retriever`` read.
@@ -36,7 +38,8 @@ def _dense_config(args: argparse.Namespace):
     return DenseConfig(encoder=args.encoder, index_type=args.index_type, batch_size=args.batch_size,
                        max_length=args.max_length, device=args.device, fp16=args.fp16, hnsw_m=args.hnsw_m,
                        ivf_nlist=args.ivf_nlist, pq_m=args.pq_m, query_prefix=args.query_prefix,
-                       passage_prefix=args.passage_prefix)
+                       passage_prefix=args.passage_prefix, use_gpu=args.use_gpu,
+                       pooling=None if args.pooling == "sentence-transformers" else args.pooling)
 
 
 def build_bm25(args: argparse.Namespace) -> int:
@@ -52,6 +55,18 @@ def build_dense(args: argparse.Namespace) -> int:
 
     index = DenseIndex.build(args.corpus, args.out, config=_dense_config(args), on_error=args.on_error,
                              show_progress=not args.quiet)
+    return index.manifest.count
+
+
+def import_faiss(args: argparse.Namespace) -> int:
+    from .dense import import_faiss_index
+
+    if args.pooling == "sentence-transformers":
+        print("openrlhf-search index: note: --pooling sentence-transformers encodes queries unlike Search-R1's and "
+              "FlashRAG's servers (they pool the transformers model: --pooling mean for e5, cls for bge)",
+              file=sys.stderr)
+    index = import_faiss_index(args.import_faiss, args.corpus, args.out, config=_dense_config(args),
+                               on_error=args.on_error, show_progress=not args.quiet)
     return index.manifest.count
 
 
@@ -100,6 +115,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dense.add_argument("--pq-m", type=int, default=0, help="PQ sub-quantizers (0: dim/8)")
     dense.add_argument("--query-prefix", default=None, help="override the encoder's query prefix (e5: 'query: ')")
     dense.add_argument("--passage-prefix", default=None, help="override the passage prefix (e5: 'passage: ')")
+    dense.add_argument("--pooling", default=None, choices=["sentence-transformers", "mean", "cls", "pooler"],
+                       help="how texts are encoded: sentence-transformers (default for --method dense) or the "
+                            "transformers model with this pooling, as Search-R1/FlashRAG do (default 'mean' with "
+                            "--import-faiss: e5; use 'cls' for bge)")
+    dense.add_argument("--use-gpu", action="store_true",
+                       help="build on, and by default serve from, every visible GPU (faiss-gpu; index sharded)")
+    dense.add_argument("--import-faiss", default=None, metavar="F.index",
+                       help="serve this existing FAISS index (Search-R1/FlashRAG) with --corpus, without "
+                            "re-encoding; checks its row count and dimension")
     hybrid = parser.add_argument_group("hybrid")
     hybrid.add_argument("--rrf-k", type=float, default=60.0, help="reciprocal-rank-fusion constant (default 60)")
 
@@ -114,9 +138,13 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.corpus).is_file():
         print(f"openrlhf-search index: --corpus {args.corpus}: no such file", file=sys.stderr)
         return 2
+    if args.pooling is None:
+        args.pooling = "mean" if args.import_faiss else "sentence-transformers"
+    if args.import_faiss:
+        args.method = "dense"
     start = time.perf_counter()
     try:
-        count = BUILDERS[args.method](args)
+        count = (import_faiss if args.import_faiss else BUILDERS[args.method])(args)
     except (CorpusError, ValueError) as exc:  # bad input data: exit status 2, like every other refusal
         print(f"openrlhf-search index: {exc}", file=sys.stderr)
         return 2

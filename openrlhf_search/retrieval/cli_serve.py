@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="micro-batching: how long to wait for more requests after the first")
     parser.add_argument("--max-batch", type=int, default=d.max_batch_queries, help="max queries per retrieval call")
     parser.add_argument("--n-threads", type=int, default=0, help="BM25 retrieval threads (0: all cores)")
+    parser.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
+                        help="dense: serve the FAISS index from every visible GPU, sharded (default: as built, "
+                             "`index --use-gpu`); refused without faiss-gpu or a visible GPU")
     parser.add_argument("--cache", default=None, help="record/replay cache file (sqlite); default: none")
     parser.add_argument("--cache-mode", choices=("record", "replay", "reuse"), default=d.cache_mode,
                         help="record: store every answer; replay: answer only from the cache; reuse: both")
@@ -94,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
                        max_connections=args.max_connections, keep_alive_s=args.keep_alive_s,
                        shutdown_grace_s=args.shutdown_grace_s)
     kwargs = {"n_threads": args.n_threads} if manifest.method in ("bm25", "hybrid") else {}
+    if manifest.method == "dense" and args.use_gpu is not None:
+        kwargs["use_gpu"] = args.use_gpu
+    elif args.use_gpu:
+        print(f"openrlhf-search serve: --use-gpu applies to dense indexes; {args.index} is {manifest.method}",
+              file=sys.stderr)
+        return 2
     try:
         retriever = load_retriever(args.index, **kwargs)
         retriever.search(["warm up"], topk=1)  # JIT / encoder load before the first real request (not cached)
@@ -112,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
               "server running there? pick another --port)", file=sys.stderr)
         return 2
     port = sock.getsockname()[1]
-    print(f"serving {manifest.count} passages ({manifest.method}) from {args.index} on http://{args.host}:{port}",
-          file=sys.stderr, flush=True)
+    where = retriever.placement() if hasattr(retriever, "placement") else ""
+    print(f"serving {manifest.count} passages ({manifest.method}{': ' + where if where else ''}) from {args.index} "
+          f"on http://{args.host}:{port}", file=sys.stderr, flush=True)
     serve_forever(retriever, cfg, info={"method": manifest.method, "index": str(args.index)}, sock=sock)
     return 0

@@ -17,9 +17,18 @@ Building streams the corpus once: each chunk of passages is spilled to the :clas
 batches (progress bar) and appended to an on-disk float32 matrix; the FAISS index is then built from that file in
 chunks, so the texts never sit in RAM and the Flat index is the only full copy of the vectors.
 
-GPU (GPU-only, NOT verified on this CPU machine): with ``use_gpu`` and faiss-gpu seeing GPUs, the index is cloned
-to all GPUs sharded (``GpuMultipleClonerOptions.shard``) so a 64 GB flat index fits in several cards, optionally
-in fp16 (``useFloat16``); the encoder runs on ``device`` and in fp16 with ``fp16``.
+GPU: with ``use_gpu`` (``index --use-gpu`` records it in the manifest, ``serve --use-gpu/--no-use-gpu``
+overrides) the index is cloned to every visible GPU, sharded (``GpuMultipleClonerOptions.shard``), as faiss and
+Search-R1 do, so a 64 GB flat index fits in several cards, optionally in fp16 (``useFloat16``); asked for without a
+GPU-enabled faiss or a visible GPU it is refused (never silently served from the CPU). :func:`placement` says where
+the index lives (``serve`` prints it). The encoder runs on ``device`` and in fp16 with ``fp16``. The wiring is
+tested on CPU with a fake faiss GPU API; the GPU path itself only runs on a GPU machine.
+
+Bring your own index (:func:`import_faiss_index`, ``index --import-faiss F.index``): a Search-R1 / FlashRAG FAISS
+file is served as it is (linked, memory-mapped where faiss can: flat codes with ``IO_FLAG_MMAP_IFC``, IVF lists
+with ``IO_FLAG_MMAP``), after checking its row count against the corpus and its dimension against the encoder.
+Their query path is the transformers model with a pooling (``pooling``: ``mean`` for e5, ``cls`` for bge...), not
+sentence-transformers: :class:`Encoder` then runs that path, so the scores are theirs.
 
 faiss and sentence-transformers are imported lazily (inside functions).
 """
@@ -94,11 +103,17 @@ class DenseConfig:
     train_size: int = 200_000
     """IVF-PQ: embeddings sampled to train the coarse quantizer and codebooks."""
     use_gpu: bool = False
-    """Clone the index to all visible GPUs, sharded (faiss-gpu only; unverified here)."""
+    """Clone the index to all visible GPUs, sharded (faiss-gpu only; refused without a GPU)."""
+    pooling: str | None = None
+    """``None``: sentence-transformers' own encoding; ``mean`` / ``cls`` / ``pooler``: the transformers model with
+    that pooling and L2 normalisation, exactly as Search-R1's and FlashRAG's index builders and servers encode (the
+    path of an imported FAISS index)."""
 
     def __post_init__(self) -> None:
         if self.index_type not in INDEX_FACTORIES:
             raise ValueError(f"index_type must be one of {sorted(INDEX_FACTORIES)}, got {self.index_type!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
     def prefixes(self) -> tuple[str, str]:
         """The (query, passage) prefixes: explicit fields, else the model family's, else none."""
@@ -119,29 +134,72 @@ def resolve_encoder_path(name: str) -> str:
     return name
 
 
+POOLINGS = (None, "mean", "cls", "pooler")
+
+
 class Encoder:
-    """A sentence-transformers bi-encoder with query/passage prefixes; outputs float32 ``[N, dim]``."""
+    """A bi-encoder with query/passage prefixes; outputs float32 ``[N, dim]``: sentence-transformers' encoding, or
+    with ``config.pooling`` the transformers model pooled and normalised as Search-R1 / FlashRAG do."""
 
     def __init__(self, config: DenseConfig):
-        from sentence_transformers import SentenceTransformer
-
         self.config = config
         self.query_prefix, self.passage_prefix = config.prefixes()
-        self.model = SentenceTransformer(resolve_encoder_path(config.encoder), device=config.device)
-        self.model.max_seq_length = config.max_length
-        if config.fp16 and config.device != "cpu":  # GPU-only path, unverified here
+        path = resolve_encoder_path(config.encoder)
+        if config.pooling is None:
+            from sentence_transformers import SentenceTransformer
+
+            self.model = SentenceTransformer(path, device=config.device)
+            self.model.max_seq_length = config.max_length
+            self.tokenizer = None
+        else:
+            from transformers import AutoModel, AutoTokenizer
+
+            self.model = AutoModel.from_pretrained(path).to(config.device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+        if config.fp16 and config.device != "cpu":  # GPU-only path
             self.model.half()
         self._lock = threading.Lock()
 
     @property
     def dim(self) -> int:
+        if self.tokenizer is not None:
+            return int(self.model.config.hidden_size)
         getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         return int(getter())
 
+    def _pooled(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """Search-R1's ``Encoder.encode`` (``search_r1/search/retrieval_server.py``): tokenize with truncation at
+        ``max_length``, run the model, pool (mean over the attention mask, the CLS state or the pooler output),
+        L2-normalise unless ``normalize`` is off (DPR)."""
+        import torch
+
+        out = []
+        for start in range(0, len(texts), batch_size):
+            inputs = self.tokenizer(texts[start : start + batch_size], max_length=self.config.max_length,
+                                    padding=True, truncation=True, return_tensors="pt")
+            inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
+            with torch.no_grad():
+                output = self.model(**inputs, return_dict=True)
+                if self.config.pooling == "mean":
+                    mask = inputs["attention_mask"]
+                    hidden = output.last_hidden_state.masked_fill(~mask[..., None].bool(), 0.0)
+                    emb = hidden.sum(dim=1) / mask.sum(dim=1)[..., None]
+                elif self.config.pooling == "cls":
+                    emb = output.last_hidden_state[:, 0]
+                else:
+                    emb = output.pooler_output
+                if self.config.normalize:
+                    emb = torch.nn.functional.normalize(emb, dim=-1)
+            out.append(emb.float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
+
     def _encode(self, texts: list[str], prefix: str, batch_size: int, show_progress: bool) -> np.ndarray:
         with self._lock:  # torch releases the GIL; one forward at a time keeps memory bounded
-            emb = self.model.encode([prefix + t for t in texts], batch_size=batch_size, convert_to_numpy=True,
-                                    normalize_embeddings=self.config.normalize, show_progress_bar=show_progress)
+            if self.tokenizer is not None:
+                emb = self._pooled([prefix + t for t in texts], batch_size)
+            else:
+                emb = self.model.encode([prefix + t for t in texts], batch_size=batch_size, convert_to_numpy=True,
+                                        normalize_embeddings=self.config.normalize, show_progress_bar=show_progress)
         return np.ascontiguousarray(emb, dtype=np.float32)
 
     def encode_queries(self, queries: list[str]) -> np.ndarray:
@@ -197,28 +255,68 @@ INDEX_FACTORIES: dict[str, Callable] = {"flat": _flat, "hnsw": _hnsw, "ivfpq": _
 
 
 def build_faiss_index(embeddings: np.ndarray, cfg: DenseConfig, chunk: int = 65_536, rng_seed: int = 0):
-    """Build (train if needed, then add in chunks) a CPU faiss index over ``embeddings[N, d]`` (may be a memmap)."""
+    """Build (train if needed, then add in chunks) a faiss index over ``embeddings[N, d]`` (may be a memmap); with
+    ``cfg.use_gpu`` the training and adding run sharded on every GPU (:func:`to_gpus`) and the result comes back to
+    the CPU for writing, as Search-R1's index builder does."""
     n, dim = embeddings.shape
     index = INDEX_FACTORIES[cfg.index_type](dim, n, cfg)
+    if cfg.use_gpu:
+        index = to_gpus(index, cfg.fp16)
     if not index.is_trained:
         rng = np.random.default_rng(rng_seed)
         sample = np.sort(rng.choice(n, size=min(n, cfg.train_size), replace=False))
         index.train(np.ascontiguousarray(embeddings[sample], dtype=np.float32))
     for start in range(0, n, chunk):
         index.add(np.ascontiguousarray(embeddings[start : start + chunk], dtype=np.float32))
+    if cfg.use_gpu:
+        import faiss
+
+        index = faiss.index_gpu_to_cpu(index)
     return index
 
 
 def to_gpus(index, fp16: bool):
-    """Shard ``index`` over every visible GPU (GPU-only, NOT verified here); returns it unchanged without GPUs."""
+    """Shard ``index`` over every visible GPU, as ``faiss.index_cpu_to_all_gpus`` with ``shard`` does (each GPU holds
+    ``1/n`` of the vectors; a search asks every shard and merges). Raises ``ValueError`` when faiss has no GPU
+    support or sees no GPU: a run that asked for GPUs must not be served from the CPU without a word."""
     import faiss
 
-    if not hasattr(faiss, "index_cpu_to_all_gpus") or faiss.get_num_gpus() == 0:
-        return index
+    if not hasattr(faiss, "index_cpu_to_all_gpus"):
+        raise ValueError("use_gpu: this faiss build has no GPU support (faiss-cpu); install faiss-gpu (conda "
+                         "install -c pytorch faiss-gpu, or the FAISS=gpu image) or drop --use-gpu")
+    n = faiss.get_num_gpus()
+    if n == 0:
+        raise ValueError("use_gpu: faiss sees no GPU (check CUDA_VISIBLE_DEVICES and the driver) -- or drop --use-gpu")
     options = faiss.GpuMultipleClonerOptions()
     options.shard = True
     options.useFloat16 = fp16
     return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
+def placement(index) -> str:
+    """Where a (possibly GPU-sharded) faiss index lives, for the start-up line: ``"on 4 GPUs (sharded, 1/4 of
+    the vectors each)"`` or ``"on the CPU"``."""
+    name = type(index).__name__
+    if name.startswith("IndexShards") or name.startswith("Gpu") or name.startswith("IndexReplicas"):
+        count = getattr(index, "count", None)
+        n = int(count()) if callable(count) else 1
+        return f"on {n} GPU{'s' if n != 1 else ''} (sharded, 1/{n} of the vectors each)" if n > 1 else "on 1 GPU"
+    return "on the CPU"
+
+
+def read_faiss(path: str | os.PathLike):
+    """Read a FAISS file memory-mapped where faiss can (flat codes: ``IO_FLAG_MMAP_IFC``; IVF lists:
+    ``IO_FLAG_MMAP``), else into memory; raises ``RuntimeError`` for a file faiss cannot read."""
+    import faiss
+
+    flags = [getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | faiss.IO_FLAG_MMAP, faiss.IO_FLAG_MMAP, 0]
+    last: Exception | None = None
+    for flag in flags:
+        try:
+            return faiss.read_index(str(path), flag)
+        except RuntimeError as exc:  # not every index type supports every flag
+            last = exc
+    raise last
 
 
 class DenseIndex(IndexDirectory):
@@ -317,16 +415,74 @@ class DenseIndex(IndexDirectory):
         fields = {f.name for f in dataclasses.fields(DenseConfig)}
         config = DenseConfig(**{k: v for k, v in manifest.params.items() if k in fields})
         path = str(directory / "faiss.index")
-        try:
-            faiss_index = faiss.read_index(path, faiss.IO_FLAG_MMAP if mmap else 0)
-        except RuntimeError:  # not every index type supports mmap
-            faiss_index = faiss.read_index(path)
+        faiss_index = read_faiss(path) if mmap else faiss.read_index(path)
         if faiss_index.ntotal != manifest.count:
             raise ManifestError(f"{directory}: manifest says {manifest.count} passages, faiss.index has "
                                 f"{faiss_index.ntotal}; the index is corrupt, rebuild it")
         if config.use_gpu if use_gpu is None else use_gpu:
             faiss_index = to_gpus(faiss_index, config.fp16)
         return cls(faiss_index, DocStore(directory / "docs"), config, directory, manifest)
+
+
+def import_faiss_index(faiss_path: str | os.PathLike, corpus: str | os.PathLike, out_dir: str | os.PathLike, *,
+                       config: DenseConfig | None = None, encoder: Encoder | None = None, on_error: str = "raise",
+                       show_progress: bool = False) -> DenseIndex:
+    """Serve an existing FAISS index (Search-R1's / FlashRAG's ``e5_Flat.index``, HNSW, IVF...) without re-encoding.
+
+    The corpus is streamed into the passage store (row ``i`` is vector ``i``, as in their servers, which index the
+    corpus lines in order); ``out_dir/faiss.index`` is a symbolic link to ``faiss_path`` (nothing is copied; the
+    file is memory-mapped where faiss can, :func:`read_faiss`). Refused with one message naming both files when the
+    index's vector count differs from the corpus' row count, or its dimension from the encoder's.
+
+    Args:
+        faiss_path: the FAISS file.
+        corpus: the jsonl/parquet corpus the index was built from, in the same order.
+        out_dir: the new index directory (manifest, ``docs/``, the link).
+        config: encoder parameters; ``pooling`` should be what built the index (Search-R1 / FlashRAG: ``mean`` for
+            e5, ``cls`` for bge); ``max_length`` is the query truncation (their servers: 256).
+        encoder: an already loaded :class:`Encoder`.
+        on_error: corpus bad-row policy (a skipped row shifts every later row: the count check then fails).
+        show_progress: progress bar over the corpus.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or DenseConfig(pooling="mean")
+    faiss_path = Path(faiss_path).resolve()
+    if not faiss_path.is_file():
+        raise ValueError(f"--import-faiss {faiss_path}: no such file")
+    try:
+        faiss_index = read_faiss(faiss_path)
+    except RuntimeError as exc:
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--import-faiss {faiss_path}: not a FAISS index faiss can read ({last[:200]})") from None
+    encoder = encoder or Encoder(config)
+    if encoder.dim != faiss_index.d:
+        raise ValueError(f"--import-faiss {faiss_path} holds {faiss_index.d}-d vectors but the encoder "
+                         f"{config.encoder} makes {encoder.dim}-d ones; pass the --encoder that built the index")
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    reader = read_corpus(corpus, on_error=on_error)
+    with DocStoreWriter(directory / "docs") as writer, tqdm(desc="import: passages", unit="passage",
+                                                            disable=not show_progress) as bar:
+        for doc in reader:
+            writer.add(doc)
+            bar.update(1)
+    n = len(writer)
+    if n != faiss_index.ntotal:
+        skipped = f" ({reader.skipped} bad rows skipped)" if reader.skipped else ""
+        raise ValueError(f"--import-faiss {faiss_path} holds {faiss_index.ntotal} vectors but --corpus {corpus} has "
+                         f"{n} rows{skipped}; row i must be vector i: pass the corpus the index was built from")
+    link = directory / "faiss.index"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(faiss_path)
+    manifest = Manifest(method="dense", count=n, encoder=config.encoder,
+                        params={**dataclasses.asdict(config), "dim": int(faiss_index.d),
+                                "imported_from": str(faiss_path), "faiss_type": type(faiss_index).__name__})
+    manifest.set_corpus(reader.path)
+    manifest.skipped = reader.skipped
+    manifest.save(directory)
+    return DenseIndex(faiss_index, DocStore(directory / "docs"), config, directory, manifest)
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -360,8 +516,15 @@ class DenseRetriever(InProcessRetriever):
         self.last_timing = {"encode_s": 0.0, "search_s": 0.0}
 
     @classmethod
-    def from_dir(cls, directory: str | os.PathLike, mmap: bool = True, n_threads: int = 0, **_) -> DenseRetriever:
-        return cls(DenseIndex.load(directory, mmap=mmap), n_threads=n_threads)
+    def from_dir(cls, directory: str | os.PathLike, mmap: bool = True, n_threads: int = 0,
+                 use_gpu: bool | None = None, **_) -> DenseRetriever:
+        """``use_gpu``: ``None`` -> the manifest's setting (``index --use-gpu``); ``True``/``False`` overrides."""
+        return cls(DenseIndex.load(directory, mmap=mmap, use_gpu=use_gpu), n_threads=n_threads)
+
+    def placement(self) -> str:
+        """Where the index lives (:func:`placement`) and what it is, for the start-up line."""
+        index = self.index.faiss_index
+        return f"faiss {type(index).__name__} of {index.ntotal} x {index.d} {placement(index)}"
 
     def score_rows(self, queries: list[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
         import time

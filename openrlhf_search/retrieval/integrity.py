@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dense import read_faiss
 from .manifest import MANIFEST_NAME, ManifestError
 
 _CHUNK = 1 << 22  # offsets checked in chunks of 4M entries (bounded memory on wiki-scale stores)
@@ -124,17 +125,13 @@ def check_bm25(directory: Path, count: int) -> None:
 
 
 def check_dense(directory: Path, count: int, params: dict) -> None:
-    """``faiss.index`` of a dense index of ``count`` vectors."""
-    import faiss
-
+    """``faiss.index`` of a dense index of ``count`` vectors (for an imported index: a link to the user's file)."""
     path = directory / "faiss.index"
     if not path.is_file():
-        raise IndexIntegrityError(path, "missing")
+        target = f" (a link to {os.readlink(path)}, which is gone)" if path.is_symlink() else ""
+        raise IndexIntegrityError(path, "missing" + target)
     try:
-        try:
-            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
-        except RuntimeError:
-            index = faiss.read_index(str(path))
+        index = read_faiss(path)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise IndexIntegrityError(path, f"unreadable FAISS index ({first[:200]})") from None
