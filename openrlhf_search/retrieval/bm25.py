@@ -330,3 +330,60 @@ def index_corpus_bm25(corpus: str | os.PathLike | CorpusReader, out_dir: str | o
     """CLI helper: build and save a BM25 index of a corpus file (records its fingerprint in the manifest)."""
     path = corpus.path if isinstance(corpus, CorpusReader) else corpus
     return BM25Index.build(path, out_dir, config=config, on_error=on_error, show_progress=show_progress)
+
+
+def import_bm25s_index(folder: str | os.PathLike, corpus: str | os.PathLike, out_dir: str | os.PathLike, *,
+                       on_error: str = "raise", show_progress: bool = False) -> BM25Index:
+    """Serve a FlashRAG bm25s index folder (``index_builder --bm25_backend bm25s``: bm25s' arrays with the tokenizer's
+    vocabulary and stop words saved next to them) without re-indexing.
+
+    ``out_dir/bm25`` and ``out_dir/tokenizer`` are symbolic links to the folder (nothing copied; the score arrays are
+    memory-mapped as for our own indexes); the corpus is streamed into the passage store. Refused, with one message
+    naming both, when the folder's ``num_docs`` differs from the corpus' row count, or when it is not an English
+    bm25s index (FlashRAG's Chinese one uses stop words this package does not ship).
+    """
+    import json
+
+    from tqdm.auto import tqdm
+
+    folder = Path(folder).resolve()
+    if (folder / "bm25" / "params.index.json").is_file():  # FlashRAG's save_dir: the index is in save_dir/bm25
+        folder = folder / "bm25"
+    params_path = folder / "params.index.json"
+    if not params_path.is_file():
+        raise ValueError(f"--import-bm25s {folder}: no params.index.json; pass the folder bm25s saved (FlashRAG: "
+                         "<save_dir>/bm25)")
+    params = json.loads(params_path.read_text(encoding="utf-8"))
+    for name in ("vocab.tokenizer.json", "stopwords.tokenizer.json"):
+        if not (folder / name).is_file():
+            raise ValueError(f"--import-bm25s {folder}: no {name} (the tokenizer's files, which FlashRAG saves next "
+                             "to the index); without them queries cannot be tokenized as the index was")
+    stopwords = json.loads((folder / "stopwords.tokenizer.json").read_text(encoding="utf-8"))
+    english = set(make_tokenizer(BM25Config()).stopwords)
+    if set(stopwords) != english:
+        raise ValueError(f"--import-bm25s {folder}: its stop words are not bm25s' English list (a Chinese index?); "
+                         "only English bm25s indexes (English stemmer and stop words) can be imported")
+    config = BM25Config(k1=float(params.get("k1", 1.5)), b=float(params.get("b", 0.75)),
+                        method=str(params.get("method", "lucene")), stemmer="english", stopwords="en")
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    reader = read_corpus(corpus, on_error=on_error)
+    with DocStoreWriter(directory / "docs") as writer, tqdm(desc="import: passages", unit="passage",
+                                                            disable=not show_progress) as bar:
+        for doc in reader:
+            writer.add(doc)
+            bar.update(1)
+    if len(writer) != params.get("num_docs"):
+        raise ValueError(f"--import-bm25s {folder} indexes {params.get('num_docs')} documents but --corpus {corpus} "
+                         f"has {len(writer)} rows; row i must be document i: pass the corpus it was built from")
+    for name in ("bm25", "tokenizer"):
+        link = directory / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(folder, target_is_directory=True)
+    manifest = Manifest(method="bm25", count=len(writer), params={**dataclasses.asdict(config),
+                                                                  "imported_from": str(folder)})
+    manifest.set_corpus(reader.path)
+    manifest.skipped = reader.skipped
+    manifest.save(directory)
+    return BM25Index.load(directory)

@@ -70,6 +70,14 @@ def import_faiss(args: argparse.Namespace) -> int:
     return index.manifest.count
 
 
+def import_bm25s(args: argparse.Namespace) -> int:
+    from .bm25 import import_bm25s_index
+
+    index = import_bm25s_index(args.import_bm25s, args.corpus, args.out, on_error=args.on_error,
+                               show_progress=not args.quiet)
+    return index.manifest.count
+
+
 def build_hybrid(args: argparse.Namespace) -> int:
     from .hybrid import build_hybrid_index
 
@@ -95,6 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip (and count) malformed corpus rows instead of stopping at the first one")
     parser.add_argument("--force", action="store_true", help="overwrite an existing index in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--import-bm25s", default=None, metavar="DIR",
+                        help="serve this FlashRAG bm25s index folder with --corpus, without re-indexing")
     bm25 = parser.add_argument_group("bm25")
     bm25.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (default 0.9, Anserini)")
     bm25.add_argument("--b", type=float, default=0.4, help="BM25 b (default 0.4, Anserini)")
@@ -140,11 +150,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.pooling is None:
         args.pooling = "mean" if args.import_faiss else "sentence-transformers"
-    if args.import_faiss:
-        args.method = "dense"
+    if args.import_faiss and args.import_bm25s:
+        print("openrlhf-search index: --import-faiss and --import-bm25s are exclusive", file=sys.stderr)
+        return 2
+    if args.import_faiss or args.import_bm25s:
+        args.method = "dense" if args.import_faiss else "bm25"
+    builder = import_faiss if args.import_faiss else import_bm25s if args.import_bm25s else BUILDERS[args.method]
     start = time.perf_counter()
     try:
-        count = (import_faiss if args.import_faiss else BUILDERS[args.method])(args)
+        count = builder(args)
     except (CorpusError, ValueError) as exc:  # bad input data: exit status 2, like every other refusal
         print(f"openrlhf-search index: {exc}", file=sys.stderr)
         return 2
