@@ -19,8 +19,9 @@ from openrlhf_search.retrieval.corpus import write_corpus_jsonl
 bm25s = pytest.importorskip("bm25s")
 Stemmer = pytest.importorskip("Stemmer")
 
+# the last query's words occur in the corpus only in other inflections: only the right stemmer finds them
 QUERIES = ["what is the capital of France", "highest mountain on Earth", "who wrote the tragedy Hamlet",
-           "largest river by discharge", "bravo charlie item3", "capital city", "capitals of rivers"]  # last: unseen inflections, only the stemmer finds
+           "largest river by discharge", "bravo charlie item3", "capital city", "capitals of rivers"]
 TOPK = 4
 
 
