@@ -62,8 +62,12 @@ def small_corpus(tmp_path_factory, documents):
 def _serve(index_dir, monkeypatch, capsys, *flags: str):
     """``serve`` up to the point of serving: returns (exit status, stderr, the retriever it would serve)."""
     served = {}
-    monkeypatch.setattr(server_module, "serve_forever",
-                        lambda retriever, cfg, info=None, sock=None: served.update(retriever=retriever) or sock.close())
+
+    def fake_serve_forever(retriever, cfg, info=None, sock=None):
+        served["retriever"] = retriever
+        sock.close()
+
+    monkeypatch.setattr(server_module, "serve_forever", fake_serve_forever)
     status = main(["serve", "--index", str(index_dir), "--port", "0", *flags])
     return status, capsys.readouterr().err, served.get("retriever")
 

