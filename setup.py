@@ -62,6 +62,9 @@ EXTRAS = {
         # it is skipped where no Chromium is installed. Playwright never downloads a browser here.
         "playwright>=1.40",
         "peft>=0.10",  # LoRA tests
+        # The other frameworks' retrieval clients (tests/retrieval/clients/) run on their own HTTP libraries.
+        "requests>=2.28",
+        "aiohttp>=3.9",
         # Megatron CPU parity tests run in the main suite (pinned; changes neither torch nor transformers).
         "megatron-core==0.16.1",
         "mbridge==0.15.1",
