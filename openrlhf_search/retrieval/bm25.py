@@ -196,6 +196,34 @@ class BM25Index(IndexDirectory):
         tokenizer = make_tokenizer(config)
         ids: list[list[int]] = []
         total = len(source) if hasattr(source, "__len__") else None
+        if config.method in STREAMING_METHODS:  # bounded memory: see build_scores_streaming
+            with DocStoreWriter(directory / "docs") as writer, tqdm(
+                total=total, desc="bm25: read+tokenize", unit="doc", disable=not show_progress, smoothing=0.1
+            ) as bar:
+                def token_chunks():
+                    for chunk in _chunks(spill_documents(source, writer), config.chunk_size):
+                        yield tokenizer.tokenize(chunk, update_vocab=True, return_as="ids", show_progress=False)
+                        bar.update(len(chunk))
+
+                try:
+                    n_docs = build_scores_streaming(token_chunks(), tokenizer.get_vocab_dict, config, directory / "bm25",
+                                                    directory / "bm25.tmp")
+                except ValueError as exc:
+                    if "empty corpus" in str(exc):
+                        raise ValueError(f"cannot build a BM25 index from an empty corpus "
+                                         f"({docs if reader else 'no documents'})") from None
+                    raise
+            manifest = Manifest(method="bm25", count=n_docs, params=dataclasses.asdict(config))
+            if reader is not None:
+                manifest.set_corpus(reader.path)
+                manifest.skipped = reader.skipped
+            tokenizer.save_vocab(str(directory / "tokenizer"))
+            tokenizer.save_stopwords(str(directory / "tokenizer"))
+            manifest.save(directory)
+            index = cls.load(directory, backend=backend)
+            if temporary:
+                weakref.finalize(index, shutil.rmtree, str(directory), True)
+            return index
         with DocStoreWriter(directory / "docs") as writer, tqdm(
             total=total, desc="bm25: read+tokenize", unit="doc", disable=not show_progress, smoothing=0.1
         ) as bar:
@@ -387,3 +415,143 @@ def import_bm25s_index(folder: str | os.PathLike, corpus: str | os.PathLike, out
     manifest.skipped = reader.skipped
     manifest.save(directory)
     return BM25Index.load(directory)
+
+
+STREAMING_METHODS = ("lucene",)
+"""Scoring variants the bounded-memory builder (:func:`build_scores_streaming`) computes; the others (bm25s'
+``robertson``, ``atire``, ``bm25l``, ``bm25+``) are built in memory by bm25s itself."""
+
+
+class _Spill:
+    """Append-only binary file of one dtype, read back in the chunks it was written in."""
+
+    def __init__(self, path: Path, dtype):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self._fh = open(path, "wb")
+        self.sizes: list[int] = []
+
+    def write(self, arr: np.ndarray) -> None:
+        self._fh.write(np.ascontiguousarray(arr, dtype=self.dtype).tobytes())
+        self.sizes.append(len(arr))
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        self._fh.close()
+        with open(self.path, "rb") as fh:
+            for size in self.sizes:
+                yield np.frombuffer(fh.read(size * self.dtype.itemsize), dtype=self.dtype)
+
+    def remove(self) -> None:
+        self._fh.close()
+        self.path.unlink(missing_ok=True)
+
+
+def build_scores_streaming(token_chunks: Iterable[list[list[int]]], vocab_dict, config: BM25Config,
+                           out_dir: Path, tmp_dir: Path, bucket_entries: int = 8_000_000) -> int:
+    """Write bm25s' score matrix files (``data``/``indices``/``indptr.csc.index.npy``, ``vocab.index.json``,
+    ``params.index.json``) into ``out_dir`` with memory bounded independently of the corpus size.
+
+    Same arrays as ``bm25s.BM25(method="lucene").index((ids, vocab))`` (tested equal), built in three passes:
+
+    1. for each chunk of tokenized documents: its (term, term frequency) pairs, one run per document sorted by
+       term, are appended to a spill file; document lengths and per-term document frequencies are accumulated;
+    2. with ``df`` known, the columns are cut into buckets of about ``bucket_entries`` non-zeros (contiguous term
+       ranges) and the spill is partitioned into one file per bucket (documents stay in increasing order);
+    3. each bucket in turn is loaded, scored (``idf(t) * tf / (tf + k1 * (1 - b + b * |d| / avgdl))``, float64
+       then stored as float32, as bm25s does), stably sorted by term and appended to the output arrays.
+
+    ``vocab_dict`` is the tokenizer's vocabulary, or a callable returning it once ``token_chunks`` is consumed.
+    Held in memory: the tokenizer's vocabulary (it grows while ``token_chunks`` is consumed), 8 bytes
+    per document, 16 bytes per term, one chunk and one bucket. Temporary disk: about 20 bytes per (document,
+    distinct term) pair, in ``tmp_dir``. Returns the number of documents.
+    """
+    import json
+
+    import bm25s
+
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    terms_spill = _Spill(tmp_dir / "terms.i32", np.int32)
+    tf_spill = _Spill(tmp_dir / "tf.i32", np.int32)
+    lengths: list[np.ndarray] = []  # tokens per document
+    uniques: list[np.ndarray] = []  # distinct terms per document
+    df = np.zeros(0, dtype=np.int64)
+    try:
+        for ids in token_chunks:  # pass 1
+            n_tok = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(n_tok.sum()))
+            doc = np.repeat(np.arange(len(ids), dtype=np.int64), n_tok)
+            order = np.lexsort((flat, doc))
+            flat, doc = flat[order], doc[order]
+            starts = np.flatnonzero(np.r_[True, (flat[1:] != flat[:-1]) | (doc[1:] != doc[:-1])]) if flat.size else \
+                np.zeros(0, dtype=np.int64)
+            tf = np.diff(np.r_[starts, flat.size])
+            terms = flat[starts]
+            uniques.append(np.bincount(doc[starts], minlength=len(ids)).astype(np.int32))
+            lengths.append(n_tok.astype(np.int32))
+            terms_spill.write(terms)
+            tf_spill.write(tf)
+            if terms.size and terms.max() >= df.size:
+                df = np.concatenate([df, np.zeros(int(terms.max()) + 1 - df.size, dtype=np.int64)])
+            df[: terms.max() + 1 if terms.size else 0] += np.bincount(terms, minlength=0)[: df.size]
+        n_docs = int(sum(len(x) for x in lengths))
+        if n_docs == 0:
+            raise ValueError("cannot build a BM25 index from an empty corpus")
+        vocab_dict = vocab_dict() if callable(vocab_dict) else vocab_dict  # read once every chunk is tokenized
+        n_vocab = len(vocab_dict)
+        if df.size > n_vocab:
+            raise ValueError(f"token id {df.size - 1} is outside the vocabulary of {n_vocab}")
+        df = np.concatenate([df, np.zeros(n_vocab - df.size, dtype=np.int64)])
+        lengths_all = np.concatenate(lengths)
+        del lengths
+        avg_doc_len = lengths_all.astype(np.int64).mean()  # as bm25s: np.array(lengths).mean()
+        with np.errstate(divide="ignore"):
+            idf = np.where(df > 0, np.log(1 + (n_docs - df + 0.5) / (df + 0.5)), 0.0).astype(np.float32)
+        indptr = np.concatenate([[0], np.cumsum(df)])
+        nnz = int(indptr[-1])
+        # bucket k holds columns [cuts[k], cuts[k + 1]): about bucket_entries non-zeros each
+        targets = np.arange(1, -(-nnz // bucket_entries)) * bucket_entries
+        cuts = np.unique(np.r_[0, np.searchsorted(indptr[1:], targets, side="left") + 1, n_vocab]).astype(np.int64)
+        cuts = cuts[cuts <= n_vocab]
+        buckets = [(_Spill(tmp_dir / f"b{k}.terms", np.int32), _Spill(tmp_dir / f"b{k}.docs", np.int32),
+                    _Spill(tmp_dir / f"b{k}.tf", np.int32)) for k in range(len(cuts) - 1)]
+        doc_offset = 0
+        for terms, tf, unique in zip(terms_spill.chunks(), tf_spill.chunks(), uniques):  # pass 2
+            docs = np.repeat(np.arange(doc_offset, doc_offset + len(unique), dtype=np.int64), unique)
+            doc_offset += len(unique)
+            which = np.searchsorted(cuts, terms, side="right") - 1
+            for k in np.unique(which).tolist():
+                mask = which == k
+                buckets[k][0].write(terms[mask])
+                buckets[k][1].write(docs[mask])
+                buckets[k][2].write(tf[mask])
+        terms_spill.remove()
+        tf_spill.remove()
+        del uniques
+        out_dir.mkdir(parents=True, exist_ok=True)
+        k1, b = config.k1, config.b
+        with open(out_dir / "data.csc.index.npy", "wb") as data_fh, \
+                open(out_dir / "indices.csc.index.npy", "wb") as indices_fh:
+            np.lib.format.write_array_header_1_0(data_fh, {"descr": "<f4", "fortran_order": False, "shape": (nnz,)})
+            np.lib.format.write_array_header_1_0(indices_fh, {"descr": "<i4", "fortran_order": False,
+                                                             "shape": (nnz,)})
+            for terms_b, docs_b, tf_b in buckets:  # pass 3
+                terms = np.concatenate(list(terms_b.chunks()) or [np.zeros(0, np.int32)])
+                docs = np.concatenate(list(docs_b.chunks()) or [np.zeros(0, np.int32)])
+                tf = np.concatenate(list(tf_b.chunks()) or [np.zeros(0, np.int32)]).astype(np.float64)
+                for spill in (terms_b, docs_b, tf_b):
+                    spill.remove()
+                l_d = lengths_all[docs].astype(np.float64)
+                scores = idf[terms].astype(np.float64) * (tf / (k1 * ((1 - b) + b * l_d / avg_doc_len) + tf))
+                order = np.argsort(terms, kind="stable")
+                data_fh.write(scores[order].astype(np.float32).tobytes())
+                indices_fh.write(docs[order].astype(np.int32).tobytes())
+        np.save(out_dir / "indptr.csc.index.npy", indptr.astype(np.int64))  # bm25s' numpy CSC builder: int64
+        vocab = dict(vocab_dict)
+        if "" not in vocab:  # as bm25s' index(create_empty_token=True)
+            vocab[""] = max(vocab.values()) + 1
+        (out_dir / "vocab.index.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        params = dict(k1=k1, b=b, delta=0.5, method=config.method, idf_method=config.method, dtype="float32",
+                      int_dtype="int32", num_docs=n_docs, version=bm25s.__version__, backend="numpy")
+        (out_dir / "params.index.json").write_text(json.dumps(params, indent=4), encoding="utf-8")
+        return n_docs
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
