@@ -206,8 +206,8 @@ class BM25Index(IndexDirectory):
                         bar.update(len(chunk))
 
                 try:
-                    n_docs = build_scores_streaming(token_chunks(), tokenizer.get_vocab_dict, config, directory / "bm25",
-                                                    directory / "bm25.tmp")
+                    n_docs = build_scores_streaming(token_chunks(), tokenizer.get_vocab_dict, config,
+                                                    directory / "bm25", directory / "bm25.tmp")
                 except ValueError as exc:
                     if "empty corpus" in str(exc):
                         raise ValueError(f"cannot build a BM25 index from an empty corpus "
