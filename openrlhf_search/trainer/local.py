@@ -53,11 +53,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str):
+def resolve_device(name: str, env: dict | None = None):
+    """``auto``: CUDA when available, else the CPU -- said loudly inside a Slurm job (``SLURM_JOB_ID``), where a CPU
+    fallback almost always means the job did not request a GPU (``--gpus``/``--gres=gpu:1``) on a cluster that
+    enforces allocations, and the run would silently take hours instead of minutes."""
+    import os
+    import sys
+
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        env = os.environ if env is None else env
+        if env.get("SLURM_JOB_ID"):
+            print(f"[openrlhf-search] WARNING: device=auto found no CUDA GPU in Slurm job {env['SLURM_JOB_ID']} "
+                  f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}): training on the CPU. "
+                  "Request a GPU (sbatch --gpus=1 or --gres=gpu:1), or set device=cpu to silence this.",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return torch.device("cpu")
     return torch.device(name)
 
 

@@ -222,3 +222,54 @@ def test_every_megatron_recipe_at_every_node_count(recipe, expected, tmp_path, c
         outcome = _outcome(result, nodes, size, backend="megatron", megatron_tp=tp, megatron_pp=pp)
         outcomes += "o" if outcome == "ok" else "R"
     assert outcomes == expected
+
+
+# ------------------------------------------------------------------------------------------ multi-node guards
+def test_multi_node_guards_count_vllm_only_nodes_and_refuse_unreachable_retrievers():
+    from openrlhf_search.integrations.openrlhf import launch
+    from openrlhf_search.trainer.config import load_config
+
+    cfg = load_config(None, ["model.path=/models/qwen", "retriever.spec=http://127.0.0.1:8000",
+                             "rollout.prompts_per_step=16"])  # fmt: skip
+    # training on one node, vLLM on another (the Megatron recipes' layout): a 2-node run
+    split = {"colocate_all": False, "vllm_enable_sleep": False, "actor_num_gpus_per_node": 8,
+             "ref_num_gpus_per_node": 8, "vllm_num_engines": 4, "vllm_tensor_parallel_size": 2}  # fmt: skip
+    cfg.algorithm.kl_coef = 0.0
+    with pytest.raises(ValueError, match="a 2-node run needs openrlhf.shared_dir"):
+        launch.build_plan(cfg, split)
+    with pytest.raises(ValueError, match="cannot reach a loopback address"):
+        launch.build_plan(cfg, {**split, "shared_dir": "/shared/run"})
+    launch.build_plan(cfg, {**split, "shared_dir": "/shared/run", "retrieval_url": "http://10.0.0.1:8000"})
+    # the same GPUs on one 16-GPU node: one node, loopback fine
+    launch.build_plan(cfg, {**split, "cluster_gpus_per_node": 16})
+    for bad in ({"retrieval_url": "http://0.0.0.0:8000"}, {"retrieval_url": "", "retrieval_host": "0.0.0.0"}):
+        one = load_config(None, ["model.path=/m", "retriever.spec=/index", "rollout.prompts_per_step=16"])
+        with pytest.raises(ValueError, match="0.0.0.0 is an address to listen on, not one to connect to"):
+            launch.build_plan(one, bad)
+
+
+def test_vllm_host_ip_is_not_forwarded_to_other_nodes(monkeypatch):
+    from openrlhf_search.integrations.openrlhf import entrypoint
+    from openrlhf_search.integrations.openrlhf.config import CPU_SHIM_ENV
+
+    monkeypatch.setenv("VLLM_HOST_IP", "10.0.0.1")  # the head node's own address
+    monkeypatch.delenv(CPU_SHIM_ENV, raising=False)
+    monkeypatch.delenv("OPENRLHF_SEARCH_AGENT_CONFIG", raising=False)
+    assert "VLLM_HOST_IP" not in entrypoint.runtime_env_vars()
+    monkeypatch.setenv(CPU_SHIM_ENV, "1")  # one machine: loopback for every process
+    assert entrypoint.runtime_env_vars()["VLLM_HOST_IP"] == "10.0.0.1"
+
+
+def test_slurm_local_job_requests_a_gpu_and_a_cpu_fallback_says_so(capsys, monkeypatch):
+    text = (SCRIPTS / "local" / "slurm_local_train.sbatch").read_text()
+    assert re.search(r"^#SBATCH --(gpus|gres)=(gpu:)?\d", text, re.M)
+    import torch
+
+    from openrlhf_search.trainer.local import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", {"SLURM_JOB_ID": "42"}).type == "cpu"
+    err = capsys.readouterr().err
+    assert "no CUDA GPU in Slurm job 42" in err and "--gpus=1" in err
+    assert resolve_device("auto", {}).type == "cpu" and capsys.readouterr().err == ""
+    assert resolve_device("cpu", {"SLURM_JOB_ID": "42"}).type == "cpu" and capsys.readouterr().err == ""

@@ -31,11 +31,14 @@ MEGATRON_CONFIG_ENV = "OPENRLHF_SEARCH_MEGATRON_CONFIG"
 MEGATRON_CPU_SHIM_ENV = "OPENRLHF_SEARCH_MEGATRON_CPU_SHIM"
 """Switch of megatron-core's CPU shim (``megatron/cpu_shim.py``) in the Megatron actors."""
 
-FORWARDED_ENV = (CPU_SHIM_ENV, "PYTHONPATH", "DS_ACCELERATOR", "GLOO_SOCKET_IFNAME", "VLLM_HOST_IP", "HF_HUB_OFFLINE",
+FORWARDED_ENV = (CPU_SHIM_ENV, "PYTHONPATH", "DS_ACCELERATOR", "GLOO_SOCKET_IFNAME", "HF_HUB_OFFLINE",
                  "TRANSFORMERS_OFFLINE", "OPENRLHF_SEARCH_ALLOW_VERSION_MISMATCH", MEGATRON_CPU_SHIM_ENV,
                  "OPENRLHF_SEARCH_RETRIEVER_TOKEN", "OPENRLHF_SEARCH_TOKEN", "WANDB_API_KEY", "WANDB_MODE",
                  "WANDB_DIR", "WANDB_BASE_URL", "WANDB_ENTITY")  # fmt: skip
-"""Driver environment variables copied into Ray's runtime environment (workers on other nodes do not inherit)."""
+"""Driver environment variables copied into Ray's runtime environment (workers on other nodes do not inherit).
+
+Not ``VLLM_HOST_IP``: vLLM takes it as *its own* address, so the head node's value on every node would make each
+engine announce the head's IP. It is forwarded only under the CPU shim (one machine, loopback)."""
 
 OPENRLHF_DEFAULT_ENV = {
     "TOKENIZERS_PARALLELISM": "true",
@@ -49,6 +52,8 @@ def runtime_env_vars() -> dict[str, str]:
     """Environment for every Ray worker: OpenRLHF's defaults, forwarded variables, the agent config inline."""
     env = {k: os.environ.get(k, v) for k, v in OPENRLHF_DEFAULT_ENV.items()}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+    if os.environ.get(CPU_SHIM_ENV) == "1" and "VLLM_HOST_IP" in os.environ:
+        env["VLLM_HOST_IP"] = os.environ["VLLM_HOST_IP"]
     agent = os.environ.get(AGENT_CONFIG_ENV, "")
     if agent and not agent.lstrip().startswith("{"):
         path = Path(agent)
