@@ -1,21 +1,30 @@
 """``python -m openrlhf_search.gpu_check``: one table that says whether the GPU-facing paths work on this machine.
 
-Three rows, each run in-process and timed:
+Six rows, each run in-process and timed:
 
 1. **local trainer**: a few RL steps of the smoke preset (``examples/configs/smoke.yaml``: tiny Qwen2, synthetic KB,
    BM25) on CUDA in bf16 (the trainer's ``dtype: auto``); passes when every step's reward is finite, no update was
    skipped and the weights changed between the first and the last checkpoint.
-2. **megatron engine**: a tiny random Llama saved with ``save_pretrained`` is loaded at TP=1 (mbridge + local
+2. **HF-engine sampling at temperature 1**: the rollout engine's own sampler (``torch.multinomial`` with the engine's
+   ``torch.Generator``) on the model's device, with and without top-p; a seeded request must reproduce, the sampled
+   log-probs must be finite, the sampler must live where the model does (a CPU generator crashes on CUDA).
+3. **bf16 at a small learning rate**: 10 AdamW steps at lr 1e-6 of a tiny bf16 model with the trainer's optimizer
+   (``trainer.models.build_optimizer``: fp32 master weights); passes when most trained weights moved and the bf16
+   model is the masters rounded. Plain AdamW on bf16 parameters is measured beside it (it moves a few percent).
+4. **LoRA**: the smoke preset's RL steps with ``model.lora_rank=8`` (peft adapters, merged checkpoints).
+5. **megatron engine**: a tiny random Llama saved with ``save_pretrained`` is loaded at TP=1 (mbridge + local
    layer spec, fp32 so the comparison is tight); its next-token log-probs are compared with transformers' on the
    same HF weights, then one optimizer step of the ``grpo`` loss must succeed and move the log-probs.
-3. **chunked log-prob kernel**: :func:`openrlhf_search.algorithms.logprobs.sampled_token_logprobs` against the
+6. **chunked log-prob kernel**: :func:`openrlhf_search.algorithms.logprobs.sampled_token_logprobs` against the
    naive ``log_softmax(hidden @ W.T)`` gather at V = 151,936 (Qwen2.5's vocabulary), forward + backward: max
    difference, wall time and, on CUDA, peak memory of each.
 
-On a machine without CUDA every row runs on the CPU (smaller kernel sizes; Megatron through its CPU shim, under the
-strict device proxy when it is installed) and the table says which rows did not run on a GPU. Exit status 0 only
-when every row passes. The wrapper is ``scripts/gpu_check.sh``; ``--prepare DIR`` downloads the wheels a bare GPU
-machine lacks (see docs/trainer.md, "GPU check").
+On a machine without CUDA every row runs on the CPU (smaller kernel sizes; Megatron through its CPU shim) under the
+strict device proxy, which gives the trainer rows a *logical* GPU (``device=cuda`` on CPU storage, with the GPU's
+placement and generator rules); the table says which rows did not run on a GPU. Exit status 0 only when every row
+passes. The wrapper is ``scripts/gpu_check.sh``; ``--prepare DIR`` downloads the wheels a bare GPU machine lacks and
+``--install-wheels DIR --target SITE`` installs the missing ones without touching the system Python (see
+docs/trainer.md, "GPU check").
 """
 
 from __future__ import annotations
@@ -38,12 +47,15 @@ VOCAB = 151_936
 
 WHEELS = {
     # distribution==version -> importable module (installed only when the module is missing on the target)
-    "megatron-core==0.16.1": "megatron.core",
-    "mbridge==0.15.1": "mbridge",
-    "bm25s==0.3.16": "bm25s",
-    "PyStemmer==3.1.0": "Stemmer",
+    "megatron-core==0.16.1": "megatron.core",  # cp312 manylinux (a compiled helper)
+    "mbridge==0.15.1": "mbridge",  # pure Python
+    "einops==0.8.2": "einops",  # pure Python; mbridge imports it at package import
+    "bm25s==0.3.16": "bm25s",  # pure Python (numpy + scipy: on the GPU image through sentence-transformers)
+    "PyStemmer==3.1.0": "Stemmer",  # cp312 manylinux
 }
-"""What ``--prepare`` downloads for a bare GPU machine (cp312, manylinux x86_64 or pure Python; ~3.5 MB)."""
+"""What ``--prepare`` downloads for a bare GPU machine (Python 3.12 with torch, transformers, accelerate, peft,
+safetensors, sentence-transformers and pytest, no network): ~3.6 MB. Everything else the rows import is there
+(orjson, numba and matplotlib are optional speed-ups/plots the rows do without)."""
 WHEEL_BUDGET_BYTES = 64 * 2**20
 """What a device run may carry in all (the wheels must stay well under it)."""
 
@@ -66,6 +78,20 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+_LOGICAL_GPU: list[bool] = []
+"""Set while the rows run under the strict proxy on a CPU machine: the trainer rows then use a logical GPU."""
+
+
+def row_device() -> tuple[str, str]:
+    """``(torch device name, label prefix)`` for a trainer row: ``cuda`` on a GPU, a logical ``cuda`` under the strict
+    proxy on a CPU machine (CPU storage, GPU rules), else ``cpu``."""
+    if cuda_available():
+        return "cuda", "cuda"
+    if _LOGICAL_GPU:
+        return "cuda", "cpu (strict proxy: logical cuda)"
+    return "cpu", "cpu"
 
 
 def strict_context():
@@ -103,7 +129,8 @@ def _register_check_reward() -> None:
         return LengthTerm(get_reward_fn("format_f1", **cfg))
 
 
-def check_local_trainer(workdir: Path, steps: int = 3) -> Row:
+def check_local_trainer(workdir: Path, steps: int = 3, extra: tuple[str, ...] = (),
+                        title: str = "local trainer: smoke preset RL steps") -> Row:  # fmt: skip
     """A few RL steps of the smoke preset with the trainer's automatic device and dtype."""
     import torch
     from safetensors.torch import load_file
@@ -111,14 +138,16 @@ def check_local_trainer(workdir: Path, steps: int = 3) -> Row:
     from openrlhf_search.trainer import local
     from openrlhf_search.trainer.config import load_config
 
-    row = Row("local trainer: smoke preset RL steps")
-    out = workdir / "local"
+    row = Row(title)
+    out = workdir / ("local" if not extra else "local_" + "_".join(x.split("=")[0].split(".")[-1] for x in extra))
     _register_check_reward()
-    overrides = [f"steps={steps}", f"logging.output_dir={out}", "logging.save_every=1", f"env.reward={CHECK_REWARD}"]
+    name, label = row_device()
+    overrides = [f"steps={steps}", f"logging.output_dir={out}", "logging.save_every=1", f"env.reward={CHECK_REWARD}",
+                 *(["device=cuda"] if name == "cuda" else []), *extra]  # fmt: skip
     cfg = load_config(SMOKE_CONFIG, overrides)
     device = local.resolve_device(cfg.device)
     dtype = local.resolve_dtype(cfg.model.dtype, device)
-    row.device = f"{device.type} {str(dtype).replace('torch.', '')}"
+    row.device = f"{label} {str(dtype).replace('torch.', '')}"
     try:
         import matplotlib  # noqa: F401
     except ImportError:  # not on the GPU machine; the reward plot is not what this row checks
@@ -142,7 +171,123 @@ def check_local_trainer(workdir: Path, steps: int = 3) -> Row:
     return row
 
 
-# --------------------------------------------------------------------------------------------- row 2
+# --------------------------------------------------------------------------------------------- rows 2-4
+def _tiny_qwen2(vocab: int = 256):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, eos_token_id=1, pad_token_id=0, bos_token_id=2)  # fmt: skip
+    return Qwen2ForCausalLM(cfg)
+
+
+class _IdTokenizer:
+    """The few tokenizer members the HF engine uses (ids decode to themselves)."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return " ".join(str(i) for i in ids)
+
+
+def check_hf_sampling(workdir: Path) -> Row:
+    """The HF rollout engine samples at temperature 1 (and top-p 0.9) on the model's device."""
+    import torch
+
+    from openrlhf_search.rollout.base import SamplingParams
+    from openrlhf_search.rollout.hf import HFEngine
+    from openrlhf_search.trainer import local
+
+    name, label = row_device()
+    device = torch.device(name)
+    dtype = local.resolve_dtype("auto", device)
+    row = Row("HF engine: sampling at temperature 1", f"{label} {str(dtype).replace('torch.', '')}")
+    model = _tiny_qwen2().to(device=device, dtype=dtype)
+    engine = HFEngine(model, _IdTokenizer(), seed=0)
+    prompts = [[2, 3 + i, 4, 5 + i] for i in range(8)]
+    seeded = SamplingParams(temperature=1.0, max_new_tokens=16, seed=5)
+    a, b = engine.generate(prompts, seeded), engine.generate(prompts, seeded)
+    own = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=16))
+    nucleus = engine.generate(prompts, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=16))
+    logps = [x for g in (*own, *nucleus) for x in g.logprobs]
+    distinct = len({tuple(g.token_ids) for g in own})
+    reproducible = [g.token_ids for g in a] == [g.token_ids for g in b]
+    finite = all(x == x and x <= 1e-6 and x > -1e4 for x in logps) and bool(logps)
+    sampler = engine.generator.device.type
+    row.figures = {"tokens": sum(len(g.token_ids) for g in own), "distinct_rows": distinct,
+                   "seeded_reproducible": reproducible, "sampler_device": sampler}  # fmt: skip
+    ok = finite and reproducible and distinct > 1 and sampler == device.type
+    row.status = "PASS" if ok else "FAIL"
+    row.detail = (f"{row.figures['tokens']} tokens, {distinct}/8 distinct rows, seeded run reproduced: "
+                  f"{reproducible}, sampler on {sampler}")  # fmt: skip
+    return row
+
+
+def _fraction_changed(before, after) -> float:
+    changed = sum(int((a.float() != b.float()).sum()) for a, b in zip(before, after))
+    return changed / max(1, sum(b.numel() for b in before))
+
+
+def _train_tiny(model, opt, steps: int, device) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(3, 256, (4, 24), generator=g).to(device)
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.float().backward()
+        opt.step()
+
+
+def check_bf16_small_lr(workdir: Path, steps: int = 10, lr: float = 1e-6) -> Row:
+    """bf16 training at lr 1e-6 moves the weights (the trainer's optimizer keeps fp32 masters)."""
+    import torch
+
+    from openrlhf_search.trainer import local
+    from openrlhf_search.trainer.models import build_optimizer, optimizer_weights
+
+    name, label = row_device()
+    device = torch.device(name)
+    auto = local.resolve_dtype("auto", device)
+    row = Row(f"bf16 training at lr {lr:g}: weights move", f"{label} bfloat16")
+    if device.type == "cuda" and cuda_available() and auto != torch.bfloat16:
+        row.status, row.detail = "SKIP", f"dtype auto picks {auto} on this GPU (no bf16): nothing to check"
+        return row
+    fractions = {}
+    for kind in ("trainer", "plain"):
+        model = _tiny_qwen2().to(device=device, dtype=torch.bfloat16)
+        params = list(model.parameters())
+        before = [p.detach().float().clone() for p in params]
+        opt = build_optimizer(params, lr=lr) if kind == "trainer" else torch.optim.AdamW(params, lr=lr)
+        _train_tiny(model, opt, steps, device)
+        trained = optimizer_weights(opt, params)
+        fractions[kind] = (_fraction_changed(before, trained), _fraction_changed(before, params))
+        if kind == "trainer":
+            rounded = all(torch.equal(p.detach(), t.to(p.dtype)) for p, t in zip(params, trained))
+    (trained_frac, model_frac), (plain_frac, _) = fractions["trainer"], fractions["plain"]
+    row.figures = {"steps": steps, "lr": lr, "trained_weights_moved": round(trained_frac, 4),
+                   "bf16_model_weights_moved": round(model_frac, 4), "plain_bf16_adamw_moved": round(plain_frac, 4),
+                   "model_is_masters_rounded": rounded}  # fmt: skip
+    ok = trained_frac > 0.5 and rounded
+    row.status = "PASS" if ok else "FAIL"
+    row.detail = (f"{steps} steps: {trained_frac:.0%} of trained weights moved (bf16 model {model_frac:.1%}); "
+                  f"plain bf16 AdamW {plain_frac:.1%}")  # fmt: skip
+    return row
+
+
+def check_lora(workdir: Path, steps: int = 2) -> Row:
+    """The smoke preset's RL steps with LoRA adapters (``model.lora_rank=8``)."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return Row("local trainer: LoRA RL steps", status="SKIP", detail="peft is not installed")
+    return check_local_trainer(workdir, steps=steps, extra=("model.lora_rank=8",),
+                               title="local trainer: LoRA RL steps")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- row 5
 def _tiny_llama(path: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -235,7 +380,7 @@ def check_megatron(workdir: Path) -> Row:
     return row
 
 
-# --------------------------------------------------------------------------------------------- row 3
+# --------------------------------------------------------------------------------------------- row 6
 def _measure(fn, device) -> tuple[float, int | None, object]:
     import torch
 
@@ -299,7 +444,8 @@ def check_logprob_kernel(tokens: int | None = None, hidden: int | None = None) -
 
 
 # --------------------------------------------------------------------------------------------- table
-CHECKS = {"local": check_local_trainer, "megatron": check_megatron, "kernel": check_logprob_kernel}
+CHECKS = {"local": check_local_trainer, "sampling": check_hf_sampling, "bf16": check_bf16_small_lr,
+          "lora": check_lora, "megatron": check_megatron, "kernel": check_logprob_kernel}  # fmt: skip
 
 
 def run_checks(names: list[str], workdir: Path) -> list[Row]:
@@ -371,11 +517,42 @@ def missing_wheels(wheel_dir: Path) -> list[Path]:
     return out
 
 
+def install_wheels(wheel_dir: Path, target: Path) -> str:
+    """Install :func:`missing_wheels` of ``wheel_dir`` into ``target`` (a directory the wrapper puts on PYTHONPATH),
+    never into the system Python: ``pip install --no-deps --no-index --find-links DIR --target SITE`` (``--target``
+    also skips pip's externally-managed-environment refusal, PEP 668), or, where pip itself is missing or fails,
+    by unpacking the wheels (a wheel is a zip of the importable files). Returns a one-line report."""
+    import subprocess
+    import zipfile
+
+    wheels = missing_wheels(wheel_dir)
+    if not wheels:
+        return f"gpu_check: every wheel of {wheel_dir} is importable already"
+    target.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--find-links",
+           str(wheel_dir), "--target", str(target), "--upgrade", *map(str, wheels)]  # fmt: skip
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode == 0:
+            names = ", ".join(p.name for p in wheels)
+            return f"gpu_check: pip installed {len(wheels)} wheel(s) into {target}: {names}"
+        why = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        why = f"{type(exc).__name__}: {exc}"
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(target)
+    return f"gpu_check: pip could not install ({why}); unpacked {len(wheels)} wheel(s) into {target} instead"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m openrlhf_search.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--prepare", metavar="DIR", help="download the wheels a bare GPU machine lacks, then exit")
     parser.add_argument("--missing-wheels", metavar="DIR", help="print the wheels of DIR not installed here, exit")
-    parser.add_argument("--checks", default="local,megatron,kernel", help="comma-separated subset of the rows")
+    parser.add_argument("--install-wheels", metavar="DIR", help="install the wheels of DIR not importable here into "
+                        "--target (never into the system Python), then exit")  # fmt: skip
+    parser.add_argument("--target", metavar="SITE", help="with --install-wheels: the directory to install into")
+    parser.add_argument("--checks", default=",".join(CHECKS), help="comma-separated subset of the rows")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--workdir", help="scratch directory (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -384,6 +561,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.missing_wheels:
         print(" ".join(str(p) for p in missing_wheels(Path(args.missing_wheels))))
+        return 0
+    if args.install_wheels:
+        if not args.target:
+            parser.error("--install-wheels needs --target SITE")
+        print(install_wheels(Path(args.install_wheels), Path(args.target)))
         return 0
     names = [n.strip() for n in args.checks.split(",") if n.strip()]
     unknown = sorted(set(names) - set(CHECKS))
@@ -396,7 +578,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OPENRLHF_SEARCH_STRICT_DEVICES", "1")
     ctx, strict = strict_context() if not on_gpu else (contextlib.nullcontext(), "off (real GPU)")
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp, ctx:
-        rows = run_checks(names, Path(args.workdir or tmp))
+        _LOGICAL_GPU[:] = [True] if strict == "on" else []
+        try:
+            rows = run_checks(names, Path(args.workdir or tmp))
+        finally:
+            _LOGICAL_GPU.clear()
     table = format_table(rows, on_gpu, strict)
     print("\n== openrlhf-search GPU check ==\n" + table, flush=True)
     if args.json:

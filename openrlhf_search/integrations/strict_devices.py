@@ -279,6 +279,8 @@ def _mode_class() -> type:
                 out = func(*args, **kwargs)
                 _set(args[0], logical_device(args[1]))
                 return out
+            if name == "_parse_to":  # Module.to(device=...) parses its arguments: not an allocation
+                return func(*args, **kwargs)
             if func is torch.Tensor.get_device:
                 dev = logical_device(args[0])
                 return dev if dev is not None and dev != CPU else func(*args, **kwargs)

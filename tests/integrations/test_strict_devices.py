@@ -157,3 +157,14 @@ def test_strict_hf_engine_samples_with_a_generator_on_the_model_device():
         engine.generator = torch.Generator().manual_seed(3)  # planted: the sampler left on the host
         with pytest.raises(RuntimeError, match="Expected a 'cuda' device type for generator but found 'cpu'"):
             engine.generate([[2, 3, 4]], params)
+
+
+def test_strict_module_to_with_device_keyword_is_logical_cuda():
+    """``module.to(device=..., dtype=...)`` (keyword form, parsed by ``_parse_to``) places like ``.to("cuda")``."""
+    with strict_devices():
+        for move in (lambda m: m.to(device="cuda"), lambda m: m.to(device=torch.device("cuda"), dtype=torch.bfloat16),
+                     lambda m: m.to("cuda", torch.float32)):  # fmt: skip
+            model = move(_tiny_model())
+            assert all(p.device.type == "cuda" for p in model.parameters())
+            with pytest.raises(RuntimeError, match="same device"):
+                model[2](torch.randn(2, 8, dtype=model[2].weight.dtype))
