@@ -37,8 +37,9 @@ def _cache_keyword(model) -> str:
     """
     import inspect
 
+    base = getattr(model, "get_base_model", None)  # a peft model forwards **kwargs to its base model
     try:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature((base() if callable(base) else model).forward).parameters
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
