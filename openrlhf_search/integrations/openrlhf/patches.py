@@ -247,15 +247,20 @@ def postprocess_experiences(experiences: list, n_samples_per_prompt: int, patch:
 
 # --------------------------------------------------------------------------------------------- actor subclasses
 def make_policy_actor_class(base_remote_cls, patch: PatchConfig):
-    """A Ray actor class like ``base_remote_cls`` (OpenRLHF's ``PolicyModelActor``) whose trainer uses our loss."""
+    """A Ray actor class like ``base_remote_cls`` (OpenRLHF's ``PolicyModelActor``) whose trainer uses our loss
+    (``patch.loss``) and, with LoRA (``--ds.lora.rank > 0``), gets peft the target modules it expands and sends vLLM
+    merged weights under the plain model's names (:func:`lora_target_modules`, :func:`install_lora_sync`)."""
     base = base_remote_cls.__ray_actor_class__
 
     class SearchPolicyModelActor(base):
         _patch_config = patch
 
-        def init_model_from_pretrained(self, *args, **kwargs):
-            out = super().init_model_from_pretrained(*args, **kwargs)
+        def init_model_from_pretrained(self, strategy, *args, **kwargs):
+            lora = strategy.args.ds.lora
+            lora.target_modules = lora_target_modules(lora.target_modules)  # before OpenRLHF's Actor builds peft's
+            out = super().init_model_from_pretrained(strategy, *args, **kwargs)
             install_loss(self.trainer, self._patch_config)
+            install_lora_sync(self.trainer)
             return out
 
     SearchPolicyModelActor.__qualname__ = SearchPolicyModelActor.__name__ = "SearchPolicyModelActor"
@@ -501,6 +506,117 @@ def _remote_options(remote_cls) -> dict:
     return {k: v for k, v in dict(opts or {}).items() if v is not None}
 
 
+# --------------------------------------------------------------------------------------------- LoRA
+LORA_ALL_LINEAR = "all-linear"
+"""peft's shorthand for every linear layer but the output head (``peft.tuners.tuners_utils``)."""
+
+_PEFT_PREFIX = "base_model.model."
+"""Prefix ``PeftModel.named_parameters`` puts before the wrapped model's names."""
+
+
+def lora_target_modules(value: Any) -> Any:
+    """The ``target_modules`` to give peft for OpenRLHF's parsed ``--ds.lora.target_modules``.
+
+    OpenRLHF 0.11.2 declares the flag with ``nargs="*"``, so ``--ds.lora.target_modules all-linear`` arrives as the
+    list ``['all-linear']``; peft expands the shorthand only when it is a *string*
+    (``_maybe_include_all_linear_layers``) and otherwise looks for a module named ``all-linear`` ("Target modules
+    {'all-linear'} not found"). A one-element list holding the shorthand becomes the string; anything else (module
+    names, or the flag's string default) is returned unchanged."""
+    if isinstance(value, (list, tuple)) and len(value) == 1 and str(value[0]).lower() == LORA_ALL_LINEAR:
+        return str(value[0])
+    return value
+
+
+class _MergedLoraWeight:
+    """A LoRA-wrapped layer's weight as the plain model would hold it after merging: ``W + delta`` (peft's
+    ``get_delta_weight`` of every active adapter, as ``merge_adapter`` adds it), computed when ``.data`` is read.
+
+    OpenRLHF's ``broadcast_to_vllm`` lists every parameter first and then reads ``param.data``/``shape``/``dtype``
+    one at a time, so computing on read keeps one merged weight alive at a time (a merged copy of every adapted
+    layer at once would double their memory), and the trained model is never modified (merging into bf16 weights
+    and unmerging afterwards does not restore them exactly: the frozen base would drift every sync)."""
+
+    requires_grad = True  # OpenRLHF syncs VLM models' trainable parameters only; a merged weight must be synced
+
+    def __init__(self, layer: Any, weight: torch.Tensor) -> None:
+        self.layer = layer
+        self.weight = weight
+        self.shape = weight.shape
+        self.dtype = weight.dtype
+        self.device = weight.device
+
+    @property
+    def data(self) -> torch.Tensor:
+        with torch.no_grad():
+            merged = self.weight.detach().clone()
+            for adapter in self.layer.active_adapters:
+                if adapter in self.layer.lora_A or adapter in getattr(self.layer, "lora_embedding_A", {}):
+                    merged += self.layer.get_delta_weight(adapter).to(merged.dtype)
+            return merged
+
+
+def merged_lora_parameters(model: Any) -> list[tuple[str, Any]]:
+    """``(name, parameter)`` of a peft ``PeftModel`` under the names of the plain (unwrapped) model's
+    ``named_parameters()``, the names vLLM's loader knows: ``base_model.model.`` stripped, ``.base_layer`` dropped,
+    the adapters' own parameters (``lora_*``) skipped; each adapted layer's weight is a :class:`_MergedLoraWeight`.
+
+    Raises ``ValueError`` on what the plain model has no name for (peft's ``modules_to_save`` copies) and on
+    adapters whose merge is not a weight delta (DoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    modules = dict(model.named_modules())
+    out = []
+    for name, param in torch.nn.Module.named_parameters(model):  # the class method: not our override below
+        parts = name.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        if "modules_to_save" in parts or "original_module" in parts:
+            raise ValueError(f"LoRA weight sync: {name!r} belongs to peft's modules_to_save, which openrlhf_search "
+                             "cannot map to vLLM's names; train without modules_to_save")  # fmt: skip
+        if "base_layer" in parts:
+            owner = ".".join(parts[: parts.index("base_layer")])
+            layer = modules.get(owner)
+            if not isinstance(layer, LoraLayer):
+                raise ValueError(f"LoRA weight sync: {name!r} is not under a LoRA layer")
+            if any(getattr(layer, "use_dora", {}).get(a, False) for a in layer.active_adapters):
+                raise ValueError(f"LoRA weight sync: {owner!r} uses DoRA, whose merge openrlhf_search does not "
+                                 "compute; use plain LoRA")  # fmt: skip
+            if parts[-1] == "weight" and not getattr(layer, "merged", False):
+                param = _MergedLoraWeight(layer, param)
+            parts = [p for p in parts if p != "base_layer"]
+        hf_name = ".".join(parts)
+        out.append((hf_name[len(_PEFT_PREFIX):] if hf_name.startswith(_PEFT_PREFIX) else hf_name, param))
+    return out
+
+
+def _is_lora_model(model: Any) -> bool:
+    return type(model).__name__.startswith("Peft") and hasattr(model, "peft_config")
+
+
+def install_lora_sync(trainer: Any) -> bool:
+    """With a peft model in ``trainer.actor``, make ``trainer.broadcast_to_vllm`` send the merged weights under the
+    plain model's names (:func:`merged_lora_parameters`) through OpenRLHF's own transport (NCCL, CUDA IPC or the
+    CPU shim's gloo): during the broadcast the model's ``named_parameters`` is replaced by that view, then restored.
+    Without it vLLM 0.29's loader rejects the first name (``There is no module or parameter named
+    'base_model'``). Returns whether it installed."""
+    actor_model = getattr(getattr(trainer, "actor", None), "model", None)
+    model = getattr(actor_model, "module", actor_model)  # the DeepSpeed engine wraps the PeftModel
+    if model is None or not _is_lora_model(model):
+        return False
+    original = trainer.broadcast_to_vllm
+
+    def broadcast_to_vllm(*args, **kwargs):
+        view = merged_lora_parameters(model)
+        model.named_parameters = lambda *a, **k: iter(view)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            del model.named_parameters  # back to the class method
+
+    trainer.broadcast_to_vllm = broadcast_to_vllm
+    return True
+
+
 # --------------------------------------------------------------------------------------------- entry point
 def check_openrlhf_args(patch: PatchConfig, args) -> None:
     """Refuse the OpenRLHF flags our patches cannot honour, each with a message naming the flag (pure: no
@@ -521,6 +637,15 @@ def check_openrlhf_args(patch: PatchConfig, args) -> None:
                          "normalization assumes OpenRLHF's fixed micro-batches)")  # fmt: skip
     if getattr(train, "partial_rollout_enable", False) and not train.async_enable:
         raise ValueError("--train.partial_rollout_enable needs --train.async_enable (OpenRLHF's rule)")
+    ds = getattr(args, "ds", None)
+    if getattr(getattr(ds, "lora", None), "rank", 0) > 0:  # merged LoRA weights are computed from full tensors
+        for flag, on in (("--ds.zero_stage 3", ds.zero_stage == 3),
+                         ("--ds.tensor_parallel_size > 1", getattr(ds, "tensor_parallel_size", 1) > 1),
+                         ("--ds.load_in_4bit", getattr(ds, "load_in_4bit", False))):  # fmt: skip
+            if on:
+                raise ValueError(f"LoRA (--ds.lora.rank {ds.lora.rank}) with {flag} is not supported: openrlhf_search "
+                                 "merges the adapters into full, unquantised weights for vLLM; use ZeRO stage 0-2, "
+                                 "no DeepSpeed tensor parallelism and no 4-bit base")  # fmt: skip
 
 
 def apply_patches(patch: PatchConfig, args=None) -> None:
@@ -529,11 +654,12 @@ def apply_patches(patch: PatchConfig, args=None) -> None:
 
     Args:
         patch: what to replace; an inactive config changes nothing.
-        args: OpenRLHF's parsed arguments, checked by :func:`check_openrlhf_args` (refused flag combinations).
+        args: OpenRLHF's parsed arguments, checked by :func:`check_openrlhf_args` (refused flag combinations);
+            with ``--ds.lora.rank > 0`` the policy actor is always ours (LoRA target modules and weight sync).
     """
-
     load_plugins(patch.plugins, source="patch.plugins")  # the driver resolves names too
-    if not patch.active:
+    lora = args is not None and getattr(getattr(getattr(args, "ds", None), "lora", None), "rank", 0) > 0
+    if not (patch.active or lora):
         return
     compat.check_openrlhf_version()
     if args is not None:
@@ -547,7 +673,7 @@ def apply_patches(patch: PatchConfig, args=None) -> None:
         _PATCHED["PPOTrainer"] = ppo_trainer_mod.PPOTrainer
         _PATCHED["PPOTrainerAsync"] = ppo_trainer_async_mod.PPOTrainerAsync
         _PATCHED["TrainingActor"] = ppo_trainer_async_mod.TrainingActor
-    if patch.loss:
+    if patch.loss or lora:
         ppo_actor_mod.PolicyModelActor = make_policy_actor_class(_PATCHED["PolicyModelActor"], patch)
         cli = sys.modules.get("openrlhf.cli.train_ppo_ray")
         if cli is not None:

@@ -87,16 +87,32 @@ def test_cluster_flags_land_in_openrlhf_args(tmp_path):
     assert plain.ckpt.load_enable is False and plain.ckpt.save_hf is False and plain.logger.wandb.key is None
 
 
-def test_lora_flags_land_in_openrlhf_args():
-    """model.lora_* reach OpenRLHF 0.11.2's own parser as --ds.lora.* (rank, alpha, dropout, target modules)."""
+def test_lora_flags_land_in_openrlhf_args_and_openrlhfs_actor_adapts_every_linear_layer(tmp_path):
+    """model.lora_* reach OpenRLHF 0.11.2's own parser as --ds.lora.* (rank, alpha, dropout, target modules), and the
+    target modules our policy actor hands OpenRLHF's ``Actor`` make peft adapt every linear layer. OpenRLHF parses
+    the flag with nargs="*", so ``all-linear`` arrives as ``['all-linear']``, which peft does not expand (it looks
+    for a module of that name); the actor passes :func:`lora_target_modules` of it (the string)."""
+    from openrlhf.models import Actor
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     from openrlhf_search.integrations.openrlhf.launch import build_plan
+    from openrlhf_search.integrations.openrlhf.patches import lora_target_modules
     from openrlhf_search.trainer.config import load_config
 
     cfg = load_config(None, ["model.path=/m", "retriever.spec=/i", "model.lora_rank=16", "model.lora_alpha=32",
                              "model.lora_dropout=0.05"])  # fmt: skip
     args = openrlhf_args(build_plan(cfg).command[3:])
     assert args.ds.lora.rank == 16 and args.ds.lora.alpha == 32 and args.ds.lora.dropout == 0.05
-    assert args.ds.lora.target_modules == ["all-linear"]
+    Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=64)).save_pretrained(tmp_path)  # fmt: skip
+    lora = {"lora_rank": args.ds.lora.rank, "lora_alpha": args.ds.lora.alpha, "lora_dropout": args.ds.lora.dropout}
+    parsed = args.ds.lora.target_modules
+    with pytest.raises(ValueError, match="all-linear"):  # what OpenRLHF's own actor does with its parsed value
+        Actor(str(tmp_path), attn_implementation="eager", param_dtype="bf16", target_modules=parsed, **lora)
+    actor = Actor(str(tmp_path), attn_implementation="eager", param_dtype="bf16",
+                  target_modules=lora_target_modules(parsed), **lora)  # fmt: skip
+    adapted = {n.rsplit(".", 1)[-1] for n, m in actor.model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 def test_vllm_engines_report_processed_logprobs(monkeypatch):

