@@ -15,6 +15,7 @@ import pytest
 from openrlhf_search.cli import main
 from openrlhf_search.retrieval.bm25 import BM25Retriever
 from openrlhf_search.retrieval.corpus import write_corpus_jsonl
+from openrlhf_search.retrieval.integrity import check_index
 
 bm25s = pytest.importorskip("bm25s")
 Stemmer = pytest.importorskip("Stemmer")
@@ -55,6 +56,7 @@ def test_imported_bm25s_folder_answers_as_flashrag(tmp_path, documents, capsys):
             "--quiet"]
     assert main(argv) == 0, capsys.readouterr().err
     assert (out / "bm25").is_symlink()
+    check_index(out)  # what `serve` checks first
     their_rows, their_scores = flashrag_answers(tmp_path / "flashrag" / "bm25")
     ours = BM25Retriever.from_dir(out).search(QUERIES, TOPK)
     for query, hits, rows_i, scores_i in zip(QUERIES, ours, their_rows, their_scores):

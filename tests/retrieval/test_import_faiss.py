@@ -23,6 +23,7 @@ import pytest
 from openrlhf_search.cli import main
 from openrlhf_search.retrieval.corpus import write_corpus_jsonl
 from openrlhf_search.retrieval.dense import DenseRetriever, resolve_encoder_path
+from openrlhf_search.retrieval.integrity import check_index
 
 faiss = pytest.importorskip("faiss")
 torch = pytest.importorskip("torch")
@@ -93,6 +94,7 @@ def test_imported_index_answers_as_search_r1s_server(built, monkeypatch, capsys)
     argv = ["index", "--import-faiss", str(index_path), "--corpus", str(corpus), "--out", str(out), "--quiet"]
     assert main(argv) == 0, capsys.readouterr().err
     assert (out / "faiss.index").is_symlink()  # served as it is: nothing copied, nothing re-encoded
+    check_index(out)  # what `serve` checks first
     theirs, their_scores = search_r1_server_answers(rows, corpus, index_path, model_path, monkeypatch)
     ours = DenseRetriever.from_dir(out).search(QUERIES, TOPK)
     assert len(ours) == len(theirs) == len(QUERIES)
