@@ -1,7 +1,7 @@
 """Peak memory and time of ``openrlhf-search index --method bm25`` on a synthetic corpus shaped like wiki-18.
 
 wiki-18 (Search-R1's corpus) is 21M passages of 100 words each (DPR's split of Wikipedia) with a title line. This
-writes N passages of a 100-word body (plus a 1-4 word title) drawn from a Zipf distribution over a vocabulary of
+writes N passages of a 100-word body (plus a 2-word title) drawn from a Zipf distribution over a vocabulary of
 ``--vocab`` pseudo-words (Wikipedia-like: a few very frequent words, a long tail of rare ones), then runs the index
 command in a child process and reports its peak resident memory (``ru_maxrss`` of the child) and wall time.
 
@@ -24,22 +24,21 @@ import numpy as np
 
 def write_corpus(path: Path, passages: int, vocab: int, seed: int = 0, chunk: int = 20_000) -> None:
     rng = np.random.default_rng(seed)
-    words = np.array([f"q{i:x}" for i in range(vocab)], dtype=object)  # distinct pseudo-words
+    words = np.array([f"q{i:x} " for i in range(vocab)], dtype=object)  # distinct pseudo-words (+ a space)
     ranks = np.arange(1, vocab + 1, dtype=np.float64)
     p = 1.0 / ranks**1.07  # Zipf exponent close to English text
-    p /= p.sum()
-    cdf = np.cumsum(p)
+    cdf = np.cumsum(p / p.sum())
     with open(path, "w", encoding="utf-8") as fh:
         for start in range(0, passages, chunk):
             n = min(chunk, passages - start)
-            body = words[np.searchsorted(cdf, rng.random((n, 100)), side="right").clip(0, vocab - 1)]
-            title = words[np.searchsorted(cdf, rng.random((n, 4)), side="right").clip(0, vocab - 1)]
-            title_len = rng.integers(1, 5, size=n)
-            lines = []
-            for i in range(n):
-                contents = '"' + " ".join(title[i, : title_len[i]]) + '"\n' + " ".join(body[i])
-                lines.append(json.dumps({"id": str(start + i), "contents": contents}))
-            fh.write("\n".join(lines) + "\n")
+            # one row per line: '{"id": "i", "contents": "\\"t1 t2\\"\\n', 100 body words, '"}\n'; joined in one call
+            rows = np.empty((n, 102), dtype=object)
+            titles = words[np.searchsorted(cdf, rng.random((n, 2)), side="right").clip(0, vocab - 1)]
+            rows[:, 0] = [f'{{"id": "{start + i}", "contents": "\\"{a}{b.strip()}\\"\\n' for i, (a, b) in
+                          enumerate(titles)]
+            rows[:, 1:101] = words[np.searchsorted(cdf, rng.random((n, 100)), side="right").clip(0, vocab - 1)]
+            rows[:, 101] = '"}\n'
+            fh.write("".join(rows.ravel().tolist()))
 
 
 def main() -> int:
