@@ -31,7 +31,8 @@ from openrlhf_search.env.protocol import substring_exact_match
 from openrlhf_search.env.trajectory import Trajectory
 
 __all__ = ["RewardInput", "Reward", "RewardError", "RewardTimeoutError", "DEFAULT_TIMEOUT", "run_reward",
-           "arun_reward", "reward_inputs", "score_trajectories", "ascore_trajectories", "score_trajectory"]
+           "arun_reward", "reward_inputs", "score_trajectories", "ascore_trajectories", "score_trajectory",
+           "RewardBatcher"]
 
 
 @dataclass(frozen=True)
@@ -208,3 +209,56 @@ async def ascore_trajectories(trajs: Sequence[Trajectory], reward: Reward) -> li
 def score_trajectory(traj: Trajectory, reward: Reward) -> tuple[float, dict]:
     """``(score, info)`` of one trajectory."""
     return score_trajectories([traj], reward)[0]
+
+
+class RewardBatcher:
+    """Scores the trajectories that finish at about the same time in one event loop with one reward call.
+
+    Callers that finish one trajectory each (the OpenRLHF agent's ``finalize``, one task per trajectory) await
+    :meth:`score`; the first one opens a window of ``window`` seconds, and the batch is scored when the window closes
+    or ``max_batch`` trajectories wait (through :func:`ascore_trajectories`: never blocking the loop, under the
+    reward's timeout). An error of the call (a timeout, a broken contract) reaches every trajectory of its batch.
+    """
+
+    def __init__(self, reward: Reward, window: float = 0.005, max_batch: int = 64) -> None:
+        self.reward = reward
+        self.window = float(window)
+        self.max_batch = int(max_batch)
+        self._pending: list[tuple[Trajectory, asyncio.Future]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def score(self, traj: Trajectory) -> tuple[float, dict]:
+        """``(score, info)`` of ``traj``, scored in a batch with the trajectories finishing beside it."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((traj, future))
+        if len(self._pending) >= self.max_batch:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.window, self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.ensure_future(self._run(batch))
+            self._tasks.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[Trajectory, asyncio.Future]]) -> None:
+        try:
+            results = await ascore_trajectories([t for t, _ in batch], self.reward)
+        except BaseException as exc:
+            for _, f in batch:
+                if not f.done():
+                    f.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for (_, f), r in zip(batch, results):
+            if not f.done():
+                f.set_result(r)

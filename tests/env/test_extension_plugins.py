@@ -143,6 +143,21 @@ def test_the_agent_finalize_awaits_the_async_reward_without_blocking(plugins, to
     assert ticks >= 10  # the loop ran other work while the judge was "thinking"
 
 
+def test_the_agent_scores_trajectories_finishing_together_in_one_batch(plugins, tok, kb, retriever):
+    runtime = _runtime(tok, retriever, get_reward_fn("judge_stub", delay=0.05))
+    samples = kb.train[:5]
+    states = [_finished_state(runtime, tok, s, s.golden_answers[0] if i % 2 else "nobody")
+              for i, s in enumerate(samples)]
+    plugins.CALLS.clear()
+
+    async def finish_all():
+        return await asyncio.gather(*(agent_core.finalize({}, st, runtime) for st in states))
+
+    results = asyncio.run(finish_all())
+    assert plugins.CALLS == [[s.question for s in samples]]  # one judge request for the five
+    assert [r["reward"] for r in results] == [0.0, 1.0, 0.0, 1.0, 0.0]  # each trajectory got its own score
+
+
 class SlowSync(Reward):
     metrics = ("em",)
 

@@ -14,15 +14,16 @@ it with a scripted engine, need neither OpenRLHF nor vLLM). Per trajectory (one 
 3. :class:`SearchAgentLogic.step` (OpenRLHF's ``AgentInstanceBase.step``) hands that output to ``Episode.step`` --
    the same plan / execute / render the local ``SearchEnv`` runs -- and returns the inserted observation text as
    ``environment_feedback`` (OpenRLHF tokenizes it with the same tokenizer, to the same ids) and ``done``;
-4. :func:`finalize` scores the trajectory once (:func:`~openrlhf_search.env.scoring.ascore_trajectories`: an async
-   reward is awaited, a plain one runs in the loop's thread executor, both under the reward's timeout, so a slow
-   reward never blocks vLLM's event loop), sets ``truncated`` (only for ``max_length``; OpenRLHF's own flag only
-   reads the last turn's finish reason), fills ``extra_logs`` with ``Episode.metrics`` (fixed names: the episode's,
-   the tools' and the reward's declared metrics, :func:`metric_names`) and, with ``calib_records``,
-   publishes ``Trajectory.to_calib_record(offset=len(prompt) - 1)`` (OpenRLHF's action-mask axis) to
-   :mod:`.calib_store`, its id in ``extra_logs["calib_id"]``; it also adds the trajectory's weight-version tags
-   (``weight_version_min`` / ``weight_version_max``, read from the rollout actor before and after every turn by
-   the engine wrapper; :mod:`.staleness`).
+4. :func:`finalize` scores the trajectory once, in one batch with the trajectories finishing beside it
+   (:class:`~openrlhf_search.env.scoring.RewardBatcher`: an async reward is awaited, a plain one runs in the loop's
+   thread executor, both under the reward's timeout, so a slow reward never blocks vLLM's event loop), sets
+   ``truncated`` (only for ``max_length``; OpenRLHF's own flag only reads the last turn's finish reason), fills
+   ``extra_logs`` with ``Episode.metrics`` (fixed names: the episode's, the tools' and the reward's declared
+   metrics, :func:`metric_names`) and, with ``calib_records``, publishes
+   ``Trajectory.to_calib_record(offset=len(prompt) - 1)`` (OpenRLHF's action-mask axis) to :mod:`.calib_store`, its
+   id in ``extra_logs["calib_id"]``; it also adds the trajectory's weight-version tags (``weight_version_min`` /
+   ``weight_version_max``, read from the rollout actor before and after every turn by the engine wrapper;
+   :mod:`.staleness`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from functools import lru_cache
 from typing import Any
 
 from openrlhf_search.env.episode import EPISODE_METRICS, Episode, reward_metric_names
-from openrlhf_search.env.scoring import ascore_trajectories
+from openrlhf_search.env.scoring import RewardBatcher
 from openrlhf_search.env.tools import get_tools
 from openrlhf_search.integrations.openrlhf import calib_store
 from openrlhf_search.integrations.openrlhf.config import AGENT_CONFIG_ENV, AgentConfig, from_env
@@ -56,6 +57,14 @@ class AgentRuntime:
     reward_fn: Any
     episodes: dict = field(default_factory=dict)
     """``Episode`` per ``(tokenizer id, max_length)`` (rules only, no per-trajectory state)."""
+    batcher: RewardBatcher | None = None
+    """Scores the trajectories finishing together in one reward call (built from ``reward_fn`` when first needed)."""
+
+    def reward_batcher(self) -> RewardBatcher:
+        """The :class:`~openrlhf_search.env.scoring.RewardBatcher` of ``reward_fn``."""
+        if self.batcher is None or self.batcher.reward is not self.reward_fn:
+            self.batcher = RewardBatcher(self.reward_fn)
+        return self.batcher
 
     def episode(self, tokenizer, max_length: int):
         """The :class:`~openrlhf_search.env.episode.Episode` of this config for OpenRLHF's ``max_length``."""
@@ -242,7 +251,7 @@ async def finalize(result: dict, state: EpisodeState, runtime: AgentRuntime | No
         traj.finish_reason = "max_length"
     if traj.finish_reason is None:  # OpenRLHF stopped the loop on its own budget
         traj.finish_reason = "max_length"
-    ((score, info),) = await ascore_trajectories([traj], runtime.reward_fn)
+    score, info = await runtime.reward_batcher().score(traj)
     result["reward"] = score
     result["scores"] = score
     result["truncated"] = traj.finish_reason == "max_length"
