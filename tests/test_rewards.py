@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -223,3 +224,30 @@ def test_registry_errors():
 def test_rewards_module_does_not_import_torch():
     code = "import sys, openrlhf_search.rewards; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+HUNG_REWARD = """
+import asyncio, sys, time
+from openrlhf_search.rewards import Reward, RewardInput, RewardTimeoutError, arun_reward, run_reward
+
+class Hung(Reward):
+    name, timeout = "hung", 0.05
+
+    def score(self, x):
+        time.sleep(600)  # a reward that never answers
+
+x = [RewardInput(question="q", answer="a", golden_answers=("a",))]
+for call in (lambda: run_reward(Hung(), x), lambda: asyncio.run(arun_reward(Hung(), x))):
+    try:
+        call()
+    except RewardTimeoutError as exc:
+        print(exc, flush=True)
+"""
+
+
+def test_a_hung_reward_fails_at_its_timeout_and_does_not_hold_the_process():
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", HUNG_REWARD], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("reward 'hung' did not score a batch of 1 trajectories within 0.05 s") == 2
+    assert time.perf_counter() - t0 < 30  # the process exited without waiting for the hung threads

@@ -9,7 +9,7 @@ response to decide the answer or the format.
 A reward's ``score_batch`` may be plain or ``async def``; it declares the ``info`` keys it fills (``metrics``: the
 environment logs exactly those, so a metric a reward does not compute is absent, not a silent 0) and has a
 ``timeout`` per batch: a call that does not return in time raises :class:`RewardTimeoutError` naming the reward.
-:func:`arun_reward` never blocks its event loop (a plain reward runs in the loop's thread executor), which is what
+:func:`arun_reward` never blocks its event loop (a plain reward runs in a worker thread), which is what
 the OpenRLHF agent's async ``finalize`` needs; :func:`run_reward` runs an async reward on one background loop per
 process (kept, so a reward may keep a client session bound to it).
 
@@ -133,7 +133,23 @@ def _checked(reward: Reward, out, n: int) -> list[tuple[float, dict]]:
 
 _LOOP: list[asyncio.AbstractEventLoop] = []
 _LOOP_LOCK = threading.Lock()
-_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="reward")
+
+
+def _in_thread(fn, *args) -> concurrent.futures.Future:
+    """``fn(*args)`` in a daemon thread: a reward that never returns fails its caller at the timeout and cannot hold
+    the process at exit (a pool's worker threads are joined at exit, an event loop's default executor at its end)."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # handed to the caller
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="reward", daemon=True).start()
+    return future
 
 
 def _background_loop() -> asyncio.AbstractEventLoop:
@@ -157,7 +173,7 @@ def run_reward(reward: Reward, inputs: Sequence[RewardInput]) -> list[tuple[floa
     elif reward.timeout is None:
         return _checked(reward, reward.score_batch(inputs), len(inputs))
     else:
-        future = _POOL.submit(reward.score_batch, inputs)
+        future = _in_thread(reward.score_batch, inputs)
     try:
         out = future.result(reward.timeout)
     except concurrent.futures.TimeoutError:
@@ -168,14 +184,14 @@ def run_reward(reward: Reward, inputs: Sequence[RewardInput]) -> list[tuple[floa
 
 async def arun_reward(reward: Reward, inputs: Sequence[RewardInput]) -> list[tuple[float, dict]]:
     """Score a batch from a running event loop without blocking it: an async reward is awaited, a plain one runs in
-    the loop's thread executor; both within ``reward.timeout``."""
+    a worker thread; both within ``reward.timeout``."""
     inputs = list(inputs)
     if not inputs:
         return []
     if _is_async(reward):
         call = reward.score_batch(inputs)
     else:
-        call = asyncio.get_running_loop().run_in_executor(None, reward.score_batch, inputs)
+        call = asyncio.wrap_future(_in_thread(reward.score_batch, inputs))
     try:
         out = await asyncio.wait_for(call, reward.timeout)
     except asyncio.TimeoutError:

@@ -15,8 +15,8 @@ it with a scripted engine, need neither OpenRLHF nor vLLM). Per trajectory (one 
    the same plan / execute / render the local ``SearchEnv`` runs -- and returns the inserted observation text as
    ``environment_feedback`` (OpenRLHF tokenizes it with the same tokenizer, to the same ids) and ``done``;
 4. :func:`finalize` scores the trajectory once, in one batch with the trajectories finishing beside it
-   (:class:`~openrlhf_search.env.scoring.RewardBatcher`: an async reward is awaited, a plain one runs in the loop's
-   thread executor, both under the reward's timeout, so a slow reward never blocks vLLM's event loop), sets
+   (:class:`~openrlhf_search.env.scoring.RewardBatcher`: an async reward is awaited, a plain one runs in a worker
+   thread, both under the reward's timeout, so a slow reward never blocks vLLM's event loop), sets
    ``truncated`` (only for ``max_length``; OpenRLHF's own flag only reads the last turn's finish reason), fills
    ``extra_logs`` with ``Episode.metrics`` (fixed names: the episode's, the tools' and the reward's declared
    metrics, :func:`metric_names`) and, with ``calib_records``, publishes
