@@ -7,6 +7,8 @@ import time
 import pytest
 
 from openrlhf_search.rewards import (
+    Reward,
+    RewardError,
     RewardInput,
     available_rewards,
     exact_match,
@@ -251,3 +253,24 @@ def test_a_hung_reward_fails_at_its_timeout_and_does_not_hold_the_process():
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("reward 'hung' did not score a batch of 1 trajectories within 0.05 s") == 2
     assert time.perf_counter() - t0 < 30  # the process exited without waiting for the hung threads
+
+
+class _Broken(Reward):
+    name, metrics = "broken", ("em",)
+
+    def __init__(self, out):
+        self.out = out
+
+    def score_batch(self, inputs):
+        return self.out
+
+
+@pytest.mark.parametrize("out, why", [
+    ([(1.0, {})], "reward 'broken' declares the metric 'em' but its info for trajectory 0 has None"),
+    ([(float("nan"), {"em": 0.0})], "reward 'broken': trajectory 0 scored nan"),
+    ([], "reward 'broken' returned 0 results for 1 trajectories"),
+    (["x"], "reward 'broken': result 0 is not \\(score, info\\)"),
+])
+def test_a_reward_breaking_its_contract_fails_naming_it(out, why):
+    with pytest.raises(RewardError, match=why):
+        run_reward(_Broken(out), [RewardInput(question="q", answer="a", golden_answers=("a",))])
