@@ -279,8 +279,12 @@ def test_native_equivalents_match_openrlhf(ours, theirs):
     old = -torch.rand(b, t, generator=g) - 0.2
     adv = torch.randn(b, 1, generator=g).expand(b, t) * mask  # sequence-constant advantages
     info = {"dp_size": 2, "batch_num_tokens": mask.sum() * 1.5, "global_batch_size": torch.tensor(6.0)}
+    adapter = OpenRLHFPolicyLoss(ours)
+    # the adapter counts the loss's own normalisers per optimizer-step window (what ppo_train's wrapped window
+    # iterator calls): a window of 3 such micro-batches at gas 2 has exactly OpenRLHF's counts above
+    adapter.begin_step([SimpleNamespace(action_mask=mask, advantages=adv)] * 3, gas=2)
     grads, values = [], []
-    for fn in (OpenRLHFPolicyLoss(ours), PolicyLoss(**theirs)):
+    for fn in (adapter, PolicyLoss(**theirs)):
         new = (old + 0.3 * torch.randn(b, t, generator=torch.Generator().manual_seed(4))).requires_grad_()
         loss = fn(new, old, adv, action_mask=mask, **info)[0]
         loss.backward()
