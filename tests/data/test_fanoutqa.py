@@ -109,3 +109,124 @@ def test_real_fanoutqa_bm25_recall():
     for key in ("subquestion_recall", "question_recall", "question_hit"):
         values = [res[key][k] for k in ("1", "3", "10")]
         assert values == sorted(values), (key, values)  # recall@k never decreases with k
+
+
+# ------------------------------------------------------------------------------------------ dedupe + held-out split
+def _parent(pid: str, subs: list[tuple[str, str, str, str]]) -> dict:
+    """A top-level question whose leaves are ``(id, question, answer, evidence title)``."""
+    return {"id": pid, "question": f"Question {pid}?", "answer": [a for _, _, a, _ in subs],
+            "decomposition": [{"id": i, "question": q, "answer": a, "decomposition": [], "evidence": {"title": t}}
+                              for i, q, a, t in subs]}
+
+
+# the duplicates the real dev set holds: one sub-question under several parents with the same id; the same question
+# under another id with another spelling of the answer; plus parents that share nothing
+SHARED = ("cap-cn", "What is the capital of China?", "Beijing", "China")
+DUPS = [
+    _parent("p0", [SHARED, ("h0", "What is the height of Mount Everest?", "8,848.86 m", "Mount Everest")]),
+    _parent("p1", [SHARED, ("x1", "Who founded Acme?", "Ann", "Acme")]),
+    _parent("p2", [("h2", "What is the height of mount Everest", "8848.86", "Mount Everest")]),
+] + [_parent(f"q{i}", [(f"s{i}", f"What is fact {i}?", f"v{i}", "China")]) for i in range(9)]
+
+
+def _norm(q: str) -> str:
+    from openrlhf_search.rewards import normalize_answer
+
+    return normalize_answer(q)
+
+
+def test_dedupe_merges_same_id_and_same_question():
+    from openrlhf_search.data.fanoutqa import dedupe_subquestions
+
+    rows = load_fanoutqa_dev_from(DUPS)
+    kept, counts = dedupe_subquestions(rows)
+    assert counts == {"rows": 14, "ids": 13, "questions": 12, "kept": 12}
+    cap = next(r for r in kept if r.id == "cap-cn")
+    assert cap.metadata["parent_ids"] == ["p0", "p1"]
+    h = next(r for r in kept if r.id == "h0")
+    assert h.golden_answers == ["8,848.86 m", "8848.86"] and h.metadata["parent_ids"] == ["p0", "p2"]
+    assert not any(r.id == "h2" for r in kept)
+
+
+def load_fanoutqa_dev_from(data: list[dict]):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "dev.json"
+        p.write_text(json.dumps(data), encoding="utf-8")
+        return load_fanoutqa_dev(p, level="subquestion")
+
+
+def _check_split(split, rows):
+    train_q, test_q = {_norm(r.question) for r in split.train}, {_norm(r.question) for r in split.test}
+    assert not train_q & test_q, train_q & test_q  # held out by question: nothing of test is trained on
+    assert not {r.id for r in split.train} & {r.id for r in split.test}
+    for side in (split.train, split.test):
+        assert len({r.id for r in side}) == len(side) and len({_norm(r.question) for r in side}) == len(side)
+    assert train_q | test_q == {_norm(r.question) for r in rows}  # nothing lost
+
+
+def test_split_holds_out_by_question_deterministically():
+    from openrlhf_search.data.fanoutqa import split_subquestions
+
+    rows = load_fanoutqa_dev_from(DUPS)
+    splits = {seed: split_subquestions(rows, test_fraction=0.25, seed=seed) for seed in range(6)}
+    for split in splits.values():
+        _check_split(split, rows)
+        assert split.counts["test_parents"] + split.counts["train_parents"] == 12
+        assert split.counts["test_parents"] >= 3  # a quarter of the 12 top-level questions
+    # parents sharing a sub-question stay together: p0, p1 (same id) and p0, p2 (same question) on one side
+    for split in splits.values():
+        sides = [{p for r in side for p in r.metadata["parent_ids"]} for side in (split.train, split.test)]
+        assert any({"p0", "p1", "p2"} <= s for s in sides), sides
+    again = split_subquestions(rows, test_fraction=0.25, seed=3)
+    assert [r.id for r in again.test] == [r.id for r in splits[3].test]  # same seed, same files
+    assert len({tuple(r.id for r in s.test) for s in splits.values()}) > 1  # the seed matters
+    with pytest.raises(ValueError, match="test_fraction"):
+        split_subquestions(rows, test_fraction=1.0)
+
+
+def _summaries(tmp_path: Path, titles) -> Path:
+    p = tmp_path / "summaries.json"  # stand-in pages (the real summaries are GPL and never copied)
+    p.write_text(json.dumps({t: {"title": t, "extract": f"About {t}."} for t in titles}), encoding="utf-8")
+    return p
+
+
+def test_data_fanoutqa_cli_writes_deduplicated_train_and_test(tmp_path):
+    """Reproduced by: `data fanoutqa` wrote one file, 509 rows with 497 ids and 491 questions, and no split."""
+    dev = tmp_path / "dev.json"
+    dev.write_text(json.dumps(DUPS), encoding="utf-8")
+    summ = _summaries(tmp_path, ["China", "Mount Everest", "Acme"])
+    outs = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        res = subprocess.run([sys.executable, "-m", "openrlhf_search", "data", "fanoutqa", "--out", str(out),
+                              "--dev-file", str(dev), "--summaries-file", str(summ), "--seed", "1"],
+                             capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+        assert res.returncode == 0, res.stderr
+        assert "14 rows, 13 distinct ids, 12 distinct questions" in res.stdout, res.stdout
+        outs.append({f: (out / f).read_text() for f in ("train.jsonl", "test.jsonl", "dev.jsonl", "corpus.jsonl")})
+    assert outs[0] == outs[1]  # deterministic
+    from openrlhf_search.data.formats import read_dataset
+
+    train, test = read_dataset(tmp_path / "out0" / "train.jsonl"), read_dataset(tmp_path / "out0" / "test.jsonl")
+    assert train and test
+    split = type("S", (), {"train": train, "test": test})
+    _check_split(split, load_fanoutqa_dev_from(DUPS))
+
+
+def test_real_fanoutqa_split_has_no_duplicate_and_no_leak(tmp_path):
+    """The installed PyPI ``fanoutqa`` dev set (1,788 sub-question rows, 1,773 ids): split and check."""
+    try:
+        path = package_data_path("fanoutqa", "data/fanout-final-dev.json")
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    from openrlhf_search.data.fanoutqa import split_subquestions
+
+    rows = load_fanoutqa_dev(path, level="subquestion")
+    assert len({r.id for r in rows}) < len(rows)  # the file does repeat sub-questions
+    split = split_subquestions(rows, test_fraction=0.25, seed=0)
+    _check_split(split, rows)
+    c = split.counts
+    assert c["train"] + c["test"] == c["questions"] < c["ids"] < c["rows"]
+    assert 0.2 < c["test_parents"] / (c["test_parents"] + c["train_parents"]) < 0.3
