@@ -424,6 +424,8 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     resume_dir, resume_state = (find_resume_checkpoint(out / "checkpoints") or (None, None)) if resuming else (None,
                                                                                                               None)
+    if resume_dir is not None:  # what a signal during set-up leaves to resume
+        guard.saved = (resume_dir, int(resume_state["step"]))
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     save_config(cfg, out / "config.yaml")
@@ -445,9 +447,11 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
 
     # ---- supervised warm start (fresh runs only) and the held-out score before RL
     if resume_dir is None and (cfg.sft.steps > 0 or cfg.sft.copy_steps > 0):
+        guard.phase = "the warm start"
         summary["sft"] = warm_start(cfg, policy, tokenizer, env, kb, retriever, worlds)
         engine.update_weights(policy)  # an engine holding its own copy (vLLM) was built from the pre-SFT weights
     if resume_dir is None:
+        guard.phase = "the held-out evaluation before RL"
         summary["eval_before"] = evaluate_policy(engine, env, eval_samples, tokenizer, eval_params)
         (out / "eval_before.json").write_text(json.dumps(summary["eval_before"], indent=1))
     else:
@@ -537,6 +541,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     guard.deferred = True  # from here on SIGTERM/SIGINT checkpoint at the end of the step
     try:
         for step in range(start_step + 1, cfg.steps + 1):
+            guard.phase = f"RL step {step}"
             t_step = time.perf_counter()
             # the state a checkpoint of step - 1 holds (saved if this step cannot complete: retriever outage)
             snapshot = data_snapshot()
@@ -677,6 +682,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     # ---- final checkpoint, held-out evaluation, plot
     final_dir = checkpoint(step)
     guard.deferred = False  # a signal during the final evaluation stops at once (the checkpoint is written)
+    guard.phase = "the final evaluation"
     if guard.requested:
         raise Preempted(guard.requested, final_dir, step)
     summary["checkpoint"] = str(final_dir)
