@@ -495,7 +495,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
 
     logger = MetricsLogger(out, cfg.logging.tensorboard, cfg.logging.wandb_project,
                            resume_step=start_step if resume_dir is not None else None, run_config=config_to_dict(cfg))
-    progress = Progress(cfg.steps, initial=start_step, enabled=cfg.logging.progress)
+    progress = Progress(cfg.steps, initial=start_step, enabled=cfg.logging.progress, time_budget=cfg.max_step_seconds)
     samples_dir = out / "samples"
     samples_dir.mkdir(exist_ok=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -169,10 +170,18 @@ def render_trajectory(traj, tokenizer, reward: float | None = None) -> str:
 
 
 class Progress:
-    """A progress bar (tqdm) showing reward, step time and ETA; silent when disabled."""
+    """A progress bar (tqdm) showing reward, step time and ETA; silent when disabled.
 
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "RL", unit: str = "step"):
+    ``time_budget`` (seconds, 0 = none): the run also ends when that much time has passed (the trainer's
+    ``max_step_seconds``); the ETA shown is then the earlier of the two ends, named (``steps`` or ``time budget``),
+    instead of tqdm's extrapolation to ``total`` steps, which a budget-bound run never reaches.
+    """
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "RL", unit: str = "step",
+                 time_budget: float = 0.0):
         self.bar = None
+        self.total, self.initial, self.time_budget = total, initial, float(time_budget or 0.0)
+        self.t0 = time.perf_counter()
         if enabled:
             import sys
 
@@ -180,14 +189,33 @@ class Progress:
 
             # A terminal redraws in place; a log file (CI, Slurm) would get one line per redraw: redraw rarely there.
             tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+            fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]" if self.time_budget > 0 else None
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, unit=unit,
-                            mininterval=0.5 if tty else 30.0)
+                            mininterval=0.5 if tty else 30.0, bar_format=fmt,
+                            postfix={"ETA": self._eta_text(initial)} if self.time_budget > 0 else None)
+
+    def eta(self, n: int) -> tuple[float, str]:
+        """``(seconds left, what ends the run)`` after ``n`` steps: the remaining steps at the mean step time so far,
+        or the rest of the time budget when that comes first (or before any step is timed)."""
+        elapsed = time.perf_counter() - self.t0
+        left = max(0.0, self.time_budget - elapsed) if self.time_budget > 0 else math.inf
+        done = n - self.initial
+        by_steps = (self.total - n) * elapsed / done if done > 0 else math.inf
+        return (by_steps, "steps") if by_steps <= left else (left, "time budget")
+
+    def _eta_text(self, n: int) -> str:
+        from tqdm import tqdm
+
+        seconds, why = self.eta(n)
+        return f"{tqdm.format_interval(seconds)} ({why})" if math.isfinite(seconds) else "?"
 
     def update(self, n: int = 1, **postfix) -> None:
         if self.bar is not None:
+            shown = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in postfix.items()}
+            if self.time_budget > 0:
+                shown = {"ETA": self._eta_text(self.bar.n + n), **shown}
             # refresh=False: the postfix is drawn with the next (rate-limited) redraw, not on every step
-            self.bar.set_postfix({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in postfix.items()},
-                                 refresh=False)
+            self.bar.set_postfix(shown, refresh=False)
             self.bar.update(n)
 
     def close(self) -> None:
