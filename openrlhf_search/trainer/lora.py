@@ -30,11 +30,25 @@ ADAPTER_DIR = "adapter"
 """Checkpoint sub-directory holding the adapter alone (peft format)."""
 
 
+PEFT_MISSING = "needs peft, which is not installed: pip install peft (or the [lora] extra)"
+"""Why ``model.lora_rank > 0`` cannot run here (the config check says it before any model is loaded)."""
+
+
+def peft_installed() -> bool:
+    """Whether peft can be imported (found without importing it: the config check stays fast)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("peft") is not None
+    except (ImportError, ValueError):  # a broken or shadowed installation
+        return False
+
+
 def _peft():
     try:
         import peft
     except ModuleNotFoundError:
-        raise SystemExit("model.lora_rank > 0 needs peft: pip install peft (or the [lora] extra)") from None
+        raise SystemExit(f"model.lora_rank > 0 {PEFT_MISSING}") from None
     return peft
 
 

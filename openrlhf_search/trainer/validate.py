@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from openrlhf_search.registry import Registry, did_you_mean
+from openrlhf_search.trainer import lora
 
 from .config import ConfigError, TrainConfig, load_config, origin, search_env_config
 
@@ -255,6 +256,7 @@ def validate_config(cfg: TrainConfig, backend: str = "local", check_files: bool 
         p.check("data.max_question_chars", d.max_question_chars >= 0, "must be >= 0 (0 = no limit)")
     if hasattr(m, "lora_rank"):
         p.check("model.lora_rank", m.lora_rank >= 0, "must be >= 0 (0 = full fine-tuning)")
+        p.check("model.lora_rank", m.lora_rank <= 0 or lora.peft_installed(), lora.PEFT_MISSING)
 
     # ---- backend-specific
     if backend == "local" and cfg.backend != "deepspeed":
