@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openrlhf_search.data.formats import DatasetFormatError, read_dataset
-from openrlhf_search.rewards import exact_match, f1_score, is_valid_format, substring_exact_match
+from openrlhf_search.env.scoring import reward_inputs
+from openrlhf_search.rewards import exact_match, f1_score, substring_exact_match
 from openrlhf_search.rollout.runner import run_rollouts
 from openrlhf_search.trainer.checkpoint import LATEST, latest_checkpoint
 from openrlhf_search.trainer.local import read_question_files
@@ -206,7 +207,7 @@ SCORES = ("em", "subem", "f1", "turns", "searches", "answered", "valid_format", 
 def score_rollouts(trajs, tokenizer=None) -> dict[str, float]:
     """Means over trajectories: EM, subEM, F1 of the accepted answer, turns, searches, the answered share, the share
     of well-formed responses (``valid_format``) and of questions whose retrieved text holds a golden answer
-    (``retrieval_hit``, the reward's definition)."""
+    (``retrieval_hit``), both as the reward sees them (:func:`~openrlhf_search.env.scoring.reward_inputs`)."""
     n = len(trajs)
     tot = dict.fromkeys(SCORES, 0.0)
     if n == 0:
@@ -219,9 +220,9 @@ def score_rollouts(trajs, tokenizer=None) -> dict[str, float]:
         tot["turns"] += len(t.turns)
         tot["searches"] += t.num_searches
         tot["answered"] += t.answer is not None
-        tot["valid_format"] += is_valid_format(t.response_text, t.meta.get("protocol", "tags"), t.meta.get("tools"))
-        retrieved = t.retrieved_text
-        tot["retrieval_hit"] += bool(retrieved) and substring_exact_match(retrieved, golds) > 0
+    for inp in reward_inputs(trajs):  # what the reward sees: the format checked once, the environment's retrievals
+        tot["valid_format"] += inp.valid_format
+        tot["retrieval_hit"] += inp.retrieval_hit
     return {"n": n, **{k: v / n for k, v in tot.items()}}
 
 

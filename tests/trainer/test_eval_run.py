@@ -164,3 +164,41 @@ def test_eval_sets_omp_passive_before_torch_is_imported(run_dir, tmp_path):
                           str(tmp_path / "e")], capture_output=True, text=True, timeout=240, env=env, cwd=str(REPO))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "OMP_WAIT_POLICY at torch import: PASSIVE" in res.stderr, res.stderr[-2000:]
+
+
+def test_eval_scores_format_validity_and_retrieval_hits_as_the_reward_sees_them(tmp_path):
+    """Reproduced by: eval reported neither format validity nor retrieval hits (the trainer's smoke model scores 0 on
+    both, so they are checked here on scripted answers)."""
+    from openrlhf_search.data.tiny_tokenizer import build_tiny_tokenizer
+    from openrlhf_search.rewards import get_reward_fn
+    from openrlhf_search.rollout.base import Generation, SamplingParams
+    from openrlhf_search.rollout.runner import run_rollouts
+    from openrlhf_search.trainer.config import load_config
+    from openrlhf_search.trainer.evaluate import score_rollouts
+    from openrlhf_search.trainer.local import build_env, build_retriever, load_questions, score_trajectories
+
+    class Scripted:
+        def __init__(self, tok, texts):
+            self.tok, self.texts = tok, list(texts)
+
+        def generate(self, prompts, params, row_max_new_tokens=None):
+            ids = self.tok.encode(self.texts.pop(0), add_special_tokens=False)
+            return [Generation(ids, [-0.1] * len(ids), "stop") for _ in prompts]
+
+    cfg = load_config(None, ["data.num_entities=20", "env.template=search_r1_compact", "env.max_obs_tokens=200",
+                             "retriever.topk=1"])
+    train, _, kb = load_questions(cfg, tmp_path)
+    tok = build_tiny_tokenizer([d.contents for d in kb.corpus] * 2, vocab_size=600)
+    env = build_env(cfg, tok, build_retriever(cfg, tmp_path, kb))
+    q = next(s for s in train if s.metadata["hops"] == 1)  # its one passage holds the answer
+    subject, gold = q.metadata["subject"], q.golden_answers[0]
+    scripts = [[f"<search>{subject}</search>", f"<answer>{gold}</answer>"],  # searched, found, valid
+               [f"<answer>{gold}</answer>"],  # valid, nothing retrieved
+               [f"I think <answer>{gold}</answer>"]]  # text outside the blocks: invalid
+    trajs = [run_rollouts(Scripted(tok, s), env, [q], 1, SamplingParams(max_new_tokens=40))[0] for s in scripts]
+    got = score_rollouts(trajs)
+    infos = score_trajectories(trajs, get_reward_fn(cfg.env.reward), tok)[1]
+    assert [i["valid_format"] for i in infos] == [True, True, False]
+    assert [i["retrieval_hit"] for i in infos] == [True, False, False]
+    assert got["valid_format"] == pytest.approx(2 / 3) and got["retrieval_hit"] == pytest.approx(1 / 3)
+    assert got["em"] == pytest.approx(1.0) and got["searches"] == pytest.approx(1 / 3)
