@@ -145,10 +145,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"openrlhf-search eval: {msg}", file=sys.stderr)
         return code
 
+    problems: list[str] = []  # every problem of the command line in one report, before anything is loaded
     try:
         target = resolve_model(args.model)
     except ValueError as exc:
-        return fail(str(exc))
+        problems.append(str(exc))
+        target = EvalTarget(args.model)
     if args.run_config == "none":
         run_config = None
     elif args.run_config:
@@ -158,12 +160,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         run_config = find_run_config(target.model)
     held_out = args.data is None  # the run's own held-out questions and retriever
-    if held_out and (target.run_dir is None or run_config is None):
-        return fail(f"--data is required: --model {args.model!r} is not a run of the local trainer (a run "
-                    "directory, <run>/checkpoints/latest or one of its checkpoints), so there is no held-out set to "
-                    "rebuild")
-    if args.retriever is None and target.run_dir is None:
-        return fail(f"--retriever is required: --model {args.model!r} is not a run of the local trainer")
+    if problems:  # --model itself is the problem: nothing to say about what it is not
+        pass
+    elif held_out and (target.run_dir is None or run_config is None):
+        problems.append(f"--data is required: --model {args.model!r} is not a run of the local trainer (a run "
+                        "directory, <run>/checkpoints/latest or one of its checkpoints), so there is no held-out set "
+                        "to rebuild")
+    elif args.retriever is None and target.run_dir is None:
+        problems.append(f"--retriever is required: --model {args.model!r} is not a run of the local trainer")
     explicit = {k: getattr(args, k) for k in ("template", "topk", "max_turns", "max_tokens_per_turn",
                                                "max_obs_tokens", "max_response_tokens", "temperature", "top_p",
                                                "seed")}
@@ -175,12 +179,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"[eval] {target.model}: environment of the training run {run_config}: "
               + ", ".join(f"{k}={v}" + (" (flag)" if origin[k] == "flag" else "") for k, v in cfg.items()),
               flush=True)
-    tree, problems, from_run = eval_config(args, cfg, run_config)
-    if (held_out or args.retriever is None) and not from_run:
+    tree, more, from_run = eval_config(args, cfg, run_config)
+    problems += more
+    if run_config is not None and (held_out or args.retriever is None) and not from_run:
         problems.append(f"--run-config {str(run_config)!r}: does not load as a config of this version; pass --data "
                         "and --retriever")
     datasets = {}
-    if held_out and from_run:
+    if held_out and from_run and target.run_dir is not None:
         try:
             samples = run_held_out_set(tree, target.run_dir)
         except (FileNotFoundError, ValueError) as exc:

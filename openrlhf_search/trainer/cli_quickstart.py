@@ -110,6 +110,7 @@ def report(summary: dict, seconds: float) -> None:
     print(f"metrics:     {summary.get('metrics_path')}")
     print(f"plot:        {summary.get('plot')}")
     print(f"checkpoint:  {summary.get('checkpoint')}")
+    print(f"evaluate:    openrlhf-search eval --model {summary.get('output_dir', '.')}   (the figures above, again)")
     print(f"tensorboard: tensorboard --logdir {Path(summary.get('output_dir', '.')) / 'tb'}")
     sample = summary.get("final_sample")
     if sample:

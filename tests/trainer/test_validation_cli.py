@@ -89,7 +89,8 @@ def test_eval_flags_are_validated_before_loading(tmp_path):
                                 str(tmp_path / "missing"), "--template", "search_r1_compat", "--top-p", "0",
                                 cwd=tmp_path)  # fmt: skip
     assert rc == 2 and "Traceback" not in text and seconds < BOUND_S
-    assert "4 problem(s)" in text and "did you mean 'search_r1_compact'" in text
+    assert "5 problem(s)" in text and "did you mean 'search_r1_compact'" in text
+    assert f"--model {str(tmp_path / 'ckpt')!r}: no such directory" in text
     assert "top-p=0.0: must be in (0, 1]" in text
     assert "'nq' is a Search-R1 dataset name" in text  # the data error joins the same report
 
