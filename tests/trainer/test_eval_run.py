@@ -202,3 +202,25 @@ def test_eval_scores_format_validity_and_retrieval_hits_as_the_reward_sees_them(
     assert [i["retrieval_hit"] for i in infos] == [True, False, False]
     assert got["valid_format"] == pytest.approx(2 / 3) and got["retrieval_hit"] == pytest.approx(1 / 3)
     assert got["em"] == pytest.approx(1.0) and got["searches"] == pytest.approx(1 / 3)
+
+
+def test_the_held_out_set_of_a_files_run_is_the_trainers(tmp_path):
+    """A run on the user's own files: eval takes the first data.num_eval questions of data.eval_files, read as the
+    trainer reads them (the question-length rule included), not the whole file."""
+    from openrlhf_search.trainer.config import load_config
+    from openrlhf_search.trainer.evaluate import run_held_out_set
+    from openrlhf_search.trainer.local import load_questions
+
+    rows = [{"id": f"q{i}", "question": f"Who is person {i}?" + (" and more" * 40 if i == 1 else ""),
+             "golden_answers": [f"P{i}"]} for i in range(7)]
+    f = tmp_path / "test.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, ["data.source=files", f"data.train_files=[{f}]", f"data.eval_files=[{f}]",
+                             "data.num_eval=4", "data.max_question_chars=100", "data.long_questions=truncate"])
+    got = run_held_out_set(cfg, tmp_path / "run")
+    want = load_questions(cfg, tmp_path / "out")[1]
+    assert [(s.id, s.question) for s in got] == [(s.id, s.question) for s in want]
+    assert len(got) == 4 and len(got[1].question) <= 100
+    empty = load_config(None, ["data.source=files", f"data.train_files=[{f}]"])
+    with pytest.raises(ValueError, match="no held-out set"):
+        run_held_out_set(empty, tmp_path / "run")
