@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import os
 import sys
 
 # name -> (module path, one-line help). Modules are imported only when their command runs (or for --help of it).
 COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("openrlhf_search.retrieval.cli_index", "build a BM25 or dense index from a corpus"),
     "serve": ("openrlhf_search.retrieval.cli_serve", "serve an index over HTTP (Search-R1 /retrieve protocol)"),
-    "train": ("openrlhf_search.trainer.cli_train", "train a search agent with RL (local or OpenRLHF backend)"),
+    "train": ("openrlhf_search.trainer.cli_train", "train a search agent with RL (local, openrlhf or megatron)"),
+    "config": ("openrlhf_search.trainer.cli_config", "show every config field with its type, default and meaning"),
     "eval": ("openrlhf_search.trainer.cli_eval", "evaluate a model on FlashRAG-format QA datasets"),
     "quickstart": ("openrlhf_search.trainer.cli_quickstart", "train a tiny search agent on CPU end to end"),
     "view": ("openrlhf_search.viewer.report", "write a self-contained HTML report of a run's trajectories"),
@@ -32,8 +35,17 @@ def _load(name: str):
         raise SystemExit(f"openrlhf-search {name}: cannot import {module_path}: {exc}") from exc
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("openrlhf-search")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openrlhf-search", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="openrlhf-search",
+                                     description="Train and evaluate LLM search agents with RL; retrieval server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = None
     if argv:
@@ -45,8 +57,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+TORCH_COMMANDS = ("train", "eval", "quickstart")
+"""Commands that run torch: OpenMP threads sleep instead of spinning in barriers (on a shared 2-core machine spinning
+made the update ~10x slower under contention); set before their modules import torch."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if next((a for a in argv if not a.startswith("-")), None) in TORCH_COMMANDS:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:

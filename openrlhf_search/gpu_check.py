@@ -546,7 +546,8 @@ def install_wheels(wheel_dir: Path, target: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m openrlhf_search.gpu_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m openrlhf_search.gpu_check",
+                                     description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--prepare", metavar="DIR", help="download the wheels a bare GPU machine lacks, then exit")
     parser.add_argument("--missing-wheels", metavar="DIR", help="print the wheels of DIR not installed here, exit")
     parser.add_argument("--install-wheels", metavar="DIR", help="install the wheels of DIR not importable here into "

@@ -26,11 +26,12 @@ when it, or the next turn's ``min_turn_tokens``, no longer fits, the trajectory 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from openrlhf_search.env.actions import Action, parse_action
 from openrlhf_search.env.chat import chat_observation_format
+from openrlhf_search.env.config import EnvConfig
 from openrlhf_search.env.observation import special_token_strings
 from openrlhf_search.env.protocol import substring_exact_match
 from openrlhf_search.env.scoring import score_trajectory
@@ -55,55 +56,6 @@ the metrics it declares, :func:`reward_metric_names`)."""
 def reward_metric_names(reward) -> list[str]:
     """``search/<key>`` for every metric ``reward`` declares (``Reward.metrics``; none for None)."""
     return [f"search/{k}" for k in getattr(reward, "metrics", ())]
-
-
-@dataclass
-class EnvConfig:
-    """Limits and switches of an episode (defaults follow Search-R1: 4 turns, 500 tokens, top-3)."""
-
-    max_turns: int = 4
-    """Maximum model generations per trajectory, the answering one included."""
-    max_tokens_per_turn: int = 500
-    """Maximum new tokens of one generation."""
-    max_obs_tokens: int = 500
-    """Token budget of one observation's body (the wrapper tags are extra)."""
-    max_total_tokens: int = 4096
-    """Budget of prompt + response tokens; a trajectory that cannot fit another turn ends with ``max_length``."""
-    max_response_tokens: int | None = None
-    """Optional budget of response tokens (model + observation), e.g. OpenRLHF's ``response_length``."""
-    topk: int = 3
-    """Documents retrieved per query."""
-    max_queries_per_turn: int = 3
-    """Queries kept from one search action (extra ones are dropped)."""
-    max_docs_per_turn: int | None = None
-    """Documents shown per observation after merging queries (default ``topk * max_queries_per_turn``)."""
-    forbid_search_on_last_turn: bool = True
-    """Tell the model before its last turn that no search is left, and do not execute a tool call on the last turn."""
-    end_on_eos: bool = True
-    """A generation ending with EOS and no valid action ends the trajectory (``stop``) instead of a correction."""
-    min_turn_tokens: int = 16
-    """If fewer tokens than this remain for the next generation, the trajectory ends with ``max_length``."""
-    tools: list[str] = field(default_factory=lambda: ["search"])
-    """Tools the model may call (``openrlhf_search.env.tools`` registry: ``search``, ``open``); the action parser,
-    the prompt, the stop strings, the format check and the metrics follow from this list."""
-    open_page_tokens: int | None = None
-    """``open`` tool: tokens per page of an opened document (None = ``max_obs_tokens``)."""
-    tool_options: dict[str, dict] = field(default_factory=dict)
-    """Each tool's own settings by tool name (``{web_search: {max_results: 5}}``): the keys are the fields of the
-    tool's :attr:`~openrlhf_search.env.tools.Tool.options` dataclass; only tools of :attr:`tools` may appear."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_turns", "max_tokens_per_turn", "max_total_tokens", "topk", "max_queries_per_turn"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"EnvConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if isinstance(self.tools, str):
-            self.tools = [self.tools]
-        self.tools = list(self.tools)
-        if not isinstance(self.tool_options, dict) or not all(
-                isinstance(v, dict) for v in self.tool_options.values()):
-            raise ValueError(f"EnvConfig.tool_options must map tool names to option mappings, got "
-                             f"{self.tool_options!r}")
-        self.tool_options = {str(k): dict(v) for k, v in self.tool_options.items()}
 
 
 @dataclass
@@ -132,7 +84,7 @@ class Episode:
             eos_token_ids: ids that end a chat turn (default: the tokenizer's ``eos_token_id``).
         """
         self.tokenizer = tokenizer
-        self.cfg = cfg or EnvConfig()
+        self.cfg = (cfg or EnvConfig()).check()
         self.tools: list[Tool] = get_tools(self.cfg.tools, self.cfg)
         self.tools_by_name = {t.name: t for t in self.tools}
         self.template = with_tools(get_template(template), self.tools)

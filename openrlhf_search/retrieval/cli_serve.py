@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .server import ServerConfig
 
     d = ServerConfig()
-    parser.add_argument("--index", required=True, help="index directory written by `openrlhf-search index`")
+    parser.add_argument("--index", required=True, help="index directory written by 'openrlhf-search index'")
     parser.add_argument("--corpus", default=None, help="corpus file to check against the index manifest")
     parser.add_argument("--host", default=d.host, help=f"bind address (default {d.host}, loopback only)")
     parser.add_argument("--port", type=int, default=d.port, help=f"TCP port (default {d.port})")
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-threads", type=int, default=0, help="BM25 retrieval threads (0: all cores)")
     parser.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
                         help="dense: serve the FAISS index from every visible GPU, sharded (default: as built, "
-                             "`index --use-gpu`); refused without faiss-gpu or a visible GPU")
+                             "'index --use-gpu'); refused without faiss-gpu or a visible GPU")
     parser.add_argument("--cache", default=None, help="record/replay cache file (sqlite); default: none")
     parser.add_argument("--cache-mode", choices=("record", "replay", "reuse"), default=d.cache_mode,
                         help="record: store every answer; replay: answer only from the cache; reuse: both")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from openrlhf_search.data.formats import read_dataset
 from openrlhf_search.env.search_env import SearchEnv
-from openrlhf_search.env.templates import get_template
+from openrlhf_search.env.templates import available_templates, get_template
 from openrlhf_search.registry import did_you_mean
 from openrlhf_search.retrieval import load_retriever
 from openrlhf_search.rollout import ENGINES
@@ -43,7 +43,7 @@ from openrlhf_search.trainer.evaluate import (
 )
 from openrlhf_search.trainer.local import RetrieverDownError, _is_retrieval_failure, build_retriever, probe_retriever
 from openrlhf_search.trainer.models import load_pretrained
-from openrlhf_search.trainer.validate import _templates, retriever_spec_problems
+from openrlhf_search.trainer.validate import retriever_spec_problems
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 EVAL_KEYS = {"template": "env.template", "max_turns": "env.max_turns",
              "max_tokens_per_turn": "env.max_tokens_per_turn", "max_obs_tokens": "env.max_obs_tokens",
              "max_response_tokens": "env.max_response_tokens",
-             "topk": "retriever.topk", "temperature": "rollout.eval_temperature", "top_p": "rollout.top_p",
+             "topk": "env.topk", "temperature": "rollout.eval_temperature", "top_p": "rollout.top_p",
              "seed": "seed"}  # fmt: skip
 """Eval setting -> key of the config tree."""
 
@@ -124,7 +124,7 @@ def eval_config(args: argparse.Namespace, settings: dict, run_config: Path | Non
         if getattr(args, flag) is not None and getattr(args, flag) < (1 if flag == "batch_size" else 0):
             problems.append(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= "
                             f"{1 if flag == 'batch_size' else 0}")  # fmt: skip
-    available, _ = _templates()
+    available = available_templates
     if s["template"] not in available() and not Path(str(s["template"])).is_file():
         problems.append(f"template={s['template']!r}: unknown template{did_you_mean(s['template'], available())}; "
                         f"valid names: {', '.join(available())} (or a template file)")  # fmt: skip

@@ -1,17 +1,21 @@
-"""``openrlhf-search train``: local RL training (or the OpenRLHF backend) from a YAML config + overrides.
+"""``openrlhf-search train``: RL training from a YAML config + overrides, on the backend the config (or ``--backend``)
+selects.
 
     openrlhf-search train --config examples/configs/quickstart.yaml rollout.group_size=4 logging.output_dir=runs/x
     openrlhf-search train --config F --resume          # continue from <output_dir>/checkpoints/latest
     openrlhf-search train --config F --backend openrlhf --dry-run
+
+Every backend runs the same three steps (:mod:`openrlhf_search.backends`): validate (every problem of every section
+at once, exit 2), plan (printed by ``--dry-run``), run.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
-import sys
+
+from openrlhf_search.backends import BACKENDS, RunOptions
+from openrlhf_search.trainer.validate import load_and_validate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,38 +29,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="resume when output_dir has a checkpoint, else start fresh there (requeued jobs)")
     start.add_argument("--overwrite", action="store_true",
                        help="remove the run outputs already in output_dir and start fresh")
-    parser.add_argument("--backend", choices=("local", "openrlhf"), default="local",
-                        help="local (this process, HF/vLLM rollouts) or openrlhf (Ray + vLLM + DeepSpeed)")
-    parser.add_argument("--dry-run", action="store_true", help="openrlhf backend: print the launch command only")
+    parser.add_argument("--backend", default=None, metavar="NAME",
+                        help="where to train, overriding the config's backend: local (this process), openrlhf "
+                             "(Ray + vLLM + OpenRLHF's actors), megatron (OpenRLHF with Megatron actors) or one a "
+                             "plugin registers")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config and print what would run, run nothing")
+
+
+def run_mode(args: argparse.Namespace) -> str:
+    """The run-directory mode of the CLI flags."""
+    if getattr(args, "resume", False):
+        return "resume"
+    if getattr(args, "resume_or_start", False):
+        return "resume_or_start"
+    return "overwrite" if getattr(args, "overwrite", False) else "fresh"
 
 
 def run(args: argparse.Namespace) -> int:
     # Sleep instead of spinning in OpenMP barriers: on a shared 2-core machine spinning threads made the update
-    # ~10x slower under contention (measured here); must be set before torch is imported.
+    # ~10x slower under contention; must be set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from openrlhf_search.trainer.validate import load_and_validate
-
+    prog = "openrlhf-search train" + (f" --backend {args.backend}" if args.backend else "")
+    options = RunOptions(mode=run_mode(args), dry_run=args.dry_run, prog=prog)
     # one loader and one validation pass for every backend: all problems at once, before any expensive work
-    prog = "openrlhf-search train" + (" --backend openrlhf" if args.backend == "openrlhf" else "")
     cfg = load_and_validate(args.config, args.overrides, backend=args.backend, prog=prog,
                             check_files=not args.dry_run)  # a dry run may be planned before the data exists
     if cfg is None:
         return 2
-    if args.backend == "openrlhf":
-        from openrlhf_search.integrations.openrlhf.launch import run_openrlhf
-
-        if args.overwrite:
-            print("openrlhf-search train --backend openrlhf: --overwrite is not supported; choose a new "
-                  "logging.output_dir", file=sys.stderr)  # fmt: skip
-            return 2
-        if args.resume or args.resume_or_start:  # OpenRLHF's --ckpt.load_enable (openrlhf.resume)
-            cfg.openrlhf = dataclasses.replace(cfg.openrlhf, resume=True)
-        return int(run_openrlhf(cfg, dry_run=args.dry_run, require_checkpoint=args.resume) or 0)
-    from openrlhf_search.trainer.local import run_mode, train_or_exit_code
-
-    summary = train_or_exit_code(cfg, run_mode(args), "openrlhf-search train")
-    if isinstance(summary, int):
-        return summary
-    print(json.dumps({k: summary[k] for k in ("steps_done", "reward_gain", "eval_before", "eval_after", "checkpoint")
-                      if k in summary}, indent=1))
-    return 0
+    backend = BACKENDS.get(cfg.backend)
+    plan = backend.plan(cfg, options)
+    if args.dry_run:
+        print(plan.render())
+        return 0
+    return int(backend.run(plan, options) or 0)

@@ -9,21 +9,38 @@ default.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from openrlhf_search.config import (
+    SECTIONS,
+    ConfigError,
+    LoadResult,
+    Rename,
+    build_typed,
+    config_to_dict,
+    load_tree,
+    origin,
+    parse_overrides,
+    raise_problems,
+    read_yaml,
+    save_config,
+    section,
+    tree_lines,
+)
+from openrlhf_search.env.config import EnvConfig
 from openrlhf_search.integrations.megatron.config import MegatronTrainConfig
 from openrlhf_search.integrations.openrlhf.config import OpenRLHFConfig
-from openrlhf_search.registry import did_you_mean
+from openrlhf_search.plugins import PluginError, load_plugins
+
+__all__ = ["ConfigError", "TrainConfig", "ModelConfig", "DataConfig", "RetrieverConfig", "EnvConfig",
+           "RolloutConfig", "AlgorithmConfig", "OptimizerConfig", "SFTConfig", "LoggingConfig", "load_config",
+           "load_config_result", "config_from_dict", "read_yaml", "build_typed", "origin", "config_to_dict",
+           "save_config", "RENAMES"]  # fmt: skip
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and its source (file or override)."""
-
-
+@section("model")
 @dataclass
 class ModelConfig:
     """Which policy to train."""
@@ -62,6 +79,7 @@ class ModelConfig:
     """Initialisation seed of the tiny model."""
 
 
+@section("data")
 @dataclass
 class DataConfig:
     """Training and held-out questions."""
@@ -90,6 +108,7 @@ class DataConfig:
     ``truncate`` (cut to ``max_question_chars``, counted in the log) or ``skip`` (dropped, counted)."""
 
 
+@section("retriever")
 @dataclass
 class RetrieverConfig:
     """Where search queries go."""
@@ -97,8 +116,6 @@ class RetrieverConfig:
     spec: str = ""
     """Index directory or ``http://host:port`` of a retrieval server; empty = build a BM25 index over the
     synthetic corpus into ``<output_dir>/index``."""
-    topk: int = 3
-    """Passages returned per query (the environment's ``topk``)."""
     timeout: float = 60.0
     """Seconds before one HTTP retrieval request fails (HTTP retrievers; the OpenRLHF agent too)."""
     token: str | None = None
@@ -110,50 +127,7 @@ class RetrieverConfig:
     query) or ``reuse`` (cached answers, misses retrieved and stored)."""
 
 
-@dataclass
-class EnvConfig:
-    """The multi-turn search environment (see ``openrlhf_search.env``): every field of the environment's own
-    :class:`openrlhf_search.env.search_env.EnvConfig` (built from this section by :func:`search_env_config`, with
-    ``retriever.topk``), plus the template and the reward. Defaults follow Search-R1 (4 turns of <= 500 tokens,
-    observations cut to 500 tokens, top-3); the quickstart's smaller budgets live in its own config."""
-
-    template: str = "search_r1"
-    """Prompt template name (``openrlhf_search.env`` registry) or a template file."""
-    max_turns: int = 4
-    """Maximum model generations per trajectory, the answering one included."""
-    max_tokens_per_turn: int = 500
-    """Generation budget of one turn."""
-    max_obs_tokens: int = 500
-    """Observations (retrieved passages) are truncated to this many tokens (the wrapper tags are extra)."""
-    max_total_tokens: int = 4096
-    """Budget of prompt + response tokens; a trajectory that cannot fit another turn ends with ``max_length``."""
-    max_response_tokens: int | None = None
-    """Optional budget of the whole response (model + observation tokens); the trajectory ends when it is exhausted.
-    None: only ``max_total_tokens`` limits it (OpenRLHF backend: ``max_total_tokens - openrlhf.max_prompt_tokens``)."""
-    max_queries_per_turn: int = 3
-    """Queries kept from one search action (extra ones are dropped)."""
-    max_docs_per_turn: int | None = None
-    """Documents shown per observation after merging queries (None = ``topk * max_queries_per_turn``)."""
-    forbid_search_on_last_turn: bool = True
-    """Tell the model before its last turn that no search is left, and do not execute a last-turn search."""
-    end_on_eos: bool = True
-    """A generation ending with EOS and no valid action ends the trajectory (``stop``) instead of a correction."""
-    min_turn_tokens: int = 16
-    """If fewer tokens than this remain for the next generation, the trajectory ends with ``max_length``."""
-    reward: str = "format_em"
-    """Reward function name (``openrlhf_search.rewards.get_reward_fn``); the default is Search-R1's exact match with
-    a format check."""
-    reward_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Options of the reward (``format_*``: the ``FormatRewardWeights`` fields such as ``retrieval_score`` and
-    ``no_search_penalty``; every reward: ``timeout``, seconds per batch)."""
-    tools: list[str] = field(default_factory=lambda: ["search"])
-    """Tools the model may call (``openrlhf_search.env.tools``: ``search``, ``open``)."""
-    open_page_tokens: int | None = None
-    """``open`` tool: tokens per page of an opened document (None = ``max_obs_tokens``)."""
-    tool_options: dict[str, dict] = field(default_factory=dict)
-    """Each tool's own settings by tool name (``{web_search: {max_results: 5}}``, the fields of its ``options``)."""
-
-
+@section("rollout")
 @dataclass
 class RolloutConfig:
     """Sampling."""
@@ -189,6 +163,7 @@ class RolloutConfig:
     """Temperature of held-out evaluation (0 = greedy)."""
 
 
+@section("algorithm")
 @dataclass
 class AlgorithmConfig:
     """The RL algorithm (``openrlhf_search.algorithms.get_algorithm``)."""
@@ -228,6 +203,7 @@ class AlgorithmConfig:
     """CalibAdv's lambda (positive/negative mass balance)."""
 
 
+@section("optimizer")
 @dataclass
 class OptimizerConfig:
     """AdamW and the learning-rate schedule."""
@@ -249,6 +225,7 @@ class OptimizerConfig:
     skipped for a non-finite loss or gradient (0 = never stop)."""
 
 
+@section("sft")
 @dataclass
 class SFTConfig:
     """Supervised warm start on demonstration trajectories (tiny model)."""
@@ -279,6 +256,7 @@ class SFTConfig:
     or evaluated on (it must learn to read the passage), and no training-world name gets a token of its own."""
 
 
+@section("logging")
 @dataclass
 class LoggingConfig:
     """Outputs."""
@@ -335,32 +313,27 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    backend: str = "local"
+    """Where training runs (``openrlhf_search.backends`` registry): ``local`` (this process), ``openrlhf`` (Ray +
+    vLLM + OpenRLHF's actors, ``openrlhf.strategy`` picks DeepSpeed or Megatron actors) or ``megatron`` (the
+    OpenRLHF backend with Megatron actors); a plugin may register more. ``train --backend`` overrides it."""
     openrlhf: OpenRLHFConfig = field(default_factory=OpenRLHFConfig)
-    """Cluster side of ``--backend openrlhf`` (GPUs per role, vLLM engines, ZeRO, retrieval server)."""
-    backend: Literal["deepspeed", "megatron"] = "deepspeed"
-    """Training actors of ``--backend openrlhf``: OpenRLHF's DeepSpeed ones or this package's Megatron ones."""
+    """Cluster side of the ``openrlhf`` and ``megatron`` backends (GPUs per role, vLLM engines, ZeRO, strategy,
+    retrieval server)."""
     megatron: MegatronTrainConfig = field(default_factory=MegatronTrainConfig)
     """Megatron settings (``backend: megatron``). ``lr``, ``weight_decay``, ``clip_grad``, ``adam_beta1/2`` default
     to the ``optimizer`` section and ``micro_batch_size`` to ``openrlhf.micro_train_batch_size`` unless set here."""
+    plugin_sections: dict[str, Any] = field(default_factory=dict)
+    """Sections a plugin registers (``openrlhf_search.config.SECTIONS``), e.g. a plugin backend's options: written
+    at the top level of the YAML under their own name, typed by the loader and kept here by name."""
 
 
-# ============================================================================================ loading
-class _Ctx:
-    """Where each key came from (``file:line``, the override, or the built-in source) and the problems found."""
-
-    def __init__(self, source: str, lines: dict[str, str] | None = None) -> None:
-        self.source = source
-        self.lines: dict[str, str] = dict(lines or {})
-        self.problems: list[str] = []
-
-    def where(self, key: str) -> str:
-        return self.lines.get(key, self.source)
-
-    def fail(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.where(key)}: {message}")
-
-
-_BAD = object()
+RENAMES = [
+    Rename("retriever.topk", "env.topk"),
+    Rename("backend", "openrlhf.strategy", values={"deepspeed": "deepspeed"}),
+]
+"""Old spellings still read (with a note): ``retriever.topk`` is the environment's ``env.topk``; ``backend:
+deepspeed`` (the old name of the OpenRLHF backend's training actors) is ``openrlhf.strategy: deepspeed``."""
 
 _KEY_HINTS = {
     "megatron_actor": "; the Megatron actor's loss, temperature, epochs and batch come from algorithm/rollout: "
@@ -369,246 +342,48 @@ _KEY_HINTS = {
 """Extra sentence of the unknown-key error for keys of older config layouts."""
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str, ctx: _Ctx) -> Any:
-    """``value`` as type ``tp`` (a YAML 1.1 string such as ``'1e-6'`` becomes a float where a float belongs), or
-    :data:`_BAD` after recording the problem in ``ctx``."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            ctx.fail(key, f"'{key}' must be a mapping (section {tp.__name__}), got {value!r}")
-            return _BAD
-        return _build(tp, value, key + ".", ctx)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        return _coerce(value, args[0], key, ctx)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            hint = did_you_mean(str(value), [str(c) for c in choices])
-            ctx.fail(key, f"'{key}' must be one of {list(choices)}, got {value!r}{hint}")
-            return _BAD
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        sub = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        if origin is tuple and sub and Ellipsis not in typing.get_args(tp) and len(sub) != len(value):
-            ctx.fail(key, f"'{key}' must have {len(sub)} elements, got {value!r}")
-            return _BAD
-        out = [_coerce(v, sub[min(i, len(sub) - 1)], key, ctx) for i, v in enumerate(value)] if sub else list(value)
-        if any(v is _BAD for v in out):
-            return _BAD
-        return tuple(out) if origin is tuple else out
-    if origin is dict or tp is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            ctx.fail(key, f"'{key}' must be a mapping, got {value!r}")
-            return _BAD
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        ctx.fail(key, f"'{key}' must be a boolean, got {value!r}")
-        return _BAD
-    if tp in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            ctx.fail(key, f"'{key}' must be {tp.__name__}, got {value!r}")
-            return _BAD
-        try:
-            num = float(value) if tp is float else int(value)
-        except ValueError:
-            num = _BAD
-            if tp is int and isinstance(value, str):  # '1e3' in YAML 1.1 -> 1000 when it is a whole number
-                try:
-                    f = float(value)
-                    num = int(f) if f.is_integer() else _BAD
-                except ValueError:
-                    pass
-            if num is _BAD:
-                ctx.fail(key, f"'{key}' must be {tp.__name__}, got {value!r}")
-                return _BAD
-        if tp is int and isinstance(value, float) and value != num:
-            ctx.fail(key, f"'{key}' must be an integer, got {value!r}")
-            return _BAD
-        return num
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            ctx.fail(key, f"'{key}' must be a string, got {value!r}")
-            return _BAD
-        return "" if value is None else str(value)
-    return value
-
-
-def _build(cls, data: dict, prefix: str, ctx: _Ctx):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if k not in names:
-            where = prefix.rstrip(".") or "the top level"
-            ctx.fail(key, f"unknown key '{key}'{did_you_mean(str(k), names)} (valid keys in {where}: "
-                          f"{', '.join(sorted(names))}){_KEY_HINTS.get(key, '')}")  # fmt: skip
-            continue
-        value = _coerce(v, hints[k], key, ctx)
-        if value is not _BAD:
-            kwargs[k] = value
+def _plugin_sections(tree: dict, overrides: list[str] | None) -> dict[str, type]:
+    """Import the tree's (and the overrides') ``plugins`` so that the sections they register are known, then return
+    the registered top-level sections that are not fields of :class:`TrainConfig`."""
+    plugins = tree.get("plugins") or []
+    parsed, _ = parse_overrides(overrides)
+    plugins = next((v for k, v, _ in reversed(parsed) if k == "plugins"), plugins)
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:  # a section's own check (__post_init__)
-        ctx.fail(prefix.rstrip("."), f"{prefix.rstrip('.') or 'config'}: {exc}")
-        return _BAD
+        load_plugins(plugins if isinstance(plugins, list) else [plugins])
+    except PluginError:
+        pass  # reported by the config check, with the key's source
+    fields = set(TrainConfig.__dataclass_fields__)
+    return {name: cls for name, cls in SECTIONS.items() if "." not in name and name not in fields}
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any, ctx: _Ctx) -> None:
-    cls, node, parts = TrainConfig, tree, dotted.split(".")
-    for i, part in enumerate(parts):
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in names:
-            where = ".".join(parts[:i]) or "the top level"
-            ctx.fail(dotted, f"unknown key '{dotted}' ('{part}' is not a field of {where}"
-                             f"{did_you_mean(part, names)}; valid: {', '.join(sorted(names))})")  # fmt: skip
-            return
-        if i == len(parts) - 1:
-            node[part] = value
-            return
-        sub = typing.get_type_hints(cls)[part]
-        if not dataclasses.is_dataclass(sub):
-            ctx.fail(dotted, f"'{'.'.join(parts[: i + 1])}' is not a section, cannot set '{dotted}'")
-            return
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node, cls = child, sub
+def _load(tree: dict, lines: dict[str, str], source: str, overrides: list[str] | None) -> LoadResult:
+    if "backend=deepspeed" in (overrides or []) and tree.get("backend") == "megatron":
+        # the old spelling of "the OpenRLHF backend with DeepSpeed actors" overriding a file's old "backend: megatron"
+        tree = {**tree, "backend": "openrlhf"}
+    extra = _plugin_sections(tree, overrides)
+    return load_tree(TrainConfig, tree, lines, source, overrides, renames=RENAMES, extra_sections=extra,
+                     extra_field="plugin_sections", hints=_KEY_HINTS)
 
 
-def _record_keys(tree: dict, prefix: str, where: str, lines: dict[str, str]) -> None:
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        lines.setdefault(key, where)
-        if isinstance(v, dict):
-            _record_keys(v, key + ".", where, lines)
+def load_config_result(path: str | Path | None = None, overrides: list[str] | None = None,
+                       tree: dict | None = None, source: str = "built-in config") -> LoadResult:
+    """Load the :class:`TrainConfig` of a YAML file (or of the in-memory ``tree``) plus overrides, without raising for
+    a problem of the input: the result holds the config built from the valid keys, every problem and the notes on
+    old spellings. A missing file or invalid YAML still raises :class:`ConfigError`."""
+    if tree is not None:
+        return _load(tree, tree_lines(tree, source), source, overrides)
+    if not path:
+        return _load({}, {}, "defaults", overrides)
+    data, lines = read_yaml(path)
+    return _load(data, lines, str(path), overrides)
 
 
-def _parse_overrides(tree: dict, overrides: list[str] | None, ctx: _Ctx) -> None:
-    import yaml
-
-    for item in overrides or []:
-        if "=" not in item:
-            ctx.problems.append(f"override '{item}': expected section.key=value")
-            continue
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        ctx.lines[key] = f"override '{item}'"
-        if isinstance(value, dict):
-            _record_keys(value, key + ".", f"override '{item}'", ctx.lines)
-        _set_dotted(tree, key, value, ctx)
-
-
-def _finish(tree: dict, overrides: list[str] | None, ctx: _Ctx, collect: list | None = None) -> TrainConfig:
-    """Apply overrides, build the tree; raise one :class:`ConfigError` with every problem, or -- with ``collect`` --
-    append the problems there and return the tree built from the valid keys (defaults elsewhere), so that a caller
-    can report them together with the validation's."""
-    _parse_overrides(tree, overrides, ctx)
-    cfg = _build(TrainConfig, tree, "", ctx)
+def _finish(result: LoadResult, collect: list | None) -> TrainConfig | None:
     if collect is not None:
-        collect.extend(ctx.problems)
-        if cfg is _BAD:
-            return None
-        cfg._origin = ctx.lines
-        return cfg
-    if ctx.problems:
-        raise ConfigError("\n  ".join([f"{len(ctx.problems)} config problem(s):", *ctx.problems])
-                          if len(ctx.problems) > 1 else ctx.problems[0])  # fmt: skip
-    cfg._origin = ctx.lines  # where each given key came from (file:line / override), for later messages
-    return cfg
-
-
-def config_from_dict(tree: dict, overrides: list[str] | None = None, source: str = "built-in config",
-                     collect: list | None = None) -> TrainConfig:
-    """Like :func:`load_config` for an in-memory tree (e.g. the quickstart's built-in config)."""
-    import copy
-
-    tree = copy.deepcopy(tree)
-    lines: dict[str, str] = {}
-    _record_keys(tree, "", source, lines)
-    return _finish(tree, overrides, _Ctx(source, lines), collect)
-
-
-class _MarkedDict(dict):
-    """A YAML mapping that remembers the line of each key."""
-
-    lines: dict
-
-
-def _marked_loader():
-    import yaml
-
-    class MarkedLoader(yaml.SafeLoader):
-        """SafeLoader whose mappings keep the source line of every key (for ``file:line`` messages)."""
-
-    def construct_map(loader, node):
-        data = _MarkedDict()
-        yield data
-        loader.flatten_mapping(node)
-        data.update(loader.construct_mapping(node))
-        data.lines = {loader.construct_object(k): k.start_mark.line + 1 for k, _ in node.value}
-
-    MarkedLoader.add_constructor("tag:yaml.org,2002:map", construct_map)
-    return MarkedLoader
-
-
-def _plain(tree: Any, prefix: str, path: str, lines: dict[str, str]) -> Any:
-    if isinstance(tree, dict):
-        marks = getattr(tree, "lines", {})
-        out = {}
-        for k, v in tree.items():
-            key = f"{prefix}{k}"
-            if k in marks:
-                lines[key] = f"{path}:{marks[k]}"
-            out[k] = _plain(v, key + ".", path, lines)
-        return out
-    if isinstance(tree, list):
-        return [_plain(v, prefix, path, lines) for v in tree]
-    return tree
-
-
-def read_yaml(path: str | Path) -> tuple[dict, dict[str, str]]:
-    """``(tree, lines)`` of a YAML config file: plain nested dicts, and ``dotted key -> "file:line"``.
-
-    Raises:
-        ConfigError: missing file, invalid YAML (with its line), or a top level that is not a mapping.
-    """
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_marked_loader()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{p}: not UTF-8 text ({exc})") from exc
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
-    lines: dict[str, str] = {}
-    return _plain(loaded, "", str(p), lines), lines
+        collect.extend(result.problems)
+        return result.config
+    raise_problems(result.problems)
+    return result.config
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -617,8 +392,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     overrides.
 
     Values of overrides are parsed as YAML (``3e-4`` -> float, ``[a, b]`` -> list, ``true`` -> bool). Types are
-    checked against the dataclass annotations; a string where a number belongs is converted when it parses (YAML 1.1
-    reads ``1e-6`` as the string ``'1e-6'``), else it is an error. All problems are reported at once.
+    checked against the dataclass annotations (:mod:`openrlhf_search.config.loader`). All problems are reported at
+    once.
 
     ``collect``: a list that receives the problems instead of an exception (the tree is then built from the valid
     keys; None if even that is impossible) -- how the front ends report load and validation problems together.
@@ -627,56 +402,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         ConfigError: unknown keys (named with ``file:line`` or the override, plus the nearest valid key), wrong
             types, malformed overrides.
     """
-    if not path:
-        return _finish({}, overrides, _Ctx("defaults"), collect)
-    tree, lines = read_yaml(path)
-    return _finish(tree, overrides, _Ctx(str(path), lines), collect)
+    return _finish(load_config_result(path, overrides), collect)
 
 
-def build_typed(cls, data: dict, source: str, prefix: str = ""):
-    """A dataclass ``cls`` from a mapping with the tree's type checks (for the transport views: agent, patch and
-    Megatron JSON); raises :class:`ConfigError` (a ``ValueError``) naming ``source`` and every bad key."""
-    ctx = _Ctx(source)
-    obj = _build(cls, dict(data), prefix, ctx)
-    if ctx.problems:
-        raise ConfigError("; ".join(ctx.problems))
-    return obj
+def config_from_dict(tree: dict, overrides: list[str] | None = None, source: str = "built-in config",
+                     collect: list | None = None) -> TrainConfig:
+    """Like :func:`load_config` for an in-memory tree (e.g. the quickstart's built-in config)."""
+    return _finish(load_config_result(None, overrides, tree=tree, source=source), collect)
 
 
-def origin(cfg: Any, key: str) -> str:
-    """Where the dotted ``key`` of a loaded config was set (``file:line``, the override), or ``""`` (a default)."""
-    return getattr(cfg, "_origin", {}).get(key, "")
 
 
-def search_env_config(cfg: TrainConfig):
-    """The environment's :class:`openrlhf_search.env.search_env.EnvConfig` from the tree: every field of the
-    ``env`` section with the same name, ``topk`` from ``retriever.topk``. The ONE place this is built (local trainer,
-    eval, the OpenRLHF agent config)."""
-    from openrlhf_search.env.search_env import EnvConfig as SearchEnvConfig
 
-    names = {f.name for f in dataclasses.fields(SearchEnvConfig)}
-    kwargs = {k: getattr(cfg.env, k) for k in names if hasattr(cfg.env, k)}
-    if "topk" in names:
-        kwargs["topk"] = cfg.retriever.topk
-    return SearchEnvConfig(**kwargs)
-
-
-def config_to_dict(cfg) -> dict:
-    """A plain (YAML/JSON-serialisable) dict of a config dataclass."""
-    out = dataclasses.asdict(cfg)
-
-    def fix(x):
-        if isinstance(x, tuple):
-            return list(x)
-        if isinstance(x, dict):
-            return {k: fix(v) for k, v in x.items()}
-        return x
-
-    return fix(out)
-
-
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Write ``cfg`` as YAML (what the run actually used)."""
-    import yaml
-
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+def search_env_config(cfg: TrainConfig) -> EnvConfig:
+    """The environment's config of a tree: its ``env`` section, as is (every front end builds its environment from
+    it: local trainer, eval, the OpenRLHF agent)."""
+    return cfg.env

@@ -65,7 +65,7 @@ EVAL_SETTINGS = {
     "max_tokens_per_turn": ("env", "max_tokens_per_turn", 500),
     "max_obs_tokens": ("env", "max_obs_tokens", 500),
     "max_response_tokens": ("env", "max_response_tokens", None),
-    "topk": ("retriever", "topk", 3),
+    "topk": ("env", "topk", 3),
     "temperature": ("rollout", "eval_temperature", 0.0),
     "top_p": ("rollout", "top_p", 1.0),
     "seed": (None, "seed", 0),

@@ -959,7 +959,7 @@ def warm_start(cfg: TrainConfig, policy, tokenizer, env, kb, retriever, worlds: 
         result.update(copy_loss_first=closs[0], copy_loss_last=closs[-1],
                       copy_seconds=time.perf_counter() - t0)
     common = dict(mistake_rate=cfg.sft.mistake_rate, no_search_share=cfg.sft.no_search_share,
-                  topk=cfg.retriever.topk, template=get_template(cfg.env.template))
+                  topk=cfg.env.topk, template=get_template(cfg.env.template))
     if worlds:
         demos = [d for i, w in enumerate(worlds) for d in synthetic_trajectories(w, "train", seed=cfg.data.seed + i,
                                                                                  **common)]

@@ -5,7 +5,8 @@ loss overrides, KL estimator, template, reward, schedule, rollout engine, retrie
 mean" for near misses, and every numeric range (``group_size >= 2`` for group estimators, ``temperature > 0``,
 ``top_p`` in ``(0, 1]``, positive counts, a finite positive learning rate...). It imports only the registries (and
 the config's ``plugins``), so it answers within seconds of the command -- before data loading, model building or
-the warm start. Every front end calls it: ``train`` (local and ``--backend openrlhf``), ``quickstart``, ``eval``.
+the warm start -- and then asks the selected backend (:mod:`openrlhf_search.backends`) for its own problems. Every
+front end calls it: ``train`` (every backend), ``quickstart``, ``eval``.
 
 Each problem names the key, the value and where it was set (``file:line`` or the override).
 """
@@ -13,14 +14,27 @@ Each problem names the key, the value and where it was set (``file:line`` or the
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from openrlhf_search.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from openrlhf_search.algorithms.kl import KL_ESTIMATORS
+from openrlhf_search.algorithms.postprocess import ADVANTAGE_POSTPROCESSORS
+from openrlhf_search.algorithms.presets import advantage_pipeline, preset_for
+from openrlhf_search.backends import BACKENDS, RunOptions
+from openrlhf_search.config import ConfigError, origin, raise_problems
+from openrlhf_search.env.templates import available_templates, get_template
+from openrlhf_search.env.tools import TOOLS, get_tools
+from openrlhf_search.plugins import PluginError, load_plugins
 from openrlhf_search.registry import Registry, did_you_mean
+from openrlhf_search.retrieval import LOADERS
+from openrlhf_search.rewards import available_rewards, get_reward_fn
+from openrlhf_search.rollout import ENGINES
 from openrlhf_search.trainer import lora
 
-from .config import ConfigError, TrainConfig, load_config, origin, search_env_config
+from .config import TrainConfig, load_config_result
 
 LR_SCHEDULES: Registry[str] = Registry("learning-rate schedule")
 """``optimizer.schedule`` names (the local trainer's ``lr_lambda``; the OpenRLHF launcher maps them too)."""
@@ -68,32 +82,35 @@ def _name_problem(registry_error: Exception) -> str:
         registry_error)
 
 
-def _templates():
-    from openrlhf_search.env.templates import available_templates, get_template
+def backend_name(cfg: TrainConfig, backend: str | None = None) -> str:
+    """The backend a run uses: ``backend`` (the command line's ``--backend``) when given, else ``cfg.backend``;
+    ``--backend openrlhf`` with ``backend: megatron`` in the config is the Megatron strategy of the OpenRLHF
+    backend, i.e. ``megatron``."""
+    if not backend:
+        return cfg.backend
+    return "megatron" if backend == "openrlhf" and cfg.backend == "megatron" else backend
 
-    return available_templates, get_template
 
-
-def validate_config(cfg: TrainConfig, backend: str = "local", check_files: bool = True) -> list[str]:
-    """Every problem of ``cfg`` for ``backend`` (``local`` or ``openrlhf``), as one line each; ``[]`` if none.
+def validate_config(cfg: TrainConfig, backend: str | None = None, check_files: bool = True) -> list[str]:
+    """Every problem of ``cfg`` for ``backend`` (default: ``cfg.backend``, which this sets), one line each; ``[]``
+    if none: the sections' own checks, then the backend's (:meth:`openrlhf_search.backends.Backend.validate`).
 
     ``check_files=False`` (a ``--dry-run``) skips the existence of data files and index directories."""
     p = _Problems(cfg)
+    name = backend_name(cfg, backend)
+    if cfg.backend != name and cfg.backend not in BACKENDS:  # the config's own word, overridden by --backend
+        p.add("backend", BACKENDS.unknown_message(cfg.backend), cfg.backend)
+    cfg.backend = name
 
     # ---- plugins first: they may register the names checked below
-    from openrlhf_search.plugins import PluginError, load_plugins
-
     try:
         load_plugins(cfg.plugins)
     except PluginError as exc:
         p.add("plugins", str(exc).removeprefix("plugins: "), list(cfg.plugins))
+    if name not in BACKENDS:
+        p.add("backend", BACKENDS.unknown_message(name), name)
 
     # ---- algorithm
-    from openrlhf_search.algorithms.advantages import ADVANTAGE_ESTIMATORS
-    from openrlhf_search.algorithms.kl import KL_ESTIMATORS
-    from openrlhf_search.algorithms.postprocess import ADVANTAGE_POSTPROCESSORS
-    from openrlhf_search.algorithms.presets import advantage_pipeline, preset_for
-
     alg = cfg.algorithm
     preset = None
     try:
@@ -126,8 +143,6 @@ def validate_config(cfg: TrainConfig, backend: str = "local", check_files: bool 
 
     # ---- rollout
     ro = cfg.rollout
-    from openrlhf_search.rollout import ENGINES
-
     if ro.engine not in ENGINES:
         p.add("rollout.engine", ENGINES.unknown_message(ro.engine), ro.engine)
     p.check("rollout.prompts_per_step", ro.prompts_per_step >= 1, "must be >= 1")
@@ -165,7 +180,6 @@ def validate_config(cfg: TrainConfig, backend: str = "local", check_files: bool 
 
     # ---- env: template, reward, tools, limits
     env = cfg.env
-    available_templates, get_template = _templates()
     if env.template not in available_templates() and not Path(str(env.template)).is_file():
         p.add("env.template", f"unknown template{did_you_mean(env.template, available_templates())}; valid names: "
               f"{', '.join(available_templates())} (or a template file)", env.template)  # fmt: skip
@@ -174,8 +188,6 @@ def validate_config(cfg: TrainConfig, backend: str = "local", check_files: bool 
             get_template(env.template)
         except Exception as exc:  # a broken template file
             p.add("env.template", str(exc), env.template)
-    from openrlhf_search.rewards import available_rewards, get_reward_fn
-
     if env.reward not in available_rewards():
         p.add("env.reward", f"unknown reward{did_you_mean(env.reward, available_rewards())}; valid names: "
               f"{', '.join(available_rewards())}", env.reward)  # fmt: skip
@@ -184,21 +196,22 @@ def validate_config(cfg: TrainConfig, backend: str = "local", check_files: bool 
             get_reward_fn(env.reward, **env.reward_kwargs)
         except (TypeError, ValueError) as exc:
             p.add("env.reward_kwargs", str(exc), env.reward_kwargs)
-    _check_tools(cfg, p)
-    for key in ("max_turns", "max_tokens_per_turn", "max_total_tokens", "max_queries_per_turn", "min_turn_tokens"):
-        p.check(f"env.{key}", getattr(env, key) >= 1, "must be >= 1")
-    p.check("env.max_obs_tokens", env.max_obs_tokens >= 0, "must be >= 0")
-    for key in ("max_response_tokens", "max_docs_per_turn"):
-        p.check(f"env.{key}", getattr(env, key) is None or getattr(env, key) >= 1, "must be >= 1 or null")
-    p.check("env.max_tokens_per_turn", env.max_tokens_per_turn <= env.max_total_tokens,
-            f"must be <= env.max_total_tokens={env.max_total_tokens}")
+    unknown_tools = [tool for tool in env.tools if tool not in TOOLS]
+    for tool in unknown_tools:
+        p.add("env.tools", TOOLS.unknown_message(tool), tool)
+    if env.tool_options and not unknown_tools:
+        try:  # each tool's own settings, checked by building the tools once
+            get_tools(list(env.tools), env)
+        except (TypeError, ValueError) as exc:
+            p.add("env.tool_options", str(exc), env.tool_options)
+    for key, message in env.problems():
+        p.add(f"env.{key}", message, getattr(env, key))
 
     # ---- retriever
     r = cfg.retriever
-    p.check("retriever.topk", r.topk >= 1, "must be >= 1")
     p.check("retriever.timeout", _finite(r.timeout) and r.timeout > 0, "must be > 0")
-    if not (backend == "openrlhf" and cfg.openrlhf.retrieval_url):
-        _check_retriever_spec(cfg, p, backend, check_files)
+    if name == "local" or (cfg.retriever.spec and not cfg.openrlhf.retrieval_url):
+        _check_retriever_spec(cfg, p, check_files)
 
     # ---- data, model, sft, logging
     d = cfg.data
@@ -219,10 +232,6 @@ def validate_config(cfg: TrainConfig, backend: str = "local", check_files: bool 
     m = cfg.model
     if m.dtype not in MODEL_DTYPES:
         p.add("model.dtype", f"expected one of {list(MODEL_DTYPES)}{did_you_mean(m.dtype, MODEL_DTYPES)}", m.dtype)
-    local_path = m.path in ("tiny", "smollm2") or Path(m.path).exists() or m.path.count("/") == 1
-    if backend == "local" and not local_path:
-        p.add("model.path", "not 'tiny', 'smollm2', an existing checkpoint directory or a hub id (org/name)"
-              + did_you_mean(m.path, ["tiny", "smollm2"]), m.path)
     if m.path == "tiny":
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
             p.check(f"model.{key}", getattr(m, key) >= 1, "must be >= 1")
@@ -256,65 +265,24 @@ def validate_config(cfg: TrainConfig, backend: str = "local", check_files: bool 
         p.check("data.max_question_chars", d.max_question_chars >= 0, "must be >= 0 (0 = no limit)")
     if hasattr(m, "lora_rank"):
         p.check("model.lora_rank", m.lora_rank >= 0, "must be >= 0 (0 = full fine-tuning)")
-        p.check("model.lora_rank", m.lora_rank <= 0 or lora.peft_installed(), lora.PEFT_MISSING)
+    p.check("model.lora_rank", m.lora_rank <= 0 or lora.peft_installed(), lora.PEFT_MISSING)
 
-    # ---- backend-specific
-    if backend == "local" and cfg.backend != "deepspeed":
-        p.add("backend", "selects the training actors of `train --backend openrlhf`; the local trainer trains in "
-              "this process", cfg.backend)
-    if backend == "openrlhf":
+    # ---- the selected backend's own checks (its section, its translation, the cluster arithmetic)
+    if name in BACKENDS:
         try:
-            cfg.openrlhf.validate()
-        except ValueError as exc:
-            p.add("", str(exc))
-    if backend == "openrlhf" and not p.items:
-        # the launcher's own translation checks (pure: no files, no network)
-        from openrlhf_search.integrations.openrlhf.launch import build_plan
-
-        try:
-            build_plan(cfg)
-        except (ValueError, KeyError) as exc:
-            p.add("", str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+            found = BACKENDS.get(name).validate(cfg, RunOptions(dry_run=not check_files))
+        except (ValueError, KeyError, TypeError) as exc:
+            found = [f"backend {name}: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}"]
+        named = {x.split("=")[0].split(":")[0] for x in p.items}  # a key (or text) already reported is not repeated
+        p.items += [x for x in found
+                    if x.split("=")[0].split(":")[0] not in named and not any(x in y for y in p.items)]
     return p.items
 
 
-def _check_tools(cfg: TrainConfig, p: _Problems) -> None:
-    """``env.tools`` against the tools registry, when this version of the environment has tools."""
-    tools = getattr(cfg.env, "tools", None)
-    if not tools:
-        return
-    try:
-        from openrlhf_search.env import tools as tools_mod  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    registry = next((v for v in vars(tools_mod).values() if isinstance(v, Registry)), None)
-    if registry is None:
-        return
-    for name in tools if isinstance(tools, (list, tuple)) else [tools]:
-        name = name if isinstance(name, str) else getattr(name, "name", str(name))
-        if name not in registry:
-            p.add("env.tools", registry.unknown_message(name), name)
-            return
-    options = getattr(cfg.env, "tool_options", None)
-    if not options:
-        return
-    try:
-        env_cfg = search_env_config(cfg)
-    except (TypeError, ValueError):
-        return  # a field the other env checks report
-    try:  # each tool's own settings, checked by building the tools once
-        tools_mod.get_tools(list(tools), env_cfg)
-    except (TypeError, ValueError) as exc:
-        p.add("env.tool_options", str(exc), options)
-
-
-def _check_retriever_spec(cfg: TrainConfig, p: _Problems, backend: str, check_files: bool = True) -> None:
+def _check_retriever_spec(cfg: TrainConfig, p: _Problems, check_files: bool = True) -> None:
     spec = cfg.retriever.spec
     if not spec:
-        if backend == "openrlhf":
-            p.add("retriever.spec", "the OpenRLHF agent needs a retriever: an index directory or http(s)://host:port "
-                  "(or set openrlhf.retrieval_url)", spec)  # fmt: skip
-        elif cfg.data.source != "synthetic":
+        if cfg.data.source != "synthetic":
             p.add("retriever.spec", "empty (a BM25 index over the synthetic corpus) needs data.source=synthetic; give "
                   "an index directory or http(s)://host:port", spec)  # fmt: skip
         return
@@ -326,8 +294,6 @@ def _check_retriever_spec(cfg: TrainConfig, p: _Problems, backend: str, check_fi
 
 def retriever_spec_problems(spec: str) -> list[str]:
     """Problems of a retriever spec (URL, or an index directory whose manifest names a registered kind)."""
-    from openrlhf_search.retrieval import LOADERS
-
     if spec.startswith(("http://", "https://")):
         return []
     if "://" in spec:
@@ -347,12 +313,9 @@ def retriever_spec_problems(spec: str) -> list[str]:
     return [] if method in LOADERS else [f"{manifest}: {LOADERS.unknown_message(method)}"]
 
 
-def check_config(cfg: TrainConfig, backend: str = "local", check_files: bool = True) -> TrainConfig:
+def check_config(cfg: TrainConfig, backend: str | None = None, check_files: bool = True) -> TrainConfig:
     """Raise :class:`ConfigError` listing every problem of :func:`validate_config`; return ``cfg``."""
-    problems = validate_config(cfg, backend, check_files)
-    if problems:
-        raise ConfigError("\n  ".join([f"{len(problems)} config problem(s):", *problems]) if len(problems) > 1
-                          else problems[0])  # fmt: skip
+    raise_problems(validate_config(cfg, backend, check_files))
     return cfg
 
 
@@ -361,24 +324,23 @@ def report(prog: str, exc: Exception) -> None:
     print(f"{prog}: {exc}", file=sys.stderr)
 
 
-def load_and_validate(path: str | None, overrides: list[str], backend: str = "local", prog: str = "openrlhf-search",
-                      tree: dict | None = None, source: str = "built-in config",
+def load_and_validate(path: str | None, overrides: list[str], backend: str | None = None,
+                      prog: str = "openrlhf-search", tree: dict | None = None, source: str = "built-in config",
                       check_files: bool = True) -> TrainConfig | None:
-    """Load (``path`` or the in-memory ``tree``) + overrides, then :func:`check_config`; on any problem print it
-    (``prog: ...``) and return None (the caller exits 2)."""
-    problems: list[str] = []
+    """Load (``path`` or the in-memory ``tree``) + overrides, then :func:`validate_config` for ``backend`` (default:
+    the config's); print notes on old spellings, and on any problem print every one of them at once (``prog:
+    ...``) and return None (the caller exits 2)."""
     try:
-        if tree is not None:
-            from .config import config_from_dict
-
-            cfg = config_from_dict(tree, overrides, source=source, collect=problems)
-        else:
-            cfg = load_config(path, overrides, collect=problems)
+        result = load_config_result(path, overrides, tree=tree, source=source)
     except ConfigError as exc:  # the file itself (missing, invalid YAML)
         report(prog, exc)
         return None
+    for note in result.notes:
+        print(f"{prog}: note: {note}", file=sys.stderr)
+    problems, cfg = list(result.problems), result.config
     if cfg is not None:
-        flagged = {p.split(": ")[1].split("'")[1] for p in problems if "'" in p}  # keys the loader already named
+        flagged = {m.group(1) for p in problems  # keys the loader already named
+                   if (m := re.search(r"'([A-Za-z_][\w.]*)'", p.split(": ", 1)[-1]))}
         found = validate_config(cfg, backend, check_files)
         problems += [p for p in found if p.split("=")[0].split(":")[0] not in flagged]
     if problems:

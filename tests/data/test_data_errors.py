@@ -60,8 +60,11 @@ def _train(tmp_path, *overrides):
     return subprocess.run([sys.executable, "-m", "openrlhf_search", "train", "--config",
                            str(REPO / "examples" / "configs" / "smoke.yaml"), f"logging.output_dir={tmp_path / 'run'}",
                            # a retriever is required with data.source=files (validated before the data is read);
-                           # a URL is not contacted before the data is loaded
-                           "data.source=files", "retriever.spec=http://127.0.0.1:9", *overrides], capture_output=True,
+                           # a URL is not contacted before the data is loaded. The config check refuses the tiny
+                           # random-init model and the synthetic warm start on user data: an existing directory
+                           # stands for a pretrained model (the data is read before any model is loaded)
+                           "data.source=files", "retriever.spec=http://127.0.0.1:9", f"model.path={tmp_path}",
+                           "sft.steps=0", "sft.copy_steps=0", "sft.demo_worlds=0", *overrides], capture_output=True,
                           text=True, timeout=120, env=env,
                           cwd=str(REPO))
 

@@ -101,7 +101,7 @@ def test_an_async_reward_reading_the_question_through_the_local_episode_path(plu
 
 
 def _runtime(tok, retriever, reward):
-    cfg = AgentConfig(retrieval_url="unused", max_turns=3, tools=["search", "web_search"])
+    cfg = AgentConfig(retrieval_url="unused", env=EnvConfig(max_turns=3, tools=["search", "web_search"]))
     return agent_core.AgentRuntime(config=cfg, retriever=retriever, reward_fn=reward)
 
 

@@ -20,6 +20,7 @@ from openrlhf_search.trainer.config import (
     save_config,
     search_env_config,
 )
+from openrlhf_search.trainer.validate import validate_config
 
 
 def flag_value(command: list[str], flag: str) -> str:
@@ -93,8 +94,12 @@ def test_a_string_that_is_no_number_names_key_and_file(tmp_path):
 def test_choices_are_checked_with_did_you_mean():
     with pytest.raises(ConfigError, match=r"'megatron\.precision' must be one of .*did you mean 'bf16'"):
         load_config(None, ["megatron.precision=bf61"])
-    with pytest.raises(ConfigError, match=r"'backend' must be one of"):
-        load_config(None, ["backend=fsdp"])
+    with pytest.raises(ConfigError, match=r"'openrlhf\.strategy' must be one of"):
+        load_config(None, ["openrlhf.strategy=fsdp"])
+    # the backend is a registry name (a plugin may add one): checked with the sections, "did you mean" included
+    problems = validate_config(load_config(None, ["backend=openrlfh"]), check_files=False)
+    assert any(p.startswith("backend='openrlfh': unknown backend") and "did you mean 'openrlhf'" in p
+               for p in problems), problems
 
 
 def test_every_section_is_settable_from_the_command_line():
@@ -129,12 +134,12 @@ def test_agent_config_is_a_view_of_the_tree_with_the_same_defaults():
     tree = TrainConfig()
     agent = agent_config_from_tree(tree, "http://h:1")
     assert agent == AgentConfig(retrieval_url="http://h:1")  # the agent's own defaults are the tree's
-    assert agent.reward == tree.env.reward and agent.template == tree.env.template
+    assert agent.env == tree.env  # the env section itself, embedded
     cfg = load_config(None, ["env.max_turns=2", "env.min_turn_tokens=8", "retriever.topk=4", "plugins=[json]",
                              "env.reward=format_f1", "retriever.timeout=7"])  # fmt: skip
     agent = agent_config_from_tree(cfg, "http://h:1")
     assert agent.search_env_config() == search_env_config(cfg)  # the agent runs the local env's limits
-    assert agent.plugins == ["json"] and agent.reward == "format_f1" and agent.request_timeout == 7.0
+    assert agent.plugins == ["json"] and agent.env.reward == "format_f1" and agent.request_timeout == 7.0
 
 
 def test_the_launcher_builds_its_views_only_from_the_tree(tmp_path):
@@ -143,7 +148,7 @@ def test_the_launcher_builds_its_views_only_from_the_tree(tmp_path):
                              "openrlhf.vllm_num_engines=2",
                              f"logging.output_dir={tmp_path}"])  # fmt: skip
     plan = launch.build_plan(cfg)
-    assert plan.agent_config.max_turns == 3 and plan.agent_config.plugins == ["json"]
+    assert plan.agent_config.env.max_turns == 3 and plan.agent_config.plugins == ["json"]
     assert plan.patch_config.plugins == ["json"] and plan.backend_config.actor.plugins == ["json"]
     assert flag_value(plan.command, "--actor.num_gpus_per_node") == "2"
 
@@ -155,21 +160,21 @@ def test_saved_config_reloads_to_the_same_tree(tmp_path):
     assert config_to_dict(cfg)["megatron"]["parallel"]["tensor_model_parallel_size"] == 1
 
 
-def test_docs_reference_lists_every_key():
-    """docs/trainer.md's configuration reference names every leaf key of the tree."""
+def test_docs_reference_is_generated_from_the_config():
+    """docs/trainer.md's configuration reference is exactly what ``openrlhf-search config --markdown`` prints (the
+    field docstrings), so a new field or docstring cannot be missing from it."""
+    import importlib.util
     from pathlib import Path
 
-    docs = (Path(__file__).resolve().parents[2] / "docs" / "trainer.md").read_text()
+    from openrlhf_search.trainer.cli_config import reference_table
 
-    def leaves(cls, prefix=""):
-        import typing
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("config_reference", root / "scripts" / "config_reference.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    docs = (root / "docs" / "trainer.md").read_text(encoding="utf-8")
+    assert script.regenerated(docs) == docs, "docs/trainer.md is out of date: python scripts/config_reference.py"
+    table = reference_table()
+    assert all(any(row.startswith(f"| `{k}` |") for row in table) for k in ("env.topk", "openrlhf.strategy",
+                                                                               "megatron.parallel.sequence_parallel"))
 
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                yield from leaves(hints[f.name], f"{prefix}{f.name}.")
-            else:
-                yield prefix + f.name
-
-    missing = [k for k in leaves(TrainConfig) if f"| `{k}` |" not in docs]
-    assert not missing, f"docs/trainer.md lacks {missing} (regenerate: python scripts/config_reference.py)"

@@ -80,7 +80,8 @@ def test_openrlhf_backend_is_validated_before_launching(tmp_path):
                                 "retriever.spec=http://127.0.0.1:1", "algorithm.name=gspoo", "openrlhf.zero_stage=5",
                                 "backend=megatorn", "rollout.top_p=0", cwd=tmp_path)  # fmt: skip
     assert rc == 2 and "Traceback" not in text and seconds < BOUND_S
-    assert "4 config problem(s)" in text and "openrlhf.zero_stage=5" in text
+    assert "5 config problem(s)" in text and "openrlhf.zero_stage=5" in text
+    assert "openrlhf.allow_toy_data" in text  # the cluster inputs are checked by the dry run too
     assert "did you mean 'gspo'" in text and "did you mean 'megatron'" in text
 
 
@@ -110,7 +111,11 @@ def test_eval_flags_are_validated_before_loading(tmp_path):
         (["retriever.spec=ftp://x"], "unsupported URL scheme 'ftp'"),
         (["plugins=[no_such_plugin_mod]"], "cannot import plugin 'no_such_plugin_mod'"),
         (["model.dtype=fp16"], "model.dtype='fp16'"),
-        (["backend=megatron"], "selects the training actors of `train --backend openrlhf`"),
+        (["backend=fsdp"], "unknown backend 'fsdp'"),
+        (["data.source=files", "data.train_files=[x.jsonl]", "retriever.spec=http://h:1", "sft.copy_steps=5"],
+         "sft.copy_steps=5: the warm start's copy objective is built from the synthetic knowledge base"),
+        (["data.source=files", "data.train_files=[x.jsonl]", "retriever.spec=http://h:1"],
+         "model.path='tiny': a random-init model on your own data (data.source=files) cannot learn"),
     ],
 )
 def test_names_and_ranges(overrides, expected):

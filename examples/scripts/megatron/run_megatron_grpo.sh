@@ -80,8 +80,8 @@ data:
   num_train: 100000000
 retriever:
   spec: ${RETRIEVAL_URL}
-  topk: 3
 env:
+  topk: 3
   template: search_r1
   max_turns: 4
   max_tokens_per_turn: 500

@@ -8,6 +8,9 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from openrlhf_search.config import build_typed, section
+from openrlhf_search.plugins import load_plugins
+
 MEGATRON_CONFIG_ENV = "OPENRLHF_SEARCH_MEGATRON_CONFIG"
 """Environment variable holding the path of the :class:`BackendConfig` JSON file (read in the Ray actors)."""
 
@@ -52,6 +55,7 @@ class MegatronParallelConfig:
         return world_size // model_parallel
 
 
+@section("megatron")
 @dataclass
 class MegatronTrainConfig:
     """Everything the Megatron actor needs besides the model path (see ``docs/megatron.md``)."""
@@ -112,8 +116,6 @@ class MegatronTrainConfig:
         punknown = sorted(set(parallel) - pknown)
         if punknown:
             raise ValueError(f"{where}.parallel: unknown field(s) {punknown}; known: {sorted(pknown)}")
-        from openrlhf_search.trainer.config import build_typed
-
         return build_typed(cls, {**data, "parallel": parallel}, where, prefix="megatron.")  # types checked
 
 
@@ -140,8 +142,7 @@ class ActorSettings:
 def build_actor_loss(settings: ActorSettings):
     """The policy loss of a Megatron actor: import ``settings.plugins`` (a user's loss may live there), then resolve
     ``settings.loss`` in the registry (the same path as the local trainer and the OpenRLHF loss patch)."""
-    from openrlhf_search.algorithms import get_policy_loss
-    from openrlhf_search.plugins import load_plugins
+    from openrlhf_search.algorithms import get_policy_loss  # torch: the config itself stays light
 
     load_plugins(settings.plugins, source="megatron_actor.plugins")
     return get_policy_loss(settings.loss, **settings.loss_config)
@@ -192,8 +193,6 @@ class BackendConfig:
         unknown = sorted(set(actor_data) - known)
         if unknown:
             raise ValueError(f"{source}: megatron_actor: unknown field(s) {unknown}; known: {sorted(known)}")
-        from openrlhf_search.trainer.config import build_typed
-
         actor = build_typed(ActorSettings, actor_data, f"{source}: megatron_actor", prefix="megatron_actor.")
         return cls(backend=backend, megatron=megatron, actor=actor)
 

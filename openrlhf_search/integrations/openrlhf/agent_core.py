@@ -71,7 +71,7 @@ class AgentRuntime:
         key = (id(tokenizer), int(max_length))
         if key not in self.episodes:
             env_cfg = dataclasses.replace(self.config.search_env_config(), max_total_tokens=int(max_length))
-            ep = Episode(tokenizer, self.config.template, env_cfg)
+            ep = Episode(tokenizer, env_cfg.template, env_cfg)
             ep.check_retriever(self.retriever)
             self.episodes[key] = ep
         return self.episodes[key]
@@ -90,7 +90,7 @@ def get_runtime() -> AgentRuntime:
     return AgentRuntime(
         config=cfg,
         retriever=load_retriever(cfg.retrieval_url, **({"timeout": cfg.request_timeout} if http else {})),
-        reward_fn=get_reward_fn(cfg.reward, **cfg.reward_kwargs),
+        reward_fn=get_reward_fn(cfg.env.reward, **cfg.env.reward_kwargs),
     )
 
 

@@ -24,12 +24,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from openrlhf_search.env.search_env import EnvConfig as _SearchEnvConfig
-
-_ENV = _SearchEnvConfig()
-"""The environment's defaults (= the tree's ``env`` defaults; a test keeps them equal)."""
+from openrlhf_search.config import build_typed, section
+from openrlhf_search.env.config import EnvConfig
 
 AGENT_CONFIG_ENV = "OPENRLHF_SEARCH_AGENT_CONFIG"
 """Environment variable holding the path of the :class:`AgentConfig` JSON file (read in the vLLM actors)."""
@@ -42,6 +40,7 @@ CPU_SHIM_ENV = "OPENRLHF_SEARCH_CPU_SHIM"
 """Set to ``1`` to load :mod:`.cpu_shim` in every process (only acts when CUDA is absent)."""
 
 
+@section("openrlhf")
 @dataclass
 class OpenRLHFConfig:
     """Resources and engine settings of an OpenRLHF run (the YAML section ``openrlhf:``).
@@ -50,8 +49,11 @@ class OpenRLHFConfig:
     GPUs and are not verified on this project's CPU CI (see docs/openrlhf.md).
     """
 
+    strategy: Literal["deepspeed", "megatron"] = "deepspeed"
+    """Training actors: OpenRLHF's own DeepSpeed ones, or this package's Megatron ones (the ``megatron`` backend;
+    older configs wrote ``backend: deepspeed|megatron``)."""
     actor_num_nodes: int = 1
-    """Nodes running DeepSpeed policy (actor) ranks."""
+    """Nodes running policy (actor) ranks."""
     actor_num_gpus_per_node: int = 8
     """GPUs per node for the actor (data-parallel ranks = nodes x GPUs)."""
     ref_num_nodes: int = 1
@@ -150,8 +152,8 @@ class OpenRLHFConfig:
     extra_args: list[str] = field(default_factory=list)
     """Extra OpenRLHF flags appended verbatim (they win over generated ones, e.g. ``--vllm.enforce_eager``)."""
 
-    def validate(self) -> OpenRLHFConfig:
-        """Raise ``ValueError`` naming the field if a value is out of range; return ``self``."""
+    def problems(self) -> list[str]:
+        """Every value out of range, one line each naming the field (``[]`` if none)."""
         problems = []
         for name in ("actor_num_nodes", "actor_num_gpus_per_node", "vllm_num_engines", "vllm_tensor_parallel_size",
                      "micro_train_batch_size", "micro_rollout_batch_size", "max_prompt_tokens"):
@@ -172,6 +174,11 @@ class OpenRLHFConfig:
                             "0.11.2 refuses vLLM sleep mode in async training: set vllm_enable_sleep=false)")
         if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
             problems.append(f"openrlhf.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} (0 < x <= 1)")
+        return problems
+
+    def validate(self) -> OpenRLHFConfig:
+        """Raise ``ValueError`` naming every field out of range; return ``self``."""
+        problems = self.problems()
         if problems:
             raise ValueError("invalid OpenRLHF config: " + "; ".join(problems))
         return self
@@ -181,42 +188,16 @@ class OpenRLHFConfig:
 class AgentConfig:
     """Everything the search agent executor needs inside a vLLM rollout actor (serialised to JSON).
 
-    A view of the one config tree (:func:`agent_config_from_tree`); the environment fields are those of
-    :class:`openrlhf_search.env.search_env.EnvConfig` with the same defaults, and :meth:`search_env_config` rebuilds
-    that object, so the agent and the local environment run with identical limits.
+    A view of the one config tree (:func:`agent_config_from_tree`). The environment is the tree's ``env`` section
+    embedded whole (the same :class:`~openrlhf_search.env.config.EnvConfig` the local trainer builds its environment
+    from), so the agent and the local environment run with identical limits.
     """
 
     retrieval_url: str
     """Retrieval server URL (``http://host:port``) reached through ``HTTPRetriever`` (an index directory also works,
     in-process: tests only, every vLLM actor would load its own copy)."""
-    topk: int = _ENV.topk
-    """Passages per query (``retriever.topk``)."""
-    max_queries_per_turn: int = _ENV.max_queries_per_turn
-    """Queries kept from one search action (``env.max_queries_per_turn``)."""
-    template: str = "search_r1"
-    """Prompt/action template name of :mod:`openrlhf_search.env` (defines the tags and stop strings)."""
-    max_turns: int = _ENV.max_turns
-    """Maximum model turns (the last one must answer)."""
-    max_tokens_per_turn: int = _ENV.max_tokens_per_turn
-    """Cap on tokens generated in one turn (OpenRLHF otherwise gives a turn the whole remaining budget)."""
-    max_obs_tokens: int = _ENV.max_obs_tokens
-    """Retrieved observation text is truncated to this many tokens before it is appended."""
-    max_total_tokens: int = _ENV.max_total_tokens
-    """``env.max_total_tokens``."""
-    max_response_tokens: int | None = _ENV.max_response_tokens
-    """``env.max_response_tokens``."""
-    max_docs_per_turn: int | None = _ENV.max_docs_per_turn
-    """``env.max_docs_per_turn``."""
-    forbid_search_on_last_turn: bool = _ENV.forbid_search_on_last_turn
-    """``env.forbid_search_on_last_turn``."""
-    end_on_eos: bool = _ENV.end_on_eos
-    """``env.end_on_eos``."""
-    min_turn_tokens: int = _ENV.min_turn_tokens
-    """``env.min_turn_tokens``."""
-    reward: str = "format_em"
-    """Reward name of :func:`openrlhf_search.rewards.get_reward_fn` (``env.reward``)."""
-    reward_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Options of the reward (``env.reward_kwargs``)."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """The tree's ``env`` section, as is: template, reward, tools and the episode's limits."""
     record_logprobs: bool = True
     """Request vLLM log-probs of sampled tokens on every turn."""
     calib_records: bool = False
@@ -225,12 +206,6 @@ class AgentConfig:
     """Seconds before a retrieval request fails (``retriever.timeout``)."""
     plugins: list[str] = field(default_factory=list)
     """The tree's ``plugins``: imported in the vLLM actor before the template, reward and tools are resolved."""
-    tools: list[str] = field(default_factory=lambda: list(_ENV.tools))
-    """``env.tools``: the tools the model may call (``openrlhf_search.env.tools``: ``search``, ``open``)."""
-    open_page_tokens: int | None = _ENV.open_page_tokens
-    """``env.open_page_tokens``."""
-    tool_options: dict[str, dict] = field(default_factory=dict)
-    """``env.tool_options``."""
     rollout_dir: str = ""
     """Directory for viewer records (``<dir>/agent_<pid>.jsonl``, :mod:`openrlhf_search.viewer.records`); empty =
     none. The launcher sets ``<output>/rollouts`` when ``logging.rollout_every > 0``."""
@@ -238,25 +213,19 @@ class AgentConfig:
     """Write every N-th finished episode of this vLLM actor (``logging.rollout_every``: the same sampling knob as
     the local trainer's, here per episode since the agent does not see RL steps)."""
 
-    def search_env_config(self):
-        """The :class:`openrlhf_search.env.search_env.EnvConfig` these fields describe."""
-        names = {f.name for f in dataclasses.fields(_SearchEnvConfig)}
-        return _SearchEnvConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+    def search_env_config(self) -> EnvConfig:
+        """The environment's :class:`~openrlhf_search.env.config.EnvConfig` (the tree's ``env`` section)."""
+        return self.env
 
 
 def agent_config_from_tree(cfg: Any, retrieval_url: str, record_logprobs: bool = True,
                            calib_records: bool = False, rollout_dir: str = "") -> AgentConfig:
-    """The :class:`AgentConfig` view of a :class:`~openrlhf_search.trainer.config.TrainConfig` (the only builder)."""
-    from openrlhf_search.trainer.config import search_env_config
-
-    env = dataclasses.asdict(search_env_config(cfg))
-    names = {f.name for f in dataclasses.fields(AgentConfig)}
-    return AgentConfig(retrieval_url=retrieval_url, template=cfg.env.template, reward=cfg.env.reward,
-                       reward_kwargs=dict(cfg.env.reward_kwargs), record_logprobs=record_logprobs,
+    """The :class:`AgentConfig` view of a :class:`~openrlhf_search.trainer.config.TrainConfig` (the only builder):
+    the ``env`` section embedded whole, so every environment field reaches the agent."""
+    return AgentConfig(retrieval_url=retrieval_url, env=dataclasses.replace(cfg.env), record_logprobs=record_logprobs,
                        calib_records=calib_records, request_timeout=float(cfg.retriever.timeout),
                        plugins=list(cfg.plugins), rollout_dir=rollout_dir if cfg.logging.rollout_every else "",
-                       rollout_every=max(1, int(cfg.logging.rollout_every)),
-                       **{k: v for k, v in env.items() if k in names})  # fmt: skip
+                       rollout_every=max(1, int(cfg.logging.rollout_every)))  # fmt: skip
 
 
 @dataclass
@@ -337,8 +306,6 @@ def from_dict(cls: type, data: dict, source: str) -> Any:
     unknown = sorted(set(data) - valid)
     if unknown:
         raise ValueError(f"{source}: unknown {cls.__name__} key(s) {unknown}; valid: {sorted(valid)}")
-    from openrlhf_search.trainer.config import build_typed
-
     return build_typed(cls, data, source)  # types checked ('1e-6' -> 1e-06 where a float belongs)
 
 

@@ -122,8 +122,8 @@ def env_config(scenario: Scenario, max_length: int):
 
 
 def agent_config(scenario: Scenario, index_dir) -> str:
-    cfg = {"retrieval_url": str(index_dir), "template": scenario.template, "tools": list(scenario.tools),
-           "reward": "format_em", "calib_records": True, **ENV_LIMITS}
+    cfg = {"retrieval_url": str(index_dir), "calib_records": True,
+           "env": {"template": scenario.template, "tools": list(scenario.tools), "reward": "format_em", **ENV_LIMITS}}
     return json.dumps(cfg)
 
 
