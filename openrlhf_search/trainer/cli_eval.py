@@ -41,7 +41,14 @@ from openrlhf_search.trainer.evaluate import (
     run_held_out_set,
     write_results,
 )
-from openrlhf_search.trainer.local import RetrieverDownError, _is_retrieval_failure, build_retriever, probe_retriever
+from openrlhf_search.trainer.local import (
+    RetrieverDownError,
+    _is_retrieval_failure,
+    build_retriever,
+    probe_retriever,
+    resolve_device,
+    resolve_dtype,
+)
 from openrlhf_search.trainer.models import load_pretrained
 from openrlhf_search.trainer.validate import retriever_spec_problems
 
@@ -222,7 +229,9 @@ def run(args: argparse.Namespace) -> int:
     except (KeyError, ValueError, FileNotFoundError) as exc:
         return fail(f"template {cfg['template']!r}: {exc}")
     engine_name = args.engine or (tree.rollout.engine if from_run else "hf")
-    engine, tokenizer = _build_engine(target, engine_name, cfg["seed"])
+    # a run's own device and precision (bf16 on a CUDA run), so its figures are the trainer's; else float32 on the CPU
+    device, dtype = (tree.device, tree.model.dtype) if from_run else ("cpu", "float32")
+    engine, tokenizer = _build_engine(target, engine_name, cfg["seed"], device, dtype)
     env = SearchEnv(tokenizer, retriever, cfg["template"], search_env_config(tree))  # the one EnvConfig builder
     params = SamplingParams(max_new_tokens=cfg["max_tokens_per_turn"], temperature=cfg["temperature"],
                             top_p=cfg["top_p"], seed=cfg["seed"] if cfg["temperature"] > 0 else None)
@@ -245,17 +254,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_engine(target: EvalTarget, engine_name: str, seed: int):
-    """``(engine, tokenizer)``: the model of ``target`` behind the rollout engine ``engine_name``."""
-
-    model, tokenizer = load_pretrained(target.model)
+def _build_engine(target: EvalTarget, engine_name: str, seed: int, device: str = "cpu", dtype: str = "float32"):
+    """``(engine, tokenizer)``: the model of ``target`` behind the rollout engine ``engine_name``, on ``device`` in
+    ``dtype`` (``auto`` resolved as the trainer resolves them)."""
+    dev = resolve_device(device)
+    dtype_name = str(resolve_dtype(dtype, dev)).replace("torch.", "")
+    model, tokenizer = load_pretrained(target.model, dtype=dtype_name)
     if engine_name == "vllm":
         from openrlhf_search.rollout.vllm import VLLMEngine
 
-        return VLLMEngine(target.model, seed=seed), tokenizer
+        return VLLMEngine(target.model, seed=seed, dtype=dtype_name), tokenizer
     from openrlhf_search.rollout.hf import HFEngine
 
-    return HFEngine(model.eval(), tokenizer, seed=seed), tokenizer
+    return HFEngine(model.to(dev).eval(), tokenizer, seed=seed), tokenizer
 
 
 def _compare_with_trainer(target: EvalTarget, row, args) -> None:
