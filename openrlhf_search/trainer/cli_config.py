@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
@@ -69,10 +70,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         rows = reference_rows(args.section)
     except KeyError:
-        names = [f.name for f in dataclasses.fields(TrainConfig)
-                 if dataclasses.is_dataclass(typing.get_type_hints(TrainConfig)[f.name])] + SECTIONS.names()
+        hints = typing.get_type_hints(TrainConfig)
+        names = sorted({n for n, tp in hints.items() if dataclasses.is_dataclass(tp)} | set(SECTIONS.names()))
         print(f"openrlhf-search config: unknown section {args.section!r}{did_you_mean(args.section, names)}; "
-              f"sections: {', '.join(sorted(set(names)))}", file=sys.stderr)
+              f"sections: {', '.join(names)}", file=sys.stderr)
         return 2
-    print("\n".join(markdown_table(rows)) if args.markdown else render_text(rows))
+    try:
+        print("\n".join(markdown_table(rows)) if args.markdown else render_text(rows))
+    except BrokenPipeError:  # the reader (e.g. ``head``) stopped early
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (no flush error at exit)
     return 0
