@@ -220,6 +220,7 @@ class BM25Index(IndexDirectory):
             tokenizer.save_vocab(str(directory / "tokenizer"))
             tokenizer.save_stopwords(str(directory / "tokenizer"))
             manifest.save(directory)
+            tokenizer = None  # the vocabulary is the largest object here: never hold two copies (load reads one)
             index = cls.load(directory, backend=backend)
             if temporary:
                 weakref.finalize(index, shutil.rmtree, str(directory), True)
