@@ -184,3 +184,107 @@ def test_offpolicy_loss_receives_the_engine_logprobs(tiny):
         assert ("loss/offpolicy/weight_mean" in metrics or "offpolicy/weight_mean" in metrics) == (name != "grpo")
     rows = sorted(map(tuple, seen[0].tolist()))  # minibatch rows come shuffled
     assert rows == sorted(map(tuple, packed.engine_logprobs.tolist())) and seen[-1] is None
+
+
+# ------------------------------------------------------------------------------------------ update semantics
+def _ppo_token_mean(lp, old, adv, mask, eps=0.2):
+    """PPO's clipped surrogate, token-mean over model tokens, written out by hand (the tests' reference)."""
+    ratio = torch.exp(lp - old)
+    a = adv[:, None].expand_as(lp)
+    pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps, 1 + eps))
+    return (pg * mask).sum() / mask.sum()
+
+
+def _sgd_setup(model, lr):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def test_importance_ratio_uses_the_old_logprobs_of_the_step_not_the_policy_being_updated(tiny):
+    """Two PPO epochs over one minibatch with SGD: the second epoch's ratio is pi_theta1 / pi_theta0 (the log-probs
+    recomputed before any update), not 1. The trainer's step equals two hand-written SGD steps on the clipped
+    surrogate with old log-probs fixed at theta0, and differs from the step whose old log-probs come from the policy
+    being updated (ratio 1 in every epoch)."""
+    from openrlhf_search.algorithms import get_policy_loss
+
+    tok, model = tiny
+    packed = pack(_uneven_trajs(tok), tok.pad_token_id, torch.device("cpu"))
+    rows, mask = torch.arange(4), packed.action_mask
+    adv = torch.tensor([1.0, -0.5, 0.7, -1.2])
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    lr = 3.0
+    with torch.no_grad():
+        old = response_logprobs(model, packed, rows, temperature=1.0)
+
+    def hand_steps(fixed_old: bool):
+        model.load_state_dict(start)
+        for _ in range(2):
+            lp = response_logprobs(model, packed, rows, temperature=1.0)
+            ref_old = old if fixed_old else lp.detach()
+            model.zero_grad(set_to_none=True)
+            _ppo_token_mean(lp, ref_old, adv, mask).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p -= lr * p.grad
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    expected, stale = hand_steps(True), hand_steps(False)
+    model.load_state_dict(start)
+    seen = []
+
+    def spy(lp, old_lp, a, m, **kw):
+        seen.append(torch.exp(lp.detach() - old_lp)[m.bool()])
+        return loss_fn(lp, old_lp, a, m, **kw)
+
+    loss_fn = get_policy_loss("ppo", loss_agg="token-mean")
+    spy.config = loss_fn.config
+    opt, sched = _sgd_setup(model, lr)
+    cfg = TrainConfig()
+    cfg.algorithm.num_minibatches, cfg.algorithm.ppo_epochs, cfg.optimizer.grad_clip = 1, 2, 0.0
+    update_policy(model, opt, sched, spy, packed, old, None, adv, cfg)
+    got = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(start)
+    assert len(seen) == 2
+    assert (seen[0] - 1).abs().max() < 1e-5  # epoch 1: the policy the old log-probs were computed with
+    assert (seen[1] - 1).abs().max() > 0.05  # epoch 2: one SGD step later
+    gap = max(float((expected[k] - stale[k]).abs().max()) for k in expected)
+    assert gap > 1e-4  # the fixture tells the two semantics apart
+    for k in expected:
+        assert torch.allclose(got[k], expected[k], atol=gap / 20, rtol=0), k
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_gradients_are_clipped_to_grad_clip_over_the_whole_minibatch(tiny, micro):
+    """SGD(lr=1) step = -g * min(1, grad_clip / ||g||_2), g the minibatch's full gradient (all micro-batches
+    accumulated, one global L2 norm); ``update/grad_norm`` logs ||g|| before clipping; grad_clip 0 = no clipping."""
+    from openrlhf_search.algorithms import get_policy_loss
+
+    tok, model = tiny
+    packed = pack(_uneven_trajs(tok), tok.pad_token_id, torch.device("cpu"))
+    rows, mask = torch.arange(4), packed.action_mask
+    adv = torch.tensor([1.0, -0.5, 0.7, -1.2])
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        old = response_logprobs(model, packed, rows, temperature=1.0) - 0.3  # ratios e^0.3: some clipped
+    model.zero_grad(set_to_none=True)
+    _ppo_token_mean(response_logprobs(model, packed, rows, temperature=1.0), old, adv, mask).backward()
+    names = [n for n, p in model.named_parameters() if p.grad is not None]
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    gnorm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
+    model.zero_grad(set_to_none=True)
+    for clip in (gnorm / 7, 0.0):
+        model.load_state_dict(start)
+        opt, sched = _sgd_setup(model, 1.0)
+        cfg = TrainConfig()
+        cfg.algorithm.num_minibatches, cfg.algorithm.micro_batches, cfg.optimizer.grad_clip = 1, micro, clip
+        metrics = update_policy(model, opt, sched, get_policy_loss("ppo", loss_agg="token-mean"), packed, old, None,
+                                adv, cfg)
+        assert metrics["update/grad_norm"] == pytest.approx(gnorm, rel=1e-4)
+        scale = min(1.0, clip / gnorm) if clip > 0 else 1.0
+        params = dict(model.named_parameters())
+        moved = torch.sqrt(sum(((params[n].detach() - start[n]).double() ** 2).sum() for n in names))
+        assert float(moved) == pytest.approx(gnorm * scale, rel=1e-3)  # the step's L2 length
+        for n in names:
+            assert torch.allclose(params[n].detach() - start[n], -scale * grads[n], atol=1e-6 * gnorm, rtol=1e-3), n
+    model.load_state_dict(start)
