@@ -8,7 +8,12 @@ The tokenizer is a real ``transformers.PreTrainedTokenizerFast`` (saved with ``s
 * The protocol tags (``<think>``, ``<search>``, ``<information>``, ``<answer>``, ``<tool_call>``,
   ``<tool_response>`` and their closing forms) are *added* (non-special) tokens: each is one id, so stop strings
   and masks line up with tag boundaries, and ``decode(skip_special_tokens=True)`` keeps them.
-* Byte-level BPE means every string round-trips: ``decode(encode(s)) == s``.
+* Byte-level BPE means every NFC-normal string round-trips: ``decode(encode(s)) == s``.
+* Qwen2's normaliser (NFC) and pre-tokeniser (its split regex, then byte-level without a second regex): the tiny
+  model's checkpoints say ``model_type: qwen2``, for which ``AutoTokenizer`` (and so vLLM, OpenRLHF and every HF
+  tool) builds a ``Qwen2Tokenizer`` -- transformers 5 rebuilds it from the saved vocabulary and merges with that
+  normaliser and pre-tokeniser, whatever ``tokenizer.json`` says. Trained with the same pipeline, the rebuilt
+  tokenizer is this one, id for id, on every loader.
 """
 
 from __future__ import annotations
@@ -50,16 +55,22 @@ def build_tiny_tokenizer(
         ``transformers.PreTrainedTokenizerFast`` with ``eos_token="<|im_end|>"``, ``pad_token="<|endoftext|>"``
         and a ChatML ``chat_template``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     texts = list(texts)
     if not texts:
         raise ValueError("build_tiny_tokenizer: 'texts' is empty; pass a few hundred lines of training text")
     if vocab_size < 300:
         raise ValueError(f"build_tiny_tokenizer: vocab_size={vocab_size} is too small (need > 256 bytes + specials)")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # exactly the pipeline Qwen2Tokenizer builds around a vocabulary (see the module docstring)
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -69,6 +80,7 @@ def build_tiny_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.model.continuing_subword_prefix = tok.model.end_of_word_suffix = ""  # Qwen2Tokenizer's (same merges)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|endoftext|>",
