@@ -213,7 +213,8 @@ def test_async_producer_resume_keeps_the_optimizer_and_schedule_of_the_whole_run
              "optimizer.warmup_steps=100"]  # an LR warm-up: the logged LR counts the run's optimizer steps
     _interrupted_chain(tmp_path, out, extra)
     rows = _rows(out)
-    assert all(r["update/skipped_nonfinite"] == 0 and r["update/grad_norm"] > 0 for r in rows)
+    assert all(r["update/skipped_nonfinite"] == 0 for r in rows)
+    assert sum(r["update/grad_norm"] > 0 for r in rows) >= STEPS - 2  # (a group of equal rewards has no gradient)
     state = torch.load(_final(out) / "trainer_state.pt", map_location="cpu", weights_only=False)
     steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
     assert steps == {float(STEPS * MINIBATCHES)}  # Adam's moments saw every update, not only the last run's
