@@ -106,20 +106,26 @@ def _final(out: Path) -> Path:
     return out / "checkpoints" / f"step_{STEPS:06d}"
 
 
-def _interrupted_chain(plugin_dir: Path, out: Path, extra: list[str]) -> list[subprocess.CompletedProcess]:
-    """SIGTERM during step 3, --resume, SIGKILL during step 6, --resume to the end."""
+def _interrupted_chain(plugin_dir: Path, out: Path, extra: list[str], exact: bool = True) -> None:
+    """SIGTERM during step 3, --resume, SIGKILL during step 6, --resume to the end.
+
+    ``exact=False`` (the asynchronous producer, whose thread scores rollouts and so sends the signal while the learner
+    may still be finishing the step it just logged): the signals land one step earlier or later."""
     term = _run(plugin_dir, out, extra, signal_name="SIGTERM", after=2)
     assert term.returncode == 75, term.stderr[-3000:]
     assert "SIGTERM" in term.stderr and "Traceback" not in term.stderr
-    assert _latest_step(out) == 3 and [r["step"] for r in _rows(out)] == [1, 2, 3]
+    saved = _latest_step(out)
+    assert saved == 3 if exact else 2 <= saved <= 3
+    assert [r["step"] for r in _rows(out)] == list(range(1, saved + 1))
     killed = _run(plugin_dir, out, extra, "--resume", signal_name="SIGKILL", after=5)
     assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
-    assert _latest_step(out) == 5 and "at step 3" in killed.stdout  # step 6 began, nothing of it saved
+    assert f"at step {saved}" in killed.stdout
+    before, saved = saved, _latest_step(out)
+    assert saved == 5 if exact else before < saved < STEPS  # exact: step 6 began, nothing of it saved
     last = _run(plugin_dir, out, extra, "--resume")
     assert last.returncode == 0, last.stderr[-3000:]
-    assert "at step 5" in last.stdout
+    assert f"at step {saved}" in last.stdout
     assert [r["step"] for r in _rows(out)] == list(range(1, STEPS + 1))  # every step exactly once
-    return [term, killed, last]
 
 
 def _assert_identical(a, b, path: str = "state") -> None:
@@ -211,7 +217,7 @@ def test_async_producer_resume_keeps_the_optimizer_and_schedule_of_the_whole_run
     out = tmp_path / "run"
     extra = ["rollout.async_producer=true", "rollout.max_staleness=1", "algorithm.name=grpo+tis",
              "optimizer.warmup_steps=100"]  # an LR warm-up: the logged LR counts the run's optimizer steps
-    _interrupted_chain(tmp_path, out, extra)
+    _interrupted_chain(tmp_path, out, extra, exact=False)
     rows = _rows(out)
     assert all(r["update/skipped_nonfinite"] == 0 for r in rows)
     assert sum(r["update/grad_norm"] > 0 for r in rows) >= STEPS - 2  # (a group of equal rewards has no gradient)
