@@ -121,7 +121,8 @@ def resolve_model(spec: str) -> EvalTarget:
             raise ValueError(f"--model {spec!r} names {name[:80]!r}, which is not a checkpoint directory under "
                              f"{p.parent}")
         p = p.parent / name
-    if p.is_dir() and not (p / "config.json").is_file() and (p / "checkpoints").is_dir():
+    if p.is_dir() and not (p / "config.json").is_file() and ((p / "checkpoints").is_dir() or
+                                                            (p / "config.yaml").is_file()):
         ckpt = latest_checkpoint(p / "checkpoints")
         if ckpt is None:
             raise ValueError(f"--model {spec!r}: the run has no complete checkpoint under {p / 'checkpoints'} yet")

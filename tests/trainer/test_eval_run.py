@@ -97,6 +97,10 @@ def test_eval_refuses_what_it_cannot_rebuild_with_one_line(run_dir, tmp_path):
     empty = tmp_path / "emptyrun"
     (empty / "checkpoints").mkdir(parents=True)
     cases.append((["--model", str(empty)], "no complete checkpoint"))
+    early = tmp_path / "stopped"  # a run stopped during its warm start: set-up outputs, no checkpoints/ yet
+    early.mkdir()
+    (early / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    cases.append((["--model", str(early)], "no complete checkpoint"))
     for args, msg in cases:
         res = _cli("eval", *args, "--output-dir", str(tmp_path / "out"), timeout=120)
         assert res.returncode == 2, (args, res.stderr[-2000:])
