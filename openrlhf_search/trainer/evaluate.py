@@ -205,7 +205,7 @@ SCORES = ("em", "subem", "f1", "turns", "searches", "answered", "valid_format", 
 """The per-question means of :func:`score_rollouts` (besides ``n``), all fractions except turns and searches."""
 
 
-def score_rollouts(trajs, tokenizer=None) -> dict[str, float]:
+def score_rollouts(trajs) -> dict[str, float]:
     """Means over trajectories: EM, subEM, F1 of the accepted answer, turns, searches, the answered share, the share
     of well-formed responses (``valid_format``) and of questions whose retrieved text holds a golden answer
     (``retrieval_hit``), both as the reward sees them (:func:`~openrlhf_search.env.scoring.reward_inputs`)."""

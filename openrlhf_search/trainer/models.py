@@ -169,11 +169,6 @@ def load_pretrained(path: str, dtype: str = "float32"):
     return model, tok
 
 
-def count_parameters(model) -> int:
-    """Number of distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 @functools.cache
 def _master_weight_adamw() -> type:
     """:class:`torch.optim.AdamW` over fp32 master copies of low-precision parameters (built lazily: torch)."""

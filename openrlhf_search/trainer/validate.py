@@ -24,7 +24,7 @@ from openrlhf_search.algorithms.kl import KL_ESTIMATORS
 from openrlhf_search.algorithms.postprocess import ADVANTAGE_POSTPROCESSORS
 from openrlhf_search.algorithms.presets import advantage_pipeline, preset_for
 from openrlhf_search.backends import BACKENDS, RunOptions
-from openrlhf_search.config import ConfigError, origin, raise_problems
+from openrlhf_search.config import ConfigError, origin
 from openrlhf_search.env.templates import available_templates, get_template
 from openrlhf_search.env.tools import TOOLS, get_tools
 from openrlhf_search.plugins import PluginError, load_plugins
@@ -311,12 +311,6 @@ def retriever_spec_problems(spec: str) -> list[str]:
     except (OSError, ValueError) as exc:
         return [f"{manifest}: unreadable manifest ({exc})"]
     return [] if method in LOADERS else [f"{manifest}: {LOADERS.unknown_message(method)}"]
-
-
-def check_config(cfg: TrainConfig, backend: str | None = None, check_files: bool = True) -> TrainConfig:
-    """Raise :class:`ConfigError` listing every problem of :func:`validate_config`; return ``cfg``."""
-    raise_problems(validate_config(cfg, backend, check_files))
-    return cfg
 
 
 def report(prog: str, exc: Exception) -> None:
