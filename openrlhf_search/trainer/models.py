@@ -1,8 +1,7 @@
 """Model construction: the tiny random-init Qwen2 of the quickstart, and loading pretrained checkpoints.
 
 The tiny model's config lives in code (no download): Qwen2 architecture (RMSNorm, SwiGLU, RoPE, GQA, qkv bias)
-sized by :class:`TinyModelSpec`. With a locally trained 4k-8k byte-level BPE vocabulary the default spec has
-~6M parameters, which on 2 CPU cores samples ~700 tokens/s at batch 8 (NOTES.md).
+sized by :class:`TinyModelSpec` (small enough to sample and train on a CPU; sizes and speed in docs/trainer.md).
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def test_sapo_golden():
 
 def test_sapo_term_selects_whole_sequences_with_token_advantages():
     # CalibAdv-style token advantages: row 1 is a failed rollout (A<0) whose good search turn (tokens 0-1) was zeroed.
-    # NOTES.md: the term covers the sequences with advantage >= 0 -- row 0 only -- and its denominator counts all of
+    # The term covers the sequences with advantage >= 0 -- row 0 only -- and its denominator counts all of
     # row 0's model tokens; the zeroed tokens of row 1 (one of them drifted) are neither pulled up nor counted.
     fn = get_policy_loss("sapo", sapo_threshold=0.5, sapo_coef=1.0)
     logp = torch.log(torch.tensor([[0.4, 0.9, 1.0], [0.2, 1.0, 1.0]], dtype=torch.float64)).requires_grad_()

@@ -187,7 +187,7 @@ def make_bridge(hf_config: Any, cfg: MegatronTrainConfig) -> Any:
             extra["recompute_method"] = "uniform"
             extra["recompute_num_layers"] = cfg.recompute_num_layers
     if cfg.parallel.virtual_pipeline_model_parallel_size is not None:
-        extra["overlap_p2p_comm"] = True  # batched p2p with VPP gives silently wrong losses (NOTES.md)
+        extra["overlap_p2p_comm"] = True  # batched p2p with VPP gives silently wrong losses (docs/megatron.md)
         extra["batch_p2p_comm"] = False
     if not use_te:
         extra["attention_backend"] = "local"

@@ -8,7 +8,7 @@ not reach vLLM's subprocesses. Nothing happens unless the switch is set, and not
 available. Patches are applied right after the patched module is first imported (a post-import hook), so
 processes that never import OpenRLHF pay nothing.
 
-What is handled, in the order it bites (see ../shared/NOTES.md, "OpenRLHF's real Ray PPO pipeline on CPU"):
+What is handled, in the order it bites (docs/openrlhf.md, "CPU shim"):
 
 1. Ray resources: actors and placement groups ask for ``GPU: 1``; :func:`ray_init_kwargs` gives the local Ray
    instance logical GPUs (and logical CPUs) so scheduling does not hang.

@@ -83,7 +83,7 @@ def _num(x: float) -> str:
 
 def advantage_chain(config: TrainConfig, preset: AlgorithmPreset) -> tuple[str, dict, list[tuple[str, dict]]]:
     """``(estimator, estimator_config, post-processor chain)`` of ``config.algorithm`` on top of ``preset``: the
-    same resolution as the local trainer (:func:`openrlhf_search.trainer.local.advantage_pipeline`)."""
+    same resolution as the local trainer (:func:`~openrlhf_search.algorithms.presets.advantage_pipeline`)."""
     return advantage_pipeline(preset, config.algorithm)
 
 
