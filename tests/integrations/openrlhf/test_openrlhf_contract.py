@@ -45,7 +45,8 @@ def test_version_is_pinned():
                                           "colocate_all": False, "cpu_shim": True, "vllm_sync_backend": "gloo",
                                           "shared_dir": "/shared/run", "retrieval_host": "10.0.0.1"},
                                      {"colocate_all": False, "async_train": True, "async_queue_size": 2,
-                                      "partial_rollout": True}])
+                                      "partial_rollout": True, "actor_num_gpus_per_node": 4,
+                                      "ref_num_gpus_per_node": 2, "vllm_num_engines": 2}])
 def test_every_emitted_flag_is_accepted_by_openrlhf(algorithm, cluster):
     from openrlhf_search.integrations.openrlhf.launch import build_plan
     from openrlhf_search.trainer.config import load_config
@@ -267,8 +268,12 @@ def test_normaliser_openrlhf_windows_and_training_step_give_the_global_gradient(
                                               ("dspo", {"policy_loss_type": "gspo", "clip_eps_low": 3e-4,
                                                         "clip_eps_high": 4e-4})])  # fmt: skip
 def test_native_equivalents_match_openrlhf(ours, theirs):
-    """Where the launcher uses OpenRLHF's loss natively, ours computes the same thing (values and gradients)."""
+    """Where the launcher uses OpenRLHF's loss natively, ours computes the same thing (values and gradients), with
+    each side's own per-optimizer-step normalisers: OpenRLHF's ``_optimizer_step_loss_norm`` of the step's masks for
+    its loss, :meth:`OpenRLHFPolicyLoss.begin_step` of the same step's micro-batches for ours (as ``ppo_train`` runs
+    them: a step of two micro-batches, gas 2, two DP ranks)."""
     from openrlhf.models import PolicyLoss
+    from openrlhf.utils.loss_utils import _optimizer_step_loss_norm
 
     from openrlhf_search.integrations.openrlhf.patches import OpenRLHFPolicyLoss
 
@@ -278,13 +283,17 @@ def test_native_equivalents_match_openrlhf(ours, theirs):
     mask[0, 5:] = 0
     old = -torch.rand(b, t, generator=g) - 0.2
     adv = torch.randn(b, 1, generator=g).expand(b, t) * mask  # sequence-constant advantages
-    info = {"dp_size": 2, "batch_num_tokens": mask.sum() * 1.5, "global_batch_size": torch.tensor(6.0)}
-    adapter = OpenRLHFPolicyLoss(ours)
-    # the adapter counts the loss's own normalisers per optimizer-step window (what ppo_train's wrapped window
-    # iterator calls): a window of 3 such micro-batches at gas 2 has exactly OpenRLHF's counts above
-    adapter.begin_step([SimpleNamespace(action_mask=mask, advantages=adv)] * 3, gas=2)
+    other_mask = torch.ones(3, 5)  # the step's other micro-batch: one empty sequence, one short one
+    other_mask[1] = 0
+    other_mask[2, 2:] = 0
+    step = [SimpleNamespace(action_mask=mask, advantages=adv),
+            SimpleNamespace(action_mask=other_mask, advantages=torch.randn(3, 1, generator=g).expand(3, 5))]
+    info = _optimizer_step_loss_norm([m.action_mask for m in step], None, dp_size=2, gas=2)
+    assert info["batch_num_tokens"] != mask.sum() and info["global_batch_size"] != b  # the step's counts, not ours
     grads, values = [], []
-    for fn in (adapter, PolicyLoss(**theirs)):
+    ours_fn = OpenRLHFPolicyLoss(ours)
+    ours_fn.begin_step(step, gas=2)
+    for fn in (ours_fn, PolicyLoss(**theirs)):
         new = (old + 0.3 * torch.randn(b, t, generator=torch.Generator().manual_seed(4))).requires_grad_()
         loss = fn(new, old, adv, action_mask=mask, **info)[0]
         loss.backward()
