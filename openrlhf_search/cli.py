@@ -58,8 +58,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 TORCH_COMMANDS = ("train", "eval", "quickstart")
-"""Commands that run torch: OpenMP threads sleep instead of spinning in barriers (on a shared 2-core machine spinning
-made the update ~10x slower under contention); set before their modules import torch."""
+"""Commands that run torch: OpenMP threads sleep instead of spinning in barriers (spinning threads slow the update
+down on a loaded machine, docs/trainer.md); set before their modules import torch."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
             get_algorithm(n)
         except (KeyError, ValueError) as exc:
             raise SystemExit(f"demo-algorithms: --algorithms {n!r}: {exc.args[0]}") from None
-    # The tensors are tiny: one thread avoids intra-op spin-waiting on a loaded machine (10x faster here).
+    # The tensors are tiny: one thread avoids intra-op spin-waiting on a loaded machine.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

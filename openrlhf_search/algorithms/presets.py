@@ -20,8 +20,7 @@ sapo       grpo           sapo         ppo + SAPO term (t=0.5, w=0.5; ours, see 
 Dr. GRPO uses a constant (the generation budget): trainers should pass
 ``build_loss(loss_agg_norm=max_response_tokens)``.
 
-``sapo`` is **Search Agent PO** (arXiv 2603.10069), not the Soft Adaptive PO (arXiv 2511.20347) that verl, TRL and
-AReaL call ``sapo`` (see :data:`SAPO_NOTE`).
+``sapo`` is **Search Agent PO** (arXiv 2603.10069); which SAPO this is not: :data:`SAPO_NOTE`.
 
 Modifiers (any number, after or before the base, joined with ``+``):
 
@@ -127,7 +126,7 @@ BASE_ALGORITHMS: dict[str, AlgorithmPreset] = {
         _base("gspo", "grpo", "gspo", description="GSPO: sequence-level ratio, tight clip, sequence-mean"),
         _base("dspo", "grpo", "dspo", dynamic_filter=True, description="DSPO: GSPO loss + mixed-outcome filtering"),
         _base("sapo", "grpo", "sapo", description="SAPO = Search Agent PO (arXiv 2603.10069): PPO + conditional KL "
-              "on drifted positive tokens (not verl/TRL/AReaL's Soft Adaptive PO, arXiv 2511.20347)"),
+              "on drifted positive tokens (not Soft Adaptive PO)"),
     )
 }
 

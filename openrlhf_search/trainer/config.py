@@ -170,8 +170,8 @@ class AlgorithmConfig:
 
     name: str = "dspo"
     """Preset: ``grpo``, ``dr_grpo``, ``dapo``, ``gspo``, ``dspo``, ``sapo``, ``calibadv`` or a ``+`` combination
-    such as ``dspo+calibadv``. ``sapo`` is Search Agent PO (arXiv 2603.10069), NOT the Soft Adaptive PO
-    (arXiv 2511.20347) that verl, TRL and AReaL call ``sapo``."""
+    such as ``dspo+calibadv``. ``sapo`` is Search Agent PO, not Soft Adaptive PO (docs/algorithms.md, "Which
+    SAPO?")."""
     policy_loss: str = ""
     """Policy loss name replacing the preset's (``openrlhf_search.algorithms.get_policy_loss`` registry, a plugin's
     included; its config is ``loss_overrides``); empty = the preset's."""

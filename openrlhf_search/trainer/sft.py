@@ -48,8 +48,8 @@ def copy_examples(words: list[str], tokenizer, n: int, seed: int = 0, min_words:
     Why: a search agent must copy an entity from the question into its query and an answer from a retrieved passage
     into ``<answer>``. A randomly initialised transformer learns that (induction heads) only after many steps of
     next-token loss where copy targets are rare; a few hundred steps of this dense copy objective on the corpus'
-    own words build the circuit first (measured here: a 2-layer, 128-wide Qwen2 goes from 0% to ~84% copied tokens
-    in 350 steps of 32 short sequences), after which the demonstrations teach the protocol on top of it.
+    own words build the circuit first (figures in docs/trainer.md), after which the demonstrations teach the protocol
+    on top of it.
     """
     rng = random.Random(seed)
     out = []

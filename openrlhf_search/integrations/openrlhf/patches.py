@@ -403,7 +403,7 @@ def make_async_trainer_class(base_remote_cls, training_actor_remote_cls, patch: 
     ``PPOTrainerAsync.__init__`` runs in its own Ray worker and looks the global ``TrainingActor`` up there, so the
     driver cannot swap it. Ray ships OpenRLHF's class to that worker *by value* (cloudpickle: the module attribute
     is the Ray wrapper, not the class), with a private copy of the globals its methods use, so setting the module
-    attribute in the worker does nothing (measured: the first async e2e run built OpenRLHF's TrainingActor). Our
+    attribute in the worker does nothing (OpenRLHF's own ``TrainingActor`` would be built). Our
     controller therefore sets the name in ``__init__.__globals__`` -- the module dict when pickled by reference,
     the private copy when by value -- around ``super().__init__``, then checks that the actor it built is ours and
     has its hooks (it raises otherwise: CalibAdv is never silently skipped)."""
