@@ -27,8 +27,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+TORCH_COMMANDS = ("train", "eval", "quickstart")
+"""Commands whose modules import torch: OpenMP threads must sleep in barriers instead of spinning (on a shared
+2-core machine spinning made updates ~10x and generation ~4x slower); libgomp reads the setting when torch loads."""
+
+
 def _load(name: str):
     module_path = COMMANDS[name][0]
+    if name in TORCH_COMMANDS:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         return importlib.import_module(module_path)
     except ModuleNotFoundError as exc:  # a missing optional dependency of that command

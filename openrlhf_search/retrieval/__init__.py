@@ -54,8 +54,9 @@ _LAZY: dict[str, str] = {
     "check_index": "integrity",
     "retrieval_metrics": "metrics",
     "HTTPRetriever": "client",
-    "RetrieverUnavailable": "client",
-    "RetrieverRequestError": "client",
+    "RetrievalError": "errors",
+    "RetrieverUnavailable": "errors",
+    "RetrieverRequestError": "errors",
 }
 
 __all__ = ["Document", "Hit", "Retriever", "LOADERS", "load_retriever", *_LAZY]

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 
 from . import jsonfast
+from .errors import RetrieverRequestError, RetrieverUnavailable
 from .types import Document, Hit
 
 TOKEN_ENV = "OPENRLHF_SEARCH_RETRIEVER_TOKEN"
@@ -44,18 +45,6 @@ def resolve_token(token: str | None = None) -> str | None:
     if token is None:
         token = os.environ.get(TOKEN_ENV) or os.environ.get(LEGACY_TOKEN_ENV)
     return token or None
-
-
-class RetrieverUnavailable(RuntimeError):
-    """The retrieval server could not be reached / kept failing (after every retry)."""
-
-
-class RetrieverRequestError(ValueError):
-    """The server rejected the request (4xx); retrying would not help."""
-
-    def __init__(self, url: str, status: int, message: str):
-        super().__init__(f"retrieval server {url} rejected the request with HTTP {status}: {message}")
-        self.status = status
 
 
 @dataclass

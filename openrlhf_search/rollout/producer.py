@@ -49,6 +49,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+
+from openrlhf_search.algorithms.filtering import mixed_outcome_groups
 from openrlhf_search.rollout.async_schedule import StalenessBound, WeightMailbox
 from openrlhf_search.rollout.base import SamplingParams
 from openrlhf_search.rollout.runner import PhaseTimer, RolloutBatch, _row_budgets
@@ -197,10 +200,6 @@ class AsyncProducer:
         self._progress_t = time.perf_counter()
 
     def _finish_groups(self) -> None:
-        import torch
-
-        from openrlhf_search.algorithms.filtering import mixed_outcome_groups
-
         with self._cond:
             finished = [g for g in self._running if all(t.done for t in g.trajs)]
             self._running = [g for g in self._running if not all(t.done for t in g.trajs)]
@@ -269,8 +268,11 @@ class AsyncProducer:
         }
         self.last_group_staleness = [version - g.tag for g in groups]
         metrics.update(staleness_metrics(self.last_group_staleness, trajs, version))
-        used = [g.sample.id for g in sorted(groups + dropped, key=lambda g: g.key)]
-        return RolloutBatch(trajs, rewards, gids, infos, metrics, used), metrics
+        every = sorted(groups + dropped, key=lambda g: g.key)
+        used = [g.sample.id for g in every]
+        sampled = [t for g in every for t in g.trajs] if dropped else []
+        sampled_rewards = [r for g in every for r in g.rewards] if dropped else []
+        return RolloutBatch(trajs, rewards, gids, infos, metrics, used, sampled, sampled_rewards), metrics
 
     def publish(self, policy=None) -> int:
         """The learner finished the update on the batch it took: post version ``v + 1`` (and ``policy``'s weights;

@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+
+from openrlhf_search.algorithms.filtering import GroupBatcher
 from openrlhf_search.rollout.base import Engine, SamplingParams
 
 
@@ -141,6 +145,21 @@ class RolloutBatch:
     metrics: dict[str, float]
     samples_used: list[str]
     """Ids of every question sampled in this step (kept or filtered), in order."""
+    sampled: list = field(default_factory=list)
+    """Every trajectory sampled in this step, kept or dropped by dynamic filtering (group-major; its reward info is
+    ``t.meta["reward_info"]``); empty means ``trajectories`` (nothing was filtered)."""
+    sampled_rewards: list[float] = field(default_factory=list)
+    """The rewards of ``sampled``, row for row."""
+
+    @property
+    def all_trajectories(self) -> list:
+        """Every trajectory the step sampled (kept or not): what the step's statistics and samples describe."""
+        return self.sampled or self.trajectories
+
+    @property
+    def all_rewards(self) -> list[float]:
+        """The rewards of :attr:`all_trajectories`, row for row."""
+        return self.sampled_rewards if self.sampled else self.rewards
 
 
 def collect_groups(engine: Engine, env, next_samples: Callable[[int], list], score: Callable[[list], tuple],
@@ -158,10 +177,6 @@ def collect_groups(engine: Engine, env, next_samples: Callable[[int], list], sco
     The number of questions drawn in a round after the first is the missing group count divided by the keep
     ratio observed so far (at most ``2 * target_groups``), DAPO-style oversampling.
     """
-    import torch
-
-    from openrlhf_search.algorithms.filtering import GroupBatcher
-
     timer = timer or PhaseTimer()
     used: list[str] = []
     if not dynamic_filtering:
@@ -169,13 +184,14 @@ def collect_groups(engine: Engine, env, next_samples: Callable[[int], list], sco
         used += [s.id for s in samples]
         trajs = run_rollouts(engine, env, samples, group_size, params, timer)
         rewards, infos = score(trajs)
+        for t, info in zip(trajs, infos):
+            t.meta["reward_info"] = info
         gids = [t.meta["group_id"] for t in trajs]
         return RolloutBatch(trajs, list(rewards), gids, infos, {"filter/keep_ratio": 1.0, "filter/rounds": 1.0}, used)
 
-    import warnings
-
     batcher = GroupBatcher(target_groups=target_groups, max_rounds=max_rounds, on_cap="partial")
     all_rewards: list[float] = []
+    all_trajs: list = []
     offset = 0
     while not batcher.done:
         missing = target_groups - batcher.report.kept_groups
@@ -188,18 +204,17 @@ def collect_groups(engine: Engine, env, next_samples: Callable[[int], list], sco
         offset += len(samples)
         rewards, infos = score(trajs)
         all_rewards += list(rewards)
+        all_trajs += trajs
         for t, info in zip(trajs, infos):
             t.meta["reward_info"] = info
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # partial batches are reported in the metrics
             batcher.add(torch.tensor(rewards, dtype=torch.float32),
                         torch.tensor([t.meta["group_id"] for t in trajs]), trajs)
-    if batcher.report.kept_groups == 0:
-        metrics = batcher.report.as_metrics()
-        metrics["reward_all_mean"] = sum(all_rewards) / max(1, len(all_rewards))
-        return RolloutBatch([], [], [], [], metrics, used)
-    batch = batcher.result()
-    metrics = batch.report.as_metrics()
+    metrics = batcher.report.as_metrics()
     metrics["reward_all_mean"] = sum(all_rewards) / max(1, len(all_rewards))
+    if batcher.report.kept_groups == 0:
+        return RolloutBatch([], [], [], [], metrics, used, all_trajs, all_rewards)
+    batch = batcher.result()
     return RolloutBatch(batch.items, batch.rewards.tolist(), batch.group_ids.tolist(),
-                        [t.meta.get("reward_info", {}) for t in batch.items], metrics, used)
+                        [t.meta.get("reward_info", {}) for t in batch.items], metrics, used, all_trajs, all_rewards)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from openrlhf_search.config import origin
 from openrlhf_search.registry import did_you_mean
 from openrlhf_search.trainer.config import TrainConfig
 from openrlhf_search.trainer.local import train_or_exit_code
+from openrlhf_search.trainer.logging import run_report
 
 CPU_FLOPS = 5e9
 """Effective floating-point operations per second of sampling on a CPU (two busy cores: SmolLM2-135M generated
@@ -137,11 +139,11 @@ class LocalBackend:
     def run(self, plan: LocalPlan, options: RunOptions) -> int:
         for warning in plan.warnings:
             print(f"{options.prog}: warning: {warning}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         summary = train_or_exit_code(plan.cfg, plan.mode, options.prog)
         if isinstance(summary, int):
             return summary
-        print(json.dumps({k: summary[k] for k in ("steps_done", "reward_gain", "eval_before", "eval_after",
-                                                  "checkpoint") if k in summary}, indent=1))  # fmt: skip
+        print("\n" + run_report(summary, time.perf_counter() - t0))  # every figure: <output_dir>/summary.json
         return 0
 
 

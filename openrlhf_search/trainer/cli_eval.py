@@ -26,6 +26,7 @@ from openrlhf_search.env.search_env import SearchEnv
 from openrlhf_search.env.templates import available_templates, get_template
 from openrlhf_search.registry import did_you_mean
 from openrlhf_search.retrieval import load_retriever
+from openrlhf_search.retrieval.errors import is_retrieval_failure
 from openrlhf_search.rollout import ENGINES
 from openrlhf_search.rollout.base import SamplingParams
 from openrlhf_search.trainer.config import ConfigError, config_from_dict, load_config, search_env_config
@@ -43,7 +44,6 @@ from openrlhf_search.trainer.evaluate import (
 )
 from openrlhf_search.trainer.local import (
     RetrieverDownError,
-    _is_retrieval_failure,
     build_retriever,
     probe_retriever,
     resolve_device,
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         rows, trajs = evaluate_datasets(engine, env, datasets, params, batch_size=batch_size, progress=True)
     except Exception as exc:
-        if _is_retrieval_failure(exc):
+        if is_retrieval_failure(exc):
             return fail(f"the retriever {spec!r} failed: {exc}", 3)
         raise
     out_dir = args.output_dir or (target.run_dir / "eval" / Path(target.model).name / "+".join(datasets)

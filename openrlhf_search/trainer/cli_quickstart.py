@@ -90,28 +90,6 @@ def run(args: argparse.Namespace) -> int:
 
 def report(summary: dict, seconds: float) -> None:
     """Print the outcome: reward gain vs the target, held-out accuracy before/after, paths, a sample trajectory."""
-    from pathlib import Path
+    from openrlhf_search.trainer.logging import run_report
 
-    before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
-    gain = summary.get("reward_gain", float("nan"))
-    w = summary.get("window", 10)
-    print("\n" + "=" * 100)
-    print(f"quickstart finished in {seconds / 60:.1f} min ({summary.get('steps_done')} RL steps, "
-          f"SFT {summary.get('sft', {}).get('seconds', 0):.0f} s, RL {summary.get('rl_seconds', 0):.0f} s)")
-    print(f"reward_mean: first {w} steps {summary.get('reward_first_window', float('nan')):.3f} -> last {w} steps "
-          f"{summary.get('reward_last_window', float('nan')):.3f} (gain {gain:+.3f}; target >= +{TARGET_REWARD_GAIN}: "
-          f"{'met' if gain >= TARGET_REWARD_GAIN else 'NOT met'})")
-    improved = "improved" if after.get("f1", 0) > before.get("f1", 0) else "NOT improved"
-    print(f"held-out ({after.get('n', 0)} questions about unseen entities, greedy): "
-          f"EM {before.get('em', 0):.3f} -> {after.get('em', 0):.3f}, F1 {before.get('f1', 0):.3f} -> "
-          f"{after.get('f1', 0):.3f}, searches/question {before.get('searches', 0):.2f} -> "
-          f"{after.get('searches', 0):.2f} ({improved})")
-    print(f"metrics:     {summary.get('metrics_path')}")
-    print(f"plot:        {summary.get('plot')}")
-    print(f"checkpoint:  {summary.get('checkpoint')}")
-    print(f"evaluate:    openrlhf-search eval --model {summary.get('output_dir', '.')}   (the figures above, again)")
-    print(f"tensorboard: tensorboard --logdir {Path(summary.get('output_dir', '.')) / 'tb'}")
-    sample = summary.get("final_sample")
-    if sample:
-        print("-" * 100 + "\nsample trajectory (held-out question, final policy, greedy):\n" + sample)
-    print("=" * 100)
+    print("\n" + run_report(summary, seconds, "quickstart", TARGET_REWARD_GAIN))

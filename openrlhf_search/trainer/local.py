@@ -11,7 +11,11 @@
         5. old log-probs: recomputed by the trainer, no grad, before any update (see below)
         6. updates     ppo_epochs x num_minibatches steps of the preset's loss (+ KL to a reference if configured),
                        NaN/inf guard, gradient clipping, LR schedule
-        7. log / sample / checkpoint
+        7. log / sample / checkpoint; warn when no step has a learning signal (trainer.diagnosis)
+
+Steps 1-3 come from a :class:`~openrlhf_search.trainer.sources.BatchSource` chosen once by :func:`build_source`
+(synchronous, a stale queue, or the asynchronous producer); steps 4-6 are :class:`Learner`'s; saving is
+:class:`Checkpointer`'s. Retrieval failures are the typed errors of :mod:`openrlhf_search.retrieval.errors`.
 
 Old log-probs. The importance ratios use log-probs recomputed by the trainer with the same weights, the same
 temperature and the same padding as the update's forward pass, not the engine's: engine and trainer numerics differ
@@ -25,29 +29,89 @@ The tiny quickstart model shares its weights with the HF engine (no copy); vLLM 
 
 from __future__ import annotations
 
-import collections
+import copy
+import functools
 import json
 import math
+import os
 import random
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from openrlhf_search.trainer.config import TrainConfig, config_to_dict, save_config
-from openrlhf_search.trainer.models import build_optimizer
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from openrlhf_search.algorithms.advantages import get_advantage_estimator
+from openrlhf_search.algorithms.logprobs import sampled_token_logprobs
+from openrlhf_search.algorithms.losses import ADDITIVE_METRICS, PolicyLoss, step_normalizers
+from openrlhf_search.algorithms.postprocess import apply_postprocessors, needs_records
+from openrlhf_search.algorithms.presets import advantage_pipeline, preset_for
+from openrlhf_search.data.formats import DatasetFormatError, limit_question_length, read_dataset
+from openrlhf_search.data.synthetic import fresh_worlds, generate_kb, synthetic_trajectories, write_kb
+from openrlhf_search.data.tiny_tokenizer import build_tiny_tokenizer
+from openrlhf_search.env.scoring import score_trajectories as score_batch
+from openrlhf_search.env.search_env import SearchEnv
+from openrlhf_search.env.templates import get_template
+from openrlhf_search.plugins import load_plugins
+from openrlhf_search.retrieval import load_retriever
+from openrlhf_search.retrieval.bm25 import BM25Config, BM25Index, BM25Retriever
+from openrlhf_search.retrieval.cache import with_cache
+from openrlhf_search.retrieval.errors import RetrievalError, is_retrieval_failure
+from openrlhf_search.retrieval.metrics import retrieval_metrics
+from openrlhf_search.rewards import get_reward_fn
+from openrlhf_search.rollout.base import SamplingParams
+from openrlhf_search.rollout.hf import HFEngine
+from openrlhf_search.rollout.producer import AsyncProducer
+from openrlhf_search.rollout.runner import PhaseTimer, RolloutBatch, TimedRetriever, run_rollouts
+from openrlhf_search.trainer import lora
+from openrlhf_search.trainer.checkpoint import (
+    CheckpointError,
+    checkpoint_candidates,
+    find_resume_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from openrlhf_search.trainer.config import TrainConfig, config_to_dict, save_config, search_env_config
+from openrlhf_search.trainer.data import QuestionStream
+from openrlhf_search.trainer.diagnosis import SignalMonitor
+from openrlhf_search.trainer.evaluate import score_rollouts
+from openrlhf_search.trainer.logging import MetricsLogger, Progress, plot_reward_curve, read_metrics, render_trajectory
+from openrlhf_search.trainer.memory import memory_metrics, release_freed_memory
+from openrlhf_search.trainer.models import (
+    TinyModelSpec,
+    build_optimizer,
+    build_tiny_qwen2,
+    load_pretrained,
+    load_tokenizer,
+)
+from openrlhf_search.trainer.preemption import (
+    EXIT_DIVERGED,
+    EXIT_PREEMPTED,
+    EXIT_RETRIEVER,
+    EXIT_USAGE,
+    Diverged,
+    Preempted,
+    PreemptionGuard,
+    SkipMonitor,
+)
+from openrlhf_search.trainer.rundir import RunDirError, prepare_run_dir
+from openrlhf_search.trainer.sft import copy_examples, run_sft, tokenize_demonstration
+from openrlhf_search.trainer.sources import AsyncSource, BatchSource, StaleQueueSource, SyncSource
+from openrlhf_search.viewer.records import ROLLOUTS_DIR, trajectory_record, write_records
 
 
-class RetrieverDownError(RuntimeError):
+class RetrieverDownError(RetrievalError):
     """The retriever failed (after the client's own retries); the step cannot continue."""
 
 
 # ============================================================================================ setup helpers
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch."""
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -57,11 +121,6 @@ def resolve_device(name: str, env: dict | None = None):
     """``auto``: CUDA when available, else the CPU -- said loudly inside a Slurm job (``SLURM_JOB_ID``), where a CPU
     fallback almost always means the job did not request a GPU (``--gpus``/``--gres=gpu:1``) on a cluster that
     enforces allocations, and the run would silently take hours instead of minutes."""
-    import os
-    import sys
-
-    import torch
-
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -77,8 +136,6 @@ def resolve_device(name: str, env: dict | None = None):
 
 def resolve_dtype(name: str, device):
     """``auto``: bf16 on CUDA devices that support it, else float32 (CPU training stays in float32)."""
-    import torch
-
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -86,31 +143,9 @@ def resolve_dtype(name: str, device):
     return getattr(torch, name)
 
 
-@dataclass
-class World:
-    """Everything the loop needs, built once by :func:`build_world`."""
-
-    cfg: TrainConfig
-    out: Path
-    device: Any
-    tokenizer: Any
-    policy: Any
-    engine: Any
-    env: Any
-    reward_fn: Any
-    train_samples: list
-    eval_samples: list
-    retriever: Any
-    timer: Any
-    kb: Any = None
-    extra: dict = field(default_factory=dict)
-
-
 def load_questions(cfg: TrainConfig, out: Path):
     """``(train, eval, kb)``: the synthetic KB's splits (written to ``<out>/data``) or the configured files."""
     if cfg.data.source == "synthetic":
-        from openrlhf_search.data.synthetic import generate_kb, write_kb
-
         kb = generate_kb(seed=cfg.data.seed, n_entities=cfg.data.num_entities,
                          two_hop_fraction=cfg.data.two_hop_fraction)
         write_kb(kb, out / "data")
@@ -127,8 +162,6 @@ def load_questions(cfg: TrainConfig, out: Path):
 def read_question_files(files: list[str], cfg: TrainConfig, field_name: str) -> list:
     """The questions of ``files`` with the question-length cap applied; data errors are ``DatasetFormatError``
     (one line naming file, line and field)."""
-    from openrlhf_search.data.formats import DatasetFormatError, limit_question_length, read_dataset
-
     out = []
     for f in files:
         try:
@@ -154,7 +187,6 @@ def build_demo_worlds(cfg: TrainConfig, kb) -> list:
         return []
     if kb is None:
         raise ValueError("sft.demo_worlds > 0 needs data.source=synthetic")
-    from openrlhf_search.data.synthetic import fresh_worlds
 
     return fresh_worlds(kb, cfg.sft.demo_worlds, cfg.data.num_entities, cfg.data.two_hop_fraction,
                         seed=cfg.data.seed + 1000)
@@ -163,9 +195,6 @@ def build_demo_worlds(cfg: TrainConfig, kb) -> list:
 def build_retriever(cfg: TrainConfig, out: Path, kb):
     """The configured retriever, or a BM25 index over the synthetic corpus built into ``<out>/index`` (loaded when it
     is there already: ``kb`` may then be None, as for ``openrlhf-search eval`` of a run)."""
-    from openrlhf_search.retrieval import load_retriever
-    from openrlhf_search.retrieval.cache import with_cache
-
     rc = cfg.retriever
     if rc.spec or rc.cache_mode == "replay":
         http = rc.spec.startswith(("http://", "https://"))
@@ -174,8 +203,6 @@ def build_retriever(cfg: TrainConfig, out: Path, kb):
     index_dir = out / "index"
     if kb is None and not (index_dir / "manifest.json").exists():  # eval of a run reuses the run's own index
         raise ValueError("retriever.spec is empty and data.source is not synthetic: give an index dir or URL")
-    from openrlhf_search.retrieval.bm25 import BM25Config, BM25Index, BM25Retriever
-
     if not (index_dir / "manifest.json").exists():
         BM25Index.build(out / "data" / "corpus.jsonl", index_dir, config=BM25Config(), show_progress=False)
     # numpy backend: on a few hundred passages it answers in well under a millisecond, while numba's first call
@@ -190,7 +217,7 @@ def probe_retriever(retriever, spec: str) -> None:
     try:
         retriever.search(["health check"], 1)
     except Exception as exc:
-        if _is_retrieval_failure(exc):
+        if is_retrieval_failure(exc):
             raise RetrieverDownError(f"retriever {spec or '(built-in BM25)'} is not answering: {exc}") from exc
         raise
 
@@ -203,23 +230,14 @@ def build_tokenizer_and_model(cfg: TrainConfig, out: Path, kb, train_samples, de
     are any (else the training questions, which repeat each training name ~10 times and so give many of them a
     token of their own: a model that learned to copy multi-token names then fails on exactly those).
     """
-    import torch
-
-    from openrlhf_search.trainer.models import TinyModelSpec, build_tiny_qwen2, load_pretrained, load_tokenizer
-
     dtype = resolve_dtype(cfg.model.dtype, device)
     if resume_dir is not None:
-        from transformers import AutoModelForCausalLM
-
         tok = load_tokenizer(resume_dir)  # exactly the run's tokenizer (AutoTokenizer would rebuild the tiny one)
         model = AutoModelForCausalLM.from_pretrained(str(resume_dir), dtype=dtype)
     elif cfg.model.path == "tiny":
-        from openrlhf_search.data.tiny_tokenizer import build_tiny_tokenizer
-
         texts = [d.contents for d in kb.corpus] if kb is not None else []
         questions = [s.question for w in worlds for s in w.train] if worlds else [s.question for s in train_samples]
         texts += [d.contents for w in worlds or () for d in w.corpus] + questions
-        from openrlhf_search.env.templates import get_template
 
         tmpl = get_template(cfg.env.template)
         texts += [tmpl.render(q) for q in questions[:50]]
@@ -238,16 +256,11 @@ def build_tokenizer_and_model(cfg: TrainConfig, out: Path, kb, train_samples, de
 
 
 def build_env(cfg: TrainConfig, tokenizer, retriever):
-    from openrlhf_search.env.search_env import SearchEnv
-    from openrlhf_search.trainer.config import search_env_config
-
     return SearchEnv(tokenizer, retriever, cfg.env.template, search_env_config(cfg))
 
 
 def build_engine(cfg: TrainConfig, policy, tokenizer, out: Path):
     if cfg.rollout.engine == "hf":
-        from openrlhf_search.rollout.hf import HFEngine
-
         return HFEngine(policy, tokenizer, seed=cfg.seed)
     if cfg.rollout.engine == "vllm":
         from openrlhf_search.rollout.vllm import VLLMEngine
@@ -263,8 +276,6 @@ def build_engine(cfg: TrainConfig, policy, tokenizer, out: Path):
 def score_trajectories(trajs, reward_fn, tokenizer) -> tuple[list[float], list[dict]]:
     """Reward of each trajectory: one batched call of the reward every backend makes
     (``env.scoring.score_trajectories``: the answer the environment accepted, its one format check)."""
-    from openrlhf_search.env.scoring import score_trajectories as score_batch
-
     del tokenizer  # the trajectory carries its decoded turns
     scored = score_batch(trajs, reward_fn)
     return [r for r, _ in scored], [info for _, info in scored]
@@ -286,8 +297,6 @@ class PackedBatch:
 
 def pack(trajs, pad_id: int, device) -> PackedBatch:
     """Right-pad ``prompt + response`` per row; ``response_index`` gathers the response axis ``T``."""
-    import torch
-
     B = len(trajs)
     L = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
     T = max(1, max(len(t.response_ids) for t in trajs))
@@ -320,12 +329,7 @@ def response_logprobs(model, batch: PackedBatch, rows, temperature: float):
     Uses ``algorithms.sampled_token_logprobs`` on the final hidden states, so the full ``[B, L, V]`` float32
     log-softmax is never materialised (it would be 1.9 GB for SmolLM2's 49k vocabulary at 32 x 300 tokens).
     """
-    import torch
-
-    from openrlhf_search.algorithms.logprobs import sampled_token_logprobs
-    from openrlhf_search.trainer.lora import base_model
-
-    model = base_model(model)  # a LoRA policy: the transformers model inside peft's wrapper (adapters injected)
+    model = lora.base_model(model)  # a LoRA policy: the transformers model inside peft's wrapper (adapters injected)
     ids, attn, index = batch.input_ids[rows], batch.attention_mask[rows], batch.response_index[rows]
     width = int(attn.sum(-1).max().item())
     ids, attn = ids[:, :width], attn[:, :width]
@@ -344,8 +348,6 @@ def response_logprobs(model, batch: PackedBatch, rows, temperature: float):
 def setup_lora(cfg: TrainConfig, policy, out: Path, resume_dir: Path | None):
     """Wrap ``policy`` with LoRA (:mod:`.lora`): a fresh run freezes and saves its base once; a resumed run restores
     the saved base and the checkpoint's adapter, so it continues from exactly the weights it stopped with."""
-    from openrlhf_search.trainer import lora
-
     m = cfg.model
     if resume_dir is None:
         lora.save_base(policy, out)
@@ -363,9 +365,6 @@ def evaluate_policy(engine, env, samples, tokenizer, params, rollouts_path: Path
 
     ``rollouts_path``: also write the trajectories there (the rows ``openrlhf-search eval`` writes).
     """
-    from openrlhf_search.rollout.runner import run_rollouts
-    from openrlhf_search.trainer.evaluate import score_rollouts
-
     del tokenizer
     if not samples:
         return {}
@@ -377,6 +376,119 @@ def evaluate_policy(engine, env, samples, tokenizer, params, rollouts_path: Path
     return score_rollouts(trajs)
 
 
+# ============================================================================================ the learner
+@dataclass
+class StepResult:
+    """What one update produced: the step's metrics and the tensors its rollout records show."""
+
+    metrics: dict[str, float]
+    packed: PackedBatch
+    advantages: Any
+    old_lp: Any
+
+
+class Learner:
+    """Steps 4-6 of the loop on one batch: advantages, the trainer's old (and reference) log-probs, the minibatch
+    updates. Owns the loss, the advantage pipeline, the optimiser and its schedule (resolved from the algorithm
+    preset exactly as every backend resolves them)."""
+
+    def __init__(self, cfg: TrainConfig, policy, tokenizer, device, preset):
+        self.cfg, self.policy, self.tokenizer, self.device = cfg, policy, tokenizer, device
+        loss_cfg = dict(cfg.algorithm.loss_overrides)
+        if cfg.algorithm.kl_coef > 0:
+            loss_cfg.update(kl_coef=cfg.algorithm.kl_coef, kl_estimator=cfg.algorithm.kl_estimator)
+        self.loss_fn = preset.build_loss(**loss_cfg)
+        estimator_name, estimator_cfg, self.adv_chain = advantage_pipeline(preset, cfg.algorithm)
+        self.estimator = get_advantage_estimator(estimator_name, **estimator_cfg)
+        self.reference = None
+        if cfg.algorithm.kl_coef > 0:
+            self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        trainable = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapter only
+        self.opt = build_optimizer(trainable, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
+                                   weight_decay=cfg.optimizer.weight_decay)  # fp32 master weights for bf16 parameters
+        total_updates = max(1, cfg.steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(cfg.optimizer.schedule, cfg.optimizer.warmup_steps, total_updates))
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+    def _logprobs(self, model, packed: PackedBatch, n: int):
+        rows = torch.arange(n)
+        return torch.cat([response_logprobs(model, packed, r, self.cfg.rollout.temperature) for r in rows.split(16)])
+
+    def learn(self, batch: RolloutBatch, version: int) -> StepResult:
+        """Update the policy on ``batch`` (non-empty); ``version`` is the learner's version the rows train at."""
+        cfg, trajs = self.cfg, batch.trajectories
+        metrics: dict[str, float] = {}
+        # 4. advantages: group-relative per sequence, then (CalibAdv, plugins) per token
+        rewards = torch.tensor(batch.rewards, dtype=torch.float32)
+        group_ids = torch.tensor(batch.group_ids)
+        seq_adv = self.estimator(rewards, group_ids)
+        packed = pack(trajs, self.tokenizer.pad_token_id, self.device)
+        packed.version = version
+        advantages = seq_adv.to(self.device)
+        if self.adv_chain:  # the post-processor chain the OpenRLHF patch runs too
+            records = [t.to_calib_record() for t in trajs] if needs_records(self.adv_chain) else None
+            advantages, cal_metrics = apply_postprocessors(self.adv_chain, seq_adv, packed.action_mask.cpu(),
+                                                           group_ids, records)
+            advantages = advantages.to(self.device)
+            metrics.update(cal_metrics)
+        metrics["adv_abs_mean"] = float(seq_adv.abs().mean())
+
+        # 5. old (and reference) log-probs, recomputed by the trainer
+        with torch.no_grad():
+            self.policy.eval()
+            old_lp = self._logprobs(self.policy, packed, len(trajs))
+            ref_lp = self._logprobs(self.reference, packed, len(trajs)) if self.reference is not None else None
+        m = packed.action_mask
+        metrics["rollout/engine_logprob_gap"] = float(((old_lp - packed.engine_logprobs).abs() * m).sum()
+                                                      / m.sum().clamp(min=1))
+
+        # 6. minibatch updates
+        self.policy.train()
+        metrics.update(update_policy(self.policy, self.opt, self.sched, self.loss_fn, packed, old_lp, ref_lp,
+                                     advantages, cfg))
+        self.policy.eval()
+        return StepResult(metrics, packed, advantages, old_lp)
+
+
+# ============================================================================================ checkpoints
+class Checkpointer:
+    """Saves the run's state after a step (weights, tokenizer, optimiser, data position, RNG) and remembers the
+    last save in ``guard.saved``, which a preemption reads.
+
+    ``snapshot`` (the source's data position and RNG) defaults to the source's state now, i.e. after ``step``.
+    """
+
+    def __init__(self, out: Path, cfg: TrainConfig, policy, tokenizer, learner: Learner, source: BatchSource,
+                 guard):
+        self.dir, self.cfg, self.policy, self.tokenizer = out / "checkpoints", cfg, policy, tokenizer
+        self.learner, self.source, self.guard = learner, source, guard
+        self.run_config_text = (out / "config.yaml").read_text(encoding="utf-8")
+        self.last_save = time.perf_counter()
+
+    def save(self, step: int, snapshot: dict | None = None) -> Path:
+        if self.guard.saved is not None and self.guard.saved[1] == step:
+            return self.guard.saved[0]  # already saved (a periodic save right before the final or a preemption save)
+        state = {"step": step, **self.learner.state_dict(), **(snapshot or self.source.snapshot())}
+        path = save_checkpoint(self.dir, step, self.policy, self.tokenizer, state,
+                               keep=self.cfg.logging.keep_checkpoints,
+                               extra_files={"run_config.yaml": self.run_config_text})
+        self.guard.saved, self.last_save = (path, step), time.perf_counter()
+        return path
+
+    def due(self, step: int) -> bool:
+        """``logging.save_every`` steps or ``logging.save_every_seconds`` since the last save."""
+        lg = self.cfg.logging
+        return bool((lg.save_every and step % lg.save_every == 0)
+                    or (lg.save_every_seconds and time.perf_counter() - self.last_save >= lg.save_every_seconds))
+
+
 # ============================================================================================ the loop
 def train(cfg: TrainConfig, resume: bool = False, mode: str | None = None) -> dict:
     """Run (or resume) a local RL run; returns a summary dict (also written to ``<output_dir>/summary.json``).
@@ -385,37 +497,11 @@ def train(cfg: TrainConfig, resume: bool = False, mode: str | None = None) -> di
     ``resume`` (the default when ``resume=True``), ``resume_or_start`` or ``overwrite``. SIGTERM/SIGINT checkpoint
     at the end of the current step and raise :class:`~openrlhf_search.trainer.preemption.Preempted`.
     """
-    from openrlhf_search.trainer.preemption import PreemptionGuard
-
     with PreemptionGuard() as guard:
         return _train(cfg, mode or ("resume" if resume else "fresh"), guard)
 
 
 def _train(cfg: TrainConfig, mode: str, guard) -> dict:
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from openrlhf_search.algorithms.advantages import get_advantage_estimator
-    from openrlhf_search.algorithms.postprocess import apply_postprocessors, needs_records
-    from openrlhf_search.algorithms.presets import advantage_pipeline, preset_for
-    from openrlhf_search.plugins import load_plugins
-    from openrlhf_search.retrieval.metrics import retrieval_metrics
-    from openrlhf_search.rewards import get_reward_fn
-    from openrlhf_search.rollout.base import SamplingParams
-    from openrlhf_search.rollout.runner import PhaseTimer, TimedRetriever, collect_groups
-    from openrlhf_search.trainer.checkpoint import (
-        capture_rng_state,
-        checkpoint_candidates,
-        find_resume_checkpoint,
-        restore_rng_state,
-        save_checkpoint,
-    )
-    from openrlhf_search.trainer.data import QuestionStream
-    from openrlhf_search.trainer.logging import MetricsLogger, Progress, plot_reward_curve, render_trajectory
-    from openrlhf_search.trainer.lora import trainable_summary
-    from openrlhf_search.trainer.preemption import Preempted, SkipMonitor
-    from openrlhf_search.trainer.rundir import prepare_run_dir
-
     hf_logging.disable_progress_bar()
     load_plugins(cfg.plugins)  # before any name is resolved
     t_setup = time.perf_counter()
@@ -426,6 +512,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
                                                                                                               None)
     if resume_dir is not None:  # what a signal during set-up leaves to resume
         guard.saved = (resume_dir, int(resume_state["step"]))
+    check_staleness(cfg, resume_dir is not None)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     save_config(cfg, out / "config.yaml")
@@ -459,228 +546,117 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     if cfg.model.lora_rank > 0:  # parameter-efficient RL: adapters on the (warm-started) policy
         policy = setup_lora(cfg, policy, out, resume_dir)
         engine.update_weights(policy)
-        summary["params"] = trainable_summary(policy)
+        summary["params"] = lora.trainable_summary(policy)
 
-    # ---- algorithm
+    # ---- algorithm, optimiser, data stream, batch source
     preset = preset_for(cfg.algorithm)  # name (+ policy_loss override), the same resolution on every backend
-    loss_cfg = dict(cfg.algorithm.loss_overrides)
-    if cfg.algorithm.kl_coef > 0:
-        loss_cfg.update(kl_coef=cfg.algorithm.kl_coef, kl_estimator=cfg.algorithm.kl_estimator)
-    loss_fn = preset.build_loss(**loss_cfg)
-    estimator_name, estimator_cfg, adv_chain = advantage_pipeline(preset, cfg.algorithm)  # same on every backend
-    estimator = get_advantage_estimator(estimator_name, **estimator_cfg)
-    reference = None
-    if cfg.algorithm.kl_coef > 0:
-        import copy
-
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-
-    # ---- optimiser, schedule, data stream
-    trainable = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapter only
-    opt = build_optimizer(trainable, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
-                          weight_decay=cfg.optimizer.weight_decay)  # fp32 master weights for bf16 parameters
-    total_updates = max(1, cfg.steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optimizer.schedule, cfg.optimizer.warmup_steps,
-                                                             total_updates))
+    learner = Learner(cfg, policy, tokenizer, device, preset)
     stream = QuestionStream(train_samples, seed=cfg.data.seed)
     start_step = 0
     if resume_dir is not None:
-        state = resume_state
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        stream.load_state_dict(state["data"])
-        restore_rng_state(state["rng"], getattr(engine, "generator", None))
-        start_step = int(state["step"])
+        learner.load_state_dict(resume_state)
+        stream.load_state_dict(resume_state["data"])
+        restore_rng_state(resume_state["rng"], getattr(engine, "generator", None))
+        start_step = int(resume_state["step"])
         print(f"[openrlhf-search] resumed from {resume_dir} at step {start_step}")
+    score = functools.partial(score_trajectories, reward_fn=reward_fn, tokenizer=tokenizer)
+    source = build_source(cfg, policy, engine, env, tokenizer, retriever, stream, score, preset, sample_params,
+                          timer, start_step)
 
     logger = MetricsLogger(out, cfg.logging.tensorboard, cfg.logging.wandb_project,
                            resume_step=start_step if resume_dir is not None else None, run_config=config_to_dict(cfg))
     progress = Progress(cfg.steps, initial=start_step, enabled=cfg.logging.progress, time_budget=cfg.max_step_seconds)
-    samples_dir = out / "samples"
-    samples_dir.mkdir(exist_ok=True)
-
-    saves = {"t": time.perf_counter()}
-    run_config_text = (out / "config.yaml").read_text(encoding="utf-8")
+    (out / "samples").mkdir(exist_ok=True)
+    checkpointer = Checkpointer(out, cfg, policy, tokenizer, learner, source, guard)
     if resume_dir is not None:
         guard.saved = (resume_dir, start_step)
-
-    producer = None  # the asynchronous rollout producer (rollout.async_producer), started below
-
-    def data_snapshot() -> dict:
-        """Data position and RNG: with the asynchronous producer its open groups' questions are requeued."""
-        if producer is not None:
-            return {"data": producer.data_state(), "rng": producer.engine_rng_state(capture_rng_state)}
-        return {"data": stream.state_dict(), "rng": capture_rng_state(getattr(engine, "generator", None))}
-
-    def checkpoint(step: int, snapshot: dict | None = None) -> Path:
-        """Save the state after ``step``; ``snapshot`` (data position, RNG) when taken at the start of step+1."""
-        if guard.saved is not None and guard.saved[1] == step:
-            return guard.saved[0]  # already saved (a periodic save right before the final or a preemption save)
-        snapshot = snapshot or data_snapshot()
-        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **snapshot}
-        path = save_checkpoint(out / "checkpoints", step, policy, tokenizer, state, keep=cfg.logging.keep_checkpoints,
-                               extra_files={"run_config.yaml": run_config_text})
-        guard.saved, saves["t"] = (path, step), time.perf_counter()
-        return path
-
     skips = SkipMonitor(cfg.optimizer.max_skipped_steps)
+    monitor = SignalMonitor(preset.name, preset.dynamic_filter)
     summary["setup_seconds"] = time.perf_counter() - t_setup
     t_rl = time.perf_counter()
     step = start_step
-    if cfg.rollout.max_staleness < 0:
-        raise ValueError(f"rollout.max_staleness={cfg.rollout.max_staleness}: expected >= 0 (0 = synchronous)")
-    if cfg.rollout.max_staleness > 0 and resume_dir is not None and not cfg.rollout.async_producer:
-        raise ValueError(f"rollout.max_staleness={cfg.rollout.max_staleness} cannot --resume: the queue of stale "
-                         "batches is not checkpointed (start a new run or resume with rollout.max_staleness=0)")
-    stale_queue: collections.deque = collections.deque()  # (policy version that sampled it, batch)
-    policy_version = start_step
-    eval_engine, eval_env = engine, env
-    if cfg.rollout.async_producer:
-        producer, eval_engine, eval_env = start_producer(cfg, policy, engine, tokenizer, retriever, stream,
-                                                         reward_fn, preset, sample_params, timer, start_step)
     guard.deferred = True  # from here on SIGTERM/SIGINT checkpoint at the end of the step
     try:
         for step in range(start_step + 1, cfg.steps + 1):
             guard.phase = f"RL step {step}"
             t_step = time.perf_counter()
-            # the state a checkpoint of step - 1 holds (saved if this step cannot complete: retriever outage)
-            snapshot = data_snapshot()
+            snapshot = source.snapshot()  # the state after step - 1 (saved if this step cannot complete)
             timer.reset()
             retrieval_calls = retriever.calls
-            metrics: dict[str, float] = {}
 
-            # 1-3. rollout, reward, DSPO/DAPO filtering (resampling until the batch is full, capped); with
-            # rollout.max_staleness = k the batch trained on was sampled k versions ago (queued; k = 0: this step's)
+            # 1-3. rollout, reward, DSPO/DAPO filtering
             try:
-                if producer is not None:  # asynchronous: the producer thread has been sampling all along
-                    stale_queue.append((None, producer.next_batch()[0]))
-                while producer is None and len(stale_queue) < cfg.rollout.max_staleness + 1:
-                    stale_queue.append((policy_version, collect_groups(
-                        engine, env, stream.take, lambda tr: score_trajectories(tr, reward_fn, tokenizer),
-                        target_groups=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
-                        params=sample_params, dynamic_filtering=preset.dynamic_filter,
-                        max_rounds=cfg.rollout.max_filter_rounds, timer=timer)))
+                batch, metrics = source.next_batch()
             except Exception as exc:
-                if _is_retrieval_failure(exc):
-                    saved = checkpoint(step - 1, snapshot)
-                    raise RetrieverDownError(f"step {step}: the retriever failed: {exc} (state after step {step - 1} "
-                                             f"saved in {saved}; rerun with --resume)") from exc
-                raise
-            batch_version, batch = stale_queue.popleft()
-            if cfg.rollout.max_staleness > 0 and producer is None:
-                metrics["rollout/staleness"] = float(policy_version - batch_version)
+                if not is_retrieval_failure(exc):
+                    raise
+                saved = checkpointer.save(step - 1, snapshot)
+                raise RetrieverDownError(f"step {step}: the retriever failed: {exc} (state after step {step - 1} "
+                                         f"saved in {saved}; rerun with --resume)") from exc
             metrics.update(batch.metrics)
-            metrics["reward_mean"] = batch.metrics.get("reward_all_mean", _mean(batch.rewards))
+            sampled = batch.all_trajectories  # kept or dropped by the filter: every statistic covers all of them
+            metrics["reward_mean"] = batch.metrics.get("reward_all_mean", _mean(batch.all_rewards))
             metrics["samples"] = batch.samples_used
-            trajs = batch.trajectories
+            if sampled:
+                metrics.update(trajectory_stats(sampled))
+                metrics.update(retrieval_metrics(sampled, timer.seconds.get("retrieval", 0.0),
+                                                 retriever.calls - retrieval_calls))
+            warning = monitor.update(step, sampled, batch.all_rewards)
+            if monitor.last is not None and monitor.last.groups:
+                metrics["reward_flat_group_frac"] = monitor.last.flat_groups / monitor.last.groups
+            if warning:
+                progress.write(f"[openrlhf-search] WARNING: {warning}")
 
+            # 4-6. advantages, old log-probs, updates
             t_update = time.perf_counter()
-            if trajs:
-                metrics.update(trajectory_stats(trajs))
-                calls = retriever.calls - retrieval_calls
-                metrics.update(retrieval_metrics(trajs, timer.seconds.get("retrieval", 0.0), calls))
-                # 4. advantages: group-relative per sequence, then (CalibAdv) per token
-                rewards = torch.tensor(batch.rewards, dtype=torch.float32)
-                group_ids = torch.tensor(batch.group_ids)
-                seq_adv = estimator(rewards, group_ids)
-                packed = pack(trajs, tokenizer.pad_token_id, device)
-                packed.version = policy_version
-                advantages = seq_adv.to(device)
-                if adv_chain:  # advantage post-processors (CalibAdv, plugins), the chain the OpenRLHF patch runs too
-                    records = [t.to_calib_record() for t in trajs] if needs_records(adv_chain) else None
-                    advantages, cal_metrics = apply_postprocessors(adv_chain, seq_adv, packed.action_mask.cpu(),
-                                                                   group_ids, records)
-                    advantages = advantages.to(device)
-                    metrics.update(cal_metrics)
-                metrics["adv_abs_mean"] = float(seq_adv.abs().mean())
-
-                # 5. old (and reference) log-probs, recomputed by the trainer
-                all_rows = torch.arange(len(trajs))
-                with torch.no_grad():
-                    policy.eval()
-                    old_lp = torch.cat([response_logprobs(policy, packed, r, cfg.rollout.temperature)
-                                        for r in all_rows.split(16)])
-                    ref_lp = None
-                    if reference is not None:
-                        ref_lp = torch.cat([response_logprobs(reference, packed, r, cfg.rollout.temperature)
-                                            for r in all_rows.split(16)])
-                m = packed.action_mask
-                metrics["rollout/engine_logprob_gap"] = float(((old_lp - packed.engine_logprobs).abs() * m).sum()
-                                                              / m.sum().clamp(min=1))
-
-                # 6. minibatch updates
-                policy.train()
-                upd = update_policy(policy, opt, sched, loss_fn, packed, old_lp, ref_lp, advantages, cfg)
-                policy.eval()
-                if producer is not None:
-                    producer.publish(policy)  # the engine takes the weights at its next turn boundary
-                else:
-                    engine.update_weights(policy)
-                policy_version += 1
-                metrics.update(upd)
-                skips.update(step, math.isnan(upd.get("update/grad_norm", float("nan"))),
+            result = None
+            if batch.trajectories:
+                result = learner.learn(batch, source.version)
+                metrics.update(result.metrics)
+                source.after_update(policy)
+                skips.update(step, math.isnan(result.metrics.get("update/grad_norm", float("nan"))),
                              str(guard.saved[0]) if guard.saved else None)
-                if cfg.logging.rollout_every and (step % cfg.logging.rollout_every == 0 or step == start_step + 1):
-                    write_rollout_records(out, step, batch, packed, advantages, old_lp, policy, tokenizer, cfg)
             else:
                 metrics["update/skipped_empty_batch"] = 1.0
-                if producer is not None:  # the version still advances: the bound counts batches, not updates
-                    producer.publish(None)
-                    policy_version += 1
+                source.after_update(None)
             t_end = time.perf_counter()
 
             # 7. timing, logging, samples, checkpoints
-            phases = timer.reset()
-            total = t_end - t_step
-            metrics["time/generation"] = phases.get("generation", 0.0)
-            metrics["time/retrieval"] = phases.get("retrieval", 0.0)
-            metrics["time/env"] = max(0.0, phases.get("env", 0.0) - metrics["time/retrieval"])
-            metrics["time/update"] = t_end - t_update
-            metrics["time/other"] = max(0.0, total - metrics["time/generation"] - metrics["time/retrieval"]
-                                        - metrics["time/env"] - metrics["time/update"])
-            metrics["time/step"] = total
-            if producer is not None:
-                metrics["async/learner_idle_share"] = metrics["async/learner_idle_s"] / total if total > 0 else 0.0
-            metrics["lr"] = sched.get_last_lr()[0]
+            metrics.update(step_times(timer.reset(), t_end - t_step, t_end - t_update))
+            metrics.update(source.step_metrics(metrics, t_end - t_step))
+            metrics["lr"] = learner.sched.get_last_lr()[0]
+            release_freed_memory()  # the step's freed activations go back to the system (see trainer.memory)
+            metrics.update(memory_metrics())
             if cfg.logging.eval_every and step % cfg.logging.eval_every == 0 and step < cfg.steps:
-                ev = evaluate_policy(eval_engine, eval_env, eval_samples, tokenizer, eval_params)
+                ev = evaluate_policy(source.eval_engine, source.eval_env, eval_samples, tokenizer, eval_params)
                 metrics.update({f"eval/{k}": v for k, v in ev.items()})
-            logger.log(step, metrics, histograms={"rollout/staleness": producer.last_group_staleness}
-                       if producer is not None else None)
-            if trajs and cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == start_step + 1):
-                best = max(range(len(trajs)), key=lambda i: batch.rewards[i])
-                (samples_dir / f"step_{step:06d}.txt").write_text(
-                    render_trajectory(trajs[best], tokenizer, batch.rewards[best]) + "\n\n---\n\n"
-                    + render_trajectory(trajs[0], tokenizer, batch.rewards[0]) + "\n")
-            if producer is None:
-                progress.update(reward=metrics["reward_mean"], step_s=total)
-            else:  # asynchronous: how stale the batch was and who waited for whom
-                progress.update(reward=metrics["reward_mean"], step_s=total,
-                                stale=metrics.get("rollout/staleness_mean", 0.0),
-                                idle=f"L{100 * metrics['async/learner_idle_share']:.0f}%/"
-                                     f"R{100 * metrics['async/rollout_idle_share']:.0f}%")
-            if cfg.logging.save_every and step % cfg.logging.save_every == 0:
-                checkpoint(step)
-            elif cfg.logging.save_every_seconds and time.perf_counter() - saves["t"] >= cfg.logging.save_every_seconds:
-                checkpoint(step)
+            logger.log(step, metrics, histograms=source.histograms())
+            first = step == start_step + 1
+            if sampled and cfg.logging.rollout_every and (step % cfg.logging.rollout_every == 0 or first):
+                write_rollout_records(out, step, batch, result, policy, tokenizer, cfg)
+            if sampled and cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or first):
+                write_sample(out, step, batch, tokenizer)
+            progress.update(reward=metrics["reward_mean"], step_s=metrics["time/step"],
+                            **source.progress_fields(metrics))
+            if checkpointer.due(step):
+                checkpointer.save(step)
             if guard.requested:
                 progress.close()
                 logger.close()
-                raise Preempted(guard.requested, checkpoint(step), step)
+                raise Preempted(guard.requested, checkpointer.save(step), step)
             if cfg.max_step_seconds and time.perf_counter() - t_rl > cfg.max_step_seconds:
                 print(f"\n[openrlhf-search] RL time budget max_step_seconds={cfg.max_step_seconds} reached at step "
                       f"{step}")
                 break
     finally:
-        if producer is not None:
-            producer.close()
-            engine.update_weights(policy)  # the final evaluation samples from the trained weights
+        source.close(policy)
     progress.close()
     summary["steps_done"] = step
     summary["rl_seconds"] = time.perf_counter() - t_rl
+    summary["learning_signal"] = monitor.summary()
 
     # ---- final checkpoint, held-out evaluation, plot
-    final_dir = checkpoint(step)
+    final_dir = checkpointer.save(step)
     guard.deferred = False  # a signal during the final evaluation stops at once (the checkpoint is written)
     guard.phase = "the final evaluation"
     if guard.requested:
@@ -689,40 +665,72 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     summary["eval_after"] = evaluate_policy(engine, env, eval_samples, tokenizer, eval_params,
                                             rollouts_path=out / "eval_after_rollouts.jsonl")
     if eval_samples:
-        from openrlhf_search.rollout.runner import run_rollouts
-
         final = run_rollouts(engine, env, eval_samples[:1], 1, eval_params)[0]
-        summary["final_sample"] = render_trajectory(final, tokenizer, score_trajectories([final], reward_fn,
-                                                                                         tokenizer)[0][0])
+        summary["final_sample"] = render_trajectory(final, tokenizer, score([final])[0][0])
     logger.close()
     plot = plot_reward_curve(out / "metrics.jsonl", out / "reward_curve.png", title=f"{cfg.algorithm.name} reward")
-    summary.update(metrics_path=str(out / "metrics.jsonl"), plot=str(plot), samples_dir=str(samples_dir))
+    summary.update(metrics_path=str(out / "metrics.jsonl"), plot=str(plot), samples_dir=str(out / "samples"))
     summary.update(reward_window_stats(out / "metrics.jsonl"))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def start_producer(cfg: TrainConfig, policy, engine, tokenizer, retriever, stream, reward_fn, preset, params, timer,
-                   start_version: int):
-    """Start the asynchronous rollout producer (``rollout.async_producer``).
+def check_staleness(cfg: TrainConfig, resuming: bool) -> None:
+    """``rollout.max_staleness`` must be >= 0, and a synchronous stale queue cannot be resumed."""
+    if cfg.rollout.max_staleness < 0:
+        raise ValueError(f"rollout.max_staleness={cfg.rollout.max_staleness}: expected >= 0 (0 = synchronous)")
+    if cfg.rollout.max_staleness > 0 and resuming and not cfg.rollout.async_producer:
+        raise ValueError(f"rollout.max_staleness={cfg.rollout.max_staleness} cannot --resume: the queue of stale "
+                         "batches is not checkpointed (start a new run or resume with rollout.max_staleness=0)")
 
-    Returns ``(producer, eval_engine, eval_env)``: the engine belongs to the producer thread until it is closed, so
-    mid-run evaluation (``logging.eval_every``) samples from the learner's policy through its own HF engine and
-    environment (greedy by default, so the figures do not depend on the engine).
+
+def build_source(cfg: TrainConfig, policy, engine, env, tokenizer, retriever, stream, score, preset, params, timer,
+                 start_version: int) -> BatchSource:
+    """The configured :class:`~openrlhf_search.trainer.sources.BatchSource`: the asynchronous producer
+    (``rollout.async_producer``), a stale queue (``rollout.max_staleness > 0``) or the synchronous loop.
+
+    The asynchronous producer samples from its own copy of the weights (``shadow``) and owns ``engine`` until it is
+    closed, so mid-run evaluation (``logging.eval_every``) samples from the learner's policy through its own HF
+    engine and environment (greedy by default, so the figures do not depend on the engine).
     """
-    import copy
+    ro = cfg.rollout
+    if ro.async_producer:
+        shadow = copy.deepcopy(policy).eval().requires_grad_(False)  # the engine's own weights
+        producer = AsyncProducer(
+            engine, shadow, build_env(cfg, tokenizer, retriever), stream, score, batch_size=ro.prompts_per_step,
+            group_size=ro.group_size, params=params, max_staleness=ro.max_staleness,
+            partial_rollouts=ro.partial_rollouts, dynamic_filtering=preset.dynamic_filter,
+            max_filter_rounds=ro.max_filter_rounds, start_version=start_version, timer=timer)
+        return AsyncSource(producer, engine, HFEngine(policy, tokenizer, seed=cfg.seed + 1),
+                           build_env(cfg, tokenizer, retriever))
+    shape = dict(prompts_per_step=ro.prompts_per_step, group_size=ro.group_size, params=params,
+                 dynamic_filtering=preset.dynamic_filter, max_filter_rounds=ro.max_filter_rounds, timer=timer,
+                 start_version=start_version)
+    if ro.max_staleness > 0:
+        return StaleQueueSource(engine, env, stream, score, max_staleness=ro.max_staleness, **shape)
+    return SyncSource(engine, env, stream, score, **shape)
 
-    from openrlhf_search.rollout.hf import HFEngine
-    from openrlhf_search.rollout.producer import AsyncProducer
 
-    shadow = copy.deepcopy(policy).eval().requires_grad_(False)  # the engine's own weights
-    producer = AsyncProducer(
-        engine, shadow, build_env(cfg, tokenizer, retriever), stream,
-        lambda tr: score_trajectories(tr, reward_fn, tokenizer), batch_size=cfg.rollout.prompts_per_step,
-        group_size=cfg.rollout.group_size, params=params, max_staleness=cfg.rollout.max_staleness,
-        partial_rollouts=cfg.rollout.partial_rollouts, dynamic_filtering=preset.dynamic_filter,
-        max_filter_rounds=cfg.rollout.max_filter_rounds, start_version=start_version, timer=timer)
-    return producer, HFEngine(policy, tokenizer, seed=cfg.seed + 1), build_env(cfg, tokenizer, retriever)
+def step_times(phases: dict[str, float], step_seconds: float, update_seconds: float) -> dict[str, float]:
+    """The step's wall-time split: ``time/generation``, ``/retrieval``, ``/env`` (the environment without the
+    retriever), ``/update``, ``/other`` and ``/step``. With the asynchronous producer the first three are the
+    producer thread's and overlap the update."""
+    t = {"time/generation": phases.get("generation", 0.0), "time/retrieval": phases.get("retrieval", 0.0)}
+    t["time/env"] = max(0.0, phases.get("env", 0.0) - t["time/retrieval"])
+    t["time/update"] = update_seconds
+    t["time/other"] = max(0.0, step_seconds - sum(t.values()))
+    t["time/step"] = step_seconds
+    return t
+
+
+def write_sample(out: Path, step: int, batch: RolloutBatch, tokenizer) -> Path:
+    """``samples/step_N.txt``: the best-rewarded and the first trajectory the step sampled (kept or not), readable."""
+    trajs, rewards = batch.all_trajectories, batch.all_rewards
+    best = max(range(len(trajs)), key=lambda i: rewards[i])
+    path = out / "samples" / f"step_{step:06d}.txt"
+    path.write_text(render_trajectory(trajs[best], tokenizer, rewards[best]) + "\n\n---\n\n"
+                    + render_trajectory(trajs[0], tokenizer, rewards[0]) + "\n")
+    return path
 
 
 # ============================================================================================ front-end glue
@@ -738,20 +746,6 @@ def run_mode(args) -> str:
 def train_or_exit_code(cfg: TrainConfig, mode: str, prog: str):
     """:func:`train`, or the exit code of a failure that is the input's or the cluster's, not a bug (one line on
     stderr; see :mod:`~openrlhf_search.trainer.preemption` for the codes)."""
-    import sys
-
-    from openrlhf_search.data.formats import DatasetFormatError
-    from openrlhf_search.trainer.checkpoint import CheckpointError
-    from openrlhf_search.trainer.preemption import (
-        EXIT_DIVERGED,
-        EXIT_PREEMPTED,
-        EXIT_RETRIEVER,
-        EXIT_USAGE,
-        Diverged,
-        Preempted,
-    )
-    from openrlhf_search.trainer.rundir import RunDirError
-
     try:
         return train(cfg, mode=mode)
     except Preempted as exc:
@@ -764,16 +758,14 @@ def train_or_exit_code(cfg: TrainConfig, mode: str, prog: str):
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     except Exception as exc:  # a retriever that is down fails the run with one clear line, not a traceback
-        if isinstance(exc, RetrieverDownError) or _is_retrieval_failure(exc):
-            print(f"{prog}: retriever {cfg.retriever.spec or '(built-in BM25)'} failed: {exc}", file=sys.stderr)
-            return EXIT_RETRIEVER
-        raise
+        if not is_retrieval_failure(exc):
+            raise
+        print(f"{prog}: retriever {cfg.retriever.spec or '(built-in BM25)'} failed: {exc}", file=sys.stderr)
+        return EXIT_RETRIEVER
 
 
 # ============================================================================================ loop pieces
 def replace_params(params, **kw):
-    from dataclasses import replace
-
     return replace(params, **kw)
 
 
@@ -802,10 +794,6 @@ def update_policy(policy, opt, sched, loss_fn, packed: PackedBatch, old_lp, ref_
     by the minibatch's normaliser (``algorithms.step_normalizers``) and the losses summed: the gradient is the
     minibatch objective's for any number of micro-batches (the same contract as the OpenRLHF and Megatron backends).
     """
-    import torch
-
-    from openrlhf_search.algorithms.losses import ADDITIVE_METRICS, PolicyLoss, step_normalizers
-
     B = packed.input_ids.size(0)
     n_mb = max(1, min(cfg.algorithm.num_minibatches, B))
     agg: dict[str, list[float]] = {}
@@ -860,30 +848,34 @@ def update_policy(policy, opt, sched, loss_fn, packed: PackedBatch, old_lp, ref_
     return out
 
 
-def write_rollout_records(out: Path, step: int, batch, packed: PackedBatch, advantages, old_lp, policy, tokenizer,
+def write_rollout_records(out: Path, step: int, batch: RolloutBatch, result: StepResult | None, policy, tokenizer,
                           cfg) -> Path:
-    """Every trajectory of the step as a viewer record (``rollouts/step_N.jsonl``; see :mod:`openrlhf_search.viewer`).
+    """Every trajectory the step sampled as a viewer record (``rollouts/step_N.jsonl``; see
+    :mod:`openrlhf_search.viewer`), whether or not an update happened.
 
-    The ratio shown is ``pi_theta / pi_old`` after this step's update (one extra forward pass, only on logged steps):
-    the drift the next epoch, or the next step off-policy, would see; tokens below SAPO's threshold are marked.
+    Trajectories trained on carry their advantages and the ratio ``pi_theta / pi_old`` after this step's update (one
+    extra forward pass, only on logged steps): the drift the next epoch, or the next step off-policy, would see;
+    tokens below SAPO's threshold are marked. Trajectories dynamic filtering dropped (or all of them, when the update
+    was skipped) carry neither.
     """
-    import torch
-
-    from openrlhf_search.viewer.records import ROLLOUTS_DIR, trajectory_record, write_records
-
-    with torch.no_grad():
-        rows = torch.arange(len(batch.trajectories))
-        new_lp = torch.cat([response_logprobs(policy, packed, r, cfg.rollout.temperature) for r in rows.split(16)])
-    ratio = torch.exp((new_lp - old_lp).clamp(-20, 20)).cpu()
-    adv = advantages.detach().float().cpu()
-    if adv.dim() == 1:
-        adv = adv[:, None].expand(-1, ratio.size(1))
+    trained: dict[int, tuple[list, list]] = {}
+    if result is not None:
+        with torch.no_grad():
+            rows = torch.arange(len(batch.trajectories))
+            new_lp = torch.cat([response_logprobs(policy, result.packed, r, cfg.rollout.temperature)
+                                for r in rows.split(16)])
+        ratio = torch.exp((new_lp - result.old_lp).clamp(-20, 20)).cpu()
+        adv = result.advantages.detach().float().cpu()
+        if adv.dim() == 1:
+            adv = adv[:, None].expand(-1, ratio.size(1))
+        for i, t in enumerate(batch.trajectories):
+            n = len(t.response_ids)
+            trained[id(t)] = (adv[i, :n].tolist(), ratio[i, :n].tolist())
     records = []
-    for i, t in enumerate(batch.trajectories):
-        n = len(t.response_ids)
-        records.append(trajectory_record(
-            t, tokenizer, step=step, reward=batch.rewards[i], reward_info=batch.reward_infos[i],
-            advantages=adv[i, :n].tolist(), ratios=ratio[i, :n].tolist()))
+    for t, r in zip(batch.all_trajectories, batch.all_rewards):
+        adv_t, ratio_t = trained.get(id(t), (None, None))
+        records.append(trajectory_record(t, tokenizer, step=step, reward=r, reward_info=t.meta.get("reward_info"),
+                                         advantages=adv_t, ratios=ratio_t))
     return write_records(out / ROLLOUTS_DIR / f"step_{step:06d}.jsonl", records)
 
 
@@ -905,24 +897,8 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _is_retrieval_failure(exc: BaseException) -> bool:
-    names = {type(e).__name__ for e in _chain(exc)}
-    return bool(names & {"RetrieverUnavailable", "RetrieverRequestError", "ConnectError", "ConnectionError",
-                         "ConnectionRefusedError"})
-
-
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
 def reward_window_stats(metrics_path: Path, window: int = 10) -> dict[str, float]:
     """Mean ``reward_mean`` of the first and last ``window`` steps, and their difference."""
-    from openrlhf_search.trainer.logging import read_metrics
-
     rows = [r for r in read_metrics(metrics_path) if isinstance(r.get("reward_mean"), (int, float))]
     if not rows:
         return {}
@@ -938,11 +914,6 @@ def warm_start(cfg: TrainConfig, policy, tokenizer, env, kb, retriever, worlds: 
     Demonstrations answer ``kb``'s train questions through ``retriever``, or, given ``worlds``
     (:func:`build_demo_worlds`), the train questions of those fresh worlds with their supporting passage observed.
     """
-    from openrlhf_search.data.synthetic import synthetic_trajectories
-    from openrlhf_search.env.templates import get_template
-    from openrlhf_search.trainer.logging import Progress
-    from openrlhf_search.trainer.sft import copy_examples, run_sft, tokenize_demonstration
-
     if kb is None:
         raise ValueError("sft.steps > 0 needs data.source=synthetic (demonstrations come from the synthetic KB)")
     t0 = time.perf_counter()

@@ -218,6 +218,55 @@ class Progress:
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(n)
 
+    def write(self, text: str) -> None:
+        """Print ``text`` on its own lines without breaking the bar (stdout when the bar is disabled)."""
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def run_report(summary: dict, seconds: float, title: str = "training", target_gain: float | None = None) -> str:
+    """The human summary a finished run prints: reward first -> last window (vs ``target_gain`` when given),
+    held-out accuracy before -> after, the learning-signal warning if the run had none, the output paths and a
+    sample trajectory (``summary`` is :func:`openrlhf_search.trainer.local.train`'s)."""
+    nan = float("nan")
+    before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
+    gain = summary.get("reward_gain", nan)
+    w = summary.get("window", 10)
+    lines = ["=" * 100,
+             f"{title} finished in {seconds / 60:.1f} min ({summary.get('steps_done')} RL steps, "
+             f"SFT {(summary.get('sft') or {}).get('seconds', 0):.0f} s, RL {summary.get('rl_seconds', 0):.0f} s)"]
+    reward = (f"reward_mean: first {w} steps {summary.get('reward_first_window', nan):.3f} -> last {w} steps "
+              f"{summary.get('reward_last_window', nan):.3f} (gain {gain:+.3f}")
+    if target_gain is not None:
+        reward += f"; target >= +{target_gain}: {'met' if gain >= target_gain else 'NOT met'}"
+    lines.append(reward + ")")
+    if after:
+        improved = "improved" if after.get("f1", 0) > before.get("f1", 0) else "NOT improved"
+        lines.append(f"held-out ({after.get('n', 0)} questions, greedy): EM {before.get('em', 0):.3f} -> "
+                     f"{after.get('em', 0):.3f}, F1 {before.get('f1', 0):.3f} -> {after.get('f1', 0):.3f}, "
+                     f"searches/question {before.get('searches', 0):.2f} -> {after.get('searches', 0):.2f} "
+                     f"({improved})")
+    else:
+        lines.append("held-out: no evaluation questions (data.num_eval = 0 or no data.eval_files)")
+    signal = summary.get("learning_signal") or {}
+    if signal.get("warning"):
+        lines.append(f"WARNING: this run could not learn: {signal['steps_without_signal']} of {signal['steps']} "
+                     f"steps had no learning signal; {signal['warning']}")
+    out = Path(summary.get("output_dir", "."))
+    lines += [f"metrics:     {summary.get('metrics_path')}",
+              f"plot:        {summary.get('plot')}",
+              f"samples:     {summary.get('samples_dir')}   (openrlhf-search view {out})",
+              f"checkpoint:  {summary.get('checkpoint')}",
+              f"evaluate:    openrlhf-search eval --model {out}   (the held-out figures above, again)",
+              f"tensorboard: tensorboard --logdir {out / 'tb'}"]
+    sample = summary.get("final_sample")
+    if sample:
+        lines.append("-" * 100 + "\nsample trajectory (held-out question, final policy, greedy):\n" + sample)
+    lines.append("=" * 100)
+    return "\n".join(lines)

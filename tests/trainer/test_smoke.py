@@ -51,6 +51,9 @@ def test_train_smoke_writes_metrics_and_checkpoint(tmp_path):
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
     assert (out / "reward_curve.png").stat().st_size > 0
     assert list((out / "samples").glob("step_*.txt"))
+    # the terminal ends with the human summary and its paths, not a JSON dict
+    assert f"checkpoint:  {summary['checkpoint']}" in res.stdout and f"metrics:     {out}" in res.stdout
+    assert "training finished in" in res.stdout and '"eval_after": {' not in res.stdout
 
 
 def _kill_after_step(args: list[str], env: dict, metrics: Path, step: int, timeout: float = 150) -> None:
