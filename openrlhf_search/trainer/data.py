@@ -1,4 +1,5 @@
-"""Data plumbing of the local trainer: the question stream with an exact, resumable position.
+"""Data plumbing of the local trainer: the question files it reads and the question stream with an exact, resumable
+position.
 
 :class:`QuestionStream` walks a list of questions in epochs; each epoch is a permutation drawn from
 ``Random(seed + epoch)``. Its whole state is ``(epoch, position)`` plus a ``requeue`` list (questions handed out
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+from openrlhf_search.data.formats import DatasetFormatError, limit_question_length, read_dataset
+from openrlhf_search.trainer.config import TrainConfig
 
 
 @dataclass
@@ -69,3 +73,25 @@ class QuestionStream:
             raise ValueError(f"QuestionStream: checkpoint requeues indices outside 0..{len(self.samples) - 1}")
         self.requeue = requeue
         self._perm = self._permutation(self.epoch)
+
+
+def read_question_files(files: list[str], cfg: TrainConfig, field_name: str) -> list:
+    """The questions of ``files`` with the question-length cap applied; data errors are ``DatasetFormatError``
+    (one line naming file, line and field)."""
+    out = []
+    for f in files:
+        try:
+            samples = read_dataset(f)
+        except FileNotFoundError as exc:
+            raise DatasetFormatError(f"{field_name}: {exc}") from None
+        except (KeyError, ValueError) as exc:
+            if isinstance(exc, DatasetFormatError):
+                raise
+            raise DatasetFormatError(f"{field_name}: {exc}") from None
+        samples, changed = limit_question_length(samples, str(f), cfg.data.max_question_chars,
+                                                 cfg.data.long_questions)
+        if changed:
+            print(f"[openrlhf-search] {f}: {changed} question(s) over data.max_question_chars="
+                  f"{cfg.data.max_question_chars} {cfg.data.long_questions.rstrip('e')}ed", flush=True)
+        out += samples
+    return out

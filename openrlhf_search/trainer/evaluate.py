@@ -27,7 +27,7 @@ from openrlhf_search.env.scoring import reward_inputs
 from openrlhf_search.rewards import exact_match, f1_score, substring_exact_match
 from openrlhf_search.rollout.runner import run_rollouts
 from openrlhf_search.trainer.checkpoint import LATEST, latest_checkpoint
-from openrlhf_search.trainer.local import read_question_files
+from openrlhf_search.trainer.data import read_question_files
 from openrlhf_search.trainer.logging import Progress
 
 SEARCH_R1_DATASETS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")

@@ -51,7 +51,7 @@ from openrlhf_search.algorithms.logprobs import sampled_token_logprobs
 from openrlhf_search.algorithms.losses import ADDITIVE_METRICS, PolicyLoss, step_normalizers
 from openrlhf_search.algorithms.postprocess import apply_postprocessors, needs_records
 from openrlhf_search.algorithms.presets import advantage_pipeline, preset_for
-from openrlhf_search.data.formats import DatasetFormatError, limit_question_length, read_dataset
+from openrlhf_search.data.formats import DatasetFormatError
 from openrlhf_search.data.synthetic import fresh_worlds, generate_kb, synthetic_trajectories, write_kb
 from openrlhf_search.data.tiny_tokenizer import build_tiny_tokenizer
 from openrlhf_search.env.scoring import score_trajectories as score_batch
@@ -77,7 +77,7 @@ from openrlhf_search.trainer.checkpoint import (
     save_checkpoint,
 )
 from openrlhf_search.trainer.config import TrainConfig, config_to_dict, save_config, search_env_config
-from openrlhf_search.trainer.data import QuestionStream
+from openrlhf_search.trainer.data import QuestionStream, read_question_files
 from openrlhf_search.trainer.diagnosis import SignalMonitor
 from openrlhf_search.trainer.evaluate import score_rollouts
 from openrlhf_search.trainer.logging import MetricsLogger, Progress, plot_reward_curve, read_metrics, render_trajectory
@@ -157,28 +157,6 @@ def load_questions(cfg: TrainConfig, out: Path):
         evals = read_question_files(cfg.data.eval_files, cfg, "data.eval_files")[: cfg.data.num_eval]
         return train, evals, None
     raise ValueError(f"data.source={cfg.data.source!r}: expected 'synthetic' or 'files'")
-
-
-def read_question_files(files: list[str], cfg: TrainConfig, field_name: str) -> list:
-    """The questions of ``files`` with the question-length cap applied; data errors are ``DatasetFormatError``
-    (one line naming file, line and field)."""
-    out = []
-    for f in files:
-        try:
-            samples = read_dataset(f)
-        except FileNotFoundError as exc:
-            raise DatasetFormatError(f"{field_name}: {exc}") from None
-        except (KeyError, ValueError) as exc:
-            if isinstance(exc, DatasetFormatError):
-                raise
-            raise DatasetFormatError(f"{field_name}: {exc}") from None
-        samples, changed = limit_question_length(samples, str(f), cfg.data.max_question_chars,
-                                                 cfg.data.long_questions)
-        if changed:
-            print(f"[openrlhf-search] {f}: {changed} question(s) over data.max_question_chars="
-                  f"{cfg.data.max_question_chars} {cfg.data.long_questions.rstrip('e')}ed", flush=True)
-        out += samples
-    return out
 
 
 def build_demo_worlds(cfg: TrainConfig, kb) -> list:
