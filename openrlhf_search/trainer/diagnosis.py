@@ -60,11 +60,13 @@ class SignalMonitor:
     Args:
         algorithm: the algorithm's name (the advice differs for filtering algorithms).
         dynamic_filter: whether the algorithm drops groups with identical rewards (DSPO/DAPO).
+        reward: the reward's name (a format-aware reward is not advised again).
         patience: consecutive steps without signal before the warning.
     """
 
     algorithm: str
     dynamic_filter: bool
+    reward: str = ""
     patience: int = PATIENCE
     streak: int = 0
     steps_without_signal: int = 0
@@ -104,8 +106,9 @@ class SignalMonitor:
                      "<search>/<answer> protocol by chance")
             tries = ["a warm start on demonstrations (sft.steps > 0)",
                      "a pretrained, instruction-tuned model (model.path)",
-                     "a reward with credit for the format (env.reward=format_f1)",
                      "a template the model follows (env.template)"]
+            if "format" not in self.reward:
+                tries.insert(2, "a reward with credit for the format (env.reward=format_f1)")
         else:
             cause = "every sample of a question earns the same reward: the questions are too easy or too hard, or " \
                     "the reward is too coarse to tell samples apart"

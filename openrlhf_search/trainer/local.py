@@ -549,7 +549,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     if resume_dir is not None:
         guard.saved = (resume_dir, start_step)
     skips = SkipMonitor(cfg.optimizer.max_skipped_steps)
-    monitor = SignalMonitor(preset.name, preset.dynamic_filter)
+    monitor = SignalMonitor(preset.name, preset.dynamic_filter, cfg.env.reward)
     summary["setup_seconds"] = time.perf_counter() - t_setup
     t_rl = time.perf_counter()
     step = start_step

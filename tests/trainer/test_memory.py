@@ -38,11 +38,11 @@ def test_memory_helpers_report_this_process():
 
 
 def test_tensors_and_resident_memory_are_flat_after_the_first_steps(tmp_path, monkeypatch):
-    steps = SETTLE + 6
+    steps = SETTLE + 5
     cfg = load_config("examples/configs/smoke.yaml", [
         f"logging.output_dir={tmp_path / 'run'}", f"steps={steps}", "sft.steps=0", "algorithm.name=grpo",
         "data.num_eval=0", "logging.save_every=0", "logging.sample_every=1", "logging.rollout_every=1",
-        "env.max_tokens_per_turn=24", "rollout.temperature=1.5"])
+        "rollout.temperature=1.5"])
     seen: list[tuple[int, int, float]] = []
     log = MetricsLogger.log
 

@@ -44,7 +44,9 @@ def test_monitor_warns_once_after_patience_flat_steps_with_cause_and_advice(dyna
         assert mon.update(step, *flat) is None
     warning = mon.update(PATIENCE, *flat)
     assert warning is not None and f"steps 1-{PATIENCE}" in warning
-    assert "sft.steps" in warning and "model.path" in warning and "format" in warning
+    assert "sft.steps" in warning and "model.path" in warning and "env.reward=format_f1" in warning
+    formatted = SignalMonitor("grpo", dynamic_filter=False, reward="format_f1", patience=1)
+    assert "env.reward=" not in formatted.update(1, *flat)  # the reward already credits the format
     assert ("algorithm.name=grpo" in warning) == dynamic  # GRPO is advice only where a filter drops groups
     assert ("no update happened" in warning) == dynamic
     assert mon.update(PATIENCE + 1, *flat) is None  # once
