@@ -210,7 +210,7 @@ def test_eval_unknown_dataset_name_is_a_clear_error(tmp_path):
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "wall_time"} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "memory/")) and k != "wall_time"} for r in rows]
 
 
 @pytest.mark.slow
