@@ -3,10 +3,10 @@
 On CPU, PyTorch tensors live in the C allocator's heap. Every RL step allocates activations, logits and KV caches
 whose sizes change with the sampled lengths; glibc's ``malloc`` serves medium blocks (below its adaptive mmap
 threshold, up to 32 MB) from heaps it does not hand back to the system when they are freed in the middle, so the
-resident set ratchets up step after step although no tensor outlives its step. :func:`release_freed_memory` asks
-glibc to return every free page (``malloc_trim(0)``) once per step, which bounds the resident set by the largest
-step instead of the sum of the fragments. CUDA memory is PyTorch's own caching allocator and is reported, not
-trimmed.
+resident set drifts up to the largest step seen although no tensor outlives its step. :func:`release_freed_memory`
+asks glibc to return every free page (``malloc_trim(0)``) once per step: between steps the resident set is then the
+model and optimizer state, and each step's peak is that step's own (``benchmarks/memory_growth.py``). CUDA memory is
+PyTorch's own caching allocator and is reported, not trimmed.
 """
 
 from __future__ import annotations
