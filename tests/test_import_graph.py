@@ -24,7 +24,6 @@ lazily."""
 
 TEMPORARY_CYCLES: set[frozenset[str]] = {
     frozenset({"openrlhf_search.retrieval", "openrlhf_search.retrieval.integrity"}),
-    frozenset({"openrlhf_search.trainer.evaluate", "openrlhf_search.trainer.local"}),
 }
 """Cycles that other work in progress still has (to be emptied)."""
 
@@ -38,7 +37,6 @@ TEMPORARY_LAZY: set[str] = {
     "openrlhf_search.retrieval.integrity", "openrlhf_search.retrieval.manifest", "openrlhf_search.retrieval.metrics",
     "openrlhf_search.retrieval.server", "openrlhf_search.rollout", "openrlhf_search.rollout.vllm",
     "openrlhf_search.trainer.checkpoint", "openrlhf_search.trainer.cli_eval", "openrlhf_search.trainer.cli_quickstart",
-    "openrlhf_search.trainer.local",
 }  # fmt: skip
 """Modules that still import light own modules inside functions (to be emptied as each is hoisted)."""
 

@@ -68,6 +68,7 @@ from openrlhf_search.rollout.base import SamplingParams
 from openrlhf_search.rollout.hf import HFEngine
 from openrlhf_search.rollout.producer import AsyncProducer
 from openrlhf_search.rollout.runner import PhaseTimer, RolloutBatch, TimedRetriever, run_rollouts
+from openrlhf_search.rollout.vllm import VLLMEngine
 from openrlhf_search.trainer import lora
 from openrlhf_search.trainer.checkpoint import (
     CheckpointError,
@@ -241,8 +242,6 @@ def build_engine(cfg: TrainConfig, policy, tokenizer, out: Path):
     if cfg.rollout.engine == "hf":
         return HFEngine(policy, tokenizer, seed=cfg.seed)
     if cfg.rollout.engine == "vllm":
-        from openrlhf_search.rollout.vllm import VLLMEngine
-
         path = out / "rollout_weights"
         policy.save_pretrained(str(path))
         tokenizer.save_pretrained(str(path))
