@@ -155,7 +155,7 @@ def _safetensors(path: Path) -> dict:
 
 def _comparable(rows: list[dict]) -> list[dict]:
     def timing(k: str) -> bool:
-        return k.startswith(("time/", "async/")) or k == "wall_time" or "seconds" in k or "_ms" in k
+        return k.startswith(("time/", "async/", "memory/")) or k == "wall_time" or "seconds" in k or "_ms" in k
 
     # the engine's sampling log-probs (KV-cached forward) are a diagnostic here (grpo's loss never reads them): they
     # may differ in the last bits after a reload; what enters the update is compared exactly
