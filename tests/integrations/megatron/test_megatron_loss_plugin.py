@@ -33,7 +33,10 @@ def test_megatron_actor_runs_the_plugin_loss_from_the_launchers_backend_config(t
     from openrlhf_search.integrations.openrlhf import launch
     from openrlhf_search.trainer.config import load_config
 
-    cfg = load_config(None, ["model.path=/models/m", "retriever.spec=http://127.0.0.1:1", f"plugins=[{PLUGIN}]",
+    # strategy megatron with colocate_all off puts vLLM on a node of its own: a 2-node layout, which needs a shared
+    # directory and a retriever address other nodes can reach (never contacted here)
+    cfg = load_config(None, ["model.path=/models/m", "retriever.spec=http://10.0.0.1:1", f"plugins=[{PLUGIN}]",
+                             f"openrlhf.shared_dir={tmp_path / 'shared'}",
                              "algorithm.name=grpo", "algorithm.policy_loss=scaled_adv",
                              f"algorithm.loss_overrides={{adv_scale: {SCALE}}}", "backend=megatron",
                              "openrlhf.colocate_all=false", "rollout.prompts_per_step=2", "rollout.group_size=2",
