@@ -40,6 +40,18 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from openrlhf_search.integrations.megatron import model as mmodel
+from openrlhf_search.integrations.megatron.config import MegatronTrainConfig
+from openrlhf_search.integrations.megatron.cpu_shim import ENV_SWITCH, maybe_apply_cpu_shim
+from openrlhf_search.integrations.megatron.launch import free_port
+from openrlhf_search.integrations.strict_devices import strict_devices
+from openrlhf_search.rewards import Reward, available_rewards, get_reward_fn, register_reward
+from openrlhf_search.rollout.base import SamplingParams
+from openrlhf_search.rollout.hf import HFEngine
+from openrlhf_search.trainer import logging as trainer_logging
+from openrlhf_search.trainer import models
+from openrlhf_search.trainer.config import load_config
+
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_CONFIG = REPO / "examples" / "configs" / "smoke.yaml"
 VOCAB = 151_936
@@ -57,7 +69,7 @@ WHEELS = {
 safetensors, sentence-transformers and pytest, no network): ~3.6 MB. Everything else the rows import is there
 (orjson, numba and matplotlib are optional speed-ups/plots the rows do without)."""
 WHEEL_BUDGET_BYTES = 64 * 2**20
-"""What a device run may carry in all (the wheels must stay well under it)."""
+"""Upper bound on the wheel folder, which travels with the checkout to the GPU machine."""
 
 
 @dataclass
@@ -95,11 +107,7 @@ def row_device() -> tuple[str, str]:
 
 
 def strict_context():
-    """The strict device proxy (``openrlhf_search.integrations.strict_devices``) when it exists, else a no-op."""
-    try:
-        from openrlhf_search.integrations.strict_devices import strict_devices  # type: ignore[import-not-found]
-    except ImportError:
-        return contextlib.nullcontext(), "absent"
+    """The strict device proxy (``openrlhf_search.integrations.strict_devices``) and its label."""
     return strict_devices(), "on"
 
 
@@ -111,8 +119,6 @@ variance, so the row sees real RL updates (it checks the device path, not learni
 
 
 def _register_check_reward() -> None:
-    from openrlhf_search.rewards import Reward, available_rewards, get_reward_fn, register_reward
-
     if CHECK_REWARD in available_rewards():
         return
 
@@ -136,7 +142,6 @@ def check_local_trainer(workdir: Path, steps: int = 3, extra: tuple[str, ...] = 
     from safetensors.torch import load_file
 
     from openrlhf_search.trainer import local
-    from openrlhf_search.trainer.config import load_config
 
     row = Row(title)
     out = workdir / ("local" if not extra else "local_" + "_".join(x.split("=")[0].split(".")[-1] for x in extra))
@@ -151,8 +156,6 @@ def check_local_trainer(workdir: Path, steps: int = 3, extra: tuple[str, ...] = 
     try:
         import matplotlib  # noqa: F401
     except ImportError:  # not on the GPU machine; the reward plot is not what this row checks
-        from openrlhf_search.trainer import logging as trainer_logging
-
         trainer_logging.plot_reward_curve = lambda *a, **k: out / "reward_curve.png"
     summary = local.train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -196,8 +199,6 @@ def check_hf_sampling(workdir: Path) -> Row:
     """The HF rollout engine samples at temperature 1 (and top-p 0.9) on the model's device."""
     import torch
 
-    from openrlhf_search.rollout.base import SamplingParams
-    from openrlhf_search.rollout.hf import HFEngine
     from openrlhf_search.trainer import local
 
     name, label = row_device()
@@ -246,7 +247,6 @@ def check_bf16_small_lr(workdir: Path, steps: int = 10, lr: float = 1e-6) -> Row
     import torch
 
     from openrlhf_search.trainer import local
-    from openrlhf_search.trainer.models import build_optimizer, optimizer_weights
 
     name, label = row_device()
     device = torch.device(name)
@@ -260,9 +260,9 @@ def check_bf16_small_lr(workdir: Path, steps: int = 10, lr: float = 1e-6) -> Row
         model = _tiny_qwen2().to(device=device, dtype=torch.bfloat16)
         params = list(model.parameters())
         before = [p.detach().float().clone() for p in params]
-        opt = build_optimizer(params, lr=lr) if kind == "trainer" else torch.optim.AdamW(params, lr=lr)
+        opt = models.build_optimizer(params, lr=lr) if kind == "trainer" else torch.optim.AdamW(params, lr=lr)
         _train_tiny(model, opt, steps, device)
-        trained = optimizer_weights(opt, params)
+        trained = models.optimizer_weights(opt, params)
         fractions[kind] = (_fraction_changed(before, trained), _fraction_changed(before, params))
         if kind == "trainer":
             rounded = all(torch.equal(p.detach(), t.to(p.dtype)) for p, t in zip(params, trained))
@@ -319,9 +319,6 @@ def check_megatron(workdir: Path) -> Row:
         row.status, row.detail = "SKIP", f"{exc.name} is not installed (scripts/gpu_check.sh --prepare carries it)"
         return row
     from openrlhf_search.integrations.megatron import engine
-    from openrlhf_search.integrations.megatron import model as mmodel
-    from openrlhf_search.integrations.megatron.config import MegatronTrainConfig
-    from openrlhf_search.integrations.megatron.cpu_shim import ENV_SWITCH, maybe_apply_cpu_shim
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
@@ -330,8 +327,6 @@ def check_megatron(workdir: Path) -> Row:
     _tiny_llama(path)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        from openrlhf_search.integrations.megatron.launch import free_port
-
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         if on_gpu:
             torch.cuda.set_device(0)

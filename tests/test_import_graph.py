@@ -28,15 +28,10 @@ TEMPORARY_CYCLES: set[frozenset[str]] = {
 """Cycles that other work in progress still has (to be emptied)."""
 
 TEMPORARY_LAZY: set[str] = {
-    "openrlhf_search.data.formats",
-    "openrlhf_search.data.synthetic", "openrlhf_search.gpu_check", "openrlhf_search.integrations.megatron.actor",
-    "openrlhf_search.integrations.megatron.cpu_shim", "openrlhf_search.integrations.openrlhf.agent_core",
-    "openrlhf_search.integrations.openrlhf.cpu_shim", "openrlhf_search.integrations.openrlhf.entrypoint",
-    "openrlhf_search.integrations.openrlhf.strict_deepspeed", "openrlhf_search.retrieval",
-    "openrlhf_search.retrieval.cli_index", "openrlhf_search.retrieval.cli_serve", "openrlhf_search.retrieval.hybrid",
-    "openrlhf_search.retrieval.integrity", "openrlhf_search.retrieval.manifest", "openrlhf_search.retrieval.metrics",
-    "openrlhf_search.retrieval.server", "openrlhf_search.rollout", "openrlhf_search.rollout.vllm",
-    "openrlhf_search.trainer.checkpoint", "openrlhf_search.trainer.cli_eval", "openrlhf_search.trainer.cli_quickstart",
+    "openrlhf_search.data.synthetic", "openrlhf_search.retrieval", "openrlhf_search.retrieval.cli_index",
+    "openrlhf_search.retrieval.cli_serve", "openrlhf_search.retrieval.hybrid", "openrlhf_search.retrieval.integrity",
+    "openrlhf_search.retrieval.manifest", "openrlhf_search.retrieval.metrics", "openrlhf_search.retrieval.server",
+    "openrlhf_search.trainer.cli_eval", "openrlhf_search.trainer.cli_quickstart",
 }  # fmt: skip
 """Modules that still import light own modules inside functions (to be emptied as each is hoisted)."""
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from openrlhf_search.data.types import QASample
+from openrlhf_search.env.templates import get_template
 from openrlhf_search.retrieval.types import Document
 
 __all__ = [
@@ -206,8 +207,6 @@ def write_searchr1_parquet(
     """Write samples as a Search-R1 parquet file; ``prompt`` is the user message of our ``template``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from openrlhf_search.env.templates import get_template
 
     tpl = get_template(template)
     rows = []

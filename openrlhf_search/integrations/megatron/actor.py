@@ -31,7 +31,19 @@ from typing import Any
 
 import torch
 
-from openrlhf_search.integrations.megatron.config import ActorSettings, BackendConfig, MegatronTrainConfig
+from openrlhf_search.integrations.megatron.config import (
+    ActorSettings,
+    BackendConfig,
+    MegatronTrainConfig,
+    build_actor_loss,
+)
+from openrlhf_search.integrations.megatron.model import (
+    build_model,
+    export_hf,
+    init_model_parallel,
+    iter_hf_weights,
+    model_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +134,6 @@ class MegatronActorCore:
 
     def __init__(self, pretrain: str, cfg: MegatronTrainConfig, settings: ActorSettings | None = None) -> None:
         from openrlhf_search.integrations.megatron import engine
-        from openrlhf_search.integrations.megatron.model import build_model, init_model_parallel
 
         self.settings = settings or ActorSettings()
         self.cfg = cfg
@@ -134,8 +145,6 @@ class MegatronActorCore:
         self.optimizer = engine.build_optimizer(self.model) if training else None
         self.loss_fn = None
         if training:
-            from openrlhf_search.integrations.megatron.config import build_actor_loss
-
             self.loss_fn = build_actor_loss(self.settings)  # imports the config's plugins first
         self.replay: list[Any] = []
         self.steps = 0
@@ -156,7 +165,6 @@ class MegatronActorCore:
     ) -> torch.Tensor:
         """Action log-probs ``[B, A]`` (float32, CPU), zero where ``action_mask`` is 0."""
         from openrlhf_search.integrations.megatron.engine import compute_logprobs
-        from openrlhf_search.integrations.megatron.model import model_device
 
         device = model_device(self.model)  # the GPU: OpenRLHF hands over CPU tensors (Ray)
         logp, _ = compute_logprobs(
@@ -229,8 +237,6 @@ class MegatronActorCore:
         """Write an HF checkpoint (collective over all ranks; rank 0 writes)."""
         import torch.distributed as dist
 
-        from openrlhf_search.integrations.megatron.model import export_hf
-
         export_hf(self.model, output_dir)
         if tokenizer is not None and dist.get_rank() == 0:
             tokenizer.save_pretrained(output_dir)
@@ -241,7 +247,6 @@ class MegatronActorCore:
         ``dtype`` casts every tensor first (vLLM's model dtype, e.g. bf16 engines fed by an fp32 trainer).
         Returns the :class:`.weight_sync.SyncStats` (time logged on rank 0).
         """
-        from openrlhf_search.integrations.megatron.model import iter_hf_weights, model_device
         from openrlhf_search.integrations.megatron.weight_sync import send_buckets
 
         bucket_bytes = int(self.cfg.weight_sync_bucket_mb * 2**20)

@@ -40,6 +40,8 @@ import types
 from dataclasses import dataclass, field
 from typing import Any
 
+from openrlhf_search.integrations import strict_devices
+
 ENV_SWITCH = "OPENRLHF_SEARCH_MEGATRON_CPU_SHIM"
 """Environment switch: ``1`` applies the shim (when CUDA is absent) in :func:`maybe_apply_cpu_shim`."""
 
@@ -372,8 +374,6 @@ def apply_cpu_shim(*, allow_cuda: bool = False) -> ShimState:
     global _STATE
     import torch
 
-    from openrlhf_search.integrations import strict_devices
-
     if _STATE is not None:
         return _STATE
     if torch.cuda.is_available() and not allow_cuda:
@@ -436,8 +436,6 @@ def apply_cpu_shim(*, allow_cuda: bool = False) -> ShimState:
 def remove_cpu_shim() -> None:
     """Undo :func:`apply_cpu_shim` (restore patched attributes, leave the redirect mode)."""
     global _STATE
-    from openrlhf_search.integrations import strict_devices
-
     if _STATE is None:
         return
     if _STATE.mode is strict_devices.global_mode():  # the process-wide strict mode stays (it is the process's)

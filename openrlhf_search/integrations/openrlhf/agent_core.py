@@ -43,6 +43,10 @@ from openrlhf_search.env.tools import get_tools
 from openrlhf_search.integrations.openrlhf import calib_store
 from openrlhf_search.integrations.openrlhf.config import AGENT_CONFIG_ENV, AgentConfig, from_env
 from openrlhf_search.integrations.openrlhf.staleness import engine_version, trajectory_tags
+from openrlhf_search.plugins import load_plugins
+from openrlhf_search.retrieval import load_retriever
+from openrlhf_search.rewards import get_reward_fn
+from openrlhf_search.viewer.records import trajectory_record, write_records
 
 __all__ = ["AgentRuntime", "get_runtime", "parse_label", "EpisodeState", "TurnCappedEngine", "SearchAgentLogic",
            "run_episode", "finalize", "metric_names"]
@@ -80,10 +84,6 @@ class AgentRuntime:
 @lru_cache(maxsize=1)
 def get_runtime() -> AgentRuntime:
     """Build the :class:`AgentRuntime` from ``OPENRLHF_SEARCH_AGENT_CONFIG`` (cached per process)."""
-    from openrlhf_search.plugins import load_plugins
-    from openrlhf_search.retrieval import load_retriever
-    from openrlhf_search.rewards import get_reward_fn
-
     cfg = from_env(AgentConfig, AGENT_CONFIG_ENV)
     load_plugins(cfg.plugins, source="agent config plugins")  # before the template, reward and tools resolve
     http = cfg.retrieval_url.startswith(("http://", "https://"))
@@ -281,8 +281,6 @@ def write_viewer_record(runtime: AgentRuntime, traj, score: float, info: dict, e
     import os
     import sys
     from pathlib import Path
-
-    from openrlhf_search.viewer.records import trajectory_record, write_records
 
     _EPISODES_SEEN[0] += 1
     if (_EPISODES_SEEN[0] - 1) % runtime.config.rollout_every:

@@ -56,7 +56,11 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from openrlhf_search.integrations import strict_devices as sd
 from openrlhf_search.integrations.megatron import cpu_shim as megatron_cpu_shim
+from openrlhf_search.integrations.openrlhf import strict_deepspeed
+from openrlhf_search.integrations.openrlhf.compat import check_openrlhf_version
+from openrlhf_search.rollout.vllm import refresh_tied_lm_head
 
 SWITCH_ENV = "OPENRLHF_SEARCH_CPU_SHIM"
 _INSTALLED: list[bool] = []
@@ -165,8 +169,6 @@ def patch_flash_attn_stub() -> None:
 
 
 def _check_openrlhf(module: types.ModuleType) -> None:
-    from .compat import check_openrlhf_version
-
     check_openrlhf_version()
 
 
@@ -193,9 +195,7 @@ def _strict_setup_distributed(cls: type) -> None:
     original = cls.setup_distributed
 
     def setup_distributed(self, *args, **kwargs):
-        from .strict_deepspeed import install
-
-        install()
+        strict_deepspeed.install()
         return original(self, *args, **kwargs)
 
     cls.setup_distributed = setup_distributed
@@ -213,9 +213,7 @@ def patch_replay_buffer(module: types.ModuleType) -> None:
     original_init = cls.__init__
 
     def __init__(self, *args, **kwargs):
-        from .strict_deepspeed import installed
-
-        if installed():  # strict actor: the GPU target, as on a GPU (logical-CUDA, CPU storage)
+        if strict_deepspeed.installed():  # strict actor: the GPU target, as on a GPU (logical-CUDA, CPU storage)
             original_init(self, *args, **kwargs)
             return
         current = torch.cuda.current_device
@@ -240,8 +238,6 @@ class GlooBroadcastGroup:
         """Broadcast ``tensor`` in place from group rank ``src`` (``stream`` is ignored: no CUDA streams)."""
         import torch.distributed as dist
 
-        from openrlhf_search.integrations import strict_devices as sd
-
         if sd.logical_device(tensor) == sd.CPU:  # strict trainer side: PyNccl refuses a host tensor
             raise RuntimeError(
                 f"this nccl communicator is created to work on cuda, but the input tensor {tuple(tensor.shape)} is on "
@@ -265,9 +261,7 @@ def stateless_gloo_group(master_address, master_port, rank, world_size, device=N
 
 def strict_enabled() -> bool:
     """``OPENRLHF_SEARCH_STRICT_DEVICES=1``: apply the GPU world's rules (``integrations/strict_devices.py``)."""
-    from openrlhf_search.integrations.strict_devices import enabled
-
-    return enabled()
+    return sd.enabled()
 
 
 def check_weight_sync_members(pg: Any, rank: int, world_size: int) -> None:
@@ -279,10 +273,8 @@ def check_weight_sync_members(pg: Any, rank: int, world_size: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from openrlhf_search.integrations.strict_devices import check_nccl_members, fake_gpu_index
-
     host = socket.gethostname()
-    mine = torch.tensor([int(hashlib.sha1(host.encode()).hexdigest()[:12], 16), fake_gpu_index()], dtype=torch.long)
+    mine = torch.tensor([int(hashlib.sha1(host.encode()).hexdigest()[:12], 16), sd.fake_gpu_index()], dtype=torch.long)
     members = []
     for src in range(world_size):
         t = mine.clone() if src == rank else torch.zeros(2, dtype=torch.long)
@@ -291,7 +283,7 @@ def check_weight_sync_members(pg: Any, rank: int, world_size: int) -> None:
         opts.rootTensor = 0
         pg.broadcast([t], opts).wait()
         members.append((f"host#{int(t[0]):x}", int(t[1])))
-    check_nccl_members(members, "weight-sync group (training rank 0 + vLLM workers)")
+    sd.check_nccl_members(members, "weight-sync group (training rank 0 + vLLM workers)")
 
 
 def patch_distributed_util(module: types.ModuleType) -> None:
@@ -322,8 +314,6 @@ def _reload_pending(worker) -> None:
     pending = worker.__dict__.setdefault("_openrlhf_search_pending", [])
     worker.model_runner.reload_weights(weights_iterator=iter(pending), is_checkpoint_format=True)
     pending.clear()
-    from openrlhf_search.rollout.vllm import refresh_tied_lm_head
-
     refresh_tied_lm_head(worker.model_runner.get_model())
 
 
@@ -366,9 +356,7 @@ def _strict_ppo_actor(module: types.ModuleType) -> None:
     """Strict mode: log the proxy's counters after each ``ppo_train``
     (:func:`.strict_deepspeed.report_after_ppo_train`)."""
     if strict_enabled() and _cuda_absent():
-        from .strict_deepspeed import report_after_ppo_train
-
-        report_after_ppo_train(module)
+        strict_deepspeed.report_after_ppo_train(module)
         APPLIED.append("strict ppo_train report")
 
 

@@ -24,6 +24,10 @@ import runpy
 import sys
 from pathlib import Path
 
+from openrlhf_search.integrations.megatron.config import BackendConfig
+
+from . import cpu_shim
+from .compat import check_openrlhf_version, openrlhf_argument_parser
 from .config import AGENT_CONFIG_ENV, CPU_SHIM_ENV, PATCH_CONFIG_ENV, SHARED_FILES_ENV, PatchConfig, from_env
 
 MEGATRON_CONFIG_ENV = "OPENRLHF_SEARCH_MEGATRON_CONFIG"
@@ -71,9 +75,7 @@ def init_ray() -> None:
 
     kwargs: dict = {"runtime_env": {"env_vars": runtime_env_vars()}}
     if os.environ.get(CPU_SHIM_ENV) == "1" and not os.environ.get("RAY_ADDRESS"):
-        from .cpu_shim import ray_init_kwargs
-
-        kwargs.update(ray_init_kwargs())
+        kwargs.update(cpu_shim.ray_init_kwargs())
     ray.init(**kwargs)
 
 
@@ -133,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from openrlhf.utils.config import hierarchize
 
-    from .compat import check_openrlhf_version, openrlhf_argument_parser
     from .patches import apply_patches
 
     check_openrlhf_version()
@@ -141,8 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     patch = from_env(PatchConfig, PATCH_CONFIG_ENV) if os.environ.get(PATCH_CONFIG_ENV) else PatchConfig()
     apply_patches(patch, args)
     if os.environ.get(MEGATRON_CONFIG_ENV):
-        from openrlhf_search.integrations.megatron.config import BackendConfig
-
         from .patches import apply_megatron_backend
 
         apply_megatron_backend(BackendConfig.from_env(), args)

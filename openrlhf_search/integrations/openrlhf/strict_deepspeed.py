@@ -33,6 +33,8 @@ import os
 import sys
 from typing import Any
 
+from openrlhf_search.integrations import strict_devices as sd
+
 _STATE: dict[str, Any] = {}
 
 
@@ -40,8 +42,6 @@ def strict_accelerator() -> Any:
     """An instance of DeepSpeed's ``CPU_Accelerator`` subclass with the CUDA accelerator's device naming."""
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
     from torch.overrides import _get_current_function_mode_stack
-
-    from openrlhf_search.integrations import strict_devices as sd
 
     def tracked() -> bool:
         # the mode stack is thread-local: on a thread without the proxy a "cuda" placement would reach real CUDA,
@@ -101,8 +101,6 @@ def install() -> bool:
     ``OPENRLHF_SEARCH_STRICT_DEVICES=1`` and CUDA is really absent."""
     import torch
 
-    from openrlhf_search.integrations import strict_devices as sd
-
     if _STATE:
         return True
     if not sd.enabled():
@@ -128,9 +126,7 @@ def install() -> bool:
 
 def counters() -> dict[str, int]:
     """Device checks and CUDA redirects the proxy made so far in this process."""
-    from openrlhf_search.integrations.strict_devices import _mode_class
-
-    cls = _mode_class()
+    cls = sd._mode_class()
     return {"checks": cls.checks, "redirects": cls.redirects}
 
 
