@@ -190,3 +190,22 @@ def test_the_config_package_is_a_leaf():
         if m == "openrlhf_search.config" or m.startswith("openrlhf_search.config."):
             own = {t for t, _, _ in e if _own(t) and not t.startswith("openrlhf_search.config")}
             assert own <= {"openrlhf_search.registry"}, (m, own)
+
+
+LIGHT = ("openrlhf_search.cli", "openrlhf_search.rollout", "openrlhf_search.integrations.openrlhf.cpu_shim",
+         "openrlhf_search.gpu_check")  # fmt: skip
+"""Modules that must import without torch: the CLI dispatcher (``--help``, ``config``), the rollout package (its
+engines import their backends when they run), the OpenRLHF CPU shim (``sitecustomize`` loads it in every process)
+and the GPU check (its ``--install-wheels`` step runs before the rows)."""
+
+
+def test_light_modules_import_no_torch():
+    """Module-level own imports must not drag torch into the light modules (the import graph alone cannot see it)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+            "    assert 'torch' not in sys.modules, m")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, *LIGHT], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
