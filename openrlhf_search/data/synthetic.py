@@ -29,7 +29,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from openrlhf_search.data.formats import read_corpus_jsonl, read_flashrag_jsonl
 from openrlhf_search.data.types import QASample
+from openrlhf_search.env.observation import format_observation
+from openrlhf_search.env.templates import get_template
 from openrlhf_search.retrieval.types import Document, Hit
 
 __all__ = [
@@ -411,8 +414,6 @@ def write_kb(kb: SyntheticKB, out_dir: str | Path) -> dict[str, Path]:
 
 def load_kb_dir(path: str | Path) -> tuple[list[Document], list[QASample], list[QASample]]:
     """Read back what :func:`write_kb` wrote: ``(corpus, train, test)``."""
-    from openrlhf_search.data.formats import read_corpus_jsonl, read_flashrag_jsonl
-
     p = Path(path)
     return (
         read_corpus_jsonl(p / "corpus.jsonl"),
@@ -493,9 +494,6 @@ def synthetic_trajectories(
     Returns:
         list of :class:`Demonstration`.
     """
-    from openrlhf_search.env.observation import format_observation
-    from openrlhf_search.env.templates import get_template
-
     template = template or get_template("search_r1")
     if template.protocol != "tags":
         raise ValueError(f"synthetic_trajectories: template {template.name!r} is not a tag-protocol template")

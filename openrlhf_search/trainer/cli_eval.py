@@ -29,6 +29,8 @@ from openrlhf_search.retrieval import load_retriever
 from openrlhf_search.retrieval.errors import is_retrieval_failure
 from openrlhf_search.rollout import ENGINES
 from openrlhf_search.rollout.base import SamplingParams
+from openrlhf_search.rollout.hf import HFEngine
+from openrlhf_search.rollout.vllm import VLLMEngine
 from openrlhf_search.trainer.config import ConfigError, config_from_dict, load_config, search_env_config
 from openrlhf_search.trainer.evaluate import (
     SCORES,
@@ -261,11 +263,7 @@ def _build_engine(target: EvalTarget, engine_name: str, seed: int, device: str =
     dtype_name = str(resolve_dtype(dtype, dev)).replace("torch.", "")
     model, tokenizer = load_pretrained(target.model, dtype=dtype_name)
     if engine_name == "vllm":
-        from openrlhf_search.rollout.vllm import VLLMEngine
-
         return VLLMEngine(target.model, seed=seed, dtype=dtype_name), tokenizer
-    from openrlhf_search.rollout.hf import HFEngine
-
     return HFEngine(model.to(dev).eval(), tokenizer, seed=seed), tokenizer
 
 

@@ -24,6 +24,8 @@ import argparse
 import os
 import time
 
+from openrlhf_search.trainer.logging import run_report
+
 QUICKSTART: dict = {
     "steps": 200,
     "seed": 0,
@@ -90,6 +92,4 @@ def run(args: argparse.Namespace) -> int:
 
 def report(summary: dict, seconds: float) -> None:
     """Print the outcome: reward gain vs the target, held-out accuracy before/after, paths, a sample trajectory."""
-    from openrlhf_search.trainer.logging import run_report
-
     print("\n" + run_report(summary, seconds, "quickstart", TARGET_REWARD_GAIN))
