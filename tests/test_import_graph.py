@@ -22,17 +22,11 @@ HEAVY = {"torch", "ray", "vllm", "deepspeed", "openrlhf", "megatron", "mbridge",
 """Optional or heavy third-party packages: an own module importing one of them at module level may be imported
 lazily."""
 
-TEMPORARY_CYCLES: set[frozenset[str]] = {
-    frozenset({"openrlhf_search.retrieval", "openrlhf_search.retrieval.integrity"}),
-}
-"""Cycles that other work in progress still has (to be emptied)."""
+TEMPORARY_CYCLES: set[frozenset[str]] = set()
+"""Cycles that work in progress still has (empty: add one only while it is being removed)."""
 
-TEMPORARY_LAZY: set[str] = {
-    "openrlhf_search.retrieval", "openrlhf_search.retrieval.cli_index", "openrlhf_search.retrieval.cli_serve",
-    "openrlhf_search.retrieval.hybrid", "openrlhf_search.retrieval.integrity", "openrlhf_search.retrieval.manifest",
-    "openrlhf_search.retrieval.metrics", "openrlhf_search.retrieval.server",
-}  # fmt: skip
-"""Modules that still import light own modules inside functions (to be emptied as each is hoisted)."""
+TEMPORARY_LAZY: set[str] = set()
+"""Modules that still import light own modules inside functions (empty: add one only while it is being hoisted)."""
 
 
 def _modules() -> dict[str, Path]:
@@ -191,11 +185,11 @@ def test_the_config_package_is_a_leaf():
             assert own <= {"openrlhf_search.registry"}, (m, own)
 
 
-LIGHT = ("openrlhf_search.cli", "openrlhf_search.rollout", "openrlhf_search.integrations.openrlhf.cpu_shim",
-         "openrlhf_search.gpu_check")  # fmt: skip
-"""Modules that must import without torch: the CLI dispatcher (``--help``, ``config``), the rollout package (its
-engines import their backends when they run), the OpenRLHF CPU shim (``sitecustomize`` loads it in every process)
-and the GPU check (its ``--install-wheels`` step runs before the rows)."""
+LIGHT = ("openrlhf_search.cli", "openrlhf_search.rollout", "openrlhf_search.retrieval",
+         "openrlhf_search.integrations.openrlhf.cpu_shim", "openrlhf_search.gpu_check")  # fmt: skip
+"""Modules that must import without torch: the CLI dispatcher (``--help``, ``config``), the rollout and retrieval
+packages (their engines and indexes import their backends when they run), the OpenRLHF CPU shim (``sitecustomize``
+loads it in every process) and the GPU check (its ``--install-wheels`` step runs before the rows)."""
 
 
 def test_light_modules_import_no_torch():

@@ -7,8 +7,8 @@ Everything the environment needs is the :class:`~openrlhf_search.retrieval.types
     retriever = load_retriever("http://127.0.0.1:8000")      # a running `openrlhf-search serve`
     hits = retriever.search(["who wrote hamlet"], topk=3)    # -> [[Hit(document, score), ...]]
 
-Submodules are imported lazily (attribute access), so ``import openrlhf_search.retrieval`` pulls in neither
-bm25s, faiss, sentence-transformers, FastAPI nor httpx.
+The index classes resolve on first attribute access, so ``import openrlhf_search.retrieval`` pulls in neither
+bm25s, faiss, sentence-transformers, FastAPI nor httpx (numpy only, for the index integrity check).
 """
 
 from __future__ import annotations
@@ -18,16 +18,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from openrlhf_search.registry import Registry, did_you_mean
+from openrlhf_search.registry import did_you_mean
 
+from .cache import with_cache
+from .client import HTTPRetriever
+from .integrity import check_index
+from .manifest import LOADERS, Manifest
 from .types import Document, Hit, Retriever
-
-LOADERS: Registry[str | Callable] = Registry("retriever kind")
-"""Index manifest ``method`` -> ``"module:callable"`` (or a callable) ``(directory, **kwargs) -> Retriever``. A plugin
-adds a kind with ``LOADERS.add("mine", "my_pkg.index:MyRetriever.from_dir")``."""
-LOADERS.add("bm25", "openrlhf_search.retrieval.bm25:BM25Retriever.from_dir")
-LOADERS.add("dense", "openrlhf_search.retrieval.dense:DenseRetriever.from_dir")
-LOADERS.add("hybrid", "openrlhf_search.retrieval.hybrid:HybridRetriever.from_dir")
 
 # public name -> submodule defining it (resolved on first attribute access)
 _LAZY: dict[str, str] = {
@@ -98,8 +95,6 @@ def load_retriever(spec: str | os.PathLike | Retriever | None, *, token: str | N
         ValueError: the spec is neither a URL nor a directory with a manifest; the manifest's method is unknown;
             :class:`~openrlhf_search.retrieval.integrity.IndexIntegrityError` (a ``ValueError``): a damaged index.
     """
-    from .cache import with_cache
-
     if spec is None or (isinstance(spec, str) and not spec and cache_mode == "replay"):
         if not cache or cache_mode != "replay":
             raise ValueError("load_retriever: no spec; only a replay cache (cache=..., cache_mode='replay') "
@@ -111,11 +106,7 @@ def load_retriever(spec: str | os.PathLike | Retriever | None, *, token: str | N
         raise TypeError(f"load_retriever: expected a path, a URL or a Retriever, got {type(spec).__name__}")
     text = os.fspath(spec)
     if text.startswith(("http://", "https://")):
-        from .client import HTTPRetriever
-
         return with_cache(HTTPRetriever(text, token=token, **kwargs), cache, cache_mode)
-    from .integrity import check_index
-    from .manifest import Manifest
 
     directory = Path(text)
     if not directory.is_dir():

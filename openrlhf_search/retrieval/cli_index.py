@@ -21,20 +21,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .bm25 import BM25Config, BM25Index, import_bm25s_index
+from .corpus import CorpusError
+from .dense import DenseConfig, DenseIndex, import_faiss_index
+from .hybrid import build_hybrid_index
 from .manifest import MANIFEST_NAME, Manifest
 
 
 def _bm25_config(args: argparse.Namespace):
-    from .bm25 import BM25Config
-
     return BM25Config(k1=args.k1, b=args.b, method=args.bm25_method,
                       stemmer=None if args.stemmer == "none" else args.stemmer,
                       stopwords=None if args.stopwords == "none" else args.stopwords)
 
 
 def _dense_config(args: argparse.Namespace):
-    from .dense import DenseConfig
-
     return DenseConfig(encoder=args.encoder, index_type=args.index_type, batch_size=args.batch_size,
                        max_length=args.max_length, device=args.device, fp16=args.fp16, hnsw_m=args.hnsw_m,
                        ivf_nlist=args.ivf_nlist, pq_m=args.pq_m, query_prefix=args.query_prefix,
@@ -43,24 +43,18 @@ def _dense_config(args: argparse.Namespace):
 
 
 def build_bm25(args: argparse.Namespace) -> int:
-    from .bm25 import BM25Index
-
     index = BM25Index.build(args.corpus, args.out, config=_bm25_config(args), on_error=args.on_error,
                             show_progress=not args.quiet)
     return index.manifest.count
 
 
 def build_dense(args: argparse.Namespace) -> int:
-    from .dense import DenseIndex
-
     index = DenseIndex.build(args.corpus, args.out, config=_dense_config(args), on_error=args.on_error,
                              show_progress=not args.quiet)
     return index.manifest.count
 
 
 def import_faiss(args: argparse.Namespace) -> int:
-    from .dense import import_faiss_index
-
     if args.pooling == "sentence-transformers":
         print("openrlhf-search index: note: --pooling sentence-transformers encodes queries unlike Search-R1's and "
               "FlashRAG's servers (they pool the transformers model: --pooling mean for e5, cls for bge)",
@@ -71,16 +65,12 @@ def import_faiss(args: argparse.Namespace) -> int:
 
 
 def import_bm25s(args: argparse.Namespace) -> int:
-    from .bm25 import import_bm25s_index
-
     index = import_bm25s_index(args.import_bm25s, args.corpus, args.out, on_error=args.on_error,
                                show_progress=not args.quiet)
     return index.manifest.count
 
 
 def build_hybrid(args: argparse.Namespace) -> int:
-    from .hybrid import build_hybrid_index
-
     manifest = build_hybrid_index(args.corpus, args.out, _bm25_config(args), _dense_config(args),
                                   on_error=args.on_error, show_progress=not args.quiet, rrf_k=args.rrf_k)
     return manifest.count
@@ -139,8 +129,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .corpus import CorpusError
-
     out = Path(args.out)
     if (out / MANIFEST_NAME).exists() and not args.force:
         print(f"openrlhf-search index: {out} already holds an index; pass --force to overwrite", file=sys.stderr)

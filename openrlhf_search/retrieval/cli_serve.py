@@ -21,12 +21,15 @@ import argparse
 import ipaddress
 import sys
 
+from . import load_retriever
+from .cache import RetrievalCache
 from .client import TOKEN_ENV, resolve_token
+from .integrity import check_index
+from .manifest import Manifest, ManifestError
+from .server import ServerConfig, bind_socket, serve_forever
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .server import ServerConfig
-
     d = ServerConfig()
     parser.add_argument("--index", required=True, help="index directory written by 'openrlhf-search index'")
     parser.add_argument("--corpus", default=None, help="corpus file to check against the index manifest")
@@ -72,10 +75,6 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import load_retriever
-    from .integrity import check_index
-    from .manifest import Manifest, ManifestError
-    from .server import ServerConfig, bind_socket, serve_forever
 
     try:
         check_index(args.index)
@@ -107,8 +106,6 @@ def run(args: argparse.Namespace) -> int:
         retriever = load_retriever(args.index, **kwargs)
         retriever.search(["warm up"], topk=1)  # JIT / encoder load before the first real request (not cached)
         if args.cache:
-            from .cache import RetrievalCache
-
             RetrievalCache(args.cache)  # an unusable cache file is refused now, not on the first request
     except Exception as exc:  # one line, no traceback: a damaged file that the cheap checks could not see
         print(f"openrlhf-search serve: refusing to start: {args.index}: {type(exc).__name__}: "

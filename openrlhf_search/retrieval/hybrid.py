@@ -20,6 +20,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .bm25 import BM25Index, BM25Retriever
+from .cache import manifest_fingerprint
+from .dense import DenseIndex, DenseRetriever
 from .manifest import Manifest, ManifestError
 from .types import Hit, Retriever
 
@@ -94,8 +97,6 @@ class HybridRetriever:
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike, n_threads: int = 0, **_) -> HybridRetriever:
-        from .bm25 import BM25Retriever
-        from .dense import DenseRetriever
 
         directory = Path(directory)
         manifest = Manifest.load(directory)
@@ -104,8 +105,6 @@ class HybridRetriever:
         params = manifest.params
         parts = [BM25Retriever.from_dir(directory / "bm25", n_threads=n_threads),
                  DenseRetriever.from_dir(directory / "dense")]
-        from .cache import manifest_fingerprint
-
         hybrid = cls(parts, k=params.get("rrf_k", 60.0), depth=params.get("depth", 20), weights=params.get("weights"))
         hybrid.fingerprint = manifest_fingerprint(manifest)  # keys the record/replay cache, reported by /health
         return hybrid
@@ -115,8 +114,6 @@ def build_hybrid_index(corpus: str | os.PathLike, out_dir: str | os.PathLike, bm
                        on_error: str = "raise", show_progress: bool = True, rrf_k: float = 60.0,
                        depth: int = 20) -> Manifest:
     """Build ``out_dir/bm25`` and ``out_dir/dense`` from one corpus file and write the hybrid manifest."""
-    from .bm25 import BM25Index
-    from .dense import DenseIndex
 
     out = Path(out_dir)
     bm25 = BM25Index.build(corpus, out / "bm25", config=bm25_config, on_error=on_error, show_progress=show_progress)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .dense import read_faiss
-from .manifest import MANIFEST_NAME, ManifestError
+from .manifest import LOADERS, MANIFEST_NAME, ManifestError
 
 _CHUNK = 1 << 22  # offsets checked in chunks of 4M entries (bounded memory on wiki-scale stores)
 
@@ -148,8 +148,6 @@ def check_index(directory: str | os.PathLike) -> dict:
     Raises:
         IndexIntegrityError: one line naming the damaged file and what is wrong.
     """
-    from . import LOADERS
-
     directory = Path(directory)
     manifest_path = directory / MANIFEST_NAME
     if not manifest_path.is_file():

@@ -11,13 +11,25 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from openrlhf_search import __version__
+from openrlhf_search.registry import Registry
 
 from .corpus import FileFingerprint, file_fingerprint
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+
+LOADERS: Registry[str | Callable] = Registry("retriever kind")
+"""Index manifest ``method`` -> ``"module:callable"`` (or a callable) ``(directory, **kwargs) -> Retriever``. A plugin
+adds a kind with ``LOADERS.add("mine", "my_pkg.index:MyRetriever.from_dir")`` (re-exported as
+``openrlhf_search.retrieval.LOADERS``)."""
+LOADERS.add("bm25", "openrlhf_search.retrieval.bm25:BM25Retriever.from_dir")
+LOADERS.add("dense", "openrlhf_search.retrieval.dense:DenseRetriever.from_dir")
+LOADERS.add("hybrid", "openrlhf_search.retrieval.hybrid:HybridRetriever.from_dir")
 
 
 class ManifestError(ValueError):
@@ -52,8 +64,6 @@ class Manifest:
     """UTC build time (ISO 8601)."""
 
     def save(self, directory: str | os.PathLike) -> Path:
-        from openrlhf_search import __version__
-
         self.version = self.version or __version__
         self.created = self.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         path = Path(directory) / MANIFEST_NAME

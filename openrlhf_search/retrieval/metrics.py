@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from openrlhf_search.env.protocol import normalize_answer
+
 
 def _contains_answer(text: str, golds: Sequence[str]) -> bool:
-    from openrlhf_search.rewards import normalize_answer
-
     haystack = f" {normalize_answer(text)} "
     return any((g := normalize_answer(gold)) and f" {g} " in haystack for gold in golds)
 

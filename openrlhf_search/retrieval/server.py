@@ -62,6 +62,7 @@ import numpy as np
 from fastapi import Request  # a core dependency; resolved at module level for FastAPI's annotation lookup
 
 from . import jsonfast
+from .cache import CachedRetriever, index_fingerprint
 from .inprocess import InProcessRetriever
 from .types import Retriever
 
@@ -407,8 +408,6 @@ def create_app(retriever: Retriever, cfg: ServerConfig | None = None, info: dict
     info = dict(info or {})
     documents = len(retriever) if hasattr(retriever, "__len__") else None
     if "fingerprint" not in info:
-        from .cache import index_fingerprint
-
         try:
             info["fingerprint"] = index_fingerprint(retriever)
         except ValueError:
@@ -416,8 +415,6 @@ def create_app(retriever: Retriever, cfg: ServerConfig | None = None, info: dict
     lookup = retriever  # whole documents and pages come from the index itself, never from the cache
     cache_stats = None
     if cfg.cache:
-        from .cache import CachedRetriever
-
         retriever = CachedRetriever(retriever, cfg.cache, mode=cfg.cache_mode, fingerprint=info.get("fingerprint"))
         cache_stats = retriever.stats
     limits = {"max_queries_per_request": cfg.max_queries_per_request, "max_topk": cfg.max_topk,
