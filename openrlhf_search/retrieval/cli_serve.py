@@ -21,12 +21,12 @@ import argparse
 import ipaddress
 import sys
 
-from . import load_retriever
+from . import load_retriever, server
 from .cache import RetrievalCache
 from .client import TOKEN_ENV, resolve_token
 from .integrity import check_index
 from .manifest import Manifest, ManifestError
-from .server import ServerConfig, bind_socket, serve_forever
+from .server import ServerConfig, bind_socket
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,5 +121,5 @@ def run(args: argparse.Namespace) -> int:
     where = retriever.placement() if hasattr(retriever, "placement") else ""
     print(f"serving {manifest.count} passages ({manifest.method}{': ' + where if where else ''}) from {args.index} "
           f"on http://{args.host}:{port}", file=sys.stderr, flush=True)
-    serve_forever(retriever, cfg, info={"method": manifest.method, "index": str(args.index)}, sock=sock)
+    server.serve_forever(retriever, cfg, info={"method": manifest.method, "index": str(args.index)}, sock=sock)
     return 0
