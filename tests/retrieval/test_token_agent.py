@@ -19,7 +19,7 @@ def test_agent_runtime_authenticates_with_the_environment_token(bm25_retriever, 
     from openrlhf_search.retrieval.server import RetrievalServer, ServerConfig
 
     with RetrievalServer(bm25_retriever, ServerConfig(port=0, token="s3cret")) as srv:
-        monkeypatch.setenv(AGENT_CONFIG_ENV, json.dumps({"retrieval_url": srv.url, "topk": 1}))
+        monkeypatch.setenv(AGENT_CONFIG_ENV, json.dumps({"retrieval_url": srv.url, "env": {"topk": 1}}))
         monkeypatch.setenv(TOKEN_ENV, "s3cret")
         assert entrypoint.runtime_env_vars()[TOKEN_ENV] == "s3cret"  # reaches Ray workers on every node
         agent.get_runtime.cache_clear()

@@ -59,8 +59,8 @@ def _run(kb_index_tokenizer, monkeypatch, turns, *, max_length=600, cap=64, max_
     from openrlhf_search.integrations.openrlhf.config import AGENT_CONFIG_ENV
 
     kb, index, tok = kb_index_tokenizer
-    cfg = {"retrieval_url": str(index), "topk": 2, "max_turns": max_turns, "max_tokens_per_turn": cap,
-           "max_obs_tokens": 80, "reward": "format_em", "calib_records": calib}  # fmt: skip
+    env = {"topk": 2, "max_turns": max_turns, "max_tokens_per_turn": cap, "max_obs_tokens": 80, "reward": "format_em"}
+    cfg = {"retrieval_url": str(index), "env": env, "calib_records": calib}
     monkeypatch.setenv(AGENT_CONFIG_ENV, json.dumps(cfg))
     agent.get_runtime.cache_clear()
     sample = kb.train[0]
