@@ -140,7 +140,9 @@ def test_the_agent_finalize_awaits_the_async_reward_without_blocking(plugins, to
     assert result["extra_logs"]["search/judge"] == 1.0 and "search/em" not in result["extra_logs"]
     logs = {k for k in result["extra_logs"] if not k.startswith("weight_version")}  # staleness tags
     assert sorted(logs) == sorted(agent_core.metric_names(runtime.config, runtime.reward_fn))
-    assert ticks >= 10  # the loop ran other work while the judge was "thinking"
+    # the loop ran other work while the judge was "thinking" (a reward run on the loop leaves at most 1 tick; 0.2 s
+    # at a 5 ms period gives ~40 on a quiet machine, fewer under load, so the bound is low on purpose)
+    assert ticks >= 3
 
 
 def test_the_agent_scores_trajectories_finishing_together_in_one_batch(plugins, tok, kb, retriever):
@@ -175,7 +177,7 @@ def test_the_agent_finalize_runs_a_blocking_reward_off_the_event_loop(plugins, t
     runtime = _runtime(tok, retriever, reward)
     state = _finished_state(runtime, tok, kb.train[0], "x")
     result, ticks = asyncio.run(_ticking(agent_core.finalize({}, state, runtime)))
-    assert result["reward"] == 0.5 and ticks >= 10
+    assert result["reward"] == 0.5 and ticks >= 3  # see the async-reward test above
 
 
 def test_a_reward_past_its_timeout_fails_naming_it(plugins, tok, kb, retriever, gen):

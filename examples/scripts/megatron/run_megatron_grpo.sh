@@ -44,7 +44,7 @@ fi
 IFS=',' read -r -a TRAIN_LIST <<< "${TRAIN_FILES}"
 for f in "${TRAIN_LIST[@]}"; do
   if [[ ! -e "${f}" ]]; then
-    echo "run_megatron_grpo.sh: training file ${f} not found (set TRAIN_FILES; see docs/environment.md, "Data")" >&2
+    echo "run_megatron_grpo.sh: training file ${f} not found (set TRAIN_FILES; see the Data section of docs/environment.md)" >&2
     exit 2
   fi
 done
