@@ -1,6 +1,6 @@
 """Property tests (hypothesis): parsing never crashes, neutralization is complete, trajectories stay consistent."""
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from openrlhf_search.env import EnvConfig, SearchEnv
@@ -30,10 +30,12 @@ def test_parse_action_total(text):
 
 
 @given(st.one_of(texts, st.text(max_size=60)))
+@example("<|>")  # found by hypothesis: the overlapping "<|>" is no chat marker
 def test_neutralize_leaves_no_tag(text):
     out = neutralize(text, ["<|endoftext|>", "</s>"])
     assert not ANY_TAG_RE.search(out)
-    assert "<|" not in out or "|>" not in out[out.index("<|"):]
+    # no chat marker can remain: a "<|" followed later by a separate "|>" (the overlapping "<|>" is no marker)
+    assert "<|" not in out or "|>" not in out[out.index("<|") + 2 :]
     assert neutralize(out, ["<|endoftext|>", "</s>"]) == out
     assert extract_answer("<information>" + out + "</information>") is None
 
