@@ -75,14 +75,15 @@ def _resolve(target: str | Callable) -> Callable:
     return obj
 
 
-def load_retriever(spec: str | os.PathLike | Retriever | None, *, token: str | None = None,
+def load_retriever(spec: str | os.PathLike | list[str] | Retriever | None, *, token: str | None = None,
                    cache: str | os.PathLike | None = None, cache_mode: str = "record", **kwargs) -> Retriever:
     """Build a :class:`Retriever` from a spec (the one entry point of the trainer, eval and the OpenRLHF agent).
 
     Args:
         spec: an index directory written by ``openrlhf-search index`` (its ``manifest.json`` names the method; every
             index file is checked first, :func:`~openrlhf_search.retrieval.integrity.check_index`), an
-            ``http(s)://host:port`` URL of ``openrlhf-search serve`` (-> :class:`HTTPRetriever`), an object that
+            ``http(s)://host:port`` URL of ``openrlhf-search serve`` (-> :class:`HTTPRetriever`; several URLs --
+            replicas of one index -- as a list or one comma-separated string), an object that
             already is a retriever (returned unchanged unless ``cache`` is given), or ``None`` with a ``replay``
             cache (answers only from the recording).
         token: bearer token of an HTTP server; ``None`` -> ``$OPENRLHF_SEARCH_RETRIEVER_TOKEN`` (ignored for
@@ -100,6 +101,8 @@ def load_retriever(spec: str | os.PathLike | Retriever | None, *, token: str | N
             raise ValueError("load_retriever: no spec; only a replay cache (cache=..., cache_mode='replay') "
                              "can answer without a retriever")
         return with_cache(None, cache, cache_mode)
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(u, str) for u in spec):
+        return with_cache(HTTPRetriever(list(spec), token=token, **kwargs), cache, cache_mode)
     if not isinstance(spec, (str, os.PathLike)):
         if isinstance(spec, Retriever):
             return with_cache(spec, cache, cache_mode)

@@ -11,6 +11,13 @@ backend that produces trajectories can log the same figures:
 * ``retrieval/repeated_query_rate``: the share of queries equal (normalised) to an earlier query of the same
   trajectory -- a policy that re-asks the same thing wastes turns;
 * ``retrieval/latency_ms``: mean wall time of one retriever call in the step (from the caller's timer).
+
+And, for an HTTP retriever (one server or several replicas), from its counters (:func:`replica_metrics`):
+
+* ``retrieval/failover``: requests of the step that a replica answered after another one had failed them (a dead
+  or hung replica; the batch was answered in full, nothing lost);
+* ``retrieval/replica_errors``: failed attempts in the step (connection errors, timeouts, 5xx);
+* ``retrieval/replicas_up``: replicas the client considers up at the end of the step (of ``retrieval/replicas``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,29 @@ from openrlhf_search.env.protocol import normalize_answer
 def _contains_answer(text: str, golds: Sequence[str]) -> bool:
     haystack = f" {normalize_answer(text)} "
     return any((g := normalize_answer(gold)) and f" {g} " in haystack for gold in golds)
+
+
+def replica_stats(retriever) -> dict | None:
+    """The replica counters (``HTTPRetriever.replica_stats()``) of ``retriever`` or of the retriever it wraps
+    (``.inner``: timers, caches), or ``None`` when it is not an HTTP client."""
+    seen = 0
+    while retriever is not None and seen < 8:
+        stats = getattr(type(retriever), "replica_stats", None)
+        if callable(stats):
+            return retriever.replica_stats()
+        retriever, seen = getattr(retriever, "inner", None), seen + 1
+    return None
+
+
+def replica_metrics(before: dict | None, after: dict | None) -> dict[str, float]:
+    """The step's ``retrieval/failover``, ``retrieval/replica_errors`` (differences of two :func:`replica_stats`
+    snapshots), ``retrieval/replicas_up`` and ``retrieval/replicas``; ``{}`` without an HTTP retriever."""
+    if not after:
+        return {}
+    before = before or {}
+    return {"retrieval/failover": float(after["failovers"] - before.get("failovers", 0)),
+            "retrieval/replica_errors": float(after["replica_errors"] - before.get("replica_errors", 0)),
+            "retrieval/replicas_up": float(after["replicas_up"]), "retrieval/replicas": float(after["replicas"])}
 
 
 def retrieval_metrics(trajs: Sequence, retrieval_seconds: float | None = None,

@@ -62,7 +62,7 @@ from openrlhf_search.retrieval import load_retriever
 from openrlhf_search.retrieval.bm25 import BM25Config, BM25Index, BM25Retriever
 from openrlhf_search.retrieval.cache import with_cache
 from openrlhf_search.retrieval.errors import RetrievalError, is_retrieval_failure
-from openrlhf_search.retrieval.metrics import retrieval_metrics
+from openrlhf_search.retrieval.metrics import replica_metrics, replica_stats, retrieval_metrics
 from openrlhf_search.rewards import get_reward_fn
 from openrlhf_search.rollout.base import SamplingParams
 from openrlhf_search.rollout.hf import HFEngine
@@ -559,7 +559,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
             t_step = time.perf_counter()
             snapshot = source.snapshot()  # the state after step - 1 (saved if this step cannot complete)
             timer.reset()
-            retrieval_calls = retriever.calls
+            retrieval_calls, replicas_before = retriever.calls, replica_stats(retriever)
 
             # 1-3. rollout, reward, DSPO/DAPO filtering
             try:
@@ -578,6 +578,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
                 metrics.update(trajectory_stats(sampled))
                 metrics.update(retrieval_metrics(sampled, timer.seconds.get("retrieval", 0.0),
                                                  retriever.calls - retrieval_calls))
+            metrics.update(replica_metrics(replicas_before, replica_stats(retriever)))  # failovers of the step
             warning = monitor.update(step, sampled, batch.all_rewards)
             if monitor.last is not None and monitor.last.groups:
                 metrics["reward_flat_group_frac"] = monitor.last.flat_groups / monitor.last.groups

@@ -23,7 +23,9 @@ it with a scripted engine, need neither OpenRLHF nor vLLM). Per trajectory (one 
    ``Trajectory.to_calib_record(offset=len(prompt) - 1)`` (OpenRLHF's action-mask axis) to :mod:`.calib_store`, its
    id in ``extra_logs["calib_id"]``; it also adds the trajectory's weight-version tags (``weight_version_min`` /
    ``weight_version_max``, read from the rollout actor before and after every turn by the engine wrapper;
-   :mod:`.staleness`).
+   :mod:`.staleness`) and, with an HTTP retriever, ``retrieval/failover`` / ``retrieval/replica_errors``: the
+   failovers and failed attempts of this trajectory's own searches (counted by the client into the trajectory's
+   :data:`~openrlhf_search.retrieval.client.CALL_STATS`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ from openrlhf_search.integrations.openrlhf import calib_store
 from openrlhf_search.integrations.openrlhf.config import AGENT_CONFIG_ENV, AgentConfig, from_env
 from openrlhf_search.integrations.openrlhf.staleness import engine_version, trajectory_tags
 from openrlhf_search.plugins import load_plugins
-from openrlhf_search.retrieval import load_retriever
+from openrlhf_search.retrieval import load_retriever, replicas
+from openrlhf_search.retrieval.client import CALL_STATS
+from openrlhf_search.retrieval.metrics import replica_stats
 from openrlhf_search.rewards import get_reward_fn
 from openrlhf_search.viewer.records import trajectory_record, write_records
 
@@ -86,10 +90,11 @@ def get_runtime() -> AgentRuntime:
     """Build the :class:`AgentRuntime` from ``OPENRLHF_SEARCH_AGENT_CONFIG`` (cached per process)."""
     cfg = from_env(AgentConfig, AGENT_CONFIG_ENV)
     load_plugins(cfg.plugins, source="agent config plugins")  # before the template, reward and tools resolve
-    http = cfg.retrieval_url.startswith(("http://", "https://"))
+    spec = replicas.discover(cfg.retrieval_replicas) if cfg.retrieval_replicas else cfg.retrieval_url
+    http = not isinstance(spec, str) or spec.startswith(("http://", "https://"))
     return AgentRuntime(
         config=cfg,
-        retriever=load_retriever(cfg.retrieval_url, **({"timeout": cfg.request_timeout} if http else {})),
+        retriever=load_retriever(spec, **({"timeout": cfg.request_timeout} if http else {})),
         reward_fn=get_reward_fn(cfg.env.reward, **cfg.env.reward_kwargs),
     )
 
@@ -141,6 +146,8 @@ class EpisodeState:
     """Engine outputs the instance has not consumed yet (filled by :class:`TurnCappedEngine`)."""
     turn_versions: list[tuple[int, int]] = field(default_factory=list)
     """Per turn, the rollout actor's weight version before and after its generation (:mod:`.staleness`)."""
+    retrieval_calls: dict = field(default_factory=dict)
+    """Failovers and failed attempts of this trajectory's own retrieval requests (``client.CALL_STATS``)."""
 
 
 _STATE: contextvars.ContextVar[EpisodeState] = contextvars.ContextVar("openrlhf_search_episode")
@@ -208,8 +215,12 @@ class SearchAgentLogic:
         as text for OpenRLHF to append."""
         st = self.state
         out = st.pending_outputs.pop(0)
-        feedback = await asyncio.to_thread(st.episode.step, st.traj, list(out.token_ids), _sampled_logprobs(out),
-                                           getattr(out, "finish_reason", None), self.runtime.retriever)
+        token = CALL_STATS.set(st.retrieval_calls)  # to_thread copies the context: the client counts into it
+        try:
+            feedback = await asyncio.to_thread(st.episode.step, st.traj, list(out.token_ids), _sampled_logprobs(out),
+                                               getattr(out, "finish_reason", None), self.runtime.retriever)
+        finally:
+            CALL_STATS.reset(token)
         return {"rewards": _zero_reward(), "scores": 0.0, "environment_feedback": feedback, "done": st.traj.done,
                 "extra_logs": {}}
 
@@ -257,6 +268,9 @@ async def finalize(result: dict, state: EpisodeState, runtime: AgentRuntime | No
     result["truncated"] = traj.finish_reason == "max_length"
     logs = ep.metrics(traj, info, runtime.reward_fn)
     logs.update(trajectory_tags(state.turn_versions))  # weight versions: staleness in the trainer (.staleness)
+    if replica_stats(runtime.retriever) is not None:  # an HTTP retriever: its failovers in this trajectory
+        logs["retrieval/failover"] = float(state.retrieval_calls.get("failovers", 0))
+        logs["retrieval/replica_errors"] = float(state.retrieval_calls.get("replica_errors", 0))
     if runtime.config.calib_records:
         record = dataclasses.asdict(traj.to_calib_record(offset=len(traj.prompt_ids) - 1))
         record_id = calib_store.new_record_id()

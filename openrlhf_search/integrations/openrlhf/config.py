@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from openrlhf_search.config import build_typed, section
 from openrlhf_search.env.config import EnvConfig
+from openrlhf_search.retrieval.replicas import parse_replicas
 
 AGENT_CONFIG_ENV = "OPENRLHF_SEARCH_AGENT_CONFIG"
 """Environment variable holding the path of the :class:`AgentConfig` JSON file (read in the vLLM actors)."""
@@ -108,6 +109,16 @@ class OpenRLHFConfig:
     """Host the launcher binds a retrieval server it starts (use the node's IP for multi-node runs)."""
     retrieval_port: int = 8000
     """Port of a retrieval server the launcher starts."""
+    retrieval_replicas: str = "0"
+    """How the launcher serves ``retriever.spec`` (an index directory at the same path on every node, e.g. under
+    ``shared_dir``): ``0`` -- one ``openrlhf-search serve`` process on ``retrieval_host:retrieval_port``;
+    ``per_node`` -- one replica as a Ray actor on every node of the cluster; ``N`` -- N replica actors spread over
+    the nodes. The agents spread their searches over the replicas and move a failed request to another one
+    (``retrieval/failover`` in the logs; docs/retrieval.md)."""
+    retrieval_replica_cpus: float = 1.0
+    """CPUs Ray reserves for each retrieval replica."""
+    retrieval_replica_gpus: float = 0.0
+    """GPUs Ray reserves for each retrieval replica (a dense index on the GPU; 0: CPU)."""
     workdir: str = ""
     """Where the launcher writes the prompt dataset and the agent/patch JSON files (default
     ``<logging.output_dir>/openrlhf``)."""
@@ -172,6 +183,13 @@ class OpenRLHFConfig:
         if self.async_train and self.colocate_all and self.vllm_enable_sleep:
             problems.append("openrlhf.async_train=true with colocate_all=true and vllm_enable_sleep=true (OpenRLHF "
                             "0.11.2 refuses vLLM sleep mode in async training: set vllm_enable_sleep=false)")
+        try:
+            parse_replicas(self.retrieval_replicas)
+        except ValueError as exc:
+            problems.append(str(exc))
+        for name in ("retrieval_replica_cpus", "retrieval_replica_gpus"):
+            if getattr(self, name) < 0:
+                problems.append(f"openrlhf.{name}={getattr(self, name)} (expected >= 0)")
         if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
             problems.append(f"openrlhf.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} (0 < x <= 1)")
         return problems
@@ -194,8 +212,12 @@ class AgentConfig:
     """
 
     retrieval_url: str
-    """Retrieval server URL (``http://host:port``) reached through ``HTTPRetriever`` (an index directory also works,
-    in-process: tests only, every vLLM actor would load its own copy)."""
+    """Retrieval server URL (``http://host:port``; several, comma-separated: replicas) reached through
+    ``HTTPRetriever`` (an index directory also works, in-process: tests only, every vLLM actor would load its own
+    copy). Unused when :attr:`retrieval_replicas` is set."""
+    retrieval_replicas: str = ""
+    """Name of the Ray directory actor of the retrieval replicas the entrypoint started
+    (:mod:`openrlhf_search.retrieval.replicas`); the agent asks it for their URLs. Empty: use :attr:`retrieval_url`."""
     env: EnvConfig = field(default_factory=EnvConfig)
     """The tree's ``env`` section, as is: template, reward, tools and the episode's limits."""
     record_logprobs: bool = True
@@ -219,10 +241,12 @@ class AgentConfig:
 
 
 def agent_config_from_tree(cfg: Any, retrieval_url: str, record_logprobs: bool = True,
-                           calib_records: bool = False, rollout_dir: str = "") -> AgentConfig:
+                           calib_records: bool = False, rollout_dir: str = "",
+                           retrieval_replicas: str = "") -> AgentConfig:
     """The :class:`AgentConfig` view of a :class:`~openrlhf_search.trainer.config.TrainConfig` (the only builder):
     the ``env`` section embedded whole, so every environment field reaches the agent."""
-    return AgentConfig(retrieval_url=retrieval_url, env=dataclasses.replace(cfg.env), record_logprobs=record_logprobs,
+    return AgentConfig(retrieval_url=retrieval_url, retrieval_replicas=retrieval_replicas,
+                       env=dataclasses.replace(cfg.env), record_logprobs=record_logprobs,
                        calib_records=calib_records, request_timeout=float(cfg.retriever.timeout),
                        plugins=list(cfg.plugins), rollout_dir=rollout_dir if cfg.logging.rollout_every else "",
                        rollout_every=max(1, int(cfg.logging.rollout_every)))  # fmt: skip

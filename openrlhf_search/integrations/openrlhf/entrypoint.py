@@ -13,6 +13,9 @@ What it does, in order:
    to every worker on every node -- OpenRLHF then skips its own ``ray.init`` -- and, under the CPU shim, logical
    GPUs (:func:`.cpu_shim.ray_init_kwargs`), and checks that the prompt dataset is visible on every node
    (:func:`check_shared_files`);
+4b. with ``OPENRLHF_SEARCH_RETRIEVAL_REPLICAS`` (``openrlhf.retrieval_replicas``), starts the retrieval replicas as
+   Ray actors and their directory (:func:`openrlhf_search.retrieval.replicas.start_from_env`): they live as long as
+   this driver, and the agents find them by the directory's name;
 5. runs ``openrlhf.cli.train_ppo_ray`` as ``__main__``, exactly as ``python -m openrlhf.cli.train_ppo_ray`` would.
 """
 
@@ -25,6 +28,7 @@ import sys
 from pathlib import Path
 
 from openrlhf_search.integrations.megatron.config import BackendConfig
+from openrlhf_search.retrieval import replicas
 
 from . import cpu_shim
 from .compat import check_openrlhf_version, openrlhf_argument_parser
@@ -150,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     shared = [p for p in os.environ.get(SHARED_FILES_ENV, "").split(os.pathsep) if p]
     if shared:
         check_shared_files(shared)
+    try:
+        replicas.start_from_env()
+    except (RuntimeError, ValueError) as exc:
+        print(f"openrlhf-search: retrieval replicas: {exc}", file=sys.stderr)
+        return 2
     sys.argv = ["openrlhf.cli.train_ppo_ray", *argv]
     runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
     return 0

@@ -24,6 +24,8 @@ from openrlhf_search.integrations.megatron.config import MEGATRON_CONFIG_ENV, Ba
 from openrlhf_search.integrations.megatron.cpu_shim import ENV_SWITCH as MEGATRON_CPU_SHIM_ENV
 from openrlhf_search.integrations.megatron.vllm_sync import check_sync_layout
 from openrlhf_search.plugins import load_plugins
+from openrlhf_search.retrieval.client import parse_urls
+from openrlhf_search.retrieval.replicas import REPLICAS_ENV, ReplicaSpec, parse_replicas
 from openrlhf_search.trainer.config import TrainConfig
 
 from .cluster import check_command, cluster_from_env, gpus_needed, model_heads, nodes_spanned
@@ -64,7 +66,9 @@ class LaunchPlan:
     retrieval_url: str
     """Server the agents query."""
     server_command: list[str] | None = None
-    """Retrieval server to start first (``None`` when ``openrlhf.retrieval_url`` is given)."""
+    """Retrieval server to start first (``None`` when ``openrlhf.retrieval_url`` is given or replicas serve)."""
+    replicas: ReplicaSpec | None = None
+    """Retrieval replicas the entrypoint starts as Ray actors (``openrlhf.retrieval_replicas``), else ``None``."""
     notes: list[str] = field(default_factory=list)
     """Human-readable mapping decisions (printed with ``--dry-run``)."""
     backend_config: Any = None
@@ -78,6 +82,11 @@ class LaunchPlan:
         if self.server_command:
             lines.append("# retrieval server (started first, stopped at the end):")
             lines.append(shlex.join(self.server_command) + " &")
+        if self.replicas is not None:
+            r = self.replicas
+            count = "one per Ray node" if r.replicas == "per_node" else f"{r.replicas}, spread over the Ray nodes"
+            lines.append(f"# retrieval: replicas of {r.index} as Ray actors ({count}; {r.num_cpus:g} CPU, "
+                         f"{r.num_gpus:g} GPU each), started by the entrypoint")
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
         flags = self.command
         lines.append(env + " \\\n  " + " \\\n  ".join(_pairs(flags)))
@@ -265,12 +274,27 @@ def _effective_orl(orl: OpenRLHFConfig, megatron: bool) -> tuple[OpenRLHFConfig,
     return orl, notes
 
 
+def _replicas(config: TrainConfig, orl: OpenRLHFConfig) -> ReplicaSpec | None:
+    """The retrieval replicas to start (``openrlhf.retrieval_replicas`` != 0 on an index directory), else None."""
+    try:
+        count = parse_replicas(orl.retrieval_replicas)
+    except ValueError:
+        return None  # reported by OpenRLHFConfig.problems
+    spec = config.retriever.spec
+    if not count or orl.retrieval_url or not spec or spec.startswith("http"):
+        return None
+    return ReplicaSpec(index=str(Path(spec).resolve()), replicas=count, num_cpus=orl.retrieval_replica_cpus,
+                       num_gpus=orl.retrieval_replica_gpus)
+
+
 def _retrieval(config: TrainConfig, orl: OpenRLHFConfig) -> tuple[str, list[str] | None]:
-    """``(URL the agents query, server command to start first or None)``."""
+    """``(URL(s) the agents query, server command to start first or None)``; ``("", None)`` with replicas."""
     if orl.retrieval_url:
         return orl.retrieval_url, None
     if not config.retriever.spec or config.retriever.spec.startswith("http"):
         return config.retriever.spec, None
+    if _replicas(config, orl) is not None:
+        return "", None
     return f"http://{orl.retrieval_host}:{orl.retrieval_port}", [
         orl.python or sys.executable, "-m", "openrlhf_search", "serve", "--index", config.retriever.spec,
         "--host", orl.retrieval_host, "--port", str(orl.retrieval_port)]  # fmt: skip
@@ -307,16 +331,27 @@ def plan_problems(config: TrainConfig, openrlhf: OpenRLHFConfig | dict | None = 
                    "mounted at the same path on every node")  # fmt: skip
     out += flag_problems(config, orl)
     retrieval_url, server_command = _retrieval(config, orl)
-    if not retrieval_url:
+    replicas = _replicas(config, orl)
+    if not retrieval_url and replicas is None:
         out.append("retriever.spec is empty and openrlhf.retrieval_url is unset: the agent needs a retriever")
-    host = urllib.parse.urlsplit(retrieval_url).hostname or ""
-    if host in ("0.0.0.0", "::"):
-        out.append(f"retriever at {retrieval_url}: {host} is an address to listen on, not one to connect to (the "
-                   "agents would call themselves); give the server's own address, e.g. the head node's")
-    if nodes > 1 and (host in ("localhost", "::1") or host.startswith("127.")):
-        where = "openrlhf.retrieval_host" if server_command else "the retriever URL"
-        out.append(f"retriever at {retrieval_url} on a {nodes}-node run: the agents in the vLLM engines on the other "
-                   f"nodes cannot reach a loopback address; set {where} to the head node's address")
+    if orl.retrieval_replicas.strip() not in ("0", "") and replicas is None and retrieval_url:
+        out.append(f"openrlhf.retrieval_replicas={orl.retrieval_replicas}: replicas serve an index directory, but "
+                   f"the retriever is the running server {retrieval_url} (set retriever.spec to the index directory "
+                   "and leave openrlhf.retrieval_url empty, or set retrieval_replicas: 0)")
+    try:
+        urls = parse_urls(retrieval_url) if retrieval_url.startswith("http") else []
+    except ValueError as exc:
+        out.append(f"openrlhf.retrieval_url / retriever.spec: {exc}")
+        urls = []
+    for url in urls:
+        host = urllib.parse.urlsplit(url).hostname or ""
+        if host in ("0.0.0.0", "::"):
+            out.append(f"retriever at {url}: {host} is an address to listen on, not one to connect to (the "
+                       "agents would call themselves); give the server's own address, e.g. the head node's")
+        if nodes > 1 and (host in ("localhost", "::1") or host.startswith("127.")):
+            where = "openrlhf.retrieval_host" if server_command else "the retriever URL"
+            out.append(f"retriever at {url} on a {nodes}-node run: the agents in the vLLM engines on the other "
+                       f"nodes cannot reach a loopback address; set {where} to the head node's address")
     if cluster:
         out += cluster_input_problems(config, orl, bc is not None)
     return list(dict.fromkeys(out))
@@ -379,12 +414,17 @@ def build_plan(config: TrainConfig, openrlhf: OpenRLHFConfig | dict | None = Non
         patch.loss, patch.loss_config = "", {}  # the Megatron actor runs the registry loss itself
         notes = [n for n in notes if not n.startswith("loss ")] + backend_notes
     retrieval_url, server_command = _retrieval(config, orl)
+    replicas = _replicas(config, orl)
     agent = agent_config_from_tree(config, retrieval_url, record_logprobs=orl.record_rollout_logprobs,
                                    calib_records=needs_records(patch.chain()),
-                                   rollout_dir=str(paths["output"] / "rollouts"))  # fmt: skip
+                                   rollout_dir=str(paths["output"] / "rollouts"),
+                                   retrieval_replicas=replicas.name if replicas else "")  # fmt: skip
     agent_file, patch_file = workdir / "agent.json", workdir / "patch.json"
+    shared = [str(paths["prompts"])] + ([str(Path(replicas.index) / "manifest.json")] if replicas else [])
     env = {AGENT_CONFIG_ENV: str(agent_file), PATCH_CONFIG_ENV: str(patch_file),
-           SHARED_FILES_ENV: str(paths["prompts"])}  # fmt: skip
+           SHARED_FILES_ENV: os.pathsep.join(shared)}  # fmt: skip
+    if replicas is not None:
+        env[REPLICAS_ENV] = replicas.to_json()
     backend_file = None
     if backend_config is not None:
         backend_file = workdir / "megatron.json"
@@ -398,7 +438,7 @@ def build_plan(config: TrainConfig, openrlhf: OpenRLHFConfig | dict | None = Non
     command = [orl.python or sys.executable, "-m", "openrlhf_search.integrations.openrlhf.entrypoint", *flags]
     return LaunchPlan(command=command, env=env, workdir=workdir, prompt_file=paths["prompts"], agent_config=agent,
                       agent_file=agent_file, patch_config=patch, patch_file=patch_file, retrieval_url=retrieval_url,
-                      server_command=server_command, notes=notes, backend_config=backend_config,
+                      server_command=server_command, replicas=replicas, notes=notes, backend_config=backend_config,
                       backend_file=backend_file)  # fmt: skip
 
 

@@ -1,4 +1,7 @@
-"""The OpenRLHF backend's run: write a plan's files, start the retrieval server, run OpenRLHF, stop the server."""
+"""The OpenRLHF backend's run: write a plan's files, start the retrieval server, run OpenRLHF, stop the server.
+
+With ``openrlhf.retrieval_replicas`` the retrieval servers are Ray actors instead, started by the entrypoint inside
+the Ray job (:mod:`openrlhf_search.retrieval.replicas`) and ended with it; nothing is started or awaited here."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from openrlhf_search.data.formats import read_dataset
 from openrlhf_search.data.synthetic import generate_kb
 from openrlhf_search.env.config import EnvConfig
 from openrlhf_search.env.templates import env_template
+from openrlhf_search.retrieval.client import parse_urls
 from openrlhf_search.trainer.config import DataConfig, TrainConfig
 from openrlhf_search.trainer.models import load_tokenizer
 
@@ -140,8 +144,8 @@ def resume_problem(plan: LaunchPlan) -> str:
 
 
 def execute(plan: LaunchPlan, config: TrainConfig) -> int:
-    """Write the plan's files, start the retrieval server (unless the plan names a running one), run OpenRLHF and
-    stop the server; return OpenRLHF's exit code."""
+    """Write the plan's files, start the retrieval server (unless the plan names a running one, or replicas serve:
+    the entrypoint starts those), run OpenRLHF and stop the server; return OpenRLHF's exit code."""
     materialize(plan, config)
     env = {**os.environ, **plan.env}
     server = None
@@ -149,8 +153,9 @@ def execute(plan: LaunchPlan, config: TrainConfig) -> int:
         if plan.server_command:
             server = subprocess.Popen(plan.server_command, env=env)
             wait_for_health(plan.retrieval_url, proc=server)
-        else:
-            wait_for_health(plan.retrieval_url, timeout=30.0)
+        elif plan.replicas is None:
+            for url in parse_urls(plan.retrieval_url):  # every replica named must answer before the run starts
+                wait_for_health(url, timeout=30.0)
         return subprocess.call(plan.command, env=env)
     finally:
         if server is not None:
