@@ -165,3 +165,34 @@ def test_parity_agent_viewer_records_equal_the_local_trainers(world, monkeypatch
     local = trajectory_record(traj, world.tok, reward=score, reward_info=info)
     for key in ("tokens", "mask", "turns", "answer", "finish_reason", "reward", "question", "golden_answers"):
         assert written[key] == json.loads(json.dumps(local[key])), key
+
+
+def test_agent_fails_over_between_retrieval_replicas_and_logs_it(world, monkeypatch):
+    """The agent's retriever over two replicas, the first one dead: the trajectory equals the local one (nothing
+    lost) and its ``extra_logs`` carry the failover of its own search (``retrieval/failover``)."""
+    import socket
+
+    from openrlhf_search.retrieval.server import RetrievalServer, ServerConfig
+
+    scenario = next(s for s in SCENARIOS if s.name == "search_then_answer")
+    env, traj, max_length = run_local(scenario, world.tok, world.retriever, world.sample, world.doc_id)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    base = globals()["agent_config"]
+    with RetrievalServer(world.retriever, ServerConfig(port=0)) as srv:
+        monkeypatch.setitem(globals(), "agent_config", lambda sc, idx: json.dumps(
+            {**json.loads(base(sc, idx)), "retrieval_url": f"{dead},{srv.url}"}))
+        result, agent_traj, record, runtime, _ = run_agent(scenario, world, max_length, monkeypatch)
+    assert runtime.retriever.urls == [dead, srv.url]
+    logs = result["extra_logs"]
+    assert logs.pop("retrieval/failover") == 1.0 and logs.pop("retrieval/replica_errors") == 1.0
+    compare(env, traj, result, agent_traj, runtime.reward_fn, record)
+    assert runtime.retriever.replica_stats()["failovers"] == 1
+    _clear_runtime()
+
+
+def _clear_runtime():
+    from openrlhf_search.integrations.openrlhf import agent_core
+
+    agent_core.get_runtime.cache_clear()

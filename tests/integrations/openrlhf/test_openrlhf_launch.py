@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -369,3 +370,31 @@ def test_lora_fields_become_openrlhf_lora_flags_and_megatron_refuses_them():
                               "backend=megatron", "openrlhf.colocate_all=false"])  # fmt: skip
     with pytest.raises(ValueError, match="LoRA is not implemented in the Megatron actor"):
         launch.build_plan(mega)
+
+
+def test_retrieval_replicas_as_ray_actors(tmp_path):
+    from openrlhf_search.retrieval.replicas import REPLICAS_ENV, ReplicaSpec
+
+    plan = launch.build_plan(make_config(), {"retrieval_replicas": "per_node", "retrieval_replica_cpus": 2})
+    assert plan.server_command is None and plan.retrieval_url == ""  # no server process: the entrypoint starts them
+    spec = ReplicaSpec.from_json(plan.env[REPLICAS_ENV])
+    assert (spec.index, spec.replicas, spec.num_cpus, spec.num_gpus) == ("/indexes/wiki-bm25", "per_node", 2.0, 0.0)
+    assert plan.agent_config.retrieval_replicas == spec.name  # the agents find the replicas by this name
+    assert plan.env[SHARED_FILES_ENV].split(":")[1] == "/indexes/wiki-bm25/manifest.json"  # on every node
+    assert "replicas of /indexes/wiki-bm25 as Ray actors (one per Ray node" in plan.render()
+    three = launch.build_plan(make_config(), {"retrieval_replicas": 3, "actor_num_nodes": 2, "shared_dir": "/s",
+                                              "retrieval_replica_gpus": 1})  # multi-node: no loopback complaint
+    assert ReplicaSpec.from_json(three.env[REPLICAS_ENV]).replicas == 3
+    assert REPLICAS_ENV not in launch.build_plan(make_config()).env  # default 0: one `serve` process, as before
+    for bad, message in (({"retrieval_replicas": "many"}, "openrlhf.retrieval_replicas='many'"),
+                         ({"retrieval_replicas": -1}, "openrlhf.retrieval_replicas='-1'"),
+                         ({"retrieval_replica_cpus": -1}, "openrlhf.retrieval_replica_cpus=-1"),
+                         ({"retrieval_replicas": 2, "retrieval_url": "http://10.0.0.5:8000"},
+                          "replicas serve an index directory")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            launch.build_plan(make_config(), bad)
+    urls = launch.build_plan(make_config(), {"retrieval_url": "http://10.0.0.5:8000,http://10.0.0.6:8000"})
+    assert urls.agent_config.retrieval_url == "http://10.0.0.5:8000,http://10.0.0.6:8000"
+    with pytest.raises(ValueError, match="cannot reach a loopback address"):
+        launch.build_plan(make_config(), {"retrieval_url": "http://10.0.0.5:8000,http://127.0.0.1:8000",
+                                          "actor_num_nodes": 2, "shared_dir": "/s"})
