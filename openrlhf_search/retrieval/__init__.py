@@ -54,6 +54,7 @@ _LAZY: dict[str, str] = {
     "RetrievalError": "errors",
     "RetrieverUnavailable": "errors",
     "RetrieverRequestError": "errors",
+    "ReplicaMismatch": "errors",
 }
 
 __all__ = ["Document", "Hit", "Retriever", "LOADERS", "load_retriever", *_LAZY]

@@ -7,7 +7,9 @@ equals). A replica that fails a request (connection error, timeout, 5xx) is mark
 every request of this protocol is a read, so a retry is safe -- goes at once to another live replica (counted as a
 *failover*); a downed replica is re-probed with ``GET /health`` when a request arrives ``reprobe_s`` seconds after it
 failed, and takes requests again once it answers. :meth:`HTTPRetriever.replica_stats` counts all of it (the trainer
-logs it as ``retrieval/failover`` ...). One URL is the special case of one replica.
+logs it as ``retrieval/failover`` ...). Before its first request the client reads every replica's ``/health`` and
+refuses (:class:`ReplicaMismatch`) replicas whose index fingerprints differ: answers would depend on which replica
+was asked. One URL is the special case of one replica.
 
 Failure policy, chosen for RL rollouts (a long run should survive a server restart, and must not hammer a server
 that rejects its input):
@@ -43,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import jsonfast
-from .errors import RetrieverRequestError, RetrieverUnavailable
+from .errors import ReplicaMismatch, RetrieverRequestError, RetrieverUnavailable
 from .types import Document, Hit
 
 TOKEN_ENV = "OPENRLHF_SEARCH_RETRIEVER_TOKEN"
@@ -183,6 +185,7 @@ class HTTPRetriever:
         if self._explicit_limits:
             self._limits = {"max_queries_per_request": int(max_queries_per_request)}
         self._health: dict | None = None
+        self._verified = len(self.replicas) == 1
 
     def _delay(self, attempt: int) -> float:
         base = min(self.config.backoff * (2**attempt), self.config.max_backoff)
@@ -307,6 +310,27 @@ class HTTPRetriever:
             out[r.url] = ok
         return out
 
+    def _verify(self) -> None:
+        """Once, before the first request: the fingerprints of the replicas that answer ``/health`` must agree."""
+        import httpx
+
+        if self._verified:
+            return
+        self._verified = True
+        seen: dict[str, str] = {}
+        for r in self.replicas:
+            try:
+                response = r.client.get("/health", timeout=min(self.config.timeout, self.config.probe_timeout))
+                fp = response.json().get("fingerprint") if response.is_success else None
+            except (httpx.TransportError, ValueError, AttributeError):  # down, or no JSON /health: not comparable
+                continue
+            if fp:
+                seen[r.url] = str(fp)
+        if len(set(seen.values())) > 1:
+            each = ", ".join(f"{u}: {fp}" for u, fp in seen.items())
+            raise ReplicaMismatch(f"retrieval replicas serve different indexes (fingerprints {each}); every replica "
+                                  "of one client must serve the same index")
+
     # -- one request, over the replicas ----------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, **kwargs):
@@ -412,6 +436,7 @@ class HTTPRetriever:
         _check_queries(queries)
         if not queries:
             return []
+        self._verify()
         queries = list(queries)
         out: list[list[Hit]] = []
         refreshed = False
@@ -440,6 +465,7 @@ class HTTPRetriever:
         _check_queries(queries)
         if not queries:
             return []
+        await asyncio.to_thread(self._verify)
         queries = list(queries)
         spans = await asyncio.to_thread(self.chunks, queries)
         out: list[list[Hit]] = []
@@ -501,6 +527,7 @@ class HTTPRetriever:
             raise TypeError("get_documents() takes a list of ids or titles, not a single string")
         if not ids_or_titles:
             return []
+        self._verify()
         body = jsonfast.dumps({"keys": [str(k) for k in ids_or_titles]})
         payload = self._request("POST", "/documents", content=body, headers=_JSON).json()
         docs = payload.get("documents") if isinstance(payload, dict) else None

@@ -25,6 +25,10 @@ class RetrieverRequestError(RetrievalError, ValueError):
         self.status = status
 
 
+class ReplicaMismatch(RetrievalError, ValueError):
+    """The replicas given to one client serve different indexes (their ``/health`` fingerprints differ)."""
+
+
 RETRIEVAL_FAILURES: tuple[type[BaseException], ...] = (RetrievalError, ConnectionError)
 """The exception types that mean "the retriever failed" wherever they are raised from."""
 

@@ -25,7 +25,7 @@ import pytest
 from openrlhf_search.integrations.openrlhf.run import wait_for_health
 from openrlhf_search.retrieval import load_retriever
 from openrlhf_search.retrieval.client import CALL_STATS, HTTPRetriever, parse_urls
-from openrlhf_search.retrieval.errors import RetrieverRequestError, RetrieverUnavailable
+from openrlhf_search.retrieval.errors import ReplicaMismatch, RetrieverRequestError, RetrieverUnavailable
 from openrlhf_search.retrieval.metrics import replica_metrics, replica_stats
 from openrlhf_search.retrieval.server import RetrievalServer, ServerConfig
 from openrlhf_search.rollout.runner import PhaseTimer, TimedRetriever
@@ -84,11 +84,12 @@ class ServeProcess:
 
 @pytest.fixture
 def serve(bm25_dir):
-    """``serve(n)``: n real servers of the test index (started in parallel), stopped at the end of the test."""
+    """``serve(n[, index])``: n real servers of the test index (started in parallel), stopped at the end of the
+    test."""
     started: list[ServeProcess] = []
 
-    def start(n: int) -> list[ServeProcess]:
-        procs = [ServeProcess(bm25_dir) for _ in range(n)]
+    def start(n: int, index: Path | None = None) -> list[ServeProcess]:
+        procs = [ServeProcess(index or bm25_dir) for _ in range(n)]
         started.extend(procs)
         for p in procs:
             p.wait_url()
@@ -157,7 +158,7 @@ def test_hung_replica_times_out_fails_over_and_is_reprobed_back(serve):
     stream = query_stream(12, seed=1)
     with HTTPRetriever(urls[1], retries=0) as single:
         expected = [as_tuples(single.search(batch, 3)) for batch in stream]
-    client = HTTPRetriever(urls, retries=0, timeout=3.0, reprobe_s=0.5, probe_timeout=0.5)
+    client = HTTPRetriever(urls, retries=0, timeout=5.0, reprobe_s=0.5, probe_timeout=0.5)
     assert client.check_replicas() == {urls[0]: True, urls[1]: True}
     procs[0].proc.send_signal(signal.SIGSTOP)  # hung, not dead: only the timeout can tell
     try:
@@ -166,6 +167,8 @@ def test_hung_replica_times_out_fails_over_and_is_reprobed_back(serve):
         assert client.check_replicas() == {urls[0]: False, urls[1]: True}
     finally:
         procs[0].proc.send_signal(signal.SIGCONT)
+    with HTTPRetriever(urls[0], timeout=60) as direct:  # resumed: let it finish its backlog first
+        direct.search(["capital of France"], 1)
     time.sleep(0.6)  # past reprobe_s: the next request re-probes the replica and it takes requests again
     got += [as_tuples(client.search(batch, 3)) for batch in stream[6:]]
     assert got == expected
@@ -213,10 +216,10 @@ def test_5xx_moves_the_request_to_another_replica_never_the_same_one(bm25_retrie
     broken, good = Flaky(bm25_retriever, fail=True), Flaky(bm25_retriever)
     with RetrievalServer(broken, ServerConfig(port=0)) as a, RetrievalServer(good, ServerConfig(port=0)) as b:
         # explicit limits: no /health read first, so the first request goes to the first (broken) replica
-        client = HTTPRetriever([a.url, b.url], retries=3, backoff=5.0, reprobe_s=60, max_queries_per_request=64)
+        client = HTTPRetriever([a.url, b.url], retries=3, backoff=30.0, reprobe_s=60, max_queries_per_request=64)
         start = time.monotonic()
         hits = client.search(["capital of France"], 1)
-        assert time.monotonic() - start < 3  # answered by the other replica at once, no backoff sleep
+        assert time.monotonic() - start < 20  # answered by the other replica at once: no backoff sleep (>= 22.5 s)
         assert hits[0][0].document.id == "paris"
         assert broken.calls == 1 and good.calls == 1  # the failed replica was not asked again
         for _ in range(5):  # marked down: nothing more goes to it until it is re-probed
@@ -276,9 +279,85 @@ def test_failovers_reach_the_trainer_metrics_and_the_callers_context(bm25_retrie
         client.close()
 
 
+def test_replicas_of_different_indexes_are_refused(bm25_retriever):
+    one = RetrievalServer(bm25_retriever, ServerConfig(port=0), info={"fingerprint": "index-a"}).start()
+    other = RetrievalServer(bm25_retriever, ServerConfig(port=0), info={"fingerprint": "index-b"}).start()
+    same = RetrievalServer(bm25_retriever, ServerConfig(port=0), info={"fingerprint": "index-a"}).start()
+    try:
+        with pytest.raises(ReplicaMismatch, match=f"{one.url}: index-a, {other.url}: index-b"):
+            HTTPRetriever([one.url, other.url]).search(["capital of France"], 1)
+        with pytest.raises(ReplicaMismatch):
+            HTTPRetriever([one.url, same.url, other.url]).get_documents(["paris"])
+        assert HTTPRetriever([one.url, same.url]).search(["capital of France"], 1)[0][0].document.id == "paris"
+    finally:
+        for s in (one, other, same):
+            s.stop()
+
+
 def _closed_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _e2e_assets(tmp_path_factory):
+    """The OpenRLHF end-to-end tests' SFT-warm-started tiny model, index and knowledge base (it searches; a random
+    model never does): reused from ``$OPENRLHF_SEARCH_E2E_CACHE`` when set, else built (minutes)."""
+    import importlib.util
+
+    path = REPO / "tests" / "integrations" / "openrlhf" / "openrlhf_e2e_assets.py"
+    spec = importlib.util.spec_from_file_location("openrlhf_e2e_assets", path)
+    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)
+    cache = os.environ.get("OPENRLHF_SEARCH_E2E_CACHE")
+    return module.build_assets((Path(cache) if cache else tmp_path_factory.mktemp("e2e")) / "assets")
+
+
+@pytest.mark.slow
+def test_training_run_goes_on_when_a_replica_dies(serve, tmp_path, tmp_path_factory):
+    """A local training run over three replicas, one SIGKILLed after step 1, logs exactly what the same run over one
+    server logs (rewards, losses, searches, golden-in-top-k...), plus the failover."""
+    import json
+
+    assets = _e2e_assets(tmp_path_factory)
+    procs = serve(3, assets.index_dir)
+    urls = [p.url for p in procs]
+
+    def train(out: Path, spec: str, kill_after: int | None = None) -> list[dict]:
+        args = [sys.executable, "-m", "openrlhf_search", "train", f"model.path={assets.model_dir}",
+                f"retriever.spec={spec}", "retriever.timeout=10", "env.topk=2", "data.source=synthetic",
+                f"data.seed={assets.kb_seed}", f"data.num_entities={assets.n_entities}", "data.num_train=64",
+                "data.num_eval=4", "steps=4", "seed=0", "rollout.prompts_per_step=2", "rollout.group_size=4",
+                "env.max_turns=3", "env.max_tokens_per_turn=40", "env.max_obs_tokens=60",
+                "env.max_response_tokens=240", "algorithm.name=grpo", "optimizer.lr=1e-4",
+                f"logging.output_dir={out}", "logging.save_every=0", "logging.tensorboard=false"]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        metrics, killed = out / "metrics.jsonl", False
+        deadline = time.monotonic() + 1200
+        while proc.poll() is None and time.monotonic() < deadline:
+            if kill_after and not killed and metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+                procs[1].proc.kill()  # mid-run: after step 1, before the others
+                killed = True
+            time.sleep(0.1)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+        assert kill_after is None or killed
+        return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+    single = train(tmp_path / "single", urls[0])
+    replicated = train(tmp_path / "replicas", ",".join(urls), kill_after=1)
+
+    def comparable(row: dict) -> dict:
+        return {k: v for k, v in row.items() if not k.startswith(("time/", "memory/", "retrieval/failover",
+                "retrieval/replica", "retrieval/latency")) and "per_s" not in k}  # fmt: skip
+
+    assert len(replicated) == len(single) == 4
+    assert sum(r["searches_per_traj"] for r in single) > 0  # the model searches: there is something to lose
+    assert [comparable(r) for r in replicated] == [comparable(r) for r in single]  # nothing lost
+    assert sum(r["retrieval/failover"] for r in replicated) >= 1  # the failover is in the metrics
+    assert replicated[-1]["retrieval/replicas_up"] == 2 and replicated[-1]["retrieval/replicas"] == 3
+    assert replicated[0]["retrieval/failover"] == 0 and replicated[0]["retrieval/replicas_up"] == 3
