@@ -334,7 +334,11 @@ def plan_problems(config: TrainConfig, openrlhf: OpenRLHFConfig | dict | None = 
     replicas = _replicas(config, orl)
     if not retrieval_url and replicas is None:
         out.append("retriever.spec is empty and openrlhf.retrieval_url is unset: the agent needs a retriever")
-    if orl.retrieval_replicas.strip() not in ("0", "") and replicas is None and retrieval_url:
+    try:
+        asked = parse_replicas(orl.retrieval_replicas)
+    except ValueError:
+        asked = 0  # reported by OpenRLHFConfig.problems
+    if asked and replicas is None and retrieval_url:
         out.append(f"openrlhf.retrieval_replicas={orl.retrieval_replicas}: replicas serve an index directory, but "
                    f"the retriever is the running server {retrieval_url} (set retriever.spec to the index directory "
                    "and leave openrlhf.retrieval_url empty, or set retrieval_replicas: 0)")
