@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from openrlhf_search.algorithms.losses import PolicyLoss, get_policy_loss, make_config
-from openrlhf_search.integrations.openrlhf import launch
 from openrlhf_search.integrations.openrlhf.config import PATCH_CONFIG_ENV, to_json_file
+from openrlhf_search.integrations.openrlhf.plan import build_plan
 from openrlhf_search.plugins import load_plugins
 from openrlhf_search.trainer.config import load_config
 
@@ -136,7 +136,7 @@ OPENRLHF_SIDE = textwrap.dedent("""
 
 def test_openrlhf_adapter_runs_the_plugin_loss_from_the_launchers_patch_config(tmp_path):
     cfg = load_config(None, ["model.path=/models/m", "retriever.spec=http://127.0.0.1:1", *SELECT])
-    plan = launch.build_plan(cfg)
+    plan = build_plan(cfg)
     assert plan.patch_config.loss == "scaled_adv" and plan.patch_config.loss_config == {"adv_scale": SCALE}
     patch_file = to_json_file(plan.patch_config, tmp_path / "patch.json")
     env = {**os.environ, "PYTHONPATH": str(REPO), PATCH_CONFIG_ENV: str(patch_file)}

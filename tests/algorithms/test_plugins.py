@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from openrlhf_search.integrations.megatron.config import MEGATRON_CONFIG_ENV
-from openrlhf_search.integrations.openrlhf import launch
 from openrlhf_search.integrations.openrlhf.config import PATCH_CONFIG_ENV, to_json_file
+from openrlhf_search.integrations.openrlhf.plan import build_plan
 from openrlhf_search.plugins import PluginError, load_plugins
 from openrlhf_search.trainer.config import load_config
 
@@ -30,7 +30,7 @@ ACTOR_SIDE = textwrap.dedent("""
     assert "openrlhf" not in sys.modules
     from openrlhf_search.integrations.openrlhf.config import PATCH_CONFIG_ENV, PatchConfig, from_env
     from openrlhf_search.integrations.openrlhf.patches import postprocess_experiences
-    from openrlhf_search.integrations.megatron.config import BackendConfig, build_actor_loss
+    from openrlhf_search.integrations.megatron.config import MegatronActorConfig, build_actor_loss
 
     patch = from_env(PatchConfig, PATCH_CONFIG_ENV)
     # two OpenRLHF micro-batches of a 2 prompts x 2 samples rollout; OpenRLHF's own advantages are garbage (9.0)
@@ -39,7 +39,7 @@ ACTOR_SIDE = textwrap.dedent("""
                             rewards=torch.tensor(r), index=torch.tensor(i), info={})
             for r, i in (([1.0, 0.0], [0, 1]), ([0.2, 0.7], [2, 3]))]
     metrics = postprocess_experiences(exps, 2, patch)
-    loss = build_actor_loss(BackendConfig.from_env().actor)  # the Megatron actor's path
+    loss = build_actor_loss(MegatronActorConfig.from_env().actor)  # the Megatron actor's path
     lp = torch.zeros(1, 3, requires_grad=True)
     value, _ = loss(lp, torch.zeros(1, 3), torch.ones(1), torch.ones(1, 3, dtype=torch.bool))
     print(json.dumps({"adv": [e.advantages.tolist() for e in exps], "metrics": metrics,
@@ -59,14 +59,15 @@ def plugin_config(tmp_path, *extra: str):
 
 def test_plugin_estimator_postprocessor_and_loss_run_in_a_fresh_actor_process(tmp_path):
     cfg = plugin_config(tmp_path, "backend=megatron", "openrlhf.colocate_all=false", "openrlhf.vllm_num_engines=2")
-    plan = launch.build_plan(cfg)  # the launcher has no table entry for any of the plugin's names
+    plan = build_plan(cfg)  # the launcher has no table entry for any of the plugin's names
     assert plan.command[plan.command.index("--algo.advantage.estimator") + 1] == "group_norm"
     assert plan.patch_config.estimator == "plugin_sign"
     assert plan.patch_config.postprocessors == [["plugin_scale", {"factor": 3.0}]]
-    assert plan.backend_config.actor.loss == "plugin_ppo" and plan.backend_config.actor.plugins == [str(PLUGIN)]
+    assert plan.megatron_config.actor.loss == "plugin_ppo" and plan.megatron_config.actor.plugins == [str(PLUGIN)]
     patch_file = to_json_file(plan.patch_config, tmp_path / "patch.json")
-    backend_file = plan.backend_config.to_json_file(str(tmp_path / "megatron.json"))
-    env = {**os.environ, "PYTHONPATH": str(REPO), PATCH_CONFIG_ENV: str(patch_file), MEGATRON_CONFIG_ENV: backend_file}
+    megatron_file = plan.megatron_config.to_json_file(str(tmp_path / "megatron.json"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), PATCH_CONFIG_ENV: str(patch_file),
+           MEGATRON_CONFIG_ENV: megatron_file}
     out = subprocess.run([sys.executable, "-c", ACTOR_SIDE], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -77,7 +78,7 @@ def test_plugin_estimator_postprocessor_and_loss_run_in_a_fresh_actor_process(tm
 
 
 def test_deepspeed_plan_injects_the_plugin_loss(tmp_path):
-    plan = launch.build_plan(plugin_config(tmp_path))
+    plan = build_plan(plugin_config(tmp_path))
     assert plan.patch_config.loss == "plugin_ppo" and plan.patch_config.plugins == [str(PLUGIN)]
 
 

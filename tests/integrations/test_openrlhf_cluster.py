@@ -74,7 +74,7 @@ def test_colocation_async_and_capacity_rules():
     assert any("4 micro-batches < 8 actor processes" in p
                for p in check_cluster(actor_nodes=1, actor_gpus_per_node=8, rollout_batch=4, n_samples=8,
                                       micro_rollout_batch=8))  # fmt: skip
-    mega = check_cluster(actor_nodes=1, actor_gpus_per_node=8, backend="megatron", megatron_tp=3, heads=40,
+    mega = check_cluster(actor_nodes=1, actor_gpus_per_node=8, strategy="megatron", megatron_tp=3, heads=40,
                          kv_heads=8, train_batch=7)  # the DeepSpeed batch rule does not apply to Megatron's actor
     assert mega == ["Megatron: TP 3 x PP 1 x CP 1 = 3 does not divide the actor's 8 ranks",
                     "Megatron TP 3 does not divide the model's 40 attention heads (40 % 3 = 1)"]  # fmt: skip
@@ -135,14 +135,10 @@ def _launch(script: Path, args: list[str], env: dict[str, str], tmp_path: Path, 
         if key in env:
             monkeypatch.setenv(key, env[key])
     capsys.readouterr()
-    if argv[:2] == ["-m", "openrlhf_search.integrations.openrlhf.launch"]:
-        from openrlhf_search.integrations.openrlhf.launch import main
+    from openrlhf_search.cli import main
 
-        rc = main(argv[2:])
-    else:  # `openrlhf-search train --backend openrlhf --config FILE --dry-run`
-        from openrlhf_search.cli import main
-
-        rc = main(argv)
+    # `python -m openrlhf_search train --backend openrlhf ...` or `openrlhf-search train --backend openrlhf ...`
+    rc = main(argv[2:] if argv[:2] == ["-m", "openrlhf_search"] else argv)
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -219,14 +215,14 @@ def test_every_megatron_recipe_at_every_node_count(recipe, expected, tmp_path, c
         env.pop("TRAIN_NODES", None)  # the scripts derive it from NNODES (NNODES / 2)
         result = _launch(SCRIPTS / "megatron" / "run_megatron_grpo.sh", [], env, tmp_path, capsys, monkeypatch)
         tp, pp = int(values["TP"]), int(values.get("PP", "1"))
-        outcome = _outcome(result, nodes, size, backend="megatron", megatron_tp=tp, megatron_pp=pp)
+        outcome = _outcome(result, nodes, size, strategy="megatron", megatron_tp=tp, megatron_pp=pp)
         outcomes += "o" if outcome == "ok" else "R"
     assert outcomes == expected
 
 
 # ------------------------------------------------------------------------------------------ multi-node guards
 def test_multi_node_guards_count_vllm_only_nodes_and_refuse_unreachable_retrievers():
-    from openrlhf_search.integrations.openrlhf import launch
+    from openrlhf_search.integrations.openrlhf.plan import build_plan
     from openrlhf_search.trainer.config import load_config
 
     cfg = load_config(None, ["model.path=/models/qwen", "retriever.spec=http://127.0.0.1:8000",
@@ -236,16 +232,16 @@ def test_multi_node_guards_count_vllm_only_nodes_and_refuse_unreachable_retrieve
              "ref_num_gpus_per_node": 8, "vllm_num_engines": 4, "vllm_tensor_parallel_size": 2}  # fmt: skip
     cfg.algorithm.kl_coef = 0.0
     with pytest.raises(ValueError, match="a 2-node run needs openrlhf.shared_dir"):
-        launch.build_plan(cfg, split)
+        build_plan(cfg, split)
     with pytest.raises(ValueError, match="cannot reach a loopback address"):
-        launch.build_plan(cfg, {**split, "shared_dir": "/shared/run"})
-    launch.build_plan(cfg, {**split, "shared_dir": "/shared/run", "retrieval_url": "http://10.0.0.1:8000"})
+        build_plan(cfg, {**split, "shared_dir": "/shared/run"})
+    build_plan(cfg, {**split, "shared_dir": "/shared/run", "retrieval_url": "http://10.0.0.1:8000"})
     # the same GPUs on one 16-GPU node: one node, loopback fine
-    launch.build_plan(cfg, {**split, "cluster_gpus_per_node": 16})
+    build_plan(cfg, {**split, "cluster_gpus_per_node": 16})
     for bad in ({"retrieval_url": "http://0.0.0.0:8000"}, {"retrieval_url": "", "retrieval_host": "0.0.0.0"}):
         one = load_config(None, ["model.path=/m", "retriever.spec=/index", "rollout.prompts_per_step=16"])
         with pytest.raises(ValueError, match="0.0.0.0 is an address to listen on, not one to connect to"):
-            launch.build_plan(one, bad)
+            build_plan(one, bad)
 
 
 def test_vllm_host_ip_is_not_forwarded_to_other_nodes(monkeypatch):

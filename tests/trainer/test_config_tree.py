@@ -8,9 +8,9 @@ import json
 import pytest
 
 from openrlhf_search.env.search_env import EnvConfig as SearchEnvConfig
-from openrlhf_search.integrations.megatron.config import BackendConfig
-from openrlhf_search.integrations.openrlhf import launch
+from openrlhf_search.integrations.megatron.config import MegatronActorConfig
 from openrlhf_search.integrations.openrlhf.config import AgentConfig, agent_config_from_tree
+from openrlhf_search.integrations.openrlhf.plan import build_plan
 from openrlhf_search.trainer.config import (
     ConfigError,
     EnvConfig,
@@ -68,18 +68,18 @@ def test_yaml11_float_strings_reach_every_backend_as_floats(tmp_path):
     assert yaml.safe_load(path.read_text())["optimizer"]["lr"] == "1e-6"  # the trap this guards against
     cfg = load_config(path)
     assert isinstance(cfg.optimizer.lr, float) and cfg.optimizer.lr == 1e-6
-    plan = launch.build_plan(cfg)
+    plan = build_plan(cfg)
     assert flag_value(plan.command, "--actor.adam.lr") == "1e-06"  # the OpenRLHF flag
-    megatron = plan.backend_config.megatron
+    megatron = plan.megatron_config.megatron
     assert isinstance(megatron.lr, float) and megatron.lr == 1e-6  # inherited from optimizer.lr
     assert isinstance(megatron.weight_decay, float) and megatron.weight_decay == 0.01
     assert flag_value(plan.command, "--vllm.gpu_memory_utilization") == "0.5"
     # ... and through the JSON transport into the Megatron actors, also when a hand-written file has a string
     out = tmp_path / "megatron.json"
-    plan.backend_config.to_json_file(str(out))
+    plan.megatron_config.to_json_file(str(out))
     data = json.loads(out.read_text())
     data["megatron"]["lr"] = "1e-6"
-    again = BackendConfig.from_dict(data, source=str(out))
+    again = MegatronActorConfig.from_dict(data, source=str(out))
     assert isinstance(again.megatron.lr, float) and again.megatron.lr == 1e-6
 
 
@@ -88,7 +88,7 @@ def test_a_string_that_is_no_number_names_key_and_file(tmp_path):
     with pytest.raises(ConfigError, match=rf"{path}:2: 'optimizer.lr' must be float, got 'fast'"):
         load_config(path)
     with pytest.raises(ValueError, match=r"'megatron\.lr' must be float"):
-        BackendConfig.from_dict({"backend": "megatron", "megatron": {"lr": "fast"}}, source="m.json")
+        MegatronActorConfig.from_dict({"strategy": "megatron", "megatron": {"lr": "fast"}}, source="m.json")
 
 
 def test_choices_are_checked_with_did_you_mean():
@@ -147,9 +147,9 @@ def test_the_launcher_builds_its_views_only_from_the_tree(tmp_path):
                              "openrlhf.actor_num_gpus_per_node=2", "backend=megatron", "openrlhf.colocate_all=false",
                              "openrlhf.vllm_num_engines=2",
                              f"logging.output_dir={tmp_path}"])  # fmt: skip
-    plan = launch.build_plan(cfg)
+    plan = build_plan(cfg)
     assert plan.agent_config.env.max_turns == 3 and plan.agent_config.plugins == ["json"]
-    assert plan.patch_config.plugins == ["json"] and plan.backend_config.actor.plugins == ["json"]
+    assert plan.patch_config.plugins == ["json"] and plan.megatron_config.actor.plugins == ["json"]
     assert flag_value(plan.command, "--actor.num_gpus_per_node") == "2"
 
 

@@ -154,7 +154,7 @@ def test_openrlhf_launcher_refuses_a_checkpoint_autotokenizer_would_rebuild(tmp_
     result passes."""
     from transformers import AutoTokenizer
 
-    from openrlhf_search.integrations.openrlhf.launch import check_tokenizer_reloads
+    from openrlhf_search.integrations.openrlhf.run import check_tokenizer_reloads
 
     _, _, probe = world
     kb = generate_kb(seed=0, n_entities=60)

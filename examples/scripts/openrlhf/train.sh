@@ -31,5 +31,5 @@ launch_args=(--config "${CONFIG}")
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
     launch_args+=(--dry-run)
 fi
-exec "${PYTHON}" -m openrlhf_search.integrations.openrlhf.launch "${launch_args[@]}" \
+exec "${PYTHON}" -m openrlhf_search train --backend openrlhf "${launch_args[@]}" \
     "algorithm.name=${ALGORITHM}" "logging.output_dir=${OUTPUT_DIR:-runs/openrlhf/${run_name}}" "$@"

@@ -4,7 +4,7 @@ Modules (megatron-core, mbridge, Ray and OpenRLHF are imported lazily, inside fu
 
 * :mod:`.config` -- typed configs: :class:`~.config.MegatronParallelConfig` (TP/PP/VPP/CP/SP),
   :class:`~.config.MegatronTrainConfig` (precision, distributed optimizer, recompute, Adam, buckets),
-  :class:`~.config.BackendConfig` (YAML ``backend: megatron`` selection), :class:`~.config.ActorSettings`;
+  :class:`~.config.MegatronActorConfig` (what the actors receive, as JSON), :class:`~.config.ActorSettings`;
 * :mod:`.cpu_shim` -- runs megatron-core 0.16 on CPU with gloo (tests/CI), plus the CUDA trace recorder;
 * :mod:`.model` -- GPTModel from an HF Llama/Qwen2/Qwen2.5/Qwen3 checkpoint via mbridge, HF export;
 * :mod:`.logprobs` -- vocabulary-parallel log-probs and entropies of sampled tokens;

@@ -33,7 +33,7 @@ import torch
 
 from openrlhf_search.integrations.megatron.config import (
     ActorSettings,
-    BackendConfig,
+    MegatronActorConfig,
     MegatronTrainConfig,
     build_actor_loss,
 )
@@ -258,11 +258,11 @@ class MegatronActorCore:
         return self.last_sync
 
 
-def openrlhf_actor_classes(backend: BackendConfig | None = None) -> tuple[type, type]:
+def openrlhf_actor_classes(config: MegatronActorConfig | None = None) -> tuple[type, type]:
     """Ray actor classes ``(policy, reference)`` for OpenRLHF's ``RayActorGroup`` with ``backend: megatron``.
 
-    ``backend`` defaults to :meth:`BackendConfig.from_env` (the launcher's JSON file). Create the groups with
-    ``duplicate_actors=backend.duplicate_actors``.
+    ``config`` defaults to :meth:`MegatronActorConfig.from_env` (the launcher's JSON file). Create the groups with
+    ``duplicate_actors=config.duplicate_actors``.
 
     They subclass OpenRLHF's ``BaseModelActor`` (rank/master env set by its constructor) and expose the methods
     ``PPOTrainer`` calls on actor groups. ``init_model_from_pretrained`` ignores the DeepSpeed strategy except for
@@ -277,10 +277,8 @@ def openrlhf_actor_classes(backend: BackendConfig | None = None) -> tuple[type, 
     import ray
     from openrlhf.trainer.ray.launcher import BaseModelActor
 
-    backend = backend or BackendConfig.from_env()
-    if backend.backend != "megatron":
-        raise ValueError(f"openrlhf_actor_classes: backend is {backend.backend!r}, expected 'megatron'")
-    cfg, settings = backend.megatron, backend.actor
+    config = config or MegatronActorConfig.from_env()
+    cfg, settings = config.megatron, config.actor
 
     class _MegatronActorBase(BaseModelActor):
         role: str = "policy"

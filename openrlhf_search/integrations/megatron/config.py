@@ -12,10 +12,7 @@ from openrlhf_search.config import build_typed, section
 from openrlhf_search.plugins import load_plugins
 
 MEGATRON_CONFIG_ENV = "OPENRLHF_SEARCH_MEGATRON_CONFIG"
-"""Environment variable holding the path of the :class:`BackendConfig` JSON file (read in the Ray actors)."""
-
-BACKENDS = ("deepspeed", "megatron")
-"""Training backends of the OpenRLHF path: OpenRLHF's own DeepSpeed actors, or this package's Megatron actors."""
+"""Environment variable holding the path of the :class:`MegatronActorConfig` JSON file (read in the Ray actors)."""
 
 
 @dataclass
@@ -149,11 +146,11 @@ def build_actor_loss(settings: ActorSettings):
 
 
 @dataclass
-class BackendConfig:
-    """What the Megatron actors receive: a view of the one config tree (``backend``, ``megatron`` and the actor
-    settings derived from ``algorithm``/``rollout``/``plugins``), built by the launcher's ``resolve_backend`` and
-    serialised to JSON for the Ray actors. In YAML it is written as ``backend: megatron`` plus a ``megatron:`` section
-    of the tree.
+class MegatronActorConfig:
+    """What the Megatron actors receive: a view of the one config tree (its ``megatron`` section and the actor
+    settings derived from ``algorithm``/``rollout``/``plugins``), built by the launcher's ``resolve_megatron`` only for
+    the Megatron strategy (``backend: megatron`` or ``openrlhf.strategy: megatron``) and serialised to JSON for the
+    Ray actors. In YAML it is written as ``backend: megatron`` plus a ``megatron:`` section of the tree.
 
     Example::
 
@@ -165,10 +162,8 @@ class BackendConfig:
           recompute_granularity: full
     """
 
-    backend: Literal["deepspeed", "megatron"] = "deepspeed"
-    """Which actors train the policy: OpenRLHF's DeepSpeed ones or the Megatron ones of this package."""
     megatron: MegatronTrainConfig = field(default_factory=MegatronTrainConfig)
-    """Megatron settings (ignored with ``backend: deepspeed``)."""
+    """Megatron settings (parallel layout, precision, optimizer)."""
     actor: ActorSettings = field(default_factory=ActorSettings)
     """Loss and batch settings of the Megatron actors."""
 
@@ -179,14 +174,12 @@ class BackendConfig:
         return p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> BackendConfig:
-        """Build from the top-level YAML mapping (only ``backend``, ``megatron``, ``megatron_actor`` are read).
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> MegatronActorConfig:
+        """Build from a mapping with the keys ``megatron`` and ``megatron_actor`` (the JSON file, or a top-level YAML
+        mapping: other keys are not read).
 
-        Raises ``ValueError`` naming ``source`` and the field for unknown backends or keys.
+        Raises ``ValueError`` naming ``source`` and the field for unknown keys or wrong types.
         """
-        backend = data.get("backend", "deepspeed")
-        if backend not in BACKENDS:
-            raise ValueError(f"{source}: backend={backend!r} is not one of {BACKENDS}")
         megatron = MegatronTrainConfig.from_dict(data.get("megatron") or {}, where=f"{source}: megatron")
         actor_data = dict(data.get("megatron_actor") or {})
         known = {f.name for f in fields(ActorSettings)}
@@ -194,7 +187,7 @@ class BackendConfig:
         if unknown:
             raise ValueError(f"{source}: megatron_actor: unknown field(s) {unknown}; known: {sorted(known)}")
         actor = build_typed(ActorSettings, actor_data, f"{source}: megatron_actor", prefix="megatron_actor.")
-        return cls(backend=backend, megatron=megatron, actor=actor)
+        return cls(megatron=megatron, actor=actor)
 
     def to_json_file(self, path: str) -> str:
         """Write as JSON (for :data:`MEGATRON_CONFIG_ENV`); returns ``path``."""
@@ -206,10 +199,10 @@ class BackendConfig:
         return path
 
     @classmethod
-    def from_env(cls) -> BackendConfig:
+    def from_env(cls) -> MegatronActorConfig:
         """Read the JSON file named by :data:`MEGATRON_CONFIG_ENV` (inside Ray actors)."""
         path = os.environ.get(MEGATRON_CONFIG_ENV)
         if not path:
-            raise RuntimeError(f"{MEGATRON_CONFIG_ENV} is not set: the launcher must write the backend config")
+            raise RuntimeError(f"{MEGATRON_CONFIG_ENV} is not set: the launcher must write the Megatron actor config")
         with open(path) as f:
             return cls.from_dict(json.load(f), source=path)

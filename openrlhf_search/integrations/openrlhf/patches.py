@@ -708,26 +708,24 @@ def make_rollout_actor_class(base_remote_cls):
     return _as_remote(MegatronRolloutRayActor, base_remote_cls)
 
 
-def apply_megatron_backend(backend, args=None) -> None:
+def apply_megatron_backend(config, args=None) -> None:
     """Train with the Megatron actors (``backend: megatron``): swap OpenRLHF's ``PolicyModelActor`` and
     ``ReferenceModelActor`` for :func:`openrlhf_search.integrations.megatron.actor.openrlhf_actor_classes` and its
     vLLM actor for :func:`make_rollout_actor_class` (driver side, before ``train_ppo_ray.train``).
 
-    The classes capture ``backend`` (a :class:`~openrlhf_search.integrations.megatron.config.BackendConfig`), so Ray
-    ships the configuration with them. ``args`` (OpenRLHF's parsed flags) is checked: the duplicate factor
+    The classes capture ``config`` (a :class:`~openrlhf_search.integrations.megatron.config.MegatronActorConfig`),
+    so Ray ships the configuration with them. ``args`` (OpenRLHF's parsed flags) is checked: the duplicate factor
     ``ds.ring_attn_size x ds.tensor_parallel_size`` must equal ``TP x PP x CP`` (the launcher sets
     ``--ds.tensor_parallel_size``), the actor world size must be a multiple of it, and packing, dynamic batching and
     async training are refused (the Megatron actors do not implement them).
     """
 
-    if backend.backend != "megatron":
-        return
     compat.check_openrlhf_version()
     if args is not None:
         dup = args.ds.ring_attn_size * args.ds.tensor_parallel_size
-        if dup != backend.duplicate_actors:
+        if dup != config.duplicate_actors:
             raise ValueError(
-                f"backend: megatron needs --ds.tensor_parallel_size {backend.duplicate_actors} (TP x PP x CP, "
+                f"backend: megatron needs --ds.tensor_parallel_size {config.duplicate_actors} (TP x PP x CP, "
                 f"OpenRLHF's duplicate factor) and --ds.ring_attn_size 1; got ring_attn_size x tensor_parallel_size "
                 f"= {dup}"
             )
@@ -741,7 +739,7 @@ def apply_megatron_backend(backend, args=None) -> None:
                 "backend: megatron does not support --train.async_enable / --train.partial_rollout_enable: OpenRLHF's "
                 "async TrainingActor would drive the Megatron actors while vLLM generates, but their bucketed weight "
                 "broadcast (megatron.weight_sync) is not versioned for staleness tags and was never run concurrently "
-                "with generation; use the DeepSpeed backend for asynchronous training"
+                "with generation; use the DeepSpeed strategy for asynchronous training"
             )
         refused = {"--ds.packing_samples": args.ds.packing_samples,
                    "--train.dynamic_batch_enable": args.train.dynamic_batch_enable}  # fmt: skip
@@ -756,7 +754,7 @@ def apply_megatron_backend(backend, args=None) -> None:
                            ("MegatronReference", launcher_mod, "ReferenceModelActor"),
                            ("MegatronRollout", vllm_engine_mod, "RolloutRayActor")):  # fmt: skip
         _PATCHED.setdefault(key, getattr(mod, name))
-    policy_cls, reference_cls = openrlhf_actor_classes(backend)
+    policy_cls, reference_cls = openrlhf_actor_classes(config)
     ppo_actor_mod.PolicyModelActor = policy_cls
     launcher_mod.ReferenceModelActor = reference_cls
     vllm_engine_mod.RolloutRayActor = make_rollout_actor_class(_PATCHED["MegatronRollout"])

@@ -20,7 +20,7 @@ from typing import Any
 from openrlhf_search.algorithms.losses import make_config
 from openrlhf_search.algorithms.postprocess import needs_records
 from openrlhf_search.algorithms.presets import preset_for
-from openrlhf_search.integrations.megatron.config import MEGATRON_CONFIG_ENV, BackendConfig, MegatronTrainConfig
+from openrlhf_search.integrations.megatron.config import MEGATRON_CONFIG_ENV, MegatronActorConfig, MegatronTrainConfig
 from openrlhf_search.integrations.megatron.cpu_shim import ENV_SWITCH as MEGATRON_CPU_SHIM_ENV
 from openrlhf_search.integrations.megatron.vllm_sync import check_sync_layout
 from openrlhf_search.plugins import load_plugins
@@ -71,10 +71,11 @@ class LaunchPlan:
     """Retrieval replicas the entrypoint starts as Ray actors (``openrlhf.retrieval_replicas``), else ``None``."""
     notes: list[str] = field(default_factory=list)
     """Human-readable mapping decisions (printed with ``--dry-run``)."""
-    backend_config: Any = None
-    """The Megatron ``BackendConfig`` (``backend: megatron``), written to :attr:`backend_file`; None = DeepSpeed."""
-    backend_file: Path | None = None
-    """JSON path of :attr:`backend_config` (exported as ``OPENRLHF_SEARCH_MEGATRON_CONFIG``)."""
+    megatron_config: Any = None
+    """The :class:`MegatronActorConfig` of the Megatron strategy, written to :attr:`megatron_file` (None = DeepSpeed).
+    """
+    megatron_file: Path | None = None
+    """JSON path of :attr:`megatron_config` (exported as ``OPENRLHF_SEARCH_MEGATRON_CONFIG``)."""
 
     def render(self) -> str:
         """Shell-pastable text of the plan (``--dry-run`` output)."""
@@ -114,9 +115,12 @@ def _orl_config(config: TrainConfig, openrlhf: OpenRLHFConfig | dict | None) -> 
     return value
 
 
-BACKEND_KEYS = ("backend", "megatron", "megatron_actor")
-"""Keys of a legacy ``backend`` mapping passed to :func:`build_plan` (the tree itself has ``backend`` and
-``megatron``; the Megatron actor settings are derived from ``algorithm``/``rollout``)."""
+STRATEGIES = ("deepspeed", "megatron")
+"""Training actors of the OpenRLHF backend (``openrlhf.strategy``): OpenRLHF's DeepSpeed ones or the Megatron ones."""
+
+MEGATRON_KEYS = ("strategy", "megatron", "megatron_actor")
+"""Keys of a ``megatron`` mapping passed to :func:`build_plan` (programmatic use; the tree itself has ``backend``,
+``openrlhf.strategy`` and ``megatron``; the Megatron actor settings are derived from ``algorithm``/``rollout``)."""
 
 MEGATRON_FROM_OPTIMIZER = {"lr": "lr", "weight_decay": "weight_decay", "clip_grad": "grad_clip"}
 """``megatron.<key>`` filled from ``optimizer.<field>`` when the ``megatron:`` section does not set it."""
@@ -142,44 +146,45 @@ def _raise(problems: list[str]) -> None:
         raise ValueError("; ".join(problems))
 
 
-def resolve_backend(config: TrainConfig, orl: OpenRLHFConfig, backend: Any = None,
-                    problems: list[str] | None = None) -> tuple[BackendConfig | None, list[str], list[str]]:
-    """Resolve the Megatron strategy into a ``BackendConfig`` + extra OpenRLHF flags + notes (``(None, [], [])`` for
-    DeepSpeed).
+def resolve_megatron(config: TrainConfig, orl: OpenRLHFConfig, megatron: Any = None,
+                     problems: list[str] | None = None) -> tuple[MegatronActorConfig | None, list[str], list[str]]:
+    """Resolve the Megatron strategy into a :class:`MegatronActorConfig` + extra OpenRLHF flags + notes
+    (``(None, [], [])`` for DeepSpeed).
 
-    ``backend``: None = the tree (``backend: megatron`` or ``openrlhf.strategy: megatron`` with its ``megatron``
-    section); a ``BackendConfig`` (used as given); or a mapping of the keys ``backend``, ``megatron``,
-    ``megatron_actor`` (programmatic use). ``megatron.lr``/``weight_decay``/``clip_grad``/``adam_beta1``/
-    ``adam_beta2`` default to the ``optimizer`` section and ``micro_batch_size`` to
-    ``openrlhf.micro_train_batch_size`` unless set. In every case the Megatron actor's loss, temperature, epochs,
-    per-rank batch and plugins come from ``algorithm``/``rollout``/``plugins``, so the same YAML trains the same
-    objective on either strategy; ``algorithm.kl_coef``/``kl_estimator`` become the registry loss's KL term against
-    the Megatron reference actor's log-probs.
+    ``megatron``: None = the tree (``backend: megatron`` or ``openrlhf.strategy: megatron`` with its ``megatron``
+    section); a :class:`MegatronActorConfig` (used as given: the Megatron strategy); or a mapping of the keys
+    ``strategy`` (``deepspeed``, the default, or ``megatron``), ``megatron``, ``megatron_actor`` (programmatic use).
+    ``megatron.lr``/``weight_decay``/``clip_grad``/``adam_beta1``/``adam_beta2`` default to the ``optimizer`` section
+    and ``micro_batch_size`` to ``openrlhf.micro_train_batch_size`` unless set. In every case the Megatron actor's
+    loss, temperature, epochs, per-rank batch and plugins come from ``algorithm``/``rollout``/``plugins``, so the same
+    YAML trains the same objective on either strategy; ``algorithm.kl_coef``/``kl_estimator`` become the registry
+    loss's KL term against the Megatron reference actor's log-probs.
 
     ``problems``: a list that receives every problem (then nothing is raised and the result may be partial);
     without it the first batch of problems raises one ``ValueError``.
     """
     out: list[str] = []
     given_loss = None
-    if backend is None:
+    if megatron is None:
         if not uses_megatron(config, orl):
             return None, [], []
         meg = config.megatron
         given = _megatron_given(config, meg)
-        bc = BackendConfig(backend="megatron", megatron=dataclasses.replace(meg))
-    elif isinstance(backend, dict):
-        unknown = sorted(set(backend) - set(BACKEND_KEYS))
+        bc = MegatronActorConfig(megatron=dataclasses.replace(meg))
+    elif isinstance(megatron, dict):
+        unknown = sorted(set(megatron) - set(MEGATRON_KEYS))
         if unknown:
-            raise ValueError(f"backend config: unknown key(s) {unknown}; valid: {list(BACKEND_KEYS)}")
-        bc = BackendConfig.from_dict(backend, source="backend config")  # validates names and types
-        if bc.backend != "megatron":
+            raise ValueError(f"megatron config: unknown key(s) {unknown}; valid: {list(MEGATRON_KEYS)}")
+        strategy = megatron.get("strategy", "deepspeed")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"megatron config: strategy={strategy!r} is not one of {list(STRATEGIES)}")
+        if strategy != "megatron":
             return None, [], []
-        given = set((backend.get("megatron") or {}).keys())
-        given_loss = (backend.get("megatron_actor") or {}).get("loss")
+        bc = MegatronActorConfig.from_dict(megatron, source="megatron config")  # validates names and types
+        given = set((megatron.get("megatron") or {}).keys())
+        given_loss = (megatron.get("megatron_actor") or {}).get("loss")
     else:
-        bc = dataclasses.replace(backend, actor=dataclasses.replace(backend.actor))
-        if bc.backend != "megatron":
-            return None, [], []
+        bc = dataclasses.replace(megatron, actor=dataclasses.replace(megatron.actor))
         given = {f.name for f in dataclasses.fields(bc.megatron)}
     if config.backend == "megatron" and config.openrlhf.strategy != "megatron" and \
             "openrlhf.strategy" in getattr(config, "_origin", {}):
@@ -300,7 +305,7 @@ def _retrieval(config: TrainConfig, orl: OpenRLHFConfig) -> tuple[str, list[str]
         "--host", orl.retrieval_host, "--port", str(orl.retrieval_port)]  # fmt: skip
 
 
-def plan_problems(config: TrainConfig, openrlhf: OpenRLHFConfig | dict | None = None, backend: Any = None,
+def plan_problems(config: TrainConfig, openrlhf: OpenRLHFConfig | dict | None = None, megatron: Any = None,
                   cluster: bool = True) -> list[str]:
     """Every problem of ``config`` for the OpenRLHF backend, one line each (``[]`` if none): the ``openrlhf``
     section's ranges, the Megatron strategy's layout, the flags' translation, multi-node and retriever rules and
@@ -314,7 +319,7 @@ def plan_problems(config: TrainConfig, openrlhf: OpenRLHFConfig | dict | None = 
     except ValueError as exc:
         return [str(exc)]
     out = list(orl.problems())
-    bc, _, _ = resolve_backend(config, orl, backend, problems=out)
+    bc, _, _ = resolve_megatron(config, orl, megatron, problems=out)
     orl, _ = _effective_orl(orl, bc is not None)
     if bc is not None and orl.resume:
         out.append("openrlhf.resume / --resume: not available with backend: megatron (its checkpoints are HF weights "
@@ -388,35 +393,35 @@ def cluster_problems(config: TrainConfig, plan: LaunchPlan, orl: OpenRLHFConfig)
     local directory, the GPU count vs the cluster of :func:`cluster_size` when its node count is known)."""
     heads, kv_heads = model_heads(str(config.model.path))
     nodes, gpus_per_node = cluster_size(orl)
-    par = plan.backend_config.megatron.parallel if plan.backend_config is not None else None
-    return check_command(plan.command[3:], backend="megatron" if par is not None else "deepspeed",
+    par = plan.megatron_config.megatron.parallel if plan.megatron_config is not None else None
+    return check_command(plan.command[3:], strategy="megatron" if par is not None else "deepspeed",
                          megatron_tp=par.tensor_model_parallel_size if par else 1,
                          megatron_pp=par.pipeline_model_parallel_size if par else 1,
                          megatron_cp=par.context_parallel_size if par else 1, heads=heads, kv_heads=kv_heads,
                          cluster_nodes=nodes, cluster_gpus_per_node=gpus_per_node)  # fmt: skip
 
 
-def build_plan(config: TrainConfig, openrlhf: OpenRLHFConfig | dict | None = None, backend: Any = None) -> LaunchPlan:
+def build_plan(config: TrainConfig, openrlhf: OpenRLHFConfig | dict | None = None, megatron: Any = None) -> LaunchPlan:
     """Translate ``config`` into a :class:`LaunchPlan` without touching the file system or network.
 
     Raises ``ValueError`` with every problem of :func:`plan_problems` (the cluster inputs aside: see
-    :func:`check_cluster_inputs`). ``openrlhf``/``backend``: programmatic replacements of the tree's ``openrlhf``
-    section and Megatron selection (see :func:`resolve_backend`).
+    :func:`check_cluster_inputs`). ``openrlhf``/``megatron``: programmatic replacements of the tree's ``openrlhf``
+    section and Megatron selection (see :func:`resolve_megatron`).
     """
-    _raise(plan_problems(config, openrlhf, backend, cluster=False))
+    _raise(plan_problems(config, openrlhf, megatron, cluster=False))
     orl = _orl_config(config, openrlhf)
-    backend_config, backend_flags, backend_notes = resolve_backend(config, orl, backend)
-    orl, more = _effective_orl(orl, backend_config is not None)
-    backend_notes += more
+    megatron_config, megatron_flags, megatron_notes = resolve_megatron(config, orl, megatron)
+    orl, more = _effective_orl(orl, megatron_config is not None)
+    megatron_notes += more
     output = Path(orl.shared_dir or Path(config.logging.output_dir) / "openrlhf").resolve()
     workdir = Path(orl.workdir).resolve() if orl.workdir else output
     paths = {"agent_py": AGENT_FILE, "prompts": workdir / "prompts.jsonl", "output": output}
     flags, patch, notes = build_flags(config, orl, paths)
-    if backend_config is not None:
+    if megatron_config is not None:
         extra = list(orl.extra_args)
-        flags = flags[: len(flags) - len(extra)] + backend_flags + extra  # extra_args still win
+        flags = flags[: len(flags) - len(extra)] + megatron_flags + extra  # extra_args still win
         patch.loss, patch.loss_config = "", {}  # the Megatron actor runs the registry loss itself
-        notes = [n for n in notes if not n.startswith("loss ")] + backend_notes
+        notes = [n for n in notes if not n.startswith("loss ")] + megatron_notes
     retrieval_url, server_command = _retrieval(config, orl)
     replicas = _replicas(config, orl)
     agent = agent_config_from_tree(config, retrieval_url, record_logprobs=orl.record_rollout_logprobs,
@@ -429,21 +434,21 @@ def build_plan(config: TrainConfig, openrlhf: OpenRLHFConfig | dict | None = Non
            SHARED_FILES_ENV: os.pathsep.join(shared)}  # fmt: skip
     if replicas is not None:
         env[REPLICAS_ENV] = replicas.to_json()
-    backend_file = None
-    if backend_config is not None:
-        backend_file = workdir / "megatron.json"
-        env[MEGATRON_CONFIG_ENV] = str(backend_file)
+    megatron_file = None
+    if megatron_config is not None:
+        megatron_file = workdir / "megatron.json"
+        env[MEGATRON_CONFIG_ENV] = str(megatron_file)
     if orl.ray_address:
         env["RAY_ADDRESS"] = orl.ray_address
     if orl.cpu_shim:
         env.update(cpu_shim_env())
-        if backend_config is not None:
+        if megatron_config is not None:
             env[MEGATRON_CPU_SHIM_ENV] = "1"
     command = [orl.python or sys.executable, "-m", "openrlhf_search.integrations.openrlhf.entrypoint", *flags]
     return LaunchPlan(command=command, env=env, workdir=workdir, prompt_file=paths["prompts"], agent_config=agent,
                       agent_file=agent_file, patch_config=patch, patch_file=patch_file, retrieval_url=retrieval_url,
-                      server_command=server_command, replicas=replicas, notes=notes, backend_config=backend_config,
-                      backend_file=backend_file)  # fmt: skip
+                      server_command=server_command, replicas=replicas, notes=notes, megatron_config=megatron_config,
+                      megatron_file=megatron_file)  # fmt: skip
 
 
 def cpu_shim_env(base_pythonpath: str | None = None) -> dict[str, str]:
@@ -476,7 +481,7 @@ def cluster_input_problems(config: TrainConfig, orl: OpenRLHFConfig, megatron: b
 
 def check_cluster_inputs(config: TrainConfig, plan: LaunchPlan, orl: OpenRLHFConfig) -> None:
     """Raise ``ValueError`` with :func:`cluster_input_problems` and :func:`cluster_problems` of a plan."""
-    _raise(cluster_input_problems(config, orl, plan.backend_config is not None))
+    _raise(cluster_input_problems(config, orl, plan.megatron_config is not None))
     problems = cluster_problems(config, plan, orl)
     if problems:
         raise ValueError(" | ".join(problems))

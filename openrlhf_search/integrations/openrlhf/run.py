@@ -92,8 +92,8 @@ def materialize(plan: LaunchPlan, config: TrainConfig) -> None:
     check_tokenizer_reloads(config.model.path, tokenizer, plan.prompt_file)
     to_json_file(plan.agent_config, plan.agent_file)
     to_json_file(plan.patch_config, plan.patch_file)
-    if plan.backend_config is not None and plan.backend_file is not None:
-        plan.backend_config.to_json_file(str(plan.backend_file))
+    if plan.megatron_config is not None and plan.megatron_file is not None:
+        plan.megatron_config.to_json_file(str(plan.megatron_file))
 
 
 def wait_for_health(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
@@ -115,13 +115,13 @@ def wait_for_health(url: str, timeout: float = 120.0, proc: subprocess.Popen | N
 
 
 def run_openrlhf(config: TrainConfig, dry_run: bool = False, openrlhf: OpenRLHFConfig | dict | None = None,
-                 backend: object = None, require_checkpoint: bool = False) -> int:  # fmt: skip
+                 megatron: object = None, require_checkpoint: bool = False) -> int:  # fmt: skip
     """Run (or with ``dry_run`` print) the OpenRLHF training described by ``config``; return the exit code.
 
     ``require_checkpoint`` (``--resume``): refuse to start when the run has no checkpoint yet (``--resume-or-start``
     and ``openrlhf.resume`` alone start fresh then, as OpenRLHF does)."""
     try:
-        plan = build_plan(config, openrlhf, backend)
+        plan = build_plan(config, openrlhf, megatron)
         check_cluster_inputs(config, plan, _orl_config(config, openrlhf))
         if require_checkpoint and not dry_run and not checkpoint_dir(plan).is_dir():
             raise ValueError(f"--resume: no checkpoint at {checkpoint_dir(plan)} (use --resume-or-start to start "

@@ -32,9 +32,9 @@ def main() -> int:
     assert maybe_apply_cpu_shim() is not None, "the launcher sets the shim switch"
 
     from openrlhf_search.integrations.megatron.actor import MegatronActorCore
-    from openrlhf_search.integrations.megatron.config import BackendConfig, MegatronTrainConfig
+    from openrlhf_search.integrations.megatron.config import MegatronActorConfig, MegatronTrainConfig
 
-    backend = BackendConfig.from_env()  # the launcher's view, as every Megatron actor reads it
+    backend = MegatronActorConfig.from_env()  # the launcher's view, as every Megatron actor reads it
     settings = dataclasses.replace(backend.actor, train_batch_size=None, max_epochs=1)
     cfg = MegatronTrainConfig(precision="fp32", lr=1e-3, clip_grad=0.0, micro_batch_size=2,
                               use_distributed_optimizer=False)  # fmt: skip

@@ -40,14 +40,14 @@ def main() -> int:
     from openrlhf_search.integrations.megatron.actor import openrlhf_actor_classes
     from openrlhf_search.integrations.megatron.config import (
         ActorSettings,
-        BackendConfig,
+        MegatronActorConfig,
         MegatronParallelConfig,
         MegatronTrainConfig,
     )
 
     # the OpenRLHF CPU shim (flash-attn stub, logical GPUs; loaded by its sitecustomize in every process, the
     # caller starts this script with the same environment) plus the Megatron CPU shim switch
-    from openrlhf_search.integrations.openrlhf.launch import cpu_shim_env
+    from openrlhf_search.integrations.openrlhf.plan import cpu_shim_env
 
     env = {**cpu_shim_env(), "OPENRLHF_SEARCH_MEGATRON_CPU_SHIM": "1", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], os.path.dirname(os.path.abspath(__file__))])
@@ -55,8 +55,7 @@ def main() -> int:
     ray.init(
         num_cpus=8, num_gpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": env}
     )
-    backend = BackendConfig(
-        backend="megatron",
+    backend = MegatronActorConfig(
         megatron=MegatronTrainConfig(
             parallel=MegatronParallelConfig(tensor_model_parallel_size=2),
             precision="fp32",

@@ -8,18 +8,19 @@ import json
 import pytest
 import torch
 
-from openrlhf_search.integrations.megatron.config import MEGATRON_CONFIG_ENV, BackendConfig
+from openrlhf_search.integrations.megatron.config import MEGATRON_CONFIG_ENV, MegatronActorConfig
 from openrlhf_search.integrations.megatron.weight_sync import (
     bucket_tensors,
     decode_meta,
     encode_meta,
     pack_bucket,
 )
-from openrlhf_search.integrations.openrlhf import launch
 from openrlhf_search.integrations.openrlhf.config import OpenRLHFConfig
+from openrlhf_search.integrations.openrlhf.plan import build_plan
+from openrlhf_search.integrations.openrlhf.run import materialize
 from openrlhf_search.trainer.config import load_config
 
-MEGATRON_TP2 = {"backend": "megatron", "megatron": {"parallel": {"tensor_model_parallel_size": 2}}}
+MEGATRON_TP2 = {"strategy": "megatron", "megatron": {"parallel": {"tensor_model_parallel_size": 2}}}
 
 
 def make_config(*overrides: str):
@@ -34,8 +35,8 @@ def _flag(cmd: list[str], name: str) -> str:
 
 def test_megatron_backend_plan():
     orl = OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=8, cpu_shim=True, micro_train_batch_size=2)
-    plan = launch.build_plan(make_config("algorithm.name=sapo"), orl, MEGATRON_TP2)
-    bc = plan.backend_config
+    plan = build_plan(make_config("algorithm.name=sapo"), orl, MEGATRON_TP2)
+    bc = plan.megatron_config
     assert _flag(plan.command, "--ds.tensor_parallel_size") == "2"  # OpenRLHF's duplicate factor = TP x PP x CP
     assert "--ds.packing_samples" not in plan.command  # the Megatron actor takes padded batches
     assert plan.patch_config.loss == ""  # the loss runs inside the Megatron actor, not via OpenRLHF's patch
@@ -43,51 +44,52 @@ def test_megatron_backend_plan():
     # 16 sequences / 2 minibatches = 8 per optimizer step over DP = 8 GPUs / TP 2 = 4 ranks
     assert bc.actor.train_batch_size == 2 and bc.megatron.micro_batch_size == 2
     assert bc.megatron.lr == pytest.approx(3e-6)  # from optimizer.lr when megatron.lr is not given
-    assert plan.env[MEGATRON_CONFIG_ENV] == str(plan.backend_file)
+    assert plan.env[MEGATRON_CONFIG_ENV] == str(plan.megatron_file)
     assert plan.env["OPENRLHF_SEARCH_MEGATRON_CPU_SHIM"] == "1"
     assert any(n.startswith("backend megatron: TP 2 x PP 1") for n in plan.notes)
 
 
 def test_megatron_explicit_fields_win_and_extra_args_last():
-    backend = {**MEGATRON_TP2, "megatron": {**MEGATRON_TP2["megatron"], "lr": 1e-5, "micro_batch_size": 1}}
+    megatron = {**MEGATRON_TP2, "megatron": {**MEGATRON_TP2["megatron"], "lr": 1e-5, "micro_batch_size": 1}}
     orl = OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2, vllm_num_engines=2,
                          extra_args=["--vllm.enforce_eager"])
-    plan = launch.build_plan(make_config(), orl, backend)
-    megatron = plan.backend_config.megatron
+    plan = build_plan(make_config(), orl, megatron)
+    megatron = plan.megatron_config.megatron
     assert megatron.lr == pytest.approx(1e-5) and megatron.micro_batch_size == 1
     assert plan.command[-1] == "--vllm.enforce_eager"
 
 
 def test_kl_goes_into_the_megatron_loss():
     orl = OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2, ref_num_gpus_per_node=2, vllm_num_engines=2)
-    plan = launch.build_plan(make_config("algorithm.name=grpo", "algorithm.kl_coef=0.01"), orl, MEGATRON_TP2)
-    assert plan.backend_config.actor.loss_config["kl_coef"] == pytest.approx(0.01)
+    plan = build_plan(make_config("algorithm.name=grpo", "algorithm.kl_coef=0.01"), orl, MEGATRON_TP2)
+    assert plan.megatron_config.actor.loss_config["kl_coef"] == pytest.approx(0.01)
     assert "--ref.num_gpus_per_node" in plan.command  # OpenRLHF creates the (Megatron) reference group
 
 
 def test_deepspeed_backend_unchanged():
     cfg = make_config()
-    assert launch.build_plan(cfg).command == launch.build_plan(cfg, None, {"backend": "deepspeed"}).command
-    assert launch.build_plan(cfg).backend_config is None
+    assert build_plan(cfg).command == build_plan(cfg, None, {"strategy": "deepspeed"}).command
+    assert build_plan(cfg).megatron_config is None
 
 
 @pytest.mark.parametrize(
-    ("backend", "orl", "message"),
+    ("megatron", "orl", "message"),
     [
         ({**MEGATRON_TP2, "megatron_actor": {"loss": "sapo"}}, {}, "conflicts with algorithm.name"),
-        ({"backend": "megatron", "megatron": {"parallel": {"tensor_model_parallel_size": 3}}}, {}, "does not divide"),
+        ({"strategy": "megatron", "megatron": {"parallel": {"tensor_model_parallel_size": 3}}}, {}, "does not divide"),
         (MEGATRON_TP2, {"param_dtype": "fp16"}, "param_dtype=bf16"),
         ({**MEGATRON_TP2, "megatron": {**MEGATRON_TP2["megatron"], "micro_batch_size": 3}}, {}, "micro_batch_size=3"),
-        ({"backend": "fsdp"}, {}, "backend='fsdp'"),
+        ({"strategy": "fsdp"}, {}, "strategy='fsdp'"),
+        ({"backend": "megatron"}, {}, r"unknown key\(s\) \['backend'\]"),
         ({**MEGATRON_TP2, "megatorn": {}}, {}, "unknown key"),
         # NCCL refuses the weight-sync group of colocated ranks (two ranks on one GPU); no CUDA IPC path here
         (MEGATRON_TP2, {"colocate_all": True}, "does not support openrlhf.colocate_all=true"),
     ],
 )
-def test_bad_megatron_configs_are_named(backend, orl, message):
+def test_bad_megatron_configs_are_named(megatron, orl, message):
     with pytest.raises(ValueError, match=message):
         orl = {"colocate_all": False, **orl}
-        launch.build_plan(make_config(), OpenRLHFConfig(actor_num_gpus_per_node=8, **orl), backend)
+        build_plan(make_config(), OpenRLHFConfig(actor_num_gpus_per_node=8, **orl), megatron)
 
 
 def test_backend_keys_from_yaml_and_overrides(tmp_path):
@@ -102,22 +104,22 @@ def test_backend_keys_from_yaml_and_overrides(tmp_path):
     assert cfg.backend == "megatron" and cfg.openrlhf.actor_num_gpus_per_node == 8
     p = cfg.megatron.parallel
     assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size) == (4, 2)
-    plan = launch.build_plan(cfg)
+    plan = build_plan(cfg)
     assert _flag(plan.command, "--ds.tensor_parallel_size") == "8"
-    assert launch.build_plan(load_config(str(path), ["backend=deepspeed"])).backend_config is None
+    assert build_plan(load_config(str(path), ["backend=deepspeed"])).megatron_config is None
 
 
-def test_backend_file_written(tmp_path, monkeypatch):
+def test_megatron_file_written(tmp_path, monkeypatch):
     cfg = make_config(f"logging.output_dir={tmp_path}", "algorithm.name=grpo")
-    plan = launch.build_plan(cfg, OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2, vllm_num_engines=2),
+    plan = build_plan(cfg, OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2, vllm_num_engines=2),
                              MEGATRON_TP2)
-    monkeypatch.setattr(launch, "write_prompt_dataset", lambda *a, **k: None)
+    monkeypatch.setattr("openrlhf_search.integrations.openrlhf.run.write_prompt_dataset", lambda *a, **k: None)
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
-    launch.materialize(plan, cfg)
-    data = json.loads(plan.backend_file.read_text())
-    assert data["backend"] == "megatron" and data["megatron_actor"]["loss"] == "grpo"
-    monkeypatch.setenv(MEGATRON_CONFIG_ENV, str(plan.backend_file))
-    assert BackendConfig.from_env().duplicate_actors == 2
+    materialize(plan, cfg)
+    data = json.loads(plan.megatron_file.read_text())
+    assert data["megatron_actor"]["loss"] == "grpo" and set(data) == {"megatron", "megatron_actor"}
+    monkeypatch.setenv(MEGATRON_CONFIG_ENV, str(plan.megatron_file))
+    assert MegatronActorConfig.from_env().duplicate_actors == 2
 
 
 def test_bucket_meta_wire_format():

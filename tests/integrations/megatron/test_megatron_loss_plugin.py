@@ -24,13 +24,13 @@ PLUGIN = REPO / "tests" / "algorithms" / "plugins" / "scaled_loss_plugin.py"
 SCALE = 3.0
 
 
-def test_megatron_actor_runs_the_plugin_loss_from_the_launchers_backend_config(tmp_path, monkeypatch):
+def test_megatron_actor_runs_the_plugin_loss_from_the_launchers_megatron_config(tmp_path, monkeypatch):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from openrlhf_search.integrations.megatron.config import MEGATRON_CONFIG_ENV
     from openrlhf_search.integrations.megatron.launch import run_local_ranks
-    from openrlhf_search.integrations.openrlhf import launch
+    from openrlhf_search.integrations.openrlhf.plan import build_plan
     from openrlhf_search.trainer.config import load_config
 
     # strategy megatron with colocate_all off puts vLLM on a node of its own: a 2-node layout, which needs a shared
@@ -42,9 +42,9 @@ def test_megatron_actor_runs_the_plugin_loss_from_the_launchers_backend_config(t
                              "openrlhf.colocate_all=false", "rollout.prompts_per_step=2", "rollout.group_size=2",
                              "algorithm.num_minibatches=1", "openrlhf.actor_num_gpus_per_node=1",
                              "megatron.micro_batch_size=1"])  # fmt: skip
-    plan = launch.build_plan(cfg)
-    backend_file = plan.backend_config.to_json_file(str(tmp_path / "megatron.json"))
-    monkeypatch.setenv(MEGATRON_CONFIG_ENV, backend_file)
+    plan = build_plan(cfg)
+    megatron_file = plan.megatron_config.to_json_file(str(tmp_path / "megatron.json"))
+    monkeypatch.setenv(MEGATRON_CONFIG_ENV, megatron_file)
     torch.manual_seed(0)
     model = tmp_path / "llama"
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

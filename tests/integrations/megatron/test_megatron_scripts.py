@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from openrlhf_search.integrations.megatron.config import BackendConfig
+from openrlhf_search.integrations.megatron.config import MegatronActorConfig
 
 SCRIPTS_DIR = Path(__file__).resolve().parents[3] / "examples" / "scripts" / "megatron"
 SCRIPTS = sorted(p for p in SCRIPTS_DIR.iterdir() if p.suffix in (".sh", ".sbatch"))
@@ -66,12 +66,12 @@ def test_run_script_writes_a_valid_megatron_config(tmp_path, nnodes, tp, pp, vpp
     args = (tmp_path / "args.txt").read_text().split()
     assert args[:3] == ["train", "--backend", "openrlhf"] and args[3] == "--config"
     data = yaml.safe_load(Path(args[4]).read_text())
-    cfg = BackendConfig.from_dict(data, source=args[4])
+    cfg = MegatronActorConfig.from_dict(data, source=args[4])
     from openrlhf_search.trainer.config import load_config
 
     tree = load_config(args[4])  # the one loader reads the generated recipe (types checked: lr is a float)
     assert tree.backend == "megatron" and isinstance(tree.megatron.lr, float) and isinstance(tree.optimizer.lr, float)
-    assert cfg.backend == "megatron" and cfg.megatron.precision == "bf16" and cfg.megatron.use_distributed_optimizer
+    assert cfg.megatron.precision == "bf16" and cfg.megatron.use_distributed_optimizer
     layers = 48 if nnodes == 2 else 64  # Qwen2.5-14B / 32B
     train_nodes = nnodes // 2  # the other half runs vLLM: the Megatron backend refuses colocation
     assert data["openrlhf"]["actor_num_nodes"] == train_nodes and data["openrlhf"]["colocate_all"] is False
@@ -79,13 +79,12 @@ def test_run_script_writes_a_valid_megatron_config(tmp_path, nnodes, tp, pp, vpp
     assert cfg.duplicate_actors == tp * pp
     assert data["openrlhf"]["vllm_num_engines"] * vllm_tp == (nnodes - train_nodes) * 8
     # the launcher accepts it (dry run: every check of a real launch, nothing started)
-    from openrlhf_search.integrations.openrlhf import launch
+    from openrlhf_search.cli import main
 
-    assert launch.main(["--config", args[4], "--dry-run"]) == 0
+    assert main(["train", "--backend", "openrlhf", "--config", args[4], "--dry-run"]) == 0
     # Search-R1's sections, not the toy defaults: the trainer's loader reads them as such
-    from openrlhf_search.integrations.openrlhf.launch import load_configs
-
-    train_cfg, orl = load_configs(args[4], [])
+    train_cfg = load_config(args[4])
+    orl = train_cfg.openrlhf
     assert train_cfg.data.source == "files" and train_cfg.data.train_files == [str(train)]
     assert train_cfg.retriever.spec == "http://10.0.0.1:8000" and train_cfg.env.max_turns == 4
     assert train_cfg.env.max_tokens_per_turn == 500 and train_cfg.logging.save_every == 50

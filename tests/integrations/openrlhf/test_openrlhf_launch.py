@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from openrlhf_search.cli import main as cli_main
 from openrlhf_search.env.config import EnvConfig
-from openrlhf_search.integrations.openrlhf import launch
 from openrlhf_search.integrations.openrlhf.config import (
     AGENT_CONFIG_ENV,
     PATCH_CONFIG_ENV,
@@ -21,6 +21,9 @@ from openrlhf_search.integrations.openrlhf.config import (
     from_json_file,
     to_json_file,
 )
+from openrlhf_search.integrations.openrlhf.flags import AGENT_FILE, SITECUSTOMIZE_DIR, WANDB_KEY_FROM_ENV
+from openrlhf_search.integrations.openrlhf.plan import build_plan
+from openrlhf_search.integrations.openrlhf.run import run_openrlhf, write_prompt_dataset
 from openrlhf_search.trainer.config import load_config
 
 
@@ -58,7 +61,7 @@ def flag_values(command: list[str], flag: str) -> list[str]:
     ],
 )
 def test_algorithm_mapping(algorithm, policy_loss_type, injected_loss, calibadv, dynamic_filtering):
-    plan = launch.build_plan(make_config(f"algorithm.name={algorithm}"))
+    plan = build_plan(make_config(f"algorithm.name={algorithm}"))
     assert flag_values(plan.command, "--actor.policy_loss_type") == [policy_loss_type]
     assert plan.patch_config.loss == injected_loss
     assert plan.patch_config.calibadv is calibadv
@@ -67,33 +70,33 @@ def test_algorithm_mapping(algorithm, policy_loss_type, injected_loss, calibadv,
 
 
 def test_native_losses_carry_the_preset_clip_range():
-    dapo = launch.build_plan(make_config("algorithm.name=dapo")).command
+    dapo = build_plan(make_config("algorithm.name=dapo")).command
     assert flag_values(dapo, "--actor.eps_clip_low_high") == ["0.2", "0.28"]
     assert flag_values(dapo, "--actor.loss_agg_mode") == ["token-mean"]
-    dspo = launch.build_plan(make_config("algorithm.name=dspo")).command
+    dspo = build_plan(make_config("algorithm.name=dspo")).command
     assert flag_values(dspo, "--actor.eps_clip_low_high") == ["0.0003", "0.0004"]
     assert flag_values(dspo, "--algo.dynamic_filtering_range") == ["0.0", "1.0"]
 
 
 def test_loss_override_outside_openrlhf_forces_injection():
     cfg = make_config("algorithm.name=grpo", "algorithm.loss_overrides={loss_agg: seq-mean-token-sum-norm}")
-    plan = launch.build_plan(cfg)
+    plan = build_plan(cfg)
     assert plan.patch_config.loss == "grpo"
     assert plan.patch_config.loss_config["loss_agg"] == "seq-mean-token-sum-norm"
-    native = launch.build_plan(make_config("algorithm.name=grpo", "algorithm.loss_overrides={dual_clip: 3.0}"))
+    native = build_plan(make_config("algorithm.name=grpo", "algorithm.loss_overrides={dual_clip: 3.0}"))
     assert native.patch_config.loss == "" and flag_values(native.command, "--actor.dual_clip") == ["3.0"]
 
 
 def test_loss_terms_openrlhf_cannot_feed_are_refused():
     with pytest.raises(ValueError, match="loss_overrides.kl_coef=0.1: OpenRLHF does not pass reference"):
-        launch.build_plan(make_config("algorithm.name=sapo", "algorithm.loss_overrides={kl_coef: 0.1}"))
+        build_plan(make_config("algorithm.name=sapo", "algorithm.loss_overrides={kl_coef: 0.1}"))
 
 
 @pytest.mark.parametrize("algorithm", ["grpo+tis", "dspo+mis", "sapo+tis", "calibadv+tis"])
 def test_offpolicy_modifiers_inject_our_loss_with_the_correction(algorithm):
     """+tis/+mis on the DeepSpeed backend: our loss is always injected (OpenRLHF's native ppo/gspo cannot be
     wrapped) with the correction; the behaviour log-probs are OpenRLHF's rollout_log_probs (patches.py)."""
-    plan = launch.build_plan(make_config(f"algorithm.name={algorithm}"))
+    plan = build_plan(make_config(f"algorithm.name={algorithm}"))
     base = algorithm.split("+")[0]
     assert plan.patch_config.loss == ("grpo" if base == "calibadv" else base)
     assert plan.patch_config.offpolicy == algorithm.split("+")[1]
@@ -104,46 +107,46 @@ def test_offpolicy_modifiers_inject_our_loss_with_the_correction(algorithm):
 def test_offpolicy_modifiers_refuse_openrlhfs_own_correction_and_missing_logprobs():
     extra = OpenRLHFConfig(extra_args=["--algo.advantage.is_correction_level", "token"])
     with pytest.raises(ValueError, match=r"is_correction.*\+tis / \+mis"):
-        launch.build_plan(make_config("algorithm.name=grpo+tis"), extra)
+        build_plan(make_config("algorithm.name=grpo+tis"), extra)
     with pytest.raises(ValueError, match="is_correction"):  # also without +tis: our loss replaces their PolicyLoss
-        launch.build_plan(make_config("algorithm.name=sapo"), extra)
-    assert "token" in launch.build_plan(make_config("algorithm.name=grpo"), extra).command  # native loss: theirs
+        build_plan(make_config("algorithm.name=sapo"), extra)
+    assert "token" in build_plan(make_config("algorithm.name=grpo"), extra).command  # native loss: theirs
     with pytest.raises(ValueError, match="openrlhf.record_rollout_logprobs=true"):
-        launch.build_plan(make_config("algorithm.name=grpo+mis"), OpenRLHFConfig(record_rollout_logprobs=False))
+        build_plan(make_config("algorithm.name=grpo+mis"), OpenRLHFConfig(record_rollout_logprobs=False))
 
 
 def test_offpolicy_and_async_are_refused_with_megatron():
-    mega = {"backend": "megatron", "megatron": {"parallel": {"tensor_model_parallel_size": 2}}}
+    mega = {"strategy": "megatron", "megatron": {"parallel": {"tensor_model_parallel_size": 2}}}
     orl = OpenRLHFConfig(colocate_all=False, actor_num_gpus_per_node=2)
     with pytest.raises(ValueError, match=r"\+tis off-policy modifier is not available with backend: megatron"):
-        launch.build_plan(make_config("algorithm.name=grpo+tis"), orl, mega)
+        build_plan(make_config("algorithm.name=grpo+tis"), orl, mega)
     import dataclasses
 
     with pytest.raises(ValueError, match=r"async_train=true \(--train.async_enable\) is not available with backend"):
-        launch.build_plan(make_config(), dataclasses.replace(orl, async_train=True), mega)
+        build_plan(make_config(), dataclasses.replace(orl, async_train=True), mega)
 
 
 def test_async_training_flags():
     orl = OpenRLHFConfig(colocate_all=False, async_train=True, async_queue_size=2, partial_rollout=True,
                          actor_num_gpus_per_node=4, ref_num_gpus_per_node=4, vllm_num_engines=4)  # one 8-GPU node
-    plan = launch.build_plan(make_config("algorithm.name=grpo+calibadv+tis"), orl)
+    plan = build_plan(make_config("algorithm.name=grpo+calibadv+tis"), orl)
     assert "--train.async_enable" in plan.command and "--train.partial_rollout_enable" in plan.command
     assert flag_values(plan.command, "--train.async_queue_size") == ["2"]
     assert any("asynchronous training" in n for n in plan.notes)
-    assert "--train.async_enable" not in launch.build_plan(make_config()).command
+    assert "--train.async_enable" not in build_plan(make_config()).command
     for bad, message in (({"partial_rollout": True}, "partial_rollout=true needs openrlhf.async_train=true"),
                          ({"async_train": True}, "vllm_enable_sleep"),
                          ({"async_train": True, "async_queue_size": 0}, "async_queue_size=0")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
-            launch.build_plan(make_config(), OpenRLHFConfig(**bad))
+            build_plan(make_config(), OpenRLHFConfig(**bad))
 
 
 def test_estimators_and_kl():
-    grpo = launch.build_plan(make_config("algorithm.name=grpo")).command
+    grpo = build_plan(make_config("algorithm.name=grpo")).command
     assert flag_values(grpo, "--algo.advantage.estimator") == ["group_norm"]
     assert flag_values(grpo, "--algo.kl.init_coef") == ["0.0"]
     assert "--algo.kl.use_loss" not in grpo and "--ref.num_nodes" not in grpo
-    dr = launch.build_plan(make_config("algorithm.name=dr_grpo", "algorithm.kl_coef=0.01")).command
+    dr = build_plan(make_config("algorithm.name=dr_grpo", "algorithm.kl_coef=0.01")).command
     assert flag_values(dr, "--algo.advantage.estimator") == ["dr_grpo"]
     assert "--algo.kl.use_loss" in dr and flag_values(dr, "--algo.kl.init_coef") == ["0.01"]
     assert flag_values(dr, "--ref.num_gpus_per_node") == ["8"]
@@ -152,7 +155,7 @@ def test_estimators_and_kl():
 def test_batch_and_budget_arithmetic():
     cfg = make_config("rollout.prompts_per_step=64", "rollout.group_size=5", "algorithm.num_minibatches=4",
                       "steps=10", "env.max_response_tokens=3000")  # fmt: skip
-    cmd = launch.build_plan(cfg, OpenRLHFConfig(max_prompt_tokens=1024)).command
+    cmd = build_plan(cfg, OpenRLHFConfig(max_prompt_tokens=1024)).command
     assert flag_values(cmd, "--rollout.batch_size") == ["64"]
     assert flag_values(cmd, "--rollout.n_samples_per_prompt") == ["5"]
     assert flag_values(cmd, "--train.batch_size") == ["80"]
@@ -164,7 +167,7 @@ def test_cluster_section_is_applied():
     orl = {"actor_num_nodes": 2, "vllm_num_engines": 4, "vllm_tensor_parallel_size": 4, "zero_stage": 3,
            "colocate_all": False, "vllm_enable_sleep": False, "extra_args": ["--vllm.enforce_eager"],
            "shared_dir": "/shared/run1", "retrieval_host": "10.0.0.1"}  # fmt: skip
-    cmd = launch.build_plan(make_config(), orl).command
+    cmd = build_plan(make_config(), orl).command
     assert flag_values(cmd, "--actor.num_nodes") == ["2"]
     assert flag_values(cmd, "--vllm.tensor_parallel_size") == ["4"]
     assert flag_values(cmd, "--ds.zero_stage") == ["3"]
@@ -173,31 +176,31 @@ def test_cluster_section_is_applied():
 
 
 def test_every_flag_is_dotted_and_never_sync_with_ray():
-    plan = launch.build_plan(make_config("algorithm.name=dspo+calibadv"), OpenRLHFConfig(cpu_shim=True))
+    plan = build_plan(make_config("algorithm.name=dspo+calibadv"), OpenRLHFConfig(cpu_shim=True))
     flags = [a for a in plan.command if a.startswith("--")]
     assert all("." in f for f in flags), [f for f in flags if "." not in f]
     assert "--vllm.sync_with_ray" not in flags
     assert plan.command[1:3] == ["-m", "openrlhf_search.integrations.openrlhf.entrypoint"]
-    assert flag_values(plan.command, "--train.agent_func_path") == [str(launch.AGENT_FILE)]
+    assert flag_values(plan.command, "--train.agent_func_path") == [str(AGENT_FILE)]
 
 
 def test_retrieval_server_started_or_reused():
-    started = launch.build_plan(make_config(), OpenRLHFConfig(retrieval_port=9123))
+    started = build_plan(make_config(), OpenRLHFConfig(retrieval_port=9123))
     assert started.retrieval_url == "http://127.0.0.1:9123"
     assert started.server_command[3:6] == ["serve", "--index", "/indexes/wiki-bm25"]
-    given = launch.build_plan(make_config(), OpenRLHFConfig(retrieval_url="http://10.0.0.5:8000"))
+    given = build_plan(make_config(), OpenRLHFConfig(retrieval_url="http://10.0.0.5:8000"))
     assert given.server_command is None and given.agent_config.retrieval_url == "http://10.0.0.5:8000"
-    url_spec = launch.build_plan(load_config(None, ["model.path=/m", "retriever.spec=http://host:8000"]))
+    url_spec = build_plan(load_config(None, ["model.path=/m", "retriever.spec=http://host:8000"]))
     assert url_spec.server_command is None and url_spec.retrieval_url == "http://host:8000"
 
 
 def test_cpu_shim_environment(tmp_path):
-    plan = launch.build_plan(make_config(), OpenRLHFConfig(cpu_shim=True))
+    plan = build_plan(make_config(), OpenRLHFConfig(cpu_shim=True))
     assert plan.env["OPENRLHF_SEARCH_CPU_SHIM"] == "1"
     assert plan.env["DS_ACCELERATOR"] == "cpu"
-    assert plan.env["PYTHONPATH"].split(":")[0] == str(launch.SITECUSTOMIZE_DIR)
-    assert (launch.SITECUSTOMIZE_DIR / "sitecustomize.py").is_file()
-    assert "OPENRLHF_SEARCH_CPU_SHIM" not in launch.build_plan(make_config()).env
+    assert plan.env["PYTHONPATH"].split(":")[0] == str(SITECUSTOMIZE_DIR)
+    assert (SITECUSTOMIZE_DIR / "sitecustomize.py").is_file()
+    assert "OPENRLHF_SEARCH_CPU_SHIM" not in build_plan(make_config()).env
 
 
 @pytest.mark.parametrize(
@@ -211,20 +214,20 @@ def test_cpu_shim_environment(tmp_path):
 )
 def test_bad_configs_name_the_field(overrides, message, capsys):
     cfg = load_config(None, ["model.path=/m", "retriever.spec=/i", *overrides])
-    assert launch.run_openrlhf(cfg, dry_run=True) == 2
+    assert run_openrlhf(cfg, dry_run=True) == 2
     assert message in capsys.readouterr().err
 
 
 def test_bad_cluster_field_is_named():
     with pytest.raises(ValueError, match="openrlhf.vllm_sync_backend"):
-        launch.build_plan(make_config(), OpenRLHFConfig(vllm_sync_backend="mpi"))
+        build_plan(make_config(), OpenRLHFConfig(vllm_sync_backend="mpi"))
     with pytest.raises(ValueError, match=r"unknown OpenRLHFConfig key\(s\) \['gpus'\]"):
-        launch.build_plan(make_config(), {"gpus": 8})
+        build_plan(make_config(), {"gpus": 8})
 
 
 def test_dry_run_prints_and_writes_nothing(tmp_path, capsys):
     cfg = make_config(f"logging.output_dir={tmp_path / 'run'}", "algorithm.name=sapo", *REAL_DATA)
-    assert launch.run_openrlhf(cfg, dry_run=True) == 0
+    assert run_openrlhf(cfg, dry_run=True) == 0
     out = capsys.readouterr().out
     assert "openrlhf_search.integrations.openrlhf.entrypoint" in out
     assert "--actor.policy_loss_type ppo" in out and "loss sapo: injected" in out
@@ -252,7 +255,7 @@ def test_prompt_dataset_rows(tmp_path):
     from openrlhf_search.data.types import QASample
 
     samples = [QASample(id=str(i), question=f"q{i}?", golden_answers=[f"a{i}"]) for i in range(3)]
-    path = launch.write_prompt_dataset(samples, tmp_path / "p.jsonl", 7, "search_r1", tokenizer=None, seed=0)
+    path = write_prompt_dataset(samples, tmp_path / "p.jsonl", 7, "search_r1", tokenizer=None, seed=0)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 7
     labels = [json.loads(r["label"]) for r in rows]
@@ -269,7 +272,7 @@ def test_importing_the_integration_stays_light():
     # what every Ray process imports first (the entrypoint, the agent's config, the shims) needs no torch; the
     # launcher validates the algorithm (whose losses are torch code) but never imports Ray, vLLM, OpenRLHF, DeepSpeed
     for modules, heavy in (("entrypoint, {p}.cpu_shim, {p}.calib_store, {p}.config", "'torch', "),
-                           ("launch, {p}.backend", "")):  # fmt: skip
+                           ("plan, {p}.run, {p}.flags, {p}.backend", "")):  # fmt: skip
         code = (f"import sys, {pkg}.{modules.format(p=pkg)}; print(sorted(m for m in ({heavy}'ray', 'vllm', "
                 "'openrlhf', 'deepspeed') if m in sys.modules))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -278,23 +281,23 @@ def test_importing_the_integration_stays_light():
 
 def test_cluster_flags_prefix_cache_checkpoints_resume_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "secret-key-never-on-the-command-line")
-    cmd = launch.build_plan(make_config()).command
+    cmd = build_plan(make_config()).command
     assert "--vllm.enable_prefix_caching" in cmd  # agent turns re-send the history
     assert "--ckpt.load_enable" not in cmd and "--ckpt.save_hf" not in cmd  # no checkpoint steps by default
     assert flag_values(cmd, "--ckpt.save_steps") == ["-1"] and "--logger.wandb.project" not in cmd
     cfg = make_config("logging.save_every=25", "logging.keep_checkpoints=4", "logging.wandb_project=search-r1",
                       "logging.output_dir=runs/dspo-7b")  # fmt: skip
-    cmd = launch.build_plan(cfg, OpenRLHFConfig(resume=True)).command
+    cmd = build_plan(cfg, OpenRLHFConfig(resume=True)).command
     assert flag_values(cmd, "--ckpt.save_steps") == ["25"] and flag_values(cmd, "--ckpt.max_num") == ["4"]
     assert "--ckpt.save_hf" in cmd and "--ckpt.load_enable" in cmd
     assert flag_values(cmd, "--logger.wandb.project") == ["search-r1"]
     assert flag_values(cmd, "--logger.wandb.run_name") == ["dspo-7b"]
-    assert flag_values(cmd, "--logger.wandb.key") == [launch.WANDB_KEY_FROM_ENV]
+    assert flag_values(cmd, "--logger.wandb.key") == [WANDB_KEY_FROM_ENV]
     assert not any("secret-key" in a for a in cmd)
-    off = launch.build_plan(cfg, OpenRLHFConfig(vllm_enable_prefix_caching=False, save_hf=False, save_steps=10))
+    off = build_plan(cfg, OpenRLHFConfig(vllm_enable_prefix_caching=False, save_hf=False, save_steps=10))
     assert "--vllm.enable_prefix_caching" not in off.command and "--ckpt.save_hf" not in off.command
     assert flag_values(off.command, "--ckpt.save_steps") == ["10"]
-    split = launch.build_plan(cfg, OpenRLHFConfig(colocate_all=False, shared_dir="/s",  # 8 + 8 GPUs: two nodes
+    split = build_plan(cfg, OpenRLHFConfig(colocate_all=False, shared_dir="/s",  # 8 + 8 GPUs: two nodes
                                                   retrieval_url="http://10.0.0.1:8000")).command  # fmt: skip
     # sleep mode needs colocation
     assert "--vllm.enable_sleep" not in split and "--vllm.enable_sleep" in cmd
@@ -303,40 +306,40 @@ def test_cluster_flags_prefix_cache_checkpoints_resume_wandb(monkeypatch):
 def test_multi_node_needs_a_shared_dir_and_a_reachable_retriever():
     two = {"actor_num_nodes": 2, "retrieval_url": "http://10.0.0.1:8000"}
     with pytest.raises(ValueError, match="2-node run needs openrlhf.shared_dir"):
-        launch.build_plan(make_config(), two)
-    plan = launch.build_plan(make_config(), {**two, "shared_dir": "/shared/run1"})
+        build_plan(make_config(), two)
+    plan = build_plan(make_config(), {**two, "shared_dir": "/shared/run1"})
     assert plan.prompt_file == Path("/shared/run1/prompts.jsonl")
     assert flag_values(plan.command, "--ckpt.path") == ["/shared/run1/checkpoints"]
     assert flag_values(plan.command, "--ckpt.output_dir") == ["/shared/run1/model"]
     assert plan.env[SHARED_FILES_ENV] == "/shared/run1/prompts.jsonl"  # checked on every Ray node at start
     for bad in ({"retrieval_url": "http://127.0.0.1:8000"}, {"retrieval_url": "", "retrieval_host": "127.0.0.1"}):
         with pytest.raises(ValueError, match="cannot reach a loopback address"):
-            launch.build_plan(make_config(), {**two, "shared_dir": "/s", **bad})
+            build_plan(make_config(), {**two, "shared_dir": "/s", **bad})
 
 
 def test_toy_data_and_megatron_hub_ids_are_refused_at_launch(tmp_path, capsys):
-    assert launch.run_openrlhf(make_config(), dry_run=True) == 2  # synthetic KB, no data: section
+    assert run_openrlhf(make_config(), dry_run=True) == 2  # synthetic KB, no data: section
     assert "data.source='synthetic'" in capsys.readouterr().err
-    assert launch.run_openrlhf(make_config(), dry_run=True, openrlhf={"allow_toy_data": True}) == 0
+    assert run_openrlhf(make_config(), dry_run=True, openrlhf={"allow_toy_data": True}) == 0
     capsys.readouterr()
-    megatron = {"backend": "megatron", "megatron": {"micro_batch_size": 1}}
+    megatron = {"strategy": "megatron", "megatron": {"micro_batch_size": 1}}
     hub = load_config(None, ["model.path=Qwen/Qwen2.5-14B-Instruct", "retriever.spec=/i", *REAL_DATA])
     split = {"colocate_all": False, "vllm_enable_sleep": False,  # the Megatron backend refuses colocation
              "actor_num_gpus_per_node": 4, "ref_num_gpus_per_node": 4, "vllm_num_engines": 4}  # one 8-GPU node
-    assert launch.run_openrlhf(hub, dry_run=True, openrlhf=split, backend=megatron) == 2
+    assert run_openrlhf(hub, dry_run=True, openrlhf=split, megatron=megatron) == 2
     assert "'Qwen/Qwen2.5-14B-Instruct' is not a local directory" in capsys.readouterr().err
     local = load_config(None, [f"model.path={tmp_path}", "retriever.spec=/i", *REAL_DATA])
-    assert launch.run_openrlhf(local, dry_run=True, openrlhf=split, backend=megatron) == 0
+    assert run_openrlhf(local, dry_run=True, openrlhf=split, megatron=megatron) == 0
     out = capsys.readouterr().out  # stale KV after a Megatron weight sync: the cache is not reset there
     assert "--vllm.enable_prefix_caching" not in out and "prefix caching off" in out
-    assert launch.run_openrlhf(local, dry_run=True, openrlhf={**split, "resume": True}, backend=megatron) == 2
+    assert run_openrlhf(local, dry_run=True, openrlhf={**split, "resume": True}, megatron=megatron) == 2
     assert "not available with backend: megatron" in capsys.readouterr().err
 
 
 def test_packing_without_flash_attention_is_refused():
     with pytest.raises(ValueError, match="silently switches to flash_attention_2"):
-        launch.build_plan(make_config(), {"attn_implementation": "sdpa"})
-    launch.build_plan(make_config(), {"attn_implementation": "sdpa", "packing_samples": False})
+        build_plan(make_config(), {"attn_implementation": "sdpa"})
+    build_plan(make_config(), {"attn_implementation": "sdpa", "packing_samples": False})
 
 
 def test_resume_flag_of_the_launcher(tmp_path, capsys):
@@ -344,7 +347,7 @@ def test_resume_flag_of_the_launcher(tmp_path, capsys):
     cfg.write_text("model: {path: /m}\nretriever: {spec: /i}\ndata: {source: files, train_files: [/d.parquet]}\n"
                    "rollout: {prompts_per_step: 16}\n")  # 64 sequences per step: fits DeepSpeed on 8 ranks
     for flag in ("--resume", "--resume-or-start"):
-        assert launch.main(["--config", str(cfg), "--dry-run", flag]) == 0
+        assert cli_main(["train", "--backend", "openrlhf", "--config", str(cfg), "--dry-run", flag]) == 0
         assert "--ckpt.load_enable" in capsys.readouterr().out
     # --resume (unlike --resume-or-start) refuses a run without a checkpoint, before anything is written
     out = tmp_path / "run"
@@ -352,7 +355,8 @@ def test_resume_flag_of_the_launcher(tmp_path, capsys):
     (tmp_path / "d.jsonl").write_text('{"question": "q", "golden_answers": ["a"]}\n')
     real = [f"model.path={tmp_path / 'm'}", "retriever.spec=http://127.0.0.1:9", "data.source=files",
             f"data.train_files=[{tmp_path / 'd.jsonl'}]"]  # a real run validates that its inputs exist first
-    assert launch.main(["--config", str(cfg), "--resume", f"logging.output_dir={out}", *real]) == 2
+    argv = ["train", "--backend", "openrlhf", "--config", str(cfg), "--resume", f"logging.output_dir={out}", *real]
+    assert cli_main(argv) == 2
     assert "--resume: no checkpoint at" in capsys.readouterr().err and not out.exists()
 
 
@@ -361,40 +365,40 @@ def test_lora_fields_become_openrlhf_lora_flags_and_megatron_refuses_them():
 
     cfg = load_config(None, ["model.path=/m", "retriever.spec=http://r:1", "model.lora_rank=16",
                              "model.lora_alpha=32", "model.lora_target_modules=[q_proj, v_proj]"])  # fmt: skip
-    cmd = launch.build_plan(cfg).command
+    cmd = build_plan(cfg).command
     assert flag_values(cmd, "--ds.lora.rank") == ["16"] and flag_values(cmd, "--ds.lora.alpha") == ["32"]
     assert flag_values(cmd, "--ds.lora.target_modules") == ["q_proj", "v_proj"]
-    assert "--ds.lora.rank" not in launch.build_plan(load_config(None, ["model.path=/m",
+    assert "--ds.lora.rank" not in build_plan(load_config(None, ["model.path=/m",
                                                                          "retriever.spec=http://r:1"])).command
     mega = load_config(None, ["model.path=/m", "retriever.spec=http://r:1", "model.lora_rank=8",
                               "backend=megatron", "openrlhf.colocate_all=false"])  # fmt: skip
     with pytest.raises(ValueError, match="LoRA is not implemented in the Megatron actor"):
-        launch.build_plan(mega)
+        build_plan(mega)
 
 
 def test_retrieval_replicas_as_ray_actors(tmp_path):
     from openrlhf_search.retrieval.replicas import REPLICAS_ENV, ReplicaSpec
 
-    plan = launch.build_plan(make_config(), {"retrieval_replicas": "per_node", "retrieval_replica_cpus": 2})
+    plan = build_plan(make_config(), {"retrieval_replicas": "per_node", "retrieval_replica_cpus": 2})
     assert plan.server_command is None and plan.retrieval_url == ""  # no server process: the entrypoint starts them
     spec = ReplicaSpec.from_json(plan.env[REPLICAS_ENV])
     assert (spec.index, spec.replicas, spec.num_cpus, spec.num_gpus) == ("/indexes/wiki-bm25", "per_node", 2.0, 0.0)
     assert plan.agent_config.retrieval_replicas == spec.name  # the agents find the replicas by this name
     assert plan.env[SHARED_FILES_ENV].split(":")[1] == "/indexes/wiki-bm25/manifest.json"  # on every node
     assert "replicas of /indexes/wiki-bm25 as Ray actors (one per Ray node" in plan.render()
-    three = launch.build_plan(make_config(), {"retrieval_replicas": 3, "actor_num_nodes": 2, "shared_dir": "/s",
+    three = build_plan(make_config(), {"retrieval_replicas": 3, "actor_num_nodes": 2, "shared_dir": "/s",
                                               "retrieval_replica_gpus": 1})  # multi-node: no loopback complaint
     assert ReplicaSpec.from_json(three.env[REPLICAS_ENV]).replicas == 3
-    assert REPLICAS_ENV not in launch.build_plan(make_config()).env  # default 0: one `serve` process, as before
+    assert REPLICAS_ENV not in build_plan(make_config()).env  # default 0: one `serve` process, as before
     for bad, message in (({"retrieval_replicas": "many"}, "openrlhf.retrieval_replicas='many'"),
                          ({"retrieval_replicas": -1}, "openrlhf.retrieval_replicas='-1'"),
                          ({"retrieval_replica_cpus": -1}, "openrlhf.retrieval_replica_cpus=-1"),
                          ({"retrieval_replicas": 2, "retrieval_url": "http://10.0.0.5:8000"},
                           "replicas serve an index directory")):  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(message)):
-            launch.build_plan(make_config(), bad)
-    urls = launch.build_plan(make_config(), {"retrieval_url": "http://10.0.0.5:8000,http://10.0.0.6:8000"})
+            build_plan(make_config(), bad)
+    urls = build_plan(make_config(), {"retrieval_url": "http://10.0.0.5:8000,http://10.0.0.6:8000"})
     assert urls.agent_config.retrieval_url == "http://10.0.0.5:8000,http://10.0.0.6:8000"
     with pytest.raises(ValueError, match="cannot reach a loopback address"):
-        launch.build_plan(make_config(), {"retrieval_url": "http://10.0.0.5:8000,http://127.0.0.1:8000",
+        build_plan(make_config(), {"retrieval_url": "http://10.0.0.5:8000,http://127.0.0.1:8000",
                                           "actor_num_nodes": 2, "shared_dir": "/s"})
