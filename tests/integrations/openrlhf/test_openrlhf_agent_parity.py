@@ -44,8 +44,9 @@ def test_openrlhf_executor_parity(scenario, world, monkeypatch):
     from openrlhf.trainer.ray.vllm_engine import _load_agent_executor
     from vllm import SamplingParams
 
-    from openrlhf_search.integrations.openrlhf import agent_core, calib_store, launch
+    from openrlhf_search.integrations.openrlhf import agent_core, calib_store
     from openrlhf_search.integrations.openrlhf.config import AGENT_CONFIG_ENV
+    from openrlhf_search.integrations.openrlhf.flags import AGENT_FILE
 
     env, traj, max_length = run_local(scenario, world.tok, world.retriever, world.sample, world.doc_id)
     monkeypatch.setenv(AGENT_CONFIG_ENV, agent_config(scenario, world.index))
@@ -64,7 +65,7 @@ def test_openrlhf_executor_parity(scenario, world, monkeypatch):
     label = json.dumps({"question": s.question, "golden_answers": list(s.golden_answers)})
     engine = VLLMScriptedEngine(world.tok, [(fill(t, s, world.doc_id), m) for t, m in scenario.turns])
     params = SamplingParams(temperature=1.0, max_tokens=None, min_tokens=1, skip_special_tokens=False, logprobs=None)
-    executor = _load_agent_executor(str(launch.AGENT_FILE))
+    executor = _load_agent_executor(str(AGENT_FILE))
     result = asyncio.run(executor.execute(prompt, label, params, max_length, world.tok, engine))
     record = calib_store.collect([int(result["extra_logs"]["calib_id"])])[0]
     compare(env, traj, result, seen["traj"], runtime.reward_fn, record)

@@ -83,9 +83,10 @@ def test_executor_is_openrlhf_s_multi_turn_executor():
     from openrlhf.trainer.ray.vllm_engine import _load_agent_executor
     from openrlhf.utils.agent import AgentInstanceBase, MultiTurnAgentExecutor
 
-    from openrlhf_search.integrations.openrlhf import agent, launch
+    from openrlhf_search.integrations.openrlhf import agent
+    from openrlhf_search.integrations.openrlhf.flags import AGENT_FILE
 
-    executor = _load_agent_executor(str(launch.AGENT_FILE))  # exactly how every vLLM actor loads it
+    executor = _load_agent_executor(str(AGENT_FILE))  # exactly how every vLLM actor loads it
     assert isinstance(executor, MultiTurnAgentExecutor)
     assert issubclass(agent.SearchAgentInstance, AgentInstanceBase)
 
