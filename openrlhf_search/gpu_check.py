@@ -356,7 +356,7 @@ def check_megatron(workdir: Path) -> Row:
     valid = (mask[:, 1:] * mask[:, :-1]).bool()
     diff = float((logp.to(device) - ref)[valid].abs().max())
 
-    from openrlhf_search.algorithms import get_policy_loss
+    from openrlhf_search.algorithms.losses import get_policy_loss
 
     optimizer = engine.build_optimizer(model)
     old = (logp + 0.05 * torch.randn(logp.shape, generator=g).to(logp.device)).detach()

@@ -186,10 +186,12 @@ def test_the_config_package_is_a_leaf():
 
 
 LIGHT = ("openrlhf_search.cli", "openrlhf_search.rollout", "openrlhf_search.retrieval",
-         "openrlhf_search.integrations.openrlhf.cpu_shim", "openrlhf_search.gpu_check")  # fmt: skip
+         "openrlhf_search.integrations.openrlhf.cpu_shim", "openrlhf_search.gpu_check",
+         "openrlhf_search.trainer.config", "openrlhf_search.algorithms.config")  # fmt: skip
 """Modules that must import without torch: the CLI dispatcher (``--help``, ``config``), the rollout and retrieval
 packages (their engines and indexes import their backends when they run), the OpenRLHF CPU shim (``sitecustomize``
-loads it in every process) and the GPU check (its ``--install-wheels`` step runs before the rows)."""
+loads it in every process), the GPU check (its ``--install-wheels`` step runs before the rows) and the config tree
+with the ``algorithm`` section its owner declares (``openrlhf-search config``, the GPU check read it)."""
 
 
 def test_light_modules_import_no_torch():

@@ -2,8 +2,9 @@
 and describe every field.
 
 A leaf package: it imports no schema. Each section dataclass is declared once, by the module that owns it, and
-registered in :data:`SECTIONS` (``model``/``data``/... in :mod:`openrlhf_search.trainer.config`, ``env`` in
-:mod:`openrlhf_search.env.config`, ``openrlhf`` and ``megatron`` in their integrations); the training config tree is
+registered in :data:`SECTIONS` (``data``, ``retriever``, ``env``, ``rollout`` and ``algorithm`` in the ``config``
+module of their package, ``openrlhf`` and ``megatron`` in their integrations, the trainer's own ``model``,
+``optimizer``, ``sft`` and ``logging`` in :mod:`openrlhf_search.trainer.config`); the training config tree is
 assembled in :mod:`openrlhf_search.trainer.config`.
 """
 

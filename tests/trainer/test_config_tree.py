@@ -178,3 +178,20 @@ def test_docs_reference_is_generated_from_the_config():
     assert all(any(row.startswith(f"| `{k}` |") for row in table) for k in ("env.topk", "openrlhf.strategy",
                                                                                "megatron.parallel.sequence_parallel"))
 
+
+
+def test_each_section_is_declared_once_by_its_owner():
+    """Every section of the tree is the dataclass its owning package registers (no copy in the trainer)."""
+    import typing
+
+    from openrlhf_search.config import SECTIONS
+    from openrlhf_search.trainer.config import TrainConfig
+
+    owners = {"model": "trainer.config", "optimizer": "trainer.config", "sft": "trainer.config",
+              "logging": "trainer.config", "data": "data.config", "retriever": "retrieval.config",
+              "env": "env.config", "rollout": "rollout.config", "algorithm": "algorithms.config",
+              "openrlhf": "integrations.openrlhf.config", "megatron": "integrations.megatron.config"}  # fmt: skip
+    hints = typing.get_type_hints(TrainConfig)
+    for name, module in owners.items():
+        assert SECTIONS.get(name).__module__ == f"openrlhf_search.{module}", name
+        assert hints[name] is SECTIONS.get(name), name

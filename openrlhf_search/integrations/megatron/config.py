@@ -139,7 +139,7 @@ class ActorSettings:
 def build_actor_loss(settings: ActorSettings):
     """The policy loss of a Megatron actor: import ``settings.plugins`` (a user's loss may live there), then resolve
     ``settings.loss`` in the registry (the same path as the local trainer and the OpenRLHF loss patch)."""
-    from openrlhf_search.algorithms import get_policy_loss  # torch: the config itself stays light
+    from openrlhf_search.algorithms.losses import get_policy_loss  # torch: the config itself stays light
 
     load_plugins(settings.plugins, source="megatron_actor.plugins")
     return get_policy_loss(settings.loss, **settings.loss_config)

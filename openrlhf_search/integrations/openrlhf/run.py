@@ -13,12 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+from openrlhf_search.data.config import DataConfig
 from openrlhf_search.data.formats import read_dataset
 from openrlhf_search.data.synthetic import generate_kb
 from openrlhf_search.env.config import EnvConfig
 from openrlhf_search.env.templates import env_template
 from openrlhf_search.retrieval.client import parse_urls
-from openrlhf_search.trainer.config import DataConfig, TrainConfig
+from openrlhf_search.trainer.config import TrainConfig
 from openrlhf_search.trainer.models import load_tokenizer
 
 from .config import OpenRLHFConfig, to_json_file
