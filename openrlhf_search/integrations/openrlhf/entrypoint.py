@@ -32,14 +32,14 @@ from openrlhf_search.retrieval import replicas
 
 from . import cpu_shim
 from .compat import check_openrlhf_version, openrlhf_argument_parser
-from .config import AGENT_CONFIG_ENV, CPU_SHIM_ENV, PATCH_CONFIG_ENV, SHARED_FILES_ENV, PatchConfig, from_env
+from .config import AGENT_CONFIG_ENV, PATCH_CONFIG_ENV, SHARED_FILES_ENV, PatchConfig, from_env
 
 MEGATRON_CONFIG_ENV = "OPENRLHF_SEARCH_MEGATRON_CONFIG"
 """Path of the ``MegatronActorConfig`` JSON (same name as ``megatron.config.MEGATRON_CONFIG_ENV``)."""
 MEGATRON_CPU_SHIM_ENV = "OPENRLHF_SEARCH_MEGATRON_CPU_SHIM"
 """Switch of megatron-core's CPU shim (``megatron/cpu_shim.py``) in the Megatron actors."""
 
-FORWARDED_ENV = (CPU_SHIM_ENV, "PYTHONPATH", "DS_ACCELERATOR", "GLOO_SOCKET_IFNAME", "HF_HUB_OFFLINE",
+FORWARDED_ENV = (cpu_shim.SWITCH_ENV, "PYTHONPATH", "DS_ACCELERATOR", "GLOO_SOCKET_IFNAME", "HF_HUB_OFFLINE",
                  "TRANSFORMERS_OFFLINE", "OPENRLHF_SEARCH_ALLOW_VERSION_MISMATCH", MEGATRON_CPU_SHIM_ENV,
                  "OPENRLHF_SEARCH_RETRIEVER_TOKEN", "OPENRLHF_SEARCH_TOKEN", "WANDB_API_KEY", "WANDB_MODE",
                  "WANDB_DIR", "WANDB_BASE_URL", "WANDB_ENTITY")  # fmt: skip
@@ -60,7 +60,7 @@ def runtime_env_vars() -> dict[str, str]:
     """Environment for every Ray worker: OpenRLHF's defaults, forwarded variables, the agent config inline."""
     env = {k: os.environ.get(k, v) for k, v in OPENRLHF_DEFAULT_ENV.items()}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
-    if os.environ.get(CPU_SHIM_ENV) == "1" and "VLLM_HOST_IP" in os.environ:
+    if cpu_shim.enabled() and "VLLM_HOST_IP" in os.environ:
         env["VLLM_HOST_IP"] = os.environ["VLLM_HOST_IP"]
     agent = os.environ.get(AGENT_CONFIG_ENV, "")
     if agent and not agent.lstrip().startswith("{"):
@@ -78,7 +78,7 @@ def init_ray() -> None:
     import ray
 
     kwargs: dict = {"runtime_env": {"env_vars": runtime_env_vars()}}
-    if os.environ.get(CPU_SHIM_ENV) == "1" and not os.environ.get("RAY_ADDRESS"):
+    if cpu_shim.enabled() and not os.environ.get("RAY_ADDRESS"):
         kwargs.update(cpu_shim.ray_init_kwargs())
     ray.init(**kwargs)
 

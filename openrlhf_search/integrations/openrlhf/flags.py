@@ -29,8 +29,6 @@ from .config import OpenRLHFConfig, PatchConfig
 PACKAGE_DIR = Path(__file__).resolve().parent
 AGENT_FILE = PACKAGE_DIR / "agent_func.py"
 """The file OpenRLHF loads as ``--train.agent_func_path``."""
-SITECUSTOMIZE_DIR = PACKAGE_DIR / "sitecustomize"
-"""Put on ``PYTHONPATH`` (with ``OPENRLHF_SEARCH_CPU_SHIM=1``) to load the CPU shim in every process."""
 
 ESTIMATORS: Registry[str] = Registry("OpenRLHF-native advantage estimator")
 """Our advantage estimator name -> OpenRLHF's ``--algo.advantage.estimator`` computing the same outcome advantage.

@@ -21,7 +21,6 @@ from openrlhf_search.algorithms.losses import make_config
 from openrlhf_search.algorithms.postprocess import needs_records
 from openrlhf_search.algorithms.presets import preset_for
 from openrlhf_search.integrations.megatron.config import MEGATRON_CONFIG_ENV, MegatronActorConfig, MegatronTrainConfig
-from openrlhf_search.integrations.megatron.cpu_shim import ENV_SWITCH as MEGATRON_CPU_SHIM_ENV
 from openrlhf_search.integrations.megatron.vllm_sync import check_sync_layout
 from openrlhf_search.plugins import load_plugins
 from openrlhf_search.retrieval.client import parse_urls
@@ -31,7 +30,6 @@ from openrlhf_search.trainer.config import TrainConfig
 from .cluster import check_command, cluster_from_env, gpus_needed, model_heads, nodes_spanned
 from .config import (
     AGENT_CONFIG_ENV,
-    CPU_SHIM_ENV,
     PATCH_CONFIG_ENV,
     SHARED_FILES_ENV,
     AgentConfig,
@@ -40,7 +38,7 @@ from .config import (
     agent_config_from_tree,
     from_dict,
 )
-from .flags import AGENT_FILE, SITECUSTOMIZE_DIR, build_flags, flag_problems
+from .flags import AGENT_FILE, build_flags, flag_problems
 
 
 @dataclass
@@ -377,9 +375,7 @@ def cluster_size(orl: OpenRLHFConfig) -> tuple[int | None, int]:
 
 def run_nodes(config: TrainConfig, orl: OpenRLHFConfig) -> int:
     """Nodes the run spans: the actor's and the reference's, and the vLLM-only ones (engines that are not colocated
-    fill GPUs beyond the training groups'). One under the CPU shim (one machine)."""
-    if orl.cpu_shim:
-        return 1
+    fill GPUs beyond the training groups')."""
     ref = config.algorithm.kl_coef > 0
     ref_gpus = orl.ref_num_nodes * orl.ref_num_gpus_per_node if ref else 0
     total = gpus_needed(orl.actor_num_nodes * orl.actor_num_gpus_per_node, ref_gpus,
@@ -440,10 +436,6 @@ def build_plan(config: TrainConfig, openrlhf: OpenRLHFConfig | dict | None = Non
         env[MEGATRON_CONFIG_ENV] = str(megatron_file)
     if orl.ray_address:
         env["RAY_ADDRESS"] = orl.ray_address
-    if orl.cpu_shim:
-        env.update(cpu_shim_env())
-        if megatron_config is not None:
-            env[MEGATRON_CPU_SHIM_ENV] = "1"
     command = [orl.python or sys.executable, "-m", "openrlhf_search.integrations.openrlhf.entrypoint", *flags]
     return LaunchPlan(command=command, env=env, workdir=workdir, prompt_file=paths["prompts"], agent_config=agent,
                       agent_file=agent_file, patch_config=patch, patch_file=patch_file, retrieval_url=retrieval_url,
@@ -451,31 +443,21 @@ def build_plan(config: TrainConfig, openrlhf: OpenRLHFConfig | dict | None = Non
                       megatron_file=megatron_file)  # fmt: skip
 
 
-def cpu_shim_env(base_pythonpath: str | None = None) -> dict[str, str]:
-    """Environment that loads :mod:`.cpu_shim` in every process of a CPU-only run (see docs/openrlhf.md)."""
-    pythonpath = os.environ.get("PYTHONPATH", "") if base_pythonpath is None else base_pythonpath
-    return {
-        CPU_SHIM_ENV: "1",
-        "PYTHONPATH": str(SITECUSTOMIZE_DIR) + (os.pathsep + pythonpath if pythonpath else ""),
-        "DS_ACCELERATOR": "cpu",
-        "GLOO_SOCKET_IFNAME": "lo",
-        "VLLM_HOST_IP": "127.0.0.1",
-    }
-
 def cluster_input_problems(config: TrainConfig, orl: OpenRLHFConfig, megatron: bool) -> list[str]:
     """The launches that cannot work or would silently train on the wrong thing: a Megatron run on a model that is
-    not a local directory (mbridge loads HF weights from disk; a hub id is not downloaded), and a GPU run on the
-    synthetic toy KB unless ``openrlhf.allow_toy_data``."""
+    not a local directory (mbridge loads HF weights from disk; a hub id is not downloaded), and a run on the
+    synthetic toy KB that the config did not ask for (``data.source`` left at its default: a config that forgot its
+    ``data:`` section)."""
     out = []
     model = str(config.model.path)
     if megatron and not Path(model).is_dir():
         out.append(f"model.path={model!r} is not a local directory: the Megatron backend loads the HF weights from "
                    "disk (mbridge) and does not download hub ids; fetch it first (e.g. `huggingface-cli download "
                    "<id> --local-dir DIR`, on storage every node sees) and pass DIR")  # fmt: skip
-    if config.data.source == "synthetic" and not orl.cpu_shim and not orl.allow_toy_data:
-        out.append("data.source='synthetic' (the toy KB, the default when the config has no data: section) on a GPU "
-                   "run: give a data: section (e.g. Search-R1's train files) and a retriever, or set "
-                   "openrlhf.allow_toy_data=true if the toy run is intended")  # fmt: skip
+    if config.data.source == "synthetic" and "data.source" not in getattr(config, "_origin", {}):
+        out.append("data.source='synthetic' (the toy KB, the default when the config has no data: section) on an "
+                   "OpenRLHF run: give a data: section (e.g. Search-R1's train files) and a retriever, or write "
+                   "data.source: synthetic if the toy run is intended")  # fmt: skip
     return out
 
 

@@ -47,7 +47,7 @@ def main() -> int:
 
     # the OpenRLHF CPU shim (flash-attn stub, logical GPUs; loaded by its sitecustomize in every process, the
     # caller starts this script with the same environment) plus the Megatron CPU shim switch
-    from openrlhf_search.integrations.openrlhf.plan import cpu_shim_env
+    from openrlhf_search.integrations.openrlhf.cpu_shim import cpu_shim_env
 
     env = {**cpu_shim_env(), "OPENRLHF_SEARCH_MEGATRON_CPU_SHIM": "1", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], os.path.dirname(os.path.abspath(__file__))])

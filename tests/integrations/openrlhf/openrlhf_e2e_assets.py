@@ -132,7 +132,7 @@ def run_openrlhf_e2e(assets: Assets, workdir: Path, algorithm: str, steps: int, 
         vllm_enable_sleep=False, vllm_enforce_eager=True, colocate_all=False, zero_stage=2, param_dtype="bf16",
         attn_implementation="eager", gradient_checkpointing=False, packing_samples=False,
         micro_train_batch_size=minibatch, micro_rollout_batch_size=4, max_prompt_tokens=400,
-        retrieval_port=port, cpu_shim=True, python=sys.executable,
+        retrieval_port=port, python=sys.executable,
     )  # fmt: skip
     if layout:
         orl = dataclasses.replace(orl, **layout)
@@ -170,14 +170,17 @@ def poison_prompts(prompt_file: Path, every: int) -> list[str]:
 def execute_plan(plan, cfg, workdir: Path, timeout: float, extra_env: dict | None = None,
                  prepare=None) -> RunResult:  # fmt: skip
     """Materialize ``plan`` (with step dumps in ``workdir/dump``), call ``prepare()`` (if given; its return value is
-    kept as ``RunResult.prepared``), start its retrieval server, run OpenRLHF's command with the log in
-    ``workdir/openrlhf.log``, stop the server; return the parsed :class:`RunResult`."""
+    kept as ``RunResult.prepared``), start its retrieval server, run OpenRLHF's command under the CPU shim (its
+    environment, :func:`~openrlhf_search.integrations.openrlhf.cpu_shim.cpu_shim_env`, added here: the switch
+    belongs to the test layer, not to the config) with the log in ``workdir/openrlhf.log``, stop the server; return
+    the parsed :class:`RunResult`."""
+    from openrlhf_search.integrations.openrlhf.cpu_shim import cpu_shim_env
     from openrlhf_search.integrations.openrlhf.run import materialize, wait_for_health
 
     plan.patch_config.dump_dir = str(workdir / "dump")
     materialize(plan, cfg)
     prepared = prepare() if prepare is not None else None
-    env = {**os.environ, **plan.env, "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_DEDUP_LOGS": "0",
+    env = {**os.environ, **plan.env, **cpu_shim_env(), "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_DEDUP_LOGS": "0",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            **(extra_env or {})}  # fmt: skip
     log_path = workdir / "openrlhf.log"

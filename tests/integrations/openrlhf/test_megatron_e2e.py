@@ -72,15 +72,15 @@ def run_megatron_e2e(assets, workdir: Path, steps: int, lr: float, port: int, ti
         vllm_enable_sleep=False, vllm_enforce_eager=True, colocate_all=False, zero_stage=2, param_dtype="bf16",
         attn_implementation="eager", gradient_checkpointing=False, packing_samples=False,
         micro_train_batch_size=4, micro_rollout_batch_size=4, max_prompt_tokens=400,
-        retrieval_port=port, cpu_shim=True, python=sys.executable,
+        retrieval_port=port, python=sys.executable,
     )  # fmt: skip
-    backend = {
-        "backend": "megatron",
+    megatron = {
+        "strategy": "megatron",
         # fp32 on CPU; weight_sync_bucket_mb small so the ~0.7 MB of bf16 weights travel in several buckets
         "megatron": {"parallel": {"tensor_model_parallel_size": TP}, "precision": "fp32",
                      "weight_sync_bucket_mb": 0.25},  # fmt: skip
     }
-    plan = build_plan(cfg, orl, backend)
+    plan = build_plan(cfg, orl, megatron)
     return execute_plan(plan, cfg, workdir, timeout, extra_env={"PYTHONWARNINGS": "ignore"}), plan
 
 

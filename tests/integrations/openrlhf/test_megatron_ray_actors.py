@@ -33,7 +33,7 @@ def test_megatron_ray_actors_driven_by_openrlhf_actor_groups(tmp_path):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from openrlhf_search.integrations.openrlhf.plan import cpu_shim_env
+    from openrlhf_search.integrations.openrlhf.cpu_shim import cpu_shim_env
 
     torch.manual_seed(0)
     cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -42,7 +42,7 @@ def test_version_is_pinned():
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("cluster", [{}, {"actor_num_nodes": 2, "zero_stage": 3, "vllm_tensor_parallel_size": 2,
-                                          "colocate_all": False, "cpu_shim": True, "vllm_sync_backend": "gloo",
+                                          "colocate_all": False, "vllm_sync_backend": "gloo",
                                           "shared_dir": "/shared/run", "retrieval_host": "10.0.0.1"},
                                      {"colocate_all": False, "async_train": True, "async_queue_size": 2,
                                       "partial_rollout": True, "actor_num_gpus_per_node": 4,

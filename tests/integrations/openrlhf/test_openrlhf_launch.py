@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 
 from openrlhf_search.cli import main as cli_main
+from openrlhf_search.config import ConfigError
 from openrlhf_search.env.config import EnvConfig
+from openrlhf_search.integrations.openrlhf import cpu_shim
 from openrlhf_search.integrations.openrlhf.config import (
     AGENT_CONFIG_ENV,
     PATCH_CONFIG_ENV,
@@ -21,7 +24,8 @@ from openrlhf_search.integrations.openrlhf.config import (
     from_json_file,
     to_json_file,
 )
-from openrlhf_search.integrations.openrlhf.flags import AGENT_FILE, SITECUSTOMIZE_DIR, WANDB_KEY_FROM_ENV
+from openrlhf_search.integrations.openrlhf.cpu_shim import SITECUSTOMIZE_DIR, cpu_shim_env
+from openrlhf_search.integrations.openrlhf.flags import AGENT_FILE, WANDB_KEY_FROM_ENV
 from openrlhf_search.integrations.openrlhf.plan import build_plan
 from openrlhf_search.integrations.openrlhf.run import run_openrlhf, write_prompt_dataset
 from openrlhf_search.trainer.config import load_config
@@ -176,7 +180,7 @@ def test_cluster_section_is_applied():
 
 
 def test_every_flag_is_dotted_and_never_sync_with_ray():
-    plan = build_plan(make_config("algorithm.name=dspo+calibadv"), OpenRLHFConfig(cpu_shim=True))
+    plan = build_plan(make_config("algorithm.name=dspo+calibadv"))
     flags = [a for a in plan.command if a.startswith("--")]
     assert all("." in f for f in flags), [f for f in flags if "." not in f]
     assert "--vllm.sync_with_ray" not in flags
@@ -194,13 +198,33 @@ def test_retrieval_server_started_or_reused():
     assert url_spec.server_command is None and url_spec.retrieval_url == "http://host:8000"
 
 
-def test_cpu_shim_environment(tmp_path):
-    plan = build_plan(make_config(), OpenRLHFConfig(cpu_shim=True))
-    assert plan.env["OPENRLHF_SEARCH_CPU_SHIM"] == "1"
-    assert plan.env["DS_ACCELERATOR"] == "cpu"
-    assert plan.env["PYTHONPATH"].split(":")[0] == str(SITECUSTOMIZE_DIR)
+def test_cpu_shim_environment_comes_from_the_shim_layer(tmp_path, monkeypatch):
+    env = cpu_shim_env("/base")
+    assert env["OPENRLHF_SEARCH_CPU_SHIM"] == "1" and env["OPENRLHF_SEARCH_MEGATRON_CPU_SHIM"] == "1"
+    assert env["DS_ACCELERATOR"] == "cpu"
+    assert env["PYTHONPATH"].split(":") == [str(SITECUSTOMIZE_DIR), "/base"]
     assert (SITECUSTOMIZE_DIR / "sitecustomize.py").is_file()
-    assert "OPENRLHF_SEARCH_CPU_SHIM" not in build_plan(make_config()).env
+    # the product's plan never switches it on, whatever the config says (a GPU run cannot fall into the simulation)
+    split = {"colocate_all": False, "actor_num_gpus_per_node": 4, "ref_num_gpus_per_node": 4, "vllm_num_engines": 4}
+    for plan in (build_plan(make_config()), build_plan(make_config(), split, {"strategy": "megatron"})):
+        assert not {"OPENRLHF_SEARCH_CPU_SHIM", "OPENRLHF_SEARCH_MEGATRON_CPU_SHIM", "DS_ACCELERATOR"} & set(plan.env)
+    # the shim's entry point: the product command line with the shim's environment for everything it starts
+    seen = {}
+    monkeypatch.setattr(cpu_shim, "cli_main", lambda argv: seen.update(argv=argv, env=dict(os.environ)) or 0)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # main() updates it
+    assert cpu_shim.main(["train", "--backend", "openrlhf", "--dry-run"]) == 0
+    assert seen["argv"][:2] == ["train", "--backend"] and seen["env"]["OPENRLHF_SEARCH_CPU_SHIM"] == "1"
+
+
+def test_old_shim_keys_of_the_config_are_refused_with_their_replacement(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("openrlhf:\n  cpu_shim: true\n  allow_toy_data: true\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    text = str(err.value)
+    assert f"{path}:2: unknown key 'openrlhf.cpu_shim'" in text
+    assert "python -m openrlhf_search.integrations.openrlhf.cpu_shim train" in text
+    assert f"{path}:3: unknown key 'openrlhf.allow_toy_data'" in text and "data: {source: synthetic}" in text
 
 
 @pytest.mark.parametrize(
@@ -320,7 +344,7 @@ def test_multi_node_needs_a_shared_dir_and_a_reachable_retriever():
 def test_toy_data_and_megatron_hub_ids_are_refused_at_launch(tmp_path, capsys):
     assert run_openrlhf(make_config(), dry_run=True) == 2  # synthetic KB, no data: section
     assert "data.source='synthetic'" in capsys.readouterr().err
-    assert run_openrlhf(make_config(), dry_run=True, openrlhf={"allow_toy_data": True}) == 0
+    assert run_openrlhf(make_config("data.source=synthetic"), dry_run=True) == 0  # asked for: the toy run is intended
     capsys.readouterr()
     megatron = {"strategy": "megatron", "megatron": {"micro_batch_size": 1}}
     hub = load_config(None, ["model.path=Qwen/Qwen2.5-14B-Instruct", "retriever.spec=/i", *REAL_DATA])
