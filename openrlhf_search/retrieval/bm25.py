@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -217,7 +218,7 @@ class BM25Index(IndexDirectory):
             if reader is not None:
                 manifest.set_corpus(reader.path)
                 manifest.skipped = reader.skipped
-            tokenizer.save_vocab(str(directory / "tokenizer"))
+            save_tokenizer_vocab(tokenizer, directory / "tokenizer")
             tokenizer.save_stopwords(str(directory / "tokenizer"))
             manifest.save(directory)
             tokenizer = None  # the vocabulary is the largest object here: never hold two copies (load reads one)
@@ -248,7 +249,7 @@ class BM25Index(IndexDirectory):
 
     def _write(self, directory: Path) -> None:
         self.model.save(str(directory / "bm25"), show_progress=False)
-        self.tokenizer.save_vocab(str(directory / "tokenizer"))
+        save_tokenizer_vocab(self.tokenizer, directory / "tokenizer")
         self.tokenizer.save_stopwords(str(directory / "tokenizer"))
         self.manifest.save(directory)
 
@@ -263,8 +264,22 @@ class BM25Index(IndexDirectory):
             raise ManifestError(f"{directory}: manifest method is {manifest.method!r}, not 'bm25'")
         fields = {f.name for f in dataclasses.fields(BM25Config)}
         config = BM25Config(**{k: v for k, v in manifest.params.items() if k in fields})
+        # An index built here has ONE vocabulary: bm25s' ``vocab.index.json`` is the tokenizer's term -> id map (plus
+        # the empty token). It is read once and shared by the model and the tokenizer, whose word -> stem / word ->
+        # id maps are caches it refills from queries. Loading bm25s' and the tokenizer's files as they are would
+        # hold four maps of the whole vocabulary and a set of its ids (several GB at wiki-18's ~20M types).
+        # Imported bm25s folders keep the full load (their two files need not agree).
+        lean = "imported_from" not in manifest.params
         model = bm25s.BM25.load(str(directory / "bm25"), mmap=mmap, backend=resolve_backend(backend),
-                                show_progress=False, load_corpus=False)
+                                show_progress=False, load_corpus=False, load_vocab=not lean)
+        if lean:
+            from bm25s.utils import json_functions
+
+            vocab = json_functions.loads((directory / "bm25" / "vocab.index.json").read_bytes())
+            model.vocab_dict = vocab
+            # ids are 0..n-1 in every index built here; a range answers ``id in ...`` as the set of ids did
+            model.unique_token_ids_set = (range(len(vocab)) if not vocab or max(vocab.values()) == len(vocab) - 1
+                                          else set(vocab.values()))
         if mmap:
             # bm25s maps the arrays read-only (mmap_mode="r"); numba's kernels run ~10-30x slower on read-only
             # arrays (measured here on 100k passages: 3-11 ms vs 0.3 ms per single-query call). A copy-on-write
@@ -274,7 +289,13 @@ class BM25Index(IndexDirectory):
                 if isinstance(model.scores.get(key), np.ndarray) and (directory / "bm25" / name).is_file():
                     model.scores[key] = np.load(directory / "bm25" / name, mmap_mode="c").view(np.ndarray)
         tokenizer = make_tokenizer(config)
-        tokenizer.load_vocab(str(directory / "tokenizer"))
+        if lean:
+            if config.stemmer is None:
+                tokenizer.word_to_id = vocab
+            else:
+                tokenizer.stem_to_sid = vocab
+        else:
+            tokenizer.load_vocab(str(directory / "tokenizer"))
         docs = DocStore(directory / "docs")
         if len(docs) != manifest.count or model.scores["num_docs"] != manifest.count:
             raise ManifestError(f"{directory}: manifest says {manifest.count} passages, the store has {len(docs)} and "
@@ -371,8 +392,6 @@ def import_bm25s_index(folder: str | os.PathLike, corpus: str | os.PathLike, out
     naming both, when the folder's ``num_docs`` differs from the corpus' row count, or when it is not an English
     bm25s index (FlashRAG's Chinese one uses stop words this package does not ship).
     """
-    import json
-
     from tqdm.auto import tqdm
 
     folder = Path(folder).resolve()
@@ -418,6 +437,27 @@ def import_bm25s_index(folder: str | os.PathLike, corpus: str | os.PathLike, out
     return BM25Index.load(directory)
 
 
+def write_json_object(fh, items: Iterable[tuple[str, object]], slice_size: int = 100_000) -> None:
+    """Write ``dict(items)`` as one JSON object (as ``json.dumps(..., ensure_ascii=False)``) a slice at a time, so a
+    vocabulary of tens of millions of terms is never held a second time as one string."""
+    fh.write("{")
+    items, sep = iter(items), ""
+    while batch := dict(itertools.islice(items, slice_size)):
+        fh.write(sep + json.dumps(batch, ensure_ascii=False)[1:-1])
+        sep = ", "
+    fh.write("}")
+
+
+def save_tokenizer_vocab(tokenizer, directory: Path) -> None:
+    """bm25s' ``Tokenizer.save_vocab`` (same file, same three maps), written a slice at a time."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "vocab.tokenizer.json", "w", encoding="utf-8") as fh:
+        for i, name in enumerate(("word_to_stem", "stem_to_sid", "word_to_id")):
+            fh.write(("{" if i == 0 else ", ") + json.dumps(name) + ": ")
+            write_json_object(fh, getattr(tokenizer, name).items())
+        fh.write("}")
+
+
 STREAMING_METHODS = ("lucene",)
 """Scoring variants the bounded-memory builder (:func:`build_scores_streaming`) computes; the others (bm25s'
 ``robertson``, ``atire``, ``bm25l``, ``bm25+``) are built in memory by bm25s itself."""
@@ -461,12 +501,10 @@ def build_scores_streaming(token_chunks: Iterable[list[list[int]]], vocab_dict, 
        then stored as float32, as bm25s does), stably sorted by term and appended to the output arrays.
 
     ``vocab_dict`` is the tokenizer's vocabulary, or a callable returning it once ``token_chunks`` is consumed.
-    Held in memory: the tokenizer's vocabulary (it grows while ``token_chunks`` is consumed), 8 bytes
+    Held in memory: the tokenizer's vocabulary (it grows while ``token_chunks`` is consumed; never copied), 8 bytes
     per document, 16 bytes per term, one chunk and one bucket. Temporary disk: about 20 bytes per (document,
     distinct term) pair, in ``tmp_dir``. Returns the number of documents.
     """
-    import json
-
     import bm25s
 
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -546,10 +584,10 @@ def build_scores_streaming(token_chunks: Iterable[list[list[int]]], vocab_dict, 
                 data_fh.write(scores[order].astype(np.float32).tobytes())
                 indices_fh.write(docs[order].astype(np.int32).tobytes())
         np.save(out_dir / "indptr.csc.index.npy", indptr.astype(np.int64))  # bm25s' numpy CSC builder: int64
-        vocab = dict(vocab_dict)
-        if "" not in vocab:  # as bm25s' index(create_empty_token=True)
-            vocab[""] = max(vocab.values()) + 1
-        (out_dir / "vocab.index.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        # as bm25s' index(create_empty_token=True): the empty token gets the next id
+        empty = [] if "" in vocab_dict else [("", max(vocab_dict.values()) + 1)]
+        with open(out_dir / "vocab.index.json", "w", encoding="utf-8") as fh:
+            write_json_object(fh, itertools.chain(vocab_dict.items(), empty))
         params = dict(k1=k1, b=b, delta=0.5, method=config.method, idf_method=config.method, dtype="float32",
                       int_dtype="int32", num_docs=n_docs, version=bm25s.__version__, backend="numpy")
         (out_dir / "params.index.json").write_text(json.dumps(params, indent=4), encoding="utf-8")

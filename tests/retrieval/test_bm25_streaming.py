@@ -61,3 +61,53 @@ def test_index_built_in_bounded_memory_answers_as_before(tmp_path):
 
     hits = BM25Retriever(index).search(["capital of France", "w3 w7"], 3)
     assert all(len(h) == 3 for h in hits)
+
+
+@pytest.mark.parametrize("stemmer", ["english", None])
+def test_one_shared_vocabulary_tokenizes_as_bm25s_full_files(tmp_path, stemmer):
+    """An index built here loads ONE vocabulary map (shared by the model and the tokenizer) instead of bm25s' four;
+    its query token ids, its model's known ids and its answers equal those of the full bm25s files, and the
+    tokenizer file written a slice at a time is the one bm25s' ``save_vocab`` writes."""
+    from openrlhf_search.retrieval.bm25 import BM25Retriever
+    from openrlhf_search.retrieval.types import Document
+
+    texts = _corpus(600) + ["running runners ran quickly", "Café naïve 東京 straße"]
+    config = BM25Config(stemmer=stemmer)
+    index = BM25Index.build([Document(str(i), t) for i, t in enumerate(texts)], tmp_path / "idx", config=config)
+    reference_tok = make_tokenizer(config)
+    reference_tok.load_vocab(str(tmp_path / "idx" / "tokenizer"))
+    written = make_tokenizer(config)
+    written.tokenize(texts, update_vocab=True, return_as="ids", show_progress=False)
+    written.save_vocab(str(tmp_path / "bm25s-tokenizer"))
+    assert json.loads((tmp_path / "idx" / "tokenizer" / "vocab.tokenizer.json").read_text(encoding="utf-8")) == \
+        json.loads((tmp_path / "bm25s-tokenizer" / "vocab.tokenizer.json").read_text(encoding="utf-8"))
+    reference = bm25s.BM25.load(str(tmp_path / "idx" / "bm25"), mmap=False)
+    lean = index.tokenizer.get_vocab_dict()
+    assert lean is index.model.vocab_dict and lean == reference.vocab_dict  # one map, the full one's content
+    assert set(index.model.unique_token_ids_set) == reference.unique_token_ids_set
+    queries = [*texts[:40], "runs", "running Seine", "unknownword capital", "東京", "naive cafe STRASSE"]
+    lean_ids = index.tokenizer.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
+    full_ids = reference_tok.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
+    assert lean_ids == full_ids
+    reloaded = BM25Index.load(tmp_path / "idx")  # twice: the first queries filled the word caches of the first
+    hits = BM25Retriever(index).search(queries, 5)
+    assert hits == BM25Retriever(reloaded).search(queries, 5)
+    retriever = BM25Retriever(reloaded)
+    live = [q for q in retriever.tokenize(queries) if q]
+    assert len(live) >= 40
+    docs, scores = retriever._retrieve(live, 5)
+    ref = reference.retrieve(live, k=5, show_progress=False, return_as="tuple")
+    np.testing.assert_array_equal(scores, ref.scores)
+    np.testing.assert_array_equal(np.where(scores > 0, docs, -1), np.where(ref.scores > 0, ref.documents, -1))
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 9])
+def test_json_object_written_a_slice_at_a_time_is_json_dumps(tmp_path, n):
+    import io
+
+    from openrlhf_search.retrieval.bm25 import write_json_object
+
+    d = {f"t\u00e9rm{i}\"\\": i for i in range(n)}
+    buf = io.StringIO()
+    write_json_object(buf, d.items(), slice_size=3)
+    assert json.loads(buf.getvalue()) == d and buf.getvalue() == json.dumps(d, ensure_ascii=False)
