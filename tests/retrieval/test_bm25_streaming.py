@@ -65,30 +65,32 @@ def test_index_built_in_bounded_memory_answers_as_before(tmp_path):
 
 @pytest.mark.parametrize("stemmer", ["english", None])
 def test_one_shared_vocabulary_tokenizes_as_bm25s_full_files(tmp_path, stemmer):
-    """An index built here loads ONE vocabulary map (shared by the model and the tokenizer) instead of bm25s' four;
-    its query token ids, its model's known ids and its answers equal those of the full bm25s files, and the
-    tokenizer file written a slice at a time is the one bm25s' ``save_vocab`` writes."""
+    """Memory at wiki-18's vocabulary size: the build empties the tokenizer's word caches after every chunk (tiny
+    chunks here) and a load reads ONE vocabulary map, shared by the model and the tokenizer, instead of bm25s' four.
+    Query token ids, the model's known ids, the score arrays and the answers equal those of bm25s' own tokenizer
+    (complete caches) and its in-memory index; the tokenizer file loads in bm25s and tokenizes as that tokenizer."""
     from openrlhf_search.retrieval.bm25 import BM25Retriever
     from openrlhf_search.retrieval.types import Document
 
-    texts = _corpus(600) + ["running runners ran quickly", "Café naïve 東京 straße"]
-    config = BM25Config(stemmer=stemmer)
+    texts = _corpus(600) + ["running runners ran quickly", "Café naïve 東京 straße", ""]
+    config = BM25Config(stemmer=stemmer, chunk_size=37)
     index = BM25Index.build([Document(str(i), t) for i, t in enumerate(texts)], tmp_path / "idx", config=config)
-    reference_tok = make_tokenizer(config)
-    reference_tok.load_vocab(str(tmp_path / "idx" / "tokenizer"))
-    written = make_tokenizer(config)
-    written.tokenize(texts, update_vocab=True, return_as="ids", show_progress=False)
-    written.save_vocab(str(tmp_path / "bm25s-tokenizer"))
-    assert json.loads((tmp_path / "idx" / "tokenizer" / "vocab.tokenizer.json").read_text(encoding="utf-8")) == \
-        json.loads((tmp_path / "bm25s-tokenizer" / "vocab.tokenizer.json").read_text(encoding="utf-8"))
-    reference = bm25s.BM25.load(str(tmp_path / "idx" / "bm25"), mmap=False)
+    bm25s_tok = make_tokenizer(config)  # bm25s alone: one pass, caches kept
+    reference = bm25s.BM25(k1=config.k1, b=config.b, method="lucene")
+    reference.index((bm25s_tok.tokenize(texts, update_vocab=True, return_as="ids", show_progress=False),
+                     bm25s_tok.get_vocab_dict()), show_progress=False)
+    for key in ("data", "indices", "indptr"):
+        np.testing.assert_array_equal(np.asarray(index.model.scores[key]), reference.scores[key], err_msg=key)
+    from_file = make_tokenizer(config)  # our tokenizer file, read by bm25s
+    from_file.load_vocab(str(tmp_path / "idx" / "tokenizer"))
+    assert from_file.get_vocab_dict() == bm25s_tok.get_vocab_dict()
     lean = index.tokenizer.get_vocab_dict()
     assert lean is index.model.vocab_dict and lean == reference.vocab_dict  # one map, the full one's content
     assert set(index.model.unique_token_ids_set) == reference.unique_token_ids_set
     queries = [*texts[:40], "runs", "running Seine", "unknownword capital", "東京", "naive cafe STRASSE"]
     lean_ids = index.tokenizer.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
-    full_ids = reference_tok.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
-    assert lean_ids == full_ids
+    assert lean_ids == bm25s_tok.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
+    assert lean_ids == from_file.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
     reloaded = BM25Index.load(tmp_path / "idx")  # twice: the first queries filled the word caches of the first
     hits = BM25Retriever(index).search(queries, 5)
     assert hits == BM25Retriever(reloaded).search(queries, 5)
