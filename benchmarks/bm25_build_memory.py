@@ -27,16 +27,31 @@ TOKENS_PER_PASSAGE = TITLE_WORDS + BODY_WORDS
 WIKI18_PASSAGES = 21_015_324
 
 
-def pseudo_word(i: int) -> str:
-    """Type ``i`` as a distinct stem-invariant word of 4-14 characters (mean 9, as a rare Wikipedia token)."""
-    digits = []
-    while True:
-        i, r = divmod(i, len(ALPHABET))
-        digits.append(ALPHABET[r])
-        if i == 0:
-            break
-    body = "".join(reversed(digits))
-    return "q" + body.rjust(3 + (len(digits) * 7919 + ord(body[-1])) % 11, "0")  # no body starts with 0: distinct
+WORD_BYTES = 15  # "q", at most 13 base-30 digits, a space
+
+
+def pseudo_words(start: int, stop: int, block: int = 1 << 20) -> np.ndarray:
+    """Types ``start..stop-1`` as distinct stem-invariant words of 4-14 characters (mean about 9, as a rare
+    Wikipedia token), each followed by a space, as fixed-width bytes (``S15``, NUL-padded): ``q`` + the number in
+    base 30 (digits and consonants), left-padded with ``0`` to a width that varies with the number (no number's own
+    digits start with ``0``: all distinct). Built a block at a time (small temporaries)."""
+    base, width = len(ALPHABET), WORD_BYTES - 2
+    alphabet = np.frombuffer(ALPHABET.encode(), dtype=np.uint8)
+    out = np.zeros((stop - start, WORD_BYTES), dtype=np.uint8)
+    pos = np.arange(width, dtype=np.int8)[None, :]  # character position after "q"
+    for lo in range(start, stop, block):
+        ids = np.arange(lo, min(lo + block, stop), dtype=np.int64)
+        digits = np.stack([(ids // base**j) % base for j in range(width)], axis=1).astype(np.uint8)  # low first
+        n_digits = np.where(ids == 0, 1, width - (digits[:, ::-1] != 0).argmax(axis=1)).astype(np.int8)
+        w = np.maximum(n_digits, 3 + (n_digits.astype(np.int64) * 7919 + alphabet[digits[:, 0]]) % 11).astype(np.int8)
+        place = w[:, None] - 1 - pos  # digit place shown at each position (negative: past the end)
+        shown = np.where(place < n_digits[:, None],
+                         alphabet[np.take_along_axis(digits, place.clip(0, width - 1).astype(np.intp), 1)], ord("0"))
+        rows = out[lo - start : lo - start + len(ids)]
+        rows[:, 0] = ord("q")
+        rows[:, 1 : width + 1] = np.where(pos < w[:, None], shown, 0)
+        rows[np.arange(len(ids)), w.astype(np.intp) + 1] = ord(" ")
+    return out.view(f"S{WORD_BYTES}").ravel()
 
 
 def heaps(tokens, k: float, beta: float):
@@ -57,11 +72,10 @@ def write_corpus(path: Path, passages: int, k: float, beta: float, zipf: float =
 
     rng = np.random.default_rng(seed)
     n_types = int(heaps(passages * TOKENS_PER_PASSAGE, k, beta))
-    words = np.array([w + " " for w in STOPWORDS_EN] + [pseudo_word(i) + " "
-                                                         for i in range(max(0, n_types - len(STOPWORDS_EN)))],
-                     dtype=object)
+    words = np.concatenate([np.array([w.encode() + b" " for w in STOPWORDS_EN], dtype=f"S{WORD_BYTES}"),
+                            pseudo_words(0, max(0, n_types - len(STOPWORDS_EN)))])
     cum = np.cumsum(1.0 / np.arange(1, n_types + 1, dtype=np.float64) ** zipf)
-    with open(path, "w", encoding="utf-8") as fh:
+    with open(path, "wb") as fh:
         for start in range(0, passages, chunk):
             n = min(chunk, passages - start)
             tokens = n * TOKENS_PER_PASSAGE
@@ -73,12 +87,12 @@ def write_corpus(path: Path, passages: int, k: float, beta: float, zipf: float =
                 ids[rng.choice(tokens, size=v1 - v0, replace=False)] = rng.permutation(np.arange(v0, v1))
             # one row per line: '{"id": "i", "contents": "\\"t1 t2\\"\\n', 100 body words, '"}\n'; joined in one call
             rows = np.empty((n, BODY_WORDS + 2), dtype=object)
-            titles = words[ids[:TITLE_WORDS * n].reshape(n, TITLE_WORDS)]
-            rows[:, 0] = [f'{{"id": "{start + i}", "contents": "\\"{"".join(t).strip()}\\"\\n' for i, t in
-                          enumerate(titles)]
-            rows[:, 1:BODY_WORDS + 1] = words[ids[TITLE_WORDS * n:].reshape(n, BODY_WORDS)]
-            rows[:, BODY_WORDS + 1] = '"}\n'
-            fh.write("".join(rows.ravel().tolist()))
+            titles = words[ids[:TITLE_WORDS * n]].reshape(n, TITLE_WORDS).tolist()
+            rows[:, 0] = [b'{"id": "%d", "contents": "\\"%s\\"\\n' % (start + i, b"".join(t).strip())
+                          for i, t in enumerate(titles)]
+            rows[:, 1:BODY_WORDS + 1] = words[ids[TITLE_WORDS * n:]].reshape(n, BODY_WORDS).astype(object)
+            rows[:, BODY_WORDS + 1] = b'"}\n'
+            fh.write(b"".join(rows.ravel().tolist()))
     return n_types
 
 
@@ -98,6 +112,42 @@ def sample_child(pid: int, corpus_bytes: int) -> str:
             f"cpu_s={cpu:.0f} read={min(rchar / corpus_bytes, 9.99):.2f}")
 
 
+def measure_passage_term(passages: int, work: Path, chunk: int = 20_000) -> dict:
+    """The memory that grows with the number of passages, measured at ``passages`` in this process: the passage
+    store's offset arrays (what ``DocStoreWriter`` holds) and the builder's per-passage arrays, with one one-word
+    passage per row, so that neither the vocabulary nor the (passage, term) pairs grow."""
+    import resource
+
+    from openrlhf_search.retrieval.bm25 import BM25Config, build_scores_streaming
+    from openrlhf_search.retrieval.docstore import DocStoreWriter
+    from openrlhf_search.retrieval.types import Document
+
+    def rss_gb() -> float:
+        return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024**2
+
+    import bm25s  # noqa: F401  (imported before the baseline: only the per-passage memory is measured)
+
+    base = rss_gb()
+    start, cpu = time.perf_counter(), time.process_time()
+    out = work / f"passage-term-{passages}"
+    with DocStoreWriter(out / "docs") as writer:
+        def chunks():
+            one = [[0]] * chunk
+            for first in range(0, passages, chunk):
+                n = min(chunk, passages - first)
+                for i in range(first, first + n):
+                    writer.add(Document(str(i), "w"))
+                yield one[:n]
+
+        build_scores_streaming(chunks(), {"w": 0}, BM25Config(), out / "bm25", out / "bm25.tmp")
+        before_close = rss_gb()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return {"passages": passages, "baseline_rss_gb": round(base, 3), "peak_rss_gb": round(peak, 3),
+            "rss_before_close_gb": round(before_close, 3),
+            "bytes_per_passage": round((peak - base) * 1024**3 / passages, 1),
+            "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passages", type=int, required=True)
@@ -109,7 +159,14 @@ def main() -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--sample-s", type=float, default=30.0, help="seconds between memory-curve lines")
     parser.add_argument("--extra", default="", help="extra flags for `index` (e.g. '--bm25-method robertson')")
+    parser.add_argument("--write-corpus-only", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--passage-term", action="store_true",
+                        help="measure only the memory that grows with --passages (one-word passages, no corpus)")
     args = parser.parse_args()
+    if args.passage_term:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        print(json.dumps(measure_passage_term(args.passages, Path(args.workdir))), flush=True)
+        return 0
     if args.types is not None:
         k = args.types / (args.passages * TOKENS_PER_PASSAGE) ** args.beta
     else:
@@ -118,12 +175,17 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     tag = f"{args.passages}-b{args.beta:g}-k{k:.4g}"
     corpus = work / f"synthetic-{tag}.jsonl"
-    if not corpus.exists():
+    if args.write_corpus_only:
+        n_types = write_corpus(Path(args.write_corpus_only), args.passages, k, args.beta)
+        print(f"{n_types:,} word types", flush=True)
+        return 0
+    if not corpus.exists():  # written by a child process, so that this one stays small while the index is built
         start = time.perf_counter()
-        n_types = write_corpus(corpus.with_suffix(".partial"), args.passages, k, args.beta)
-        corpus.with_suffix(".partial").rename(corpus)
-        print(f"wrote {corpus} ({corpus.stat().st_size / 1e9:.2f} GB, {n_types:,} word types) in "
-              f"{time.perf_counter() - start:.0f} s", flush=True)
+        partial = corpus.with_suffix(".partial")
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--write-corpus-only", str(partial)], check=True)
+        partial.rename(corpus)
+        print(f"wrote {corpus} ({corpus.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s",
+              flush=True)
     out = work / f"index-{tag}"
     cmd = [sys.executable, "-m", "openrlhf_search", "index", "--corpus", str(corpus), "--out", str(out),
            "--method", "bm25", "--force", "--quiet", *args.extra.split()]
