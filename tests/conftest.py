@@ -4,6 +4,7 @@
 import os
 
 import pytest
+from skip_report import fail_on_skips, skipped_reports, source_marks_openrlhf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -30,23 +31,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def _source_marks_openrlhf(session, nodeid: str) -> bool:
-    path = session.config.rootpath / nodeid.split("::")[0]
-    return path.is_file() and "mark.openrlhf" in path.read_text(errors="replace")
-
-
 def unexpected_skips(session) -> list[str]:
     """Skipped tests (and modules skipped at import) whose reason is neither a missing GPU nor the OpenRLHF layer."""
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    out = []
-    for rep in getattr(reporter, "stats", {}).get("skipped", []):
-        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
-        if GPU_SKIP_REASON in reason:
-            continue
-        if "openrlhf" in getattr(rep, "keywords", {}) or _source_marks_openrlhf(session, rep.nodeid):
-            continue
-        out.append(f"{rep.nodeid}: {reason}")
-    return out
+    return [f"{rep.nodeid}: {reason}" for rep, reason in skipped_reports(session)
+            if GPU_SKIP_REASON not in reason and "openrlhf" not in getattr(rep, "keywords", {})
+            and not source_marks_openrlhf(session, rep.nodeid)]
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -54,14 +43,5 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get(NO_SKIP_ENV) != "1" or exitstatus not in (0, pytest.ExitCode.OK):
         return
     skipped = unexpected_skips(session)
-    if not skipped:
-        return
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    lines = [f"{NO_SKIP_ENV}=1: {len(skipped)} test(s) skipped for something a package registry provides "
-             "(scripts/test_all.sh installs every piece):"] + [f"  {s}" for s in skipped]  # fmt: skip
-    for line in lines:
-        if reporter is not None:
-            reporter.write_line(line, red=True)
-        else:  # pragma: no cover
-            print(line)
-    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    fail_on_skips(session, f"{NO_SKIP_ENV}=1: {len(skipped)} test(s) skipped for something a package registry "
+                  "provides (scripts/test_all.sh installs every piece):", skipped)

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .corpus import CorpusReader, read_corpus
-from .docstore import DocStore, DocStoreWriter, spill_documents
+from .docstore import DocStore, DocStoreWriter, spill_documents, store_documents
 from .inprocess import IndexDirectory, InProcessRetriever
 from .manifest import Manifest, ManifestError
 from .types import Document
@@ -393,8 +393,6 @@ def import_bm25s_index(folder: str | os.PathLike, corpus: str | os.PathLike, out
     naming both, when the folder's ``num_docs`` differs from the corpus' row count, or when it is not an English
     bm25s index (FlashRAG's Chinese one uses stop words this package does not ship).
     """
-    from tqdm.auto import tqdm
-
     folder = Path(folder).resolve()
     if (folder / "bm25" / "params.index.json").is_file():  # FlashRAG's save_dir: the index is in save_dir/bm25
         folder = folder / "bm25"
@@ -417,20 +415,16 @@ def import_bm25s_index(folder: str | os.PathLike, corpus: str | os.PathLike, out
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     reader = read_corpus(corpus, on_error=on_error)
-    with DocStoreWriter(directory / "docs") as writer, tqdm(desc="import: passages", unit="passage",
-                                                            disable=not show_progress) as bar:
-        for doc in reader:
-            writer.add(doc)
-            bar.update(1)
-    if len(writer) != params.get("num_docs"):
+    n = store_documents(reader, directory / "docs", show_progress=show_progress)
+    if n != params.get("num_docs"):
         raise ValueError(f"--import-bm25s {folder} indexes {params.get('num_docs')} documents but --corpus {corpus} "
-                         f"has {len(writer)} rows; row i must be document i: pass the corpus it was built from")
+                         f"has {n} rows; row i must be document i: pass the corpus it was built from")
     for name in ("bm25", "tokenizer"):
         link = directory / name
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(folder, target_is_directory=True)
-    manifest = Manifest(method="bm25", count=len(writer), params={**dataclasses.asdict(config),
+    manifest = Manifest(method="bm25", count=n, params={**dataclasses.asdict(config),
                                                                   "imported_from": str(folder)})
     manifest.set_corpus(reader.path)
     manifest.skipped = reader.skipped

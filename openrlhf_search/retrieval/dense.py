@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .corpus import read_corpus
-from .docstore import DocStore, DocStoreWriter
+from .docstore import DocStore, DocStoreWriter, store_documents
 from .inprocess import IndexDirectory, InProcessRetriever
 from .manifest import Manifest, ManifestError
 from .types import Document
@@ -444,8 +444,6 @@ def import_faiss_index(faiss_path: str | os.PathLike, corpus: str | os.PathLike,
         on_error: corpus bad-row policy (a skipped row shifts every later row: the count check then fails).
         show_progress: progress bar over the corpus.
     """
-    from tqdm.auto import tqdm
-
     config = config or DenseConfig(pooling="mean")
     faiss_path = Path(faiss_path).resolve()
     if not faiss_path.is_file():
@@ -462,12 +460,7 @@ def import_faiss_index(faiss_path: str | os.PathLike, corpus: str | os.PathLike,
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     reader = read_corpus(corpus, on_error=on_error)
-    with DocStoreWriter(directory / "docs") as writer, tqdm(desc="import: passages", unit="passage",
-                                                            disable=not show_progress) as bar:
-        for doc in reader:
-            writer.add(doc)
-            bar.update(1)
-    n = len(writer)
+    n = store_documents(reader, directory / "docs", show_progress=show_progress)
     if n != faiss_index.ntotal:
         skipped = f" ({reader.skipped} bad rows skipped)" if reader.skipped else ""
         raise ValueError(f"--import-faiss {faiss_path} holds {faiss_index.ntotal} vectors but --corpus {corpus} has "

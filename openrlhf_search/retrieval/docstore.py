@@ -66,6 +66,18 @@ class DocStoreWriter:
         self.close()
 
 
+def store_documents(docs: Iterable[Document], directory: str | os.PathLike, *, show_progress: bool = False,
+                    desc: str = "import: passages") -> int:
+    """Copy documents into a new store at ``directory`` (a tqdm bar when ``show_progress``); returns their count."""
+    from tqdm.auto import tqdm
+
+    with DocStoreWriter(directory) as writer, tqdm(desc=desc, unit="passage", disable=not show_progress) as bar:
+        for doc in docs:
+            writer.add(doc)
+            bar.update(1)
+    return len(writer)
+
+
 def spill_documents(docs: Iterable[Document], writer: DocStoreWriter) -> Iterator[str]:
     """Pass-through generator: store every document and yield its contents (for a tokenizer/encoder)."""
     for doc in docs:

@@ -552,35 +552,30 @@ def create_app(retriever: Retriever, cfg: ServerConfig | None = None, info: dict
         return Response(body, status_code=status, media_type="application/json",
                         headers={k.decode(): v.decode() for k, v in headers if k.lower() != b"content-type"})
 
+    async def lookup_rows(request: Request, method: str, field: str, what: str, shape):
+        """One whole-row lookup endpoint: the strings in ``field`` -> ``lookup.<method>(strings)`` in a thread ->
+        ``shape(result)``; 501 when the retriever has no such lookup, 500 naming what failed."""
+        getter = getattr(lookup, method, None)
+        if getter is None:
+            return error(501, f"this retriever ({type(lookup).__name__}) cannot return whole {what}s")
+        values = await read_json(request, field)
+        if not isinstance(values, list):
+            return values
+        try:
+            return shape(await asyncio.to_thread(getter, values))
+        except Exception as exc:
+            return error(500, f"{what} lookup failed: {type(exc).__name__}: {exc}")
+
     @app.post("/documents")
     async def whole_documents(request: Request):
         """Whole documents by id or title (the ``open`` tool): ``{"keys": [...]}`` -> ``{"documents": [...]}``."""
-        getter = getattr(lookup, "get_documents", None)
-        if getter is None:
-            return error(501, f"this retriever ({type(lookup).__name__}) cannot return whole documents")
-        keys = await read_json(request, "keys")
-        if not isinstance(keys, list):
-            return keys
-        try:
-            docs = await asyncio.to_thread(getter, keys)
-        except Exception as exc:
-            return error(500, f"document lookup failed: {type(exc).__name__}: {exc}")
-        return {"documents": [None if d is None else d.to_json() for d in docs]}
+        return await lookup_rows(request, "get_documents", "keys", "document",
+                                 lambda docs: {"documents": [None if d is None else d.to_json() for d in docs]})
 
     @app.post("/access")
     async def access_pages(request: Request):
         """Whole pages by URL (ASearcher's browsing tool): ``{"urls": [...]}`` -> ``{"result": [page | null]}``."""
-        getter = getattr(lookup, "get_pages", None)
-        if getter is None:
-            return error(501, f"this retriever ({type(lookup).__name__}) cannot return pages")
-        urls = await read_json(request, "urls")
-        if not isinstance(urls, list):
-            return urls
-        try:
-            pages = await asyncio.to_thread(getter, urls)
-        except Exception as exc:
-            return error(500, f"page lookup failed: {type(exc).__name__}: {exc}")
-        return {"result": pages}
+        return await lookup_rows(request, "get_pages", "urls", "page", lambda pages: {"result": pages})
 
     @app.get("/health")
     async def health():

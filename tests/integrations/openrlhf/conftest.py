@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+from skip_report import fail_on_skips, skipped_reports, source_marks_openrlhf
 
 if importlib.util.find_spec("openrlhf") is not None:
     os.environ.setdefault("OPENRLHF_SEARCH_STRICT_DEVICES", "1")
@@ -41,13 +42,10 @@ OPTIN_STRICT_ENV = "OPENRLHF_SEARCH_OPTIN_STRICT"
 def _skipped_optin(session) -> list[str]:
     """Opt-in tests (marked ``openrlhf``, wherever they live) that were skipped, and test modules whose source marks
     tests ``openrlhf`` but which skipped themselves at import (e.g. ``pytest.importorskip("megatron.core")``)."""
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     out = []
-    for rep in getattr(reporter, "stats", {}).get("skipped", []):
-        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+    for rep, reason in skipped_reports(session):
         if isinstance(rep, pytest.CollectReport):
-            path = session.config.rootpath / rep.nodeid.split("::")[0]
-            if path.is_file() and "mark.openrlhf" in path.read_text(errors="replace"):
+            if source_marks_openrlhf(session, rep.nodeid):
                 out.append(f"{rep.nodeid} (module skipped: {reason})")
         elif "openrlhf" in rep.keywords:
             out.append(f"{rep.nodeid} ({reason})")
@@ -60,14 +58,5 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get(OPTIN_STRICT_ENV) != "1":
         return
     skipped = _skipped_optin(session)
-    if not skipped:
-        return
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    lines = [f"{OPTIN_STRICT_ENV}=1: {len(skipped)} opt-in test(s) skipped -- the opt-in environment is incomplete "
-             "(scripts/setup_openrlhf_env.sh installs every piece):"] + [f"  {s}" for s in skipped]  # fmt: skip
-    for line in lines:
-        if reporter is not None:
-            reporter.write_line(line, red=True)
-        else:
-            print(line)
-    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    fail_on_skips(session, f"{OPTIN_STRICT_ENV}=1: {len(skipped)} opt-in test(s) skipped -- the opt-in environment is "
+                  "incomplete (scripts/setup_openrlhf_env.sh installs every piece):", skipped)
