@@ -1,12 +1,20 @@
 """Peak memory and time of ``openrlhf-search index --method bm25`` on a synthetic corpus shaped like wiki-18.
 
 wiki-18 (Search-R1's corpus) is 21M passages of 100 words each (DPR's split of Wikipedia) with a title line. This
-writes N passages of a 100-word body (plus a 2-word title) drawn from a Zipf distribution over a vocabulary of
-``--vocab`` pseudo-words (Wikipedia-like: a few very frequent words, a long tail of rare ones), then runs the index
-command in a child process and reports its peak resident memory (``ru_maxrss`` of the child) and wall time.
+writes N passages of a 100-word body plus a 2-word title. Word frequencies follow a Zipf law (exponent 1.07, the
+most frequent types being bm25s' English stop words) and the vocabulary grows by Heaps' law, ``V(n) = k * n**beta``
+types after ``n`` running words: by default ``beta = 0.6`` with ``k`` chosen so that wiki-18's 2.1 billion words
+give 20M types (``--wiki18-types``), i.e. 3.2M types at 1M passages and 7.4M at 4M. Pseudo-words have no vowel, so
+the English stemmer keeps them apart (types after tokenization = types written, less the stop words). The index
+command runs in a child process; a line every ``--sample-s`` seconds gives its resident memory, its peak so far,
+its CPU time and the bytes it has read relative to the corpus size (the memory curve), and the last line its peak
+resident memory (``ru_maxrss``), times, and the index's types and (passage, term) pairs.
 
     python benchmarks/bm25_build_memory.py --passages 1000000 --workdir /tmp/bm25mem
-    nice -n 19 python benchmarks/bm25_build_memory.py --passages 4000000 --workdir /tmp/bm25mem
+    nice -n 10 python benchmarks/bm25_build_memory.py --passages 4000000 --workdir /tmp/bm25mem
+    # one memory term at a time, at wiki-18's scale:
+    python benchmarks/bm25_build_memory.py --passages 300000 --types 20e6 --beta 1 --workdir /tmp/bm25mem  # 20M types
+    python benchmarks/bm25_build_memory.py --passages 21015324 --passage-term --workdir /tmp/bm25mem  # 21M passages
 """
 
 from __future__ import annotations
