@@ -28,14 +28,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 TORCH_COMMANDS = ("train", "eval", "quickstart")
-"""Commands whose modules import torch: OpenMP threads must sleep in barriers instead of spinning (on a shared
-2-core machine spinning made updates ~10x and generation ~4x slower); libgomp reads the setting when torch loads."""
+"""Commands whose modules import torch; :func:`_torch_environment` runs before they load."""
+
+
+def _torch_environment() -> None:
+    """Process settings of the commands that run torch (a user's own setting wins).
+
+    * ``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads sleep in barriers instead of spinning (on a shared 2-core machine
+      spinning made updates ~10x and generation ~4x slower); libgomp reads it when torch loads.
+    * ``MKL_CBWR=AUTO,STRICT``: MKL's matrix products give the same bits wherever their operands lie in memory.
+      Without it a CPU product can differ in the last bit with the operands' alignment, i.e. with the allocation
+      history of the process, so a resumed run's rollout log-probs drifted from the uninterrupted run's, and two
+      threads allocating concurrently (the asynchronous producer) made runs irreproducible. MKL reads it at its
+      first call.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
 def _load(name: str):
     module_path = COMMANDS[name][0]
     if name in TORCH_COMMANDS:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        _torch_environment()
     try:
         return importlib.import_module(module_path)
     except ModuleNotFoundError as exc:  # a missing optional dependency of that command
@@ -64,15 +78,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-TORCH_COMMANDS = ("train", "eval", "quickstart")
-"""Commands that run torch: OpenMP threads sleep instead of spinning in barriers (spinning threads slow the update
-down on a loaded machine, docs/trainer.md); set before their modules import torch."""
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if next((a for a in argv if not a.startswith("-")), None) in TORCH_COMMANDS:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        _torch_environment()
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:

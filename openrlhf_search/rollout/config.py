@@ -38,11 +38,16 @@ class RolloutConfig:
     a concurrent producer never exceeds (docs/async.md)."""
     async_producer: bool = False
     """Generate in a background thread while the learner updates (asynchronous RL, bounded by ``max_staleness``); the
-    engine samples from its own copy of the weights. Not bit-reproducible; ``--resume`` loses and repeats no
-    question. HF and vLLM engines."""
+    engine samples from its own copy of the weights. Bit-reproducible on CPU with the HF engine, and ``--resume``
+    continues exactly (the checkpoint holds the producer's open groups). HF and vLLM engines."""
     partial_rollouts: bool = True
-    """With ``async_producer``: new weights reach the engine at the next turn boundary and trajectories in flight
-    continue under them (every token keeps the version that sampled it); false: an update waits until nothing is in
-    flight."""
+    """With ``async_producer``: new weights reach the engine at its switch point (``weight_sync_turns``) and
+    trajectories in flight continue under them (every token keeps the version that sampled it); false: from the
+    switch point the engine admits nothing and takes the weights once nothing is in flight."""
+    weight_sync_turns: int = 4
+    """With ``async_producer``: the engine takes the weights of an update this many turns after it formed the
+    update's batch (the switch point; it waits there if the update is still running), or earlier when it has nothing
+    left to run. Counted in turns, not time, so an asynchronous run is bit-reproducible and ``--resume`` continues it
+    exactly. Smaller: fresher tokens, less overlap of generation with the update (0: none)."""
     eval_temperature: float = 0.0
     """Temperature of held-out evaluation (0 = greedy)."""

@@ -538,7 +538,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
         print(f"[openrlhf-search] resumed from {resume_dir} at step {start_step}")
     score = functools.partial(score_trajectories, reward_fn=reward_fn, tokenizer=tokenizer)
     source = build_source(cfg, policy, engine, env, tokenizer, retriever, stream, score, preset, sample_params,
-                          timer, start_step)
+                          timer, start_step, (resume_state or {}).get("producer"))
 
     logger = MetricsLogger(out, cfg.logging.tensorboard, cfg.logging.wandb_project,
                            resume_step=start_step if resume_dir is not None else None, run_config=config_to_dict(cfg))
@@ -663,13 +663,14 @@ def check_staleness(cfg: TrainConfig, resuming: bool) -> None:
 
 
 def build_source(cfg: TrainConfig, policy, engine, env, tokenizer, retriever, stream, score, preset, params, timer,
-                 start_version: int) -> BatchSource:
+                 start_version: int, producer_state: bytes | None = None) -> BatchSource:
     """The configured :class:`~openrlhf_search.trainer.sources.BatchSource`: the asynchronous producer
     (``rollout.async_producer``), a stale queue (``rollout.max_staleness > 0``) or the synchronous loop.
 
     The asynchronous producer samples from its own copy of the weights (``shadow``) and owns ``engine`` until it is
     closed, so mid-run evaluation (``logging.eval_every``) samples from the learner's policy through its own HF
-    engine and environment (greedy by default, so the figures do not depend on the engine).
+    engine and environment (greedy by default, so the figures do not depend on the engine). ``producer_state``: the
+    resume checkpoint's exact producer state (its open groups); the other sources serve its requeued questions.
     """
     ro = cfg.rollout
     if ro.async_producer:
@@ -677,8 +678,13 @@ def build_source(cfg: TrainConfig, policy, engine, env, tokenizer, retriever, st
         producer = AsyncProducer(
             engine, shadow, build_env(cfg, tokenizer, retriever), stream, score, batch_size=ro.prompts_per_step,
             group_size=ro.group_size, params=params, max_staleness=ro.max_staleness,
-            partial_rollouts=ro.partial_rollouts, dynamic_filtering=preset.dynamic_filter,
-            max_filter_rounds=ro.max_filter_rounds, start_version=start_version, timer=timer)
+            partial_rollouts=ro.partial_rollouts, weight_sync_turns=ro.weight_sync_turns,
+            dynamic_filtering=preset.dynamic_filter, max_filter_rounds=ro.max_filter_rounds,
+            start_version=start_version, timer=timer, state=producer_state)
+        if producer.restore_note:
+            print(f"[openrlhf-search] the checkpoint's rollout producer state is not used ({producer.restore_note}): "
+                  "its open groups' questions are sampled again (nothing lost or repeated, but not the exact "
+                  "continuation)")
         return AsyncSource(producer, engine, HFEngine(policy, tokenizer, seed=cfg.seed + 1),
                            build_env(cfg, tokenizer, retriever))
     shape = dict(prompts_per_step=ro.prompts_per_step, group_size=ro.group_size, params=params,

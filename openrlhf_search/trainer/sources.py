@@ -13,7 +13,8 @@ updates the policy on it and tells the source what happened; it never asks which
 * :class:`StaleQueueSource` (``rollout.max_staleness = k > 0``, synchronous): batches are sampled ahead and queued,
   so the batch trained on was sampled ``k`` versions ago (the off-policy setting ``+tis``/``+mis`` correct for).
 * :class:`AsyncSource` (``rollout.async_producer``): a background thread
-  (:class:`~openrlhf_search.rollout.producer.AsyncProducer`) keeps the engine busy while the learner updates.
+  (:class:`~openrlhf_search.rollout.producer.AsyncProducer`) keeps the engine busy while the learner updates; its
+  schedule depends on the producer's own progress only, so it is bit-reproducible and its snapshot is exact.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from openrlhf_search.rollout.base import SamplingParams
-from openrlhf_search.rollout.producer import AsyncProducer
+from openrlhf_search.rollout.producer import AsyncProducer, ProducerError
 from openrlhf_search.rollout.runner import PhaseTimer, RolloutBatch, collect_groups
 from openrlhf_search.trainer.checkpoint import capture_rng_state
 
@@ -146,7 +147,7 @@ class AsyncSource(BatchSource):
 
     @property
     def version(self) -> int:
-        return self.producer.bound.learner_version
+        return self.producer.version
 
     def next_batch(self) -> tuple[RolloutBatch, dict[str, float]]:
         batch, _ = self.producer.next_batch()  # its metrics are the batch's own
@@ -154,11 +155,20 @@ class AsyncSource(BatchSource):
 
     def after_update(self, policy) -> None:
         # the version advances even when the update was skipped: the staleness bound counts batches, not updates
-        self.producer.publish(policy)  # the engine takes the weights at its next turn boundary
+        self.producer.publish(policy)  # the engine takes the weights at its switch point
 
     def snapshot(self) -> dict:
-        # the producer's open groups' questions are requeued, so a resumed run loses and repeats none
-        return {"data": self.producer.data_state(), "rng": self.producer.engine_rng_state(capture_rng_state)}
+        """The producer's exact state at the learner's version (``producer``: its open groups, partial trajectories,
+        counters and stream position; the engine's sampler in ``rng``). If the producer failed before reaching that
+        version, the stream with its open groups' questions requeued: a resume loses and repeats no question."""
+        rng = capture_rng_state()
+        try:
+            snap = self.producer.checkpoint_state()
+        except ProducerError:
+            return {"data": self.producer.data_state(), "rng": rng}
+        if snap["sampler"] is not None:
+            rng["sampler"] = snap["sampler"]
+        return {"data": snap["data"], "rng": rng, "producer": snap["producer"]}
 
     def step_metrics(self, batch_metrics: dict[str, float], step_seconds: float) -> dict[str, float]:
         idle = batch_metrics.get("async/learner_idle_s", 0.0)

@@ -160,6 +160,7 @@ def validate_config(cfg: TrainConfig, backend: str | None = None, check_files: b
     p.check("rollout.eval_temperature", _finite(ro.eval_temperature) and ro.eval_temperature >= 0,
             "must be >= 0 (0 = greedy)")
     p.check("rollout.max_filter_rounds", ro.max_filter_rounds >= 1, "must be >= 1")
+    p.check("rollout.weight_sync_turns", ro.weight_sync_turns >= 0, "must be >= 0")
 
     # ---- top level
     p.check("steps", cfg.steps >= 1, "must be >= 1")

@@ -8,6 +8,7 @@ weights really sampled it, and the producer's version tag must agree with it.
 from __future__ import annotations
 
 import copy
+import pickle
 import random
 import time
 import zlib
@@ -59,30 +60,50 @@ def _setup(tmp_path):
 
 
 def _score_mixed(trajs):
-    return [float(t.meta["rollout_index"] % 2) for t in trajs], [{} for _ in trajs]
+    """0, 1, 0 within a group (the producer resets a group as G copies of its question: sample_index 0..G-1)."""
+    return [float(t.meta["sample_index"] % 2) for t in trajs], [{} for _ in trajs]
 
 
-def _run(tmp_path, eta, partial, versions=6, score=_score_mixed, dynamic=False, delay=0.002, batch=2):
+def _run(tmp_path, eta, partial, versions=6, score=_score_mixed, dynamic=False, delay=0.002, batch=2, sync_turns=4,
+         timing_seed=0, start=0, state=None, checkpoint_at=None):
+    """``versions`` learner updates (the "update" sleeps a random time: thread timing varies with ``timing_seed``);
+    ``start``/``state``: resume from a checkpoint state; ``checkpoint_at``: also return the state at that version."""
     train, tok, make_env = _setup(tmp_path)
     policy = torch.nn.Linear(1, 1, bias=False)
-    policy.weight.data.fill_(0.0)
-    engine = WeightReadingEngine(tok, delay=delay)
+    policy.weight.data.fill_(float(start))
+    engine = WeightReadingEngine(tok, delay=delay, seed=timing_seed)
     stream = QuestionStream(train, seed=0)
+    if state is not None:
+        stream.load_state_dict(state["data"])
     producer = AsyncProducer(engine, copy.deepcopy(policy), make_env(), stream, score, batch_size=batch,
                              group_size=3, params=SamplingParams(max_new_tokens=20), max_staleness=eta,
-                             partial_rollouts=partial, dynamic_filtering=dynamic, max_filter_rounds=2,
-                             stall_timeout=60)
-    batches = []
+                             partial_rollouts=partial, weight_sync_turns=sync_turns, dynamic_filtering=dynamic,
+                             max_filter_rounds=2, start_version=start, stall_timeout=60,
+                             state=state["producer"] if state is not None else None)
+    assert producer.restore_note is None
+    batches, saved, learner_sleep = [], None, random.Random(timing_seed + 100)
     try:
-        for v in range(versions):
+        for v in range(start, start + versions):
+            if v == checkpoint_at:
+                saved = producer.checkpoint_state()
             batch, metrics = producer.next_batch()
             batches.append((v, batch, metrics))
-            time.sleep(0.01)  # the "update"
+            time.sleep(0.02 * learner_sleep.random())  # the "update"
             policy.weight.data.fill_(float(v + 1))
             producer.publish(policy)
     finally:
         producer.close()
+    if checkpoint_at is not None:
+        return batches, stream, producer, train, saved
     return batches, stream, producer, train
+
+
+def _content(batches) -> list:
+    """Everything a batch hands the learner, timings aside."""
+    return [(v, b.samples_used, b.group_ids, b.rewards, [(t.meta["question"], t.response_ids, t.logprobs,
+             t.token_versions) for t in b.trajectories],
+             {k: x for k, x in m.items() if not k.startswith("async/") or k == "async/groups_finished"})
+            for v, b, m in batches]
 
 
 @pytest.mark.parametrize("eta", [0, 1, 2])
@@ -105,8 +126,8 @@ def test_async_producer_strict_staleness_bound_and_token_versions_match_the_weig
 
 def test_partial_rollouts_continue_under_new_weights_and_a_drain_never_mixes_versions(tmp_path):
     mixed = []
-    for partial in (True, False):
-        batches, _, _, _ = _run(tmp_path / str(partial), eta=1, partial=partial, versions=8, delay=0.004)
+    for partial in (True, False):  # one turn of overlap: the update lands in the middle of 2- and 3-turn groups
+        batches, _, _, _ = _run(tmp_path / str(partial), eta=1, partial=partial, versions=8, sync_turns=1)
         spans = [len({tv for tv in t.token_versions if tv >= 0}) for _, b, _ in batches for t in b.trajectories]
         mixed.append(sum(s > 1 for s in spans))
         if not partial:
@@ -117,7 +138,7 @@ def test_partial_rollouts_continue_under_new_weights_and_a_drain_never_mixes_ver
 def test_dynamic_filtering_drops_groups_releases_their_slots_and_caps_a_partial_batch(tmp_path):
     def score_half_uniform(trajs):  # questions with an even crc get one reward for the whole group: filtered out
         flat = zlib.crc32(trajs[0].meta["question"].encode()) % 2 == 0
-        return [1.0 if flat else float(t.meta["rollout_index"] % 2) for t in trajs], [{} for _ in trajs]
+        return [1.0 if flat else float(t.meta["sample_index"] % 2) for t in trajs], [{} for _ in trajs]
 
     batches, _, producer, _ = _run(tmp_path / "a", eta=1, partial=True, score=score_half_uniform, dynamic=True)
     assert any(m["filter/keep_ratio"] < 1.0 for _, _, m in batches)
@@ -132,6 +153,34 @@ def test_dynamic_filtering_drops_groups_releases_their_slots_and_caps_a_partial_
     batches, _, _, _ = _run(tmp_path / "b", eta=1, partial=True, score=score_uniform, dynamic=True, versions=3)
     for _, batch, m in batches:  # nothing ever passes: empty batches at the cap instead of a hang
         assert batch.trajectories == [] and m["filter/partial"] == 1.0 and m["filter/keep_ratio"] == 0.0
+
+
+@pytest.mark.parametrize("eta,partial,sync_turns", [(1, True, 1), (2, True, 0), (2, False, 1)])
+def test_the_schedule_does_not_depend_on_thread_timing(tmp_path, eta, partial, sync_turns):
+    """The switch points are counted in turns: runs whose engine and learner take different times are identical."""
+    runs = [_content(_run(tmp_path / str(seed), eta, partial, versions=6, sync_turns=sync_turns, delay=0.003,
+                          timing_seed=seed)[0]) for seed in (1, 2)]
+    assert runs[0] == runs[1]
+    assert any(tv >= 0 for b in runs[0] for row in b[4] for tv in row[3])
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_producer_restored_from_its_checkpoint_state_continues_exactly(tmp_path, dynamic):
+    """The checkpoint state at version 2 holds the running groups (partial trajectories and their version tags), the
+    finished ones, the groups the filter dropped since the last batch, the bound and the stream position: a producer
+    restored from it produces exactly what the uninterrupted one produced from version 2 on."""
+    def score(trajs):  # some groups of one reward (dropped by the filter), the others mixed
+        flat = zlib.crc32(trajs[0].meta["question"].encode()) % 3 == 0
+        return [1.0 if flat else float(t.meta["sample_index"] % 2) for t in trajs], [{} for _ in trajs]
+
+    kw = dict(eta=2, partial=True, score=score, dynamic=dynamic, sync_turns=1)
+    full, _, _, _, saved = _run(tmp_path / "a", versions=7, checkpoint_at=2, timing_seed=1, **kw)
+    state = pickle.loads(saved["producer"])
+    assert saved["version"] == 2 and state["running"] and state["done"]  # groups in flight and finished were saved
+    assert state["dropped"] if dynamic else True
+    resumed, _, _, _ = _run(tmp_path / "b", versions=5, start=2, state=saved, timing_seed=2, **kw)
+    assert _content(resumed) == _content(full[2:])
+    assert sum(len(b.trajectories) for _, b, _ in resumed) > 0
 
 
 def test_checkpoint_state_requeues_every_unconsumed_group(tmp_path):
