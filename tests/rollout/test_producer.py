@@ -65,9 +65,10 @@ def _score_mixed(trajs):
 
 
 def _run(tmp_path, eta, partial, versions=6, score=_score_mixed, dynamic=False, delay=0.002, batch=2, sync_turns=4,
-         timing_seed=0, start=0, state=None, checkpoint_at=None):
-    """``versions`` learner updates (the "update" sleeps a random time: thread timing varies with ``timing_seed``);
-    ``start``/``state``: resume from a checkpoint state; ``checkpoint_at``: also return the state at that version."""
+         timing_seed=0, update_s=0.02, start=0, state=None, checkpoint_at=None):
+    """``versions`` learner updates (the "update" sleeps up to ``update_s``, the engine ``delay`` to ``2 delay`` per
+    turn, drawn with ``timing_seed``); ``start``/``state``: resume from a checkpoint state; ``checkpoint_at``: also
+    return the state at that version."""
     train, tok, make_env = _setup(tmp_path)
     policy = torch.nn.Linear(1, 1, bias=False)
     policy.weight.data.fill_(float(start))
@@ -88,7 +89,7 @@ def _run(tmp_path, eta, partial, versions=6, score=_score_mixed, dynamic=False, 
                 saved = producer.checkpoint_state()
             batch, metrics = producer.next_batch()
             batches.append((v, batch, metrics))
-            time.sleep(0.02 * learner_sleep.random())  # the "update"
+            time.sleep(update_s * learner_sleep.random())  # the "update"
             policy.weight.data.fill_(float(v + 1))
             producer.publish(policy)
     finally:
@@ -155,11 +156,13 @@ def test_dynamic_filtering_drops_groups_releases_their_slots_and_caps_a_partial_
         assert batch.trajectories == [] and m["filter/partial"] == 1.0 and m["filter/keep_ratio"] == 0.0
 
 
-@pytest.mark.parametrize("eta,partial,sync_turns", [(1, True, 1), (2, True, 0), (2, False, 1)])
+@pytest.mark.parametrize("eta,partial,sync_turns", [(1, True, 1), (2, True, 2), (2, False, 1), (2, True, 0)])
 def test_the_schedule_does_not_depend_on_thread_timing(tmp_path, eta, partial, sync_turns):
-    """The switch points are counted in turns: runs whose engine and learner take different times are identical."""
-    runs = [_content(_run(tmp_path / str(seed), eta, partial, versions=6, sync_turns=sync_turns, delay=0.003,
-                          timing_seed=seed)[0]) for seed in (1, 2)]
+    """The switch points are counted in turns: a run whose learner is faster than the engine and one whose engine is
+    faster than the learner are identical."""
+    runs = [_content(_run(tmp_path / str(seed), eta, partial, versions=6, sync_turns=sync_turns, delay=delay,
+                          update_s=update_s, timing_seed=seed)[0])
+            for seed, delay, update_s in ((1, 0.006, 0.0), (2, 0.0005, 0.03))]
     assert runs[0] == runs[1]
     assert any(tv >= 0 for b in runs[0] for row in b[4] for tv in row[3])
 
