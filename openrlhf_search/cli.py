@@ -38,9 +38,9 @@ def _torch_environment() -> None:
       spinning made updates ~10x and generation ~4x slower); libgomp reads it when torch loads.
     * ``MKL_CBWR=AUTO,STRICT``: MKL's matrix products give the same bits wherever their operands lie in memory.
       Without it a CPU product can differ in the last bit with the operands' alignment, i.e. with the allocation
-      history of the process, so a resumed run's rollout log-probs drifted from the uninterrupted run's, and two
-      threads allocating concurrently (the asynchronous producer) made runs irreproducible. MKL reads it at its
-      first call.
+      history of the process: a resumed run's rollout log-probs drifted from the uninterrupted run's, and with two
+      threads allocating concurrently (the asynchronous producer) the addresses, hence the bits, depend on timing.
+      MKL reads it at its first call.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
