@@ -186,6 +186,30 @@ def test_a_producer_restored_from_its_checkpoint_state_continues_exactly(tmp_pat
     assert sum(len(b.trajectories) for _, b, _ in resumed) > 0
 
 
+def test_a_state_taken_with_another_rollout_config_is_not_used_and_says_why(tmp_path):
+    _, _, _, train, saved = _run(tmp_path / "a", eta=1, partial=True, versions=3, checkpoint_at=2, sync_turns=1)
+    _, tok, make_env = _setup(tmp_path / "b")
+    stream = QuestionStream(train, seed=0)
+    stream.load_state_dict(saved["data"])  # what the trainer loads first: the open groups' questions requeued
+    policy = torch.nn.Linear(1, 1, bias=False)
+    producer = AsyncProducer(WeightReadingEngine(tok), policy, make_env(), stream, _score_mixed, batch_size=2,
+                             group_size=3, params=SamplingParams(max_new_tokens=20), max_staleness=1,
+                             weight_sync_turns=2, max_filter_rounds=2, start_version=2, state=saved["producer"])
+    try:
+        assert producer.restore_note == "taken with another rollout config: weight_sync_turns 1 -> 2"
+        state = pickle.loads(saved["producer"])
+        open_groups = sorted(state["running"] + state["done"], key=lambda g: g.key)
+        assert open_groups and saved["data"]["requeue"] == [g.stream_index for g in open_groups]
+        used = []
+        for _ in range(2):  # the requeued questions are served first: sampled again, not lost
+            batch, _ = producer.next_batch()
+            used += batch.samples_used
+            producer.publish(None)
+        assert {train[i].id for i in saved["data"]["requeue"]} <= set(used)
+    finally:
+        producer.close()
+
+
 def test_checkpoint_state_requeues_every_unconsumed_group(tmp_path):
     batches, stream, producer, train = _run(tmp_path, eta=2, partial=True, versions=4)
     state = producer.data_state()
