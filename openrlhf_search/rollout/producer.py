@@ -333,14 +333,14 @@ class AsyncProducer:
         self._progress_t = time.perf_counter()
 
     def _finish_groups(self) -> None:
-        with self._cond:
-            finished = [g for g in self._running if all(t.done for t in g.trajs)]
-            self._running = [g for g in self._running if not all(t.done for t in g.trajs)]
-        for g in finished:  # scoring outside the lock
+        finished = [g for g in self._running if all(t.done for t in g.trajs)]  # (only this thread changes them)
+        for g in finished:  # scoring outside the lock; the groups stay in _running until scored (data_state)
             g.rewards, g.infos = self.score(g.trajs)
             for t, info in zip(g.trajs, g.infos):
                 t.meta["reward_info"] = info
         with self._cond:
+            keys = {g.key for g in finished}
+            self._running = [g for g in self._running if g.key not in keys]
             for g in finished:
                 self._finished_since_take += 1
                 keep = True
