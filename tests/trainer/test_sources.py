@@ -194,3 +194,38 @@ def test_a_retriever_failing_mid_run_saves_the_last_step_and_exits_3(tmp_path, m
     assert "step 2: the retriever failed" in err and "--resume" in err
     _, state = find_resume_checkpoint(tmp_path / "run" / "checkpoints")
     assert state["step"] == 1  # the state after the last complete step, saved before the run stopped
+
+
+def test_async_snapshot_is_exact_until_the_producer_fails_then_requeues_its_open_groups(world):
+    """The exact producer state needs the engine to reach the learner's version; when the producer failed before
+    that (a retriever outage in a turn), the snapshot falls back to the stream with every open group's question
+    requeued: what is saved before the run stops loses and repeats no question."""
+    cfg, train, tok, retriever = world
+
+    class FailingEngine(WeightEngine):
+        def generate(self, prompts, params, row_max_new_tokens=None):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 2:
+                raise ConnectionError("retriever gone")
+            return super().generate(prompts, params, row_max_new_tokens)
+
+    engine, policy, stream = FailingEngine(tok), _policy(), QuestionStream(train, seed=0)
+    producer = AsyncProducer(engine, copy.deepcopy(policy), build_env(cfg, tok, retriever), stream, _score_mixed,
+                             batch_size=2, group_size=2, params=SamplingParams(max_new_tokens=8), max_staleness=1)
+    source = AsyncSource(producer, engine, WeightEngine(tok), "eval-env")
+    consumed = []
+    try:
+        for v in range(2):
+            exact = source.snapshot()
+            assert "producer" in exact and exact["data"] == producer.checkpoint_state()["data"]
+            batch, _ = source.next_batch()
+            consumed += batch.samples_used
+            policy.weight.data.fill_(v + 1.0)
+            source.after_update(policy)
+        fallback = source.snapshot()  # the producer failed in the turn after it formed batch 1
+        assert "producer" not in fallback and "rng" in fallback
+        requeued = [train[i].id for i in fallback["data"]["requeue"]]
+        handed_out = [train[i].id for i, _ in QuestionStream(train, seed=0).take_indexed(stream.position)]
+        assert requeued and sorted(consumed + requeued) == sorted(handed_out)
+    finally:
+        source.close(policy)
