@@ -24,7 +24,10 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+from . import load_retriever
 from .client import resolve_token
+from .manifest import Manifest
+from .server import RetrievalServer, ServerConfig
 
 REPLICAS_ENV = "OPENRLHF_SEARCH_RETRIEVAL_REPLICAS"
 """Environment variable holding the :class:`ReplicaSpec` JSON the launcher hands to the OpenRLHF entrypoint."""
@@ -94,10 +97,6 @@ class ReplicaServer:
     """The body of one replica actor: load and check the index, serve it on this node, report the URL."""
 
     def __init__(self, index: str, host: str = "", loader_kwargs: dict | None = None):
-        from . import load_retriever
-        from .manifest import Manifest
-        from .server import RetrievalServer, ServerConfig
-
         if not host:
             import ray
 
