@@ -37,14 +37,18 @@ from openrlhf_search.integrations.megatron.launch import free_port  # noqa: E402
 
 
 def shared_overrides(assets, steps: int, seed: int, prompts: int, lr: float, algorithm: str) -> list[str]:
-    """The configuration both backends run (the OpenRLHF runner sets the same keys; later overrides win)."""
+    """The configuration both backends run: the local trainer gets these overrides, and the OpenRLHF runner gets them
+    after its own (later overrides win), so no key can differ between the two (a default the runner sets but the
+    local run does not, e.g. the runner's one minibatch against the config's default of two, would make the
+    backends take a different number of optimizer steps per batch)."""
     return [f"model.path={assets.model_dir}", f"retriever.spec={assets.index_dir}", "retriever.topk=2",
             "data.source=synthetic", f"data.seed={assets.kb_seed}", f"data.num_entities={assets.n_entities}",
             "data.num_train=64", f"steps={steps}", f"seed={seed}", f"rollout.prompts_per_step={prompts}",
             f"rollout.group_size={GROUP_SIZE}", "rollout.temperature=1.0", "env.max_turns=3",
             "env.max_tokens_per_turn=40", "env.max_obs_tokens=60", "env.max_response_tokens=240",
-            f"algorithm.name={algorithm}", f"optimizer.lr={lr}", "optimizer.warmup_steps=0",
-            "optimizer.schedule=constant", "logging.tensorboard=false"]  # fmt: skip
+            f"algorithm.name={algorithm}", "algorithm.num_minibatches=1", "algorithm.ppo_epochs=1",
+            f"optimizer.lr={lr}", "optimizer.warmup_steps=0", "optimizer.schedule=constant",
+            "logging.tensorboard=false"]  # fmt: skip
 
 
 def run_local(assets, out: Path, steps: int, seed: int, prompts: int, lr: float, algorithm: str) -> list[float]:
@@ -65,8 +69,9 @@ def run_openrlhf(assets, out: Path, steps: int, seed: int, prompts: int, lr: flo
     """One OpenRLHF run (``train_ppo_ray`` under the CPU shim); the reward OpenRLHF logs for each global step."""
     work = out / f"openrlhf_seed{seed}"
     work.mkdir(parents=True, exist_ok=True)
+    overrides = tuple(shared_overrides(assets, steps, seed, prompts, lr, algorithm))
     result = run_openrlhf_e2e(assets, work, algorithm, steps=steps, lr=lr, port=free_port(),
-                              prompts_per_step=prompts, overrides=(f"seed={seed}",), timeout=7200)  # fmt: skip
+                              prompts_per_step=prompts, overrides=overrides, timeout=7200)  # fmt: skip
     if result.returncode != 0:
         raise SystemExit(f"OpenRLHF run (seed {seed}) failed:\n{result.log[-3000:]}")
     return [s["reward"] for s in result.steps if "reward" in s]
@@ -95,11 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", nargs="+", default=["local", "openrlhf"], choices=["local", "openrlhf"])
     parser.add_argument("--assets", type=Path, default=ROOT / ".venvs" / "openrlhf-e2e-cache" / "assets")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "backend_learning_parity")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="runs.json files of other invocations (e.g. seeds run in parallel) to add to --out's")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     assets = build_assets(args.assets)
     runs_path = args.out / "runs.json"
     runs = json.loads(runs_path.read_text()) if runs_path.exists() else {}
+    for path in args.merge:
+        runs.update(json.loads(path.read_text()))
+    runs_path.write_text(json.dumps(runs, indent=1))
     runners = {"local": run_local, "openrlhf": run_openrlhf}
     for seed in args.seeds:
         for backend in args.backends:

@@ -85,6 +85,8 @@ class RunResult:
     """What ``execute_plan``'s ``prepare`` callback returned (e.g. the poisoned questions)."""
     plan: Any = None
     """The launch plan (set by :func:`run_openrlhf_e2e`)."""
+    config: Any = None
+    """The training config the plan was built from (set by :func:`run_openrlhf_e2e`)."""
 
 
 def parse_steps(log: str) -> list[dict[str, float]]:
@@ -139,7 +141,7 @@ def run_openrlhf_e2e(assets: Assets, workdir: Path, algorithm: str, steps: int, 
     plan = build_plan(cfg, orl)
     prepare = (lambda: poison_prompts(plan.prompt_file, poison_every)) if poison_every else None
     result = execute_plan(plan, cfg, workdir, timeout, prepare=prepare)
-    result.plan = plan
+    result.plan, result.config = plan, cfg
     return result
 
 
