@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integrations" / "openrlhf"))
 sys.path.insert(0, str(ROOT))
 
-from openrlhf_e2e_assets import GROUP_SIZE, build_assets, run_openrlhf_e2e  # noqa: E402
+from openrlhf_e2e_assets import GROUP_SIZE, build_assets, parse_steps, run_openrlhf_e2e  # noqa: E402
 
 from openrlhf_search.integrations.megatron.launch import free_port  # noqa: E402
 
@@ -102,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "backend_learning_parity")
     parser.add_argument("--merge", type=Path, nargs="*", default=[],
                         help="runs.json files of other invocations (e.g. seeds run in parallel) to add to --out's")
+    parser.add_argument("--partial", type=Path, nargs="*", default=[],
+                        help="OpenRLHF logs of runs stopped early (KEY=LOG, e.g. openrlhf/1=run/openrlhf.log): "
+                             "their completed steps are added as unfinished runs")  # fmt: skip
+    parser.add_argument("--upto", type=int, default=0,
+                        help="compare the first N steps of every run (0: all; with a constant learning rate a run "
+                             "stopped at step N is an N-step run)")  # fmt: skip
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     assets = build_assets(args.assets)
@@ -109,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = json.loads(runs_path.read_text()) if runs_path.exists() else {}
     for path in args.merge:
         runs.update(json.loads(path.read_text()))
+    for item in args.partial:
+        key, _, log = str(item).partition("=")
+        steps = parse_steps(Path(log).read_text(errors="replace"))
+        runs[key] = {"rewards": [s["reward"] for s in steps if "reward" in s], "finished": False,
+                     "seconds": round(sum(s.get("timing/step_total", 0.0) for s in steps), 1),
+                     "config": {"steps": args.steps, "prompts": args.prompts, "lr": args.lr,
+                                "algorithm": args.algorithm}}  # fmt: skip
     runs_path.write_text(json.dumps(runs, indent=1))
     runners = {"local": run_local, "openrlhf": run_openrlhf}
     for seed in args.seeds:
@@ -130,13 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     sems: list[float] = []
     for key, run in sorted(runs.items()):
         backend, seed = key.split("/")
-        r, w = run["rewards"], min(args.window, len(run["rewards"]) // 2)
+        r = run["rewards"][: args.upto] if args.upto else run["rewards"]
+        w = min(args.window, len(r) // 2)
         g = gain(r, args.window)
         gains.setdefault(backend, []).append(g)
         if backend == "local":
             sems.append(window_sem(r, args.window))
-        print(f"| {backend} | {seed} | {len(r)} | {statistics.fmean(r[:w]):.3f} | {statistics.fmean(r[-w:]):.3f} | "
-              f"{g:+.3f} | {run['seconds']:.0f} |")  # fmt: skip
+        note = "" if run.get("finished", True) else " (stopped early)"
+        print(f"| {backend} | {seed} | {len(r)}{note} | {statistics.fmean(r[:w]):.3f} | "
+              f"{statistics.fmean(r[-w:]):.3f} | {g:+.3f} | {run['seconds']:.0f} |")  # fmt: skip
     if {"local", "openrlhf"} <= gains.keys():
         lo = min(gains["local"]) - (max(sems) if sems else 0.0)
         hi = max(gains["local"]) + (max(sems) if sems else 0.0)

