@@ -15,7 +15,9 @@ also with bf16 parameters, and compared with what OpenRLHF did:
 
 So a flag the adapter translates wrongly (learning rate, betas, clipping, warm-up, schedule, the estimator, the
 sampling temperature the trainer rescales by, minibatches) or a different loss normaliser fails here, not after
-hours of training. Opt-in (``-m openrlhf``, ``slow``).
+hours of training. Opt-in (``-m openrlhf``, ``slow``). Passed 2026-12-06 (GRPO): loss 0.05607 on both sides, gradient
+norm 0.3273 / 0.3281, advantages within 1.5e-5, weight-change cosine 0.994, norm ratio 0.991; OpenRLHF's step itself
+took 12 s, the run about 19 minutes on a 2-core machine at load 15-30 (start-up dominated).
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ weights, so the exported change is the update and not rounding noise."""
 TEMPERATURE = 0.7
 """The quickstart's sampling temperature: OpenRLHF's trainer divides its logits by it, as the local trainer does."""
 MIN_COSINE = 0.9
-"""Cosine between OpenRLHF's exported weight change and the local update's. Not yet measured on a passing run."""
+"""Cosine between OpenRLHF's exported weight change and the local update's (measured 0.994 on a passing GRPO run: bf16
+rounding of the exported weights and of both backward passes is all that separates them)."""
 NORM_RATIO = (0.8, 1.25)
 """Bounds of ``||OpenRLHF's change|| / ||local change||`` (a learning rate off by 2x or an extra optimizer step
 fails)."""
 GRAD_RTOL = 0.05
-"""Relative tolerance of the pre-clip gradient norm (bf16 forward and backward on both sides, different kernels)."""
+"""Relative tolerance of the pre-clip gradient norm (bf16 forward and backward on both sides, different kernels;
+measured 0.3273 against 0.3281, 0.25%)."""
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "sapo"])
