@@ -23,19 +23,34 @@ set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "${REPO_ROOT}"
-LAYERS="${TEST_ALL_LAYERS:-extras openrlhf main}"
+LAYERS="${TEST_ALL_LAYERS:-extras openrlhf main openrlhf-e2e}"
 PY="${PYTHON:-python}"
 declare -a TIMES=()
 
 log() { printf '[test_all] %s\n' "$*"; }
 
-run_layer() {  # run_layer NAME CMD...: runs CMD, records its wall time, stops the script on failure
-    local name="$1" start status=0
+# The whole run stops by this deadline (CI kills at 90 minutes; a layer that hangs must fail here first, with its
+# name). Each layer runs under `timeout` with what is left; the pytest layers also time out per test.
+BUDGET_S="${TEST_ALL_BUDGET_S:-5100}"
+DEADLINE=$(($(date +%s) + BUDGET_S))
+
+run_layer() {  # run_layer NAME CMD...: runs CMD within the time left, records its wall time, stops on failure
+    local name="$1" start status=0 left
     shift
     case " ${LAYERS} " in *" ${name} "*) ;; *) log "layer ${name}: not selected"; return 0 ;; esac
-    log "layer ${name}: start"
+    left=$((DEADLINE - $(date +%s)))
+    if [[ ${left} -le 60 ]]; then
+        log "layer ${name}: not started, the ${BUDGET_S} s budget (TEST_ALL_BUDGET_S) is spent"
+        printf '[test_all] %s\n' "${TIMES[@]}"
+        exit 124
+    fi
+    log "layer ${name}: start (at most ${left} s left)"
     start=$(date +%s)
-    "$@" || status=$?
+    # timeout signals its whole process group; the OpenRLHF runs' Ray drivers die with their parent (PDEATHSIG)
+    timeout --kill-after=60 "${left}" bash -c '"$@"' "${name}" "$@" || status=$?
+    if [[ ${status} -eq 124 || ${status} -eq 137 ]]; then
+        log "layer ${name}: killed at the ${BUDGET_S} s budget of the whole run (TEST_ALL_BUDGET_S)"
+    fi
     TIMES+=("${name} $(($(date +%s) - start))s exit=${status}")
     log "layer ${name}: $(($(date +%s) - start)) s, exit ${status}"
     if [[ ${status} -ne 0 ]]; then
@@ -67,14 +82,21 @@ layer_openrlhf() {
     bash scripts/setup_openrlhf_env.sh && bash scripts/test_openrlhf.sh -m "openrlhf and not slow"
 }
 
-layer_openrlhf_e2e() {
-    bash scripts/setup_openrlhf_env.sh && bash scripts/test_openrlhf.sh -m "openrlhf and slow"
+layer_openrlhf_e2e() {  # test_openrlhf.sh sets the environment up first when it is missing or incomplete
+    bash scripts/test_openrlhf.sh -m "openrlhf and slow and not extended" --durations=0
 }
 
+layer_openrlhf_extended() {
+    bash scripts/test_openrlhf.sh -m "openrlhf and extended" --durations=0
+}
+
+export PY
+export -f log layer_extras layer_openrlhf layer_main layer_openrlhf_e2e layer_openrlhf_extended
 run_layer extras layer_extras
 # openrlhf before main: the main suite reads OpenRLHF's sources and vLLM's Qwen3 chat template from .venvs/openrlhf
 run_layer openrlhf layer_openrlhf
 run_layer main layer_main
 run_layer openrlhf-e2e layer_openrlhf_e2e
+run_layer openrlhf-extended layer_openrlhf_extended
 log "all layers passed:"
 printf '[test_all]   %s\n' "${TIMES[@]}"

@@ -8,9 +8,11 @@ random model never writes ``<search>``, so nothing would be retrieved or masked 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+RUN_TIMEOUT_S = float(os.environ.get("OPENRLHF_SEARCH_E2E_RUN_TIMEOUT", "900"))
+"""Wall-clock limit of one OpenRLHF run (``OPENRLHF_SEARCH_E2E_RUN_TIMEOUT`` seconds; the runs take 1.5-4 min on an
+idle 2-core machine and up to 12 min on a heavily shared one): past it the run is killed with Ray and vLLM, and the
+test fails with the log's tail instead of hanging."""
+TEST_TIMEOUT_S = RUN_TIMEOUT_S + 300
+"""pytest-timeout of an end-to-end test's function (``func_only``: the one-time asset build is outside it): the run
+plus the checks, which reload the tiny model per step."""
 STEP_LINE = re.compile(r"Global step (\d+): (\{.*\})")
 NUMBER_ITEM = re.compile(r"'([^']+)': (-?[0-9.]+(?:e[-+]?\d+)?|nan|inf)")
 
@@ -102,7 +111,7 @@ def parse_steps(log: str) -> list[dict[str, float]]:
 def run_openrlhf_e2e(assets: Assets, workdir: Path, algorithm: str, steps: int, lr: float, port: int,
                      prompts_per_step: int = 2, num_minibatches: int = 1, ppo_epochs: int = 1,
                      overrides: tuple[str, ...] = (), poison_every: int = 0, layout: dict | None = None,
-                     timeout: float = 1200.0) -> RunResult:  # fmt: skip
+                     timeout: float = RUN_TIMEOUT_S) -> RunResult:  # fmt: skip
     """Train ``algorithm`` through OpenRLHF's real pipeline under the CPU shim; return logs and dumps.
 
     The prompt dataset has ``steps x prompts_per_step`` rows; with dynamic filtering (DSPO) filtered groups consume
@@ -187,17 +196,48 @@ def execute_plan(plan, cfg, workdir: Path, timeout: float, extra_env: dict | Non
            **(extra_env or {})}  # fmt: skip
     log_path = workdir / "openrlhf.log"
     start = time.monotonic()
-    server = subprocess.Popen(plan.server_command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(plan.server_command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              preexec_fn=_die_with_parent)  # fmt: skip
     try:
         wait_for_health(plan.retrieval_url, proc=server)
         with log_path.open("w") as log:
-            proc = subprocess.run(plan.command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+            returncode = run_process_group(plan.command, env, log, timeout)
     finally:
         server.terminate()
         server.wait(timeout=30)
     text = log_path.read_text(errors="replace")
-    return RunResult(proc.returncode, text, parse_steps(text), workdir / "dump", time.monotonic() - start,
+    if returncode is None:
+        raise AssertionError(f"OpenRLHF's run passed its {timeout:.0f} s limit and was killed (Ray, vLLM and all):\n"
+                             + text[-4000:])
+    return RunResult(returncode, text, parse_steps(text), workdir / "dump", time.monotonic() - start,
                      prepared=prepared)  # fmt: skip
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGKILL when the process that started it dies (Linux ``PR_SET_PDEATHSIG``), so
+    a test run killed from outside (pytest-timeout, CI's limit, ``timeout`` in ``scripts/test_all.sh``) leaves no
+    OpenRLHF driver behind; Ray's own processes share the driver's fate."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def run_process_group(command: list[str], env: dict, log, timeout: float) -> int | None:
+    """Run ``command`` in a session of its own with output to ``log``; past ``timeout`` seconds (or when the caller
+    is interrupted, e.g. by pytest-timeout) kill its whole process group -- the driver and the Ray processes it
+    started (Ray's driver makes itself a process-group leader, so a kill of the caller's group would miss them).
+    Returns the exit status, or ``None`` after a timeout."""
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_die_with_parent)  # fmt: skip
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        if proc.returncode is None:  # timed out or interrupted; not yet reaped, so its group id is still its own
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
 
 
 ENV_TEXT_STARTS = ("<information>", "That was not a valid action", "No searches are left")

