@@ -222,28 +222,49 @@ def _die_with_parent() -> None:
 
 def run_process_group(command: list[str], env: dict, log, timeout: float) -> int | None:
     """Run ``command`` in a session of its own with output to ``log``; when it exits, passes ``timeout`` seconds, or
-    the caller is interrupted (e.g. by pytest-timeout), kill what is left of its process group: the driver and the
-    Ray processes it started (Ray's driver makes itself a process-group leader, so a kill of the caller's group would
-    miss them), and whatever those left behind (a DeepSpeed op build orphaned by a killed actor). Returns the exit
-    status, or ``None`` after a timeout."""
+    the caller is interrupted (e.g. by pytest-timeout), kill every process left in that session: the driver, the Ray
+    processes it started, and what they left behind -- e.g. a DeepSpeed op build (ninja runs each compiler in a process
+    group of its own) orphaned by an actor that died, which would otherwise hold torch's build lock for good. Returns
+    the exit status, or ``None`` after a timeout."""
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=_die_with_parent)  # fmt: skip
     deadline = time.monotonic() + timeout
     timed_out = False
     try:
-        # WNOWAIT: the leader stays unreaped (a zombie once it exits), so its group id cannot be reused before killpg
+        # WNOWAIT: the leader stays unreaped (a zombie once it exits), so its session id cannot be reused meanwhile
         while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             if time.monotonic() > deadline:
                 timed_out = True
                 break
             time.sleep(0.5)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_session(proc.pid)
         proc.wait()
     return None if timed_out else proc.returncode
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (Linux ``/proc``), until none is left."""
+    for _ in range(10):
+        members = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
+            if int(fields[3]) == sid and fields[0] != "Z":
+                members.append(int(entry))
+        if not members:
+            return
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
 
 
 ENV_TEXT_STARTS = ("<information>", "That was not a valid action", "No searches are left")
