@@ -195,7 +195,7 @@ def execute_plan(plan, cfg, workdir: Path, timeout: float, extra_env: dict | Non
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            **(extra_env or {})}  # fmt: skip
     log_path = workdir / "openrlhf.log"
-    start = time.monotonic()
+    start, started_at = time.monotonic(), time.time()
     server = subprocess.Popen(plan.server_command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                               preexec_fn=_die_with_parent)  # fmt: skip
     try:
@@ -205,6 +205,7 @@ def execute_plan(plan, cfg, workdir: Path, timeout: float, extra_env: dict | Non
     finally:
         server.terminate()
         server.wait(timeout=30)
+        remove_build_locks(started_at)
     text = log_path.read_text(errors="replace")
     if returncode is None:
         raise AssertionError(f"OpenRLHF's run passed its {timeout:.0f} s limit and was killed (Ray, vLLM and all):\n"
@@ -230,6 +231,9 @@ def run_process_group(command: list[str], env: dict, log, timeout: float) -> int
                             preexec_fn=_die_with_parent)  # fmt: skip
     deadline = time.monotonic() + timeout
     timed_out = False
+    # SIGTERM (``timeout`` in scripts/test_all.sh, CI cancelling) would end Python without running ``finally``, and
+    # the driver's death alone leaves some of Ray's agents behind: raise instead, so the session is killed below
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         # WNOWAIT: the leader stays unreaped (a zombie once it exits), so its session id cannot be reused meanwhile
         while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
@@ -240,7 +244,27 @@ def run_process_group(command: list[str], env: dict, log, timeout: float) -> int
     finally:
         kill_session(proc.pid)
         proc.wait()
+        signal.signal(signal.SIGTERM, previous)
     return None if timed_out else proc.returncode
+
+
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def remove_build_locks(since: float) -> None:
+    """Remove the torch extension build locks created since ``since`` (epoch seconds) by a run whose processes are all
+    gone: an actor killed while DeepSpeed JIT-compiled an op leaves the lock, and every later run would wait on it
+    forever (torch's ``FileBaton`` has no timeout). The extension cache is ``TORCH_EXTENSIONS_DIR``, which
+    ``scripts/test_openrlhf.sh`` makes per checkout, so no other checkout's build is touched."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    for lock in root.glob("**/lock") if root.is_dir() else ():
+        try:
+            if lock.stat().st_mtime >= since - 1:
+                lock.unlink()
+                print(f"removed the build lock {lock} left by the run's killed processes", file=sys.stderr)
+        except OSError:
+            pass
 
 
 def kill_session(sid: int) -> None:
