@@ -40,6 +40,11 @@ if [[ -d "${ext_dir}" ]]; then
     done < <(find "${ext_dir}" -name lock -mmin +10 2>/dev/null)
 fi
 start=$(date +%s)
+# Build DeepSpeed's CPU ops here, once, outside Ray: inside the first run they would compile in an actor (and an
+# actor killed mid-build -- timeout, memory pressure -- leaves torch's build lock behind). Seconds when built.
+nice -n 10 "${VENV}/bin/python" -c "from deepspeed.ops.op_builder.cpu import FusedAdamBuilder, ShareMemCommBuilder
+for builder in (FusedAdamBuilder(), ShareMemCommBuilder()):
+    builder.load(verbose=False)" 2>&1 | grep -v -e "FutureWarning" -e "import pynvml" -e "Setting accelerator" || true
 status=0
 nice -n 10 "${VENV}/bin/python" -m pytest -m openrlhf tests -p no:cacheprovider -rA "$@" ||
     status=$?

@@ -232,8 +232,15 @@ def run_process_group(command: list[str], env: dict, log, timeout: float) -> int
     deadline = time.monotonic() + timeout
     timed_out = False
     # SIGTERM (``timeout`` in scripts/test_all.sh, CI cancelling) would end Python without running ``finally``, and
-    # the driver's death alone leaves some of Ray's agents behind: raise instead, so the session is killed below
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    # the driver's death alone leaves some of Ray's agents behind: raise instead, kill the session below, then let
+    # the signal take its course
+    terminated: list[int] = []
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         # WNOWAIT: the leader stays unreaped (a zombie once it exits), so its session id cannot be reused meanwhile
         while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
@@ -245,11 +252,9 @@ def run_process_group(command: list[str], env: dict, log, timeout: float) -> int
         kill_session(proc.pid)
         proc.wait()
         signal.signal(signal.SIGTERM, previous)
+        if terminated:
+            os.kill(os.getpid(), signal.SIGTERM)
     return None if timed_out else proc.returncode
-
-
-def _raise_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 def remove_build_locks(since: float) -> None:
