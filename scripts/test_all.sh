@@ -19,8 +19,8 @@
 #   openrlhf-e2e  scripts/test_openrlhf.sh -m "openrlhf and slow and not extended": the end-to-end runs of
 #             OpenRLHF's real train_ppo_ray on CPU that carry the most risk, under the strict device proxy: SAPO on
 #             ZeRO-3 over two ranks, DSPO + CalibAdv with dynamic filtering, GRPO + LoRA, the asynchronous trainer
-#             (GRPO + CalibAdv + TIS), the Megatron actor at TP=2, and any other `slow` opt-in test not marked
-#             `extended`. Each run is killed with its Ray/vLLM processes past OPENRLHF_SEARCH_E2E_RUN_TIMEOUT s
+#             (GRPO + CalibAdv + TIS), the Megatron actor at TP=2, the update parity against the local trainer
+#             (GRPO, SAPO): every `slow` opt-in test not marked `extended`. Each run is killed with its Ray/vLLM processes past OPENRLHF_SEARCH_E2E_RUN_TIMEOUT s
 #   openrlhf-extended  (opt-in: TEST_ALL_LAYERS=openrlhf-extended) scripts/test_openrlhf.sh -m "openrlhf and
 #             extended": GRPO on ZeRO-3 on one rank, async with partial rollouts, the Megatron Ray actors driven by
 #             OpenRLHF's actor groups, the local trainer's vLLM engine
