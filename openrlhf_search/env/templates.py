@@ -15,6 +15,10 @@ instruction, for the quickstart's tiny model):
   is for ChatML models (Qwen2/2.5/3, SmolLM2, our tiny tokenizer); for other chat formats override ``obs_prefix``,
   ``obs_suffix``, ``close_turn`` and ``invalid_feedback`` (``get_template("qwen_tools", obs_prefix=...)``).
 
+* ``smollm2_search`` and ``smollm2_direct`` (protocol ``tags``): for SmolLM2-135M-Instruct (the real-data
+  quickstart): a system message of our own, which keeps SmolLM2's chat template from inserting its default one, and
+  a strict instruction (search, then answer; ``smollm2_direct``: answer only, the closed-book baseline).
+
 * ``qwen3_think`` (protocol ``tags``) and ``qwen3_tools`` (protocol ``tool_call``): Qwen3-style thinking, each turn
   ``<think>...</think>`` then an action. ``qwen3_tools`` renders tool results as a ``tool`` message through the
   tokenizer's *own* chat template (``obs_role``; the token delta the template adds, :mod:`openrlhf_search.env.chat`),
@@ -264,6 +268,40 @@ def _search_r1_compact() -> PromptTemplate:
     instructions, while every prompt token costs compute (the full instruction is ~115 tiny-tokenizer tokens, about
     40% of a demonstration). Same stops, observation wrapping and answer format."""
     return replace(_search_r1(), name="search_r1_compact", user=COMPACT_USER)
+
+
+SMOLLM2_SYSTEM = "You answer questions by searching Wikipedia."
+"""The system message of the ``smollm2_*`` templates: SmolLM2's chat template writes its own default system prompt
+("You are a helpful AI assistant named SmolLM, ...") whenever the conversation has none, so they always give one."""
+
+SMOLLM2_SEARCH_USER = (
+    "Do not explain. First write a search query inside <search></search>. The Wikipedia passages will be shown "
+    "inside <information></information>. Then write only the answer, a few words copied from a passage, inside "
+    "<answer></answer>.\n"
+    "Question: {question}\n"
+)
+"""The user message of ``smollm2_search``: a strict two-step instruction (search, then answer) for a 135M model
+that otherwise writes numbered steps outside the tags."""
+
+
+@register_template("smollm2_search")
+def _smollm2_search() -> PromptTemplate:
+    """The tag protocol for SmolLM2-135M-Instruct (the real-data quickstart): a short system message of our own
+    (never SmolLM's default one), a strict search-then-answer instruction, ``search_r1``'s stops and wrapping."""
+    return replace(_search_r1(), name="smollm2_search", system=SMOLLM2_SYSTEM, user=SMOLLM2_SEARCH_USER)
+
+
+SMOLLM2_DIRECT_USER = (
+    "Do not explain. Write only the answer, a few words, inside <answer></answer>.\n"
+    "Question: {question}\n"
+)
+"""The user message of ``smollm2_direct``: the closed-book baseline (answer from memory, no search)."""
+
+
+@register_template("smollm2_direct")
+def _smollm2_direct() -> PromptTemplate:
+    """Closed-book answering for SmolLM2 (``env.max_turns: 1``): the baseline the search agent must beat."""
+    return replace(_search_r1(), name="smollm2_direct", system=SMOLLM2_SYSTEM, user=SMOLLM2_DIRECT_USER)
 
 
 def with_tools(tpl: PromptTemplate, tools) -> PromptTemplate:

@@ -45,6 +45,23 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _keep_last_logits(model) -> dict:
+    """``{"logits_to_keep": 1}`` when the model's forward takes it, else ``{}``.
+
+    The prefill only needs the last position's logits; without this a causal LM returns ``[B, T, V]`` float logits
+    for the whole prompt (SmolLM2's vocabulary is 49,152: 64 prompts of 600 tokens are 7.5 GB in float32), which is
+    the peak of a rollout's memory.
+    """
+    import inspect
+
+    base = getattr(model, "get_base_model", None)
+    try:
+        params = inspect.signature((base() if callable(base) else model).forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
 def _output_cache(res):
     """The KV cache of a forward output (``cache`` in new transformers, ``past_key_values`` in older ones)."""
     cache = getattr(res, "cache", None)
@@ -164,8 +181,10 @@ class HFEngine:
             attn[i, width - len(p) :] = 1
         ids, attn = ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        res = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        res = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                         **_keep_last_logits(self.model))
         cache, logits = _output_cache(res), res.logits[:, -1, :].float()
+        del res  # the output holds the prefill's logits (all positions when the model cannot keep only the last)
         cache_kw = _cache_keyword(self.model)
         next_pos = pos[:, -1] + 1
 

