@@ -122,3 +122,17 @@ def test_synthetic_demonstrations_on_files_still_refused_and_bad_source_named():
     assert "sft.demonstrations=retrieved" in problems[0]
     bad = config_from_dict({**QUICKSTART_REAL, "sft": {**QUICKSTART_REAL["sft"], "demonstrations": "retreived"}})
     assert any(p.startswith("sft.demonstrations='retreived': must be") for p in validate_config(bad, check_files=False))
+
+
+def test_real_yaml_mirrors_the_builtin_preset_and_fits_the_cpu_budget():
+    from pathlib import Path
+
+    from openrlhf_search.trainer.backend import budget_warnings
+    from openrlhf_search.trainer.cli_quickstart import REAL_DATA_DIR
+    from openrlhf_search.trainer.config import load_config
+
+    d = Path(REAL_DATA_DIR)
+    tree = real_tree({"train": d / "train.jsonl", "test": d / "test.jsonl", "index": d / "index"})
+    repo = Path(__file__).resolve().parents[2]
+    assert load_config(repo / "examples" / "configs" / "quickstart_real.yaml") == config_from_dict(tree)
+    assert budget_warnings(config_from_dict(tree, ["device=cpu"])) == []
