@@ -143,12 +143,29 @@ def sft_loss(model, batch: list[SFTExample], pad_id: int):
         mask[i, :n] = torch.tensor(e.loss_mask)
     device = next(model.parameters()).device
     ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
+    targets, tmask = ids[:, 1:], mask[:, 1:].bool()
+    n = int(tmask.sum().item())
+    body, head = _body_and_head(model)
+    if body is not None:  # logits of the loss positions only: [n, V] instead of [B, T, V]
+        hidden = body(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+        logits = head(hidden[tmask]).float()
+        nll = torch.nn.functional.cross_entropy(logits, targets[tmask], reduction="sum")
+        return nll / max(n, 1), n
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    targets, tmask = ids[:, 1:], mask[:, 1:].float()
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                             reduction="none").view_as(tmask)
-    n = tmask.sum().clamp(min=1.0)
-    return (nll * tmask).sum() / n, int(n.item())
+    return (nll * tmask).sum() / max(n, 1), n
+
+
+def _body_and_head(model):
+    """``(decoder, lm_head)`` of a causal LM that exposes them (Llama, Qwen2, ...; not a peft wrapper), else
+    ``(None, None)``. The loss then projects only the loss positions through the head: with a 49k vocabulary and
+    demonstrations where a few dozen of ~400 tokens carry loss, the full logits were most of the warm start's peak."""
+    body = getattr(model, "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is None or head is None or type(model).__name__.startswith("Peft") or not callable(body):
+        return None, None
+    return body, head
 
 
 def run_sft(model, examples: list[SFTExample], steps: int, batch_size: int, lr: float, pad_id: int, seed: int = 0,

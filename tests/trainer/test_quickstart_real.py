@@ -136,3 +136,35 @@ def test_real_yaml_mirrors_the_builtin_preset_and_fits_the_cpu_budget():
     repo = Path(__file__).resolve().parents[2]
     assert load_config(repo / "examples" / "configs" / "quickstart_real.yaml") == config_from_dict(tree)
     assert budget_warnings(config_from_dict(tree, ["device=cpu"])) == []
+
+
+def test_sft_loss_on_loss_positions_only_equals_the_full_logits_loss():
+    """The warm start projects only the loss positions through the LM head; loss and gradients are those of the
+    full-logits cross-entropy."""
+    import torch
+
+    from openrlhf_search.data.tiny_tokenizer import build_tiny_tokenizer
+    from openrlhf_search.trainer import sft
+    from openrlhf_search.trainer.models import TinyModelSpec, build_tiny_qwen2
+
+    tok = build_tiny_tokenizer(["the capital of France is Paris", "Busan flower camellia"], vocab_size=300)
+    model = build_tiny_qwen2(tok, TinyModelSpec(32, 1, 2, 1, 64), seed=0)
+    batch = [sft.SFTExample([5, 6, 7, 8, 9, 10], [0, 0, 0, 1, 1, 0]), sft.SFTExample([11, 12, 13], [0, 1, 1])]
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss, n = sft.sft_loss(model, batch, tok.pad_token_id)
+        loss.backward()
+        return float(loss), n, [p.grad.clone() for p in model.parameters()]
+
+    fast = loss_and_grads()
+    orig = sft._body_and_head
+    sft._body_and_head = lambda m: (None, None)
+    try:
+        full = loss_and_grads()
+    finally:
+        sft._body_and_head = orig
+    assert fast[1] == full[1] == 4
+    assert fast[0] == pytest.approx(full[0], rel=1e-5)
+    for a, b in zip(fast[2], full[2]):
+        assert torch.allclose(a, b, atol=1e-6)
