@@ -121,7 +121,8 @@ def test_synthetic_demonstrations_on_files_still_refused_and_bad_source_named():
     assert len(problems) == 1 and problems[0].startswith("sft.steps=30:")
     assert "sft.demonstrations=retrieved" in problems[0]
     bad = config_from_dict({**QUICKSTART_REAL, "sft": {**QUICKSTART_REAL["sft"], "demonstrations": "retreived"}})
-    assert any(p.startswith("sft.demonstrations='retreived': must be") for p in validate_config(bad, check_files=False))
+    problems = validate_config(bad, check_files=False)
+    assert any(p.startswith("sft.demonstrations='retreived': must be") for p in problems)
 
 
 def test_real_yaml_mirrors_the_builtin_preset_and_fits_the_cpu_budget():
