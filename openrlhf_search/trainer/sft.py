@@ -160,7 +160,8 @@ def sft_loss(model, batch: list[SFTExample], pad_id: int):
 def _body_and_head(model):
     """``(decoder, lm_head)`` of a causal LM that exposes them (Llama, Qwen2, ...; not a peft wrapper), else
     ``(None, None)``. The loss then projects only the loss positions through the head: with a 49k vocabulary and
-    demonstrations where a few dozen of ~400 tokens carry loss, the full logits were most of the warm start's peak."""
+    demonstrations where a few dozen of ~400 tokens carry loss, the full ``[B, T, V]`` logits (and their float copy
+    and gradient) are mostly wasted work and memory."""
     body = getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if body is None or head is None or type(model).__name__.startswith("Peft") or not callable(body):
