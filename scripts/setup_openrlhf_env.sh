@@ -91,6 +91,18 @@ DS_ACCELERATOR=cpu OPENRLHF_SEARCH_CPU_SHIM=1 PYTHONPATH="${REPO_ROOT}/openrlhf_
 # DeepSpeed JIT-compiles its CPU shared-memory collective (deepspeed_shm_comm, ~1.5 min) on the first
 # init_distributed. Build it here, once, so no test run compiles under its timeout: a run killed mid-compile leaves
 # torch's build lock behind and every later run waits on it forever (seen here; scripts/test_openrlhf.sh clears it).
-log "building DeepSpeed's CPU shared-memory op (cached in ~/.cache/torch_extensions)"
-DS_ACCELERATOR=cpu "${PY}" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+# The same per-checkout cache scripts/test_openrlhf.sh uses (one build, not one per cache); a lock older than 10
+# minutes belongs to no live build (torch's FileBaton waits on it forever): removed, loudly; the build is bounded.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${REPO_ROOT}/.venvs/torch-extensions}"
+log "building DeepSpeed's CPU shared-memory op (cached in ${TORCH_EXTENSIONS_DIR})"
+if [[ -d "${TORCH_EXTENSIONS_DIR}" ]]; then
+    while IFS= read -r lock; do
+        log "removing a stale torch extension build lock: ${lock}"
+        rm -f "${lock}"
+    done < <(find "${TORCH_EXTENSIONS_DIR}" -name lock -mmin +10 2>/dev/null)
+fi
+if ! DS_ACCELERATOR=cpu timeout 1200 "${PY}" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"; then
+    log "building DeepSpeed's shared-memory op failed or took over 20 min (a build lock under ${TORCH_EXTENSIONS_DIR}?)"
+    exit 1
+fi
 log "done: ${VENV_DIR}"
