@@ -39,3 +39,9 @@ class DataConfig:
     long_questions: str = "refuse"
     """Questions longer than ``max_question_chars``: ``refuse`` (a data error naming file and line, exit 2),
     ``truncate`` (cut to ``max_question_chars``, counted in the log) or ``skip`` (dropped, counted)."""
+    train_questions: str = "all"
+    """Which training questions RL samples: ``all``, or ``answerable``: only those whose golden answer appears in
+    the passages the environment returns when the question itself is the query (the test ``sft.demonstrations:
+    retrieved`` applies). On real data most questions are out of reach of one search; their groups all score 0 and
+    carry no gradient, so ``answerable`` spends the rollouts where the reward can vary. Held-out questions are never
+    filtered. The same selection is made by every backend."""

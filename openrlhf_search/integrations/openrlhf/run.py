@@ -17,10 +17,13 @@ from openrlhf_search.data.config import DataConfig
 from openrlhf_search.data.formats import read_dataset
 from openrlhf_search.data.synthetic import generate_kb
 from openrlhf_search.env.config import EnvConfig
+from openrlhf_search.env.search_env import SearchEnv
 from openrlhf_search.env.templates import env_template
+from openrlhf_search.retrieval import load_retriever
 from openrlhf_search.retrieval.client import parse_urls
-from openrlhf_search.trainer.config import TrainConfig
+from openrlhf_search.trainer.config import TrainConfig, search_env_config
 from openrlhf_search.trainer.models import load_tokenizer
+from openrlhf_search.trainer.sft import select_train_questions
 
 from .config import OpenRLHFConfig, to_json_file
 from .plan import LaunchPlan, _orl_config, build_plan, check_cluster_inputs, checkpoint_dir
@@ -34,6 +37,20 @@ def load_train_samples(data_cfg: DataConfig) -> list:
     if not data_cfg.train_files:
         raise ValueError(f"data.source={data_cfg.source!r} needs data.train_files")
     return [s for path in data_cfg.train_files for s in read_dataset(path)][: data_cfg.num_train]
+
+
+def select_answerable(config: TrainConfig, tokenizer, samples: list) -> list:
+    """``data.train_questions``: every sample, or those whose golden answer the configured retriever returns for the
+    question itself, chosen by the local trainer's own test (:func:`~openrlhf_search.trainer.sft.answerable_questions`
+    on the same environment) so that both backends train on the same questions."""
+    if config.data.train_questions == "all":
+        return samples
+    if not config.retriever.spec:
+        raise ValueError("data.train_questions=answerable with --backend openrlhf needs retriever.spec (an index "
+                         "directory or a server URL) to select the questions before the run starts")
+    retriever = load_retriever(config.retriever.spec, token=config.retriever.token)
+    env = SearchEnv(tokenizer, retriever, config.env.template, search_env_config(config))
+    return select_train_questions(config.data, env, samples)
 
 
 def write_prompt_dataset(samples: list, path: Path, n_rows: int, template_name: str, tokenizer, seed: int,
@@ -88,8 +105,9 @@ def materialize(plan: LaunchPlan, config: TrainConfig) -> None:
     # OpenRLHF's actors and vLLM load the tokenizer with AutoTokenizer too: render the prompts with exactly that one.
     tokenizer = AutoTokenizer.from_pretrained(config.model.path)
     n_rows = config.steps * config.rollout.prompts_per_step
-    write_prompt_dataset(load_train_samples(config.data), plan.prompt_file, n_rows, config.env.template, tokenizer,
-                         config.seed, tools=list(config.env.tools))  # fmt: skip
+    samples = select_answerable(config, tokenizer, load_train_samples(config.data))
+    write_prompt_dataset(samples, plan.prompt_file, n_rows, config.env.template, tokenizer, config.seed,
+                         tools=list(config.env.tools))
     check_tokenizer_reloads(config.model.path, tokenizer, plan.prompt_file)
     to_json_file(plan.agent_config, plan.agent_file)
     to_json_file(plan.patch_config, plan.patch_file)
