@@ -101,8 +101,13 @@ from openrlhf_search.trainer.preemption import (
     SkipMonitor,
 )
 from openrlhf_search.trainer.rundir import RunDirError, prepare_run_dir
-from openrlhf_search.trainer.sft import (copy_examples, retrieved_demonstrations, run_sft, select_train_questions,
-                                         tokenize_demonstration)
+from openrlhf_search.trainer.sft import (
+    copy_examples,
+    retrieved_demonstrations,
+    run_sft,
+    select_train_questions,
+    tokenize_demonstration,
+)
 from openrlhf_search.trainer.sources import AsyncSource, BatchSource, StaleQueueSource, SyncSource
 from openrlhf_search.viewer.records import ROLLOUTS_DIR, trajectory_record, write_records
 

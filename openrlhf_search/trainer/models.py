@@ -6,10 +6,13 @@ sized by :class:`TinyModelSpec` (small enough to sample and train on a CPU; size
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import io
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,8 +154,16 @@ def load_pretrained(path: str, dtype: str = "float32"):
     torch_dtype = getattr(torch, dtype)
     if path == "smollm2":
         pkg_dir, gguf = smollm2_gguf_location()
-        tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf, dtype=torch_dtype)
+        # transformers draws a tqdm bar per gguf read (a few seconds) that no setting turns off: keep the terminal
+        # clean, and show what it wrote only if the load fails
+        noise = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(noise):
+                tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf)
+                model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf, dtype=torch_dtype)
+        except BaseException:
+            sys.stderr.write(noise.getvalue())
+            raise
         # The gguf is fully de-quantised on load, but transformers keeps a gguf "quantizer" that refuses
         # save_pretrained; dropping it makes checkpoints plain safetensors of the de-quantised weights.
         model.hf_quantizer = None

@@ -71,7 +71,7 @@ def _scripted(env, text: str, stop: str) -> Generation:
 
 def _search_with_question(env, samples: list, query_prefix: str = "") -> tuple[list, list, list]:
     """Play turn 1 of every sample (search with the question itself); return ``(trajectories, kept, answers)``: the
-    live trajectories whose retrieved passages hold a golden answer, and that answer (the first in the data's order)."""
+    live trajectories whose retrieved passages hold a golden answer, and that answer (the first in data order)."""
     trajs = env.reset(samples)
     env.step(trajs, [_scripted(env, f"<search>{query_prefix}{t.meta['question'].strip()}</search>", "</search>")
                      for t in env.live(trajs)])
