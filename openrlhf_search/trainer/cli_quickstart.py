@@ -56,18 +56,19 @@ QUICKSTART: dict = {
 """The quickstart configuration (see ``examples/configs/quickstart.yaml`` for the commented version)."""
 
 QUICKSTART_REAL: dict = {
-    "steps": 20,
+    "steps": 12,
     "seed": 0,
-    "max_step_seconds": 1800,
+    "max_step_seconds": 3000,
     "model": {"path": "smollm2", "dtype": "float32"},
-    "data": {"source": "files", "num_train": 1000, "num_eval": 1000},  # files: set by --real (in --data-dir)
+    # files: set by --real (in --data-dir); RL on the questions one search can answer (the others' groups all score 0)
+    "data": {"source": "files", "num_train": 1000, "num_eval": 1000, "train_questions": "answerable"},
     "env": {"topk": 3, "template": "smollm2_search", "max_turns": 2, "max_tokens_per_turn": 32,
             "max_obs_tokens": 256, "max_response_tokens": 400, "reward": "format_f1",
             "reward_kwargs": {"retrieval_score": 0.0, "no_search_penalty": 0.0}},
     "rollout": {"prompts_per_step": 4, "group_size": 4, "temperature": 1.0},
     "algorithm": {"name": "grpo", "num_minibatches": 4, "ppo_epochs": 1},
-    "optimizer": {"lr": 3.0e-6, "grad_clip": 1.0, "warmup_steps": 0, "schedule": "constant"},
-    "sft": {"demonstrations": "retrieved", "steps": 30, "batch_size": 4, "lr": 5.0e-5, "num_demos": 100000},
+    "optimizer": {"lr": 1.0e-5, "grad_clip": 1.0, "warmup_steps": 0, "schedule": "constant"},
+    "sft": {"demonstrations": "retrieved", "steps": 10, "batch_size": 4, "lr": 5.0e-5, "num_demos": 100000},
     "logging": {"output_dir": "runs/quickstart-real", "save_every": 0, "sample_every": 5},
 }
 """The real-model, real-data quickstart (``--real``; see ``examples/configs/quickstart_real.yaml``)."""
