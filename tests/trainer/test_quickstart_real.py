@@ -118,7 +118,7 @@ def test_real_preset_validates_and_needs_no_synthetic_kb(tmp_path):
 def test_synthetic_demonstrations_on_files_still_refused_and_bad_source_named():
     tree = {**QUICKSTART_REAL, "sft": {**QUICKSTART_REAL["sft"], "demonstrations": "synthetic"}}
     problems = warm_start_problems(config_from_dict(tree))
-    assert len(problems) == 1 and problems[0].startswith("sft.steps=30:")
+    assert len(problems) == 1 and problems[0].startswith(f"sft.steps={QUICKSTART_REAL['sft']['steps']}:")
     assert "sft.demonstrations=retrieved" in problems[0]
     bad = config_from_dict({**QUICKSTART_REAL, "sft": {**QUICKSTART_REAL["sft"], "demonstrations": "retreived"}})
     problems = validate_config(bad, check_files=False)
@@ -177,9 +177,11 @@ def test_answerable_selection_keeps_exactly_the_questions_a_search_can_answer(sm
     env, cfg = real_env(smol)
     assert [s.id for s in answerable_questions(env, TRAIN)] == ["t1", "t3"]
     assert [s.id for s in answerable_questions(env, TRAIN * 3, batch=2)] == ["t1", "t3"] * 3
-    assert select_train_questions(cfg.data, env, TRAIN) == TRAIN  # the preset's default is all
+    every = config_from_dict({**QUICKSTART_REAL, "data": {**QUICKSTART_REAL["data"], "train_questions": "all"}})
+    assert select_train_questions(every.data, env, TRAIN) == TRAIN
     on = config_from_dict({**QUICKSTART_REAL, "data": {**QUICKSTART_REAL["data"], "train_questions": "answerable"}})
     assert [s.id for s in select_train_questions(on.data, env, TRAIN)] == ["t1", "t3"]
+    assert cfg.data.train_questions == "answerable"  # the preset's choice
     with pytest.raises(ValueError, match="data.train_questions=answerable: no training question"):
         select_train_questions(on.data, env, [TRAIN[1]])
 
