@@ -59,7 +59,8 @@ def base_eval(out: Path, data: Path, mode: str, collect_only: bool) -> dict:
                           "--output-dir", str(d), *extra], out / f"base_{mode}.log")
         (d / "seconds.json").write_text(json.dumps({"seconds": secs}))
     res = json.loads((d / "results.json").read_text())
-    row = next(iter(res["datasets"].values())) if "datasets" in res else res
+    datasets = res.get("datasets", [res])  # eval's results.json: one row per dataset file
+    row = datasets[0] if isinstance(datasets, list) else next(iter(datasets.values()))
     return {**row, "seconds": json.loads((d / "seconds.json").read_text())["seconds"]}
 
 
@@ -87,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/real_quickstart")
     ap.add_argument("--collect-only", action="store_true", help="only read the runs already in --out")
     ap.add_argument("--skip-base", action="store_true", help="no base-model rows")
+    ap.add_argument("--collect-runs", action="store_true",
+                    help="read the seeds' runs already in --out (run only the base rows that are missing)")
     ap.add_argument("overrides", nargs="*", help="quickstart overrides (e.g. steps=10)")
     args = ap.parse_args(argv)
     out, data = Path(args.out), Path(args.data_dir)
@@ -94,9 +97,10 @@ def main(argv=None) -> int:
     table = {"base": {}, "runs": {}}
     if not args.skip_base:
         for mode in ("direct", "search"):
-            table["base"][mode] = base_eval(out, data, mode, args.collect_only)
+            done = (out / f"base_{mode}" / "seconds.json").is_file() and args.collect_runs
+            table["base"][mode] = base_eval(out, data, mode, args.collect_only or done)
     for seed in args.seeds:
-        table["runs"][seed] = train_run(out, data, seed, args.overrides, args.collect_only)
+        table["runs"][seed] = train_run(out, data, seed, args.overrides, args.collect_only or args.collect_runs)
     (out / "table.json").write_text(json.dumps(table, indent=1, default=str))
 
     def line(name: str, evals: list[dict], minutes: str, tps: str) -> str:
