@@ -206,3 +206,28 @@ def test_train_questions_value_is_checked_by_name():
     tree = {**QUICKSTART_REAL, "data": {**QUICKSTART_REAL["data"], "train_questions": "answerabel"}}
     problems = validate_config(config_from_dict(tree), check_files=False)
     assert any("data.train_questions" in str(p) and "answerable" in str(p) for p in problems)
+
+
+def test_openrlhf_backend_with_no_answerable_question_stops_with_one_line(smol, monkeypatch, tmp_path, capsys):
+    """Before the retrieval server or Ray starts: exit 2 and one line naming the option, not a traceback."""
+    import transformers
+
+    from openrlhf_search.integrations.openrlhf import run as orl_run
+    from openrlhf_search.integrations.openrlhf.plan import build_plan
+
+    tree = {**QUICKSTART_REAL, "data": {**QUICKSTART_REAL["data"], "train_questions": "answerable"},
+            "retriever": {"spec": "some-index"}, "model": {"path": str(tmp_path / "model")},
+            "logging": {**QUICKSTART_REAL["logging"], "output_dir": str(tmp_path / "run")}}
+    cfg = config_from_dict(tree)
+    monkeypatch.setattr(orl_run, "load_retriever", lambda spec, token=None: KeywordRetriever())
+    monkeypatch.setattr(orl_run, "load_train_samples", lambda data_cfg: [TRAIN[1]])  # its answer is in no page
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: smol)
+    started = []
+    monkeypatch.setattr(orl_run.subprocess, "Popen", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(orl_run.subprocess, "call", lambda *a, **k: started.append(a))
+    plan = build_plan(cfg, {"actor_num_gpus_per_node": 1, "ref_num_gpus_per_node": 1, "vllm_num_engines": 1,
+                            "colocate_all": False, "micro_train_batch_size": 4, "micro_rollout_batch_size": 4})
+    assert orl_run.execute(plan, cfg) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.train_questions=answerable: no training question" in err[0]
+    assert not started

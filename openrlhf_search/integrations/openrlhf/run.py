@@ -164,8 +164,13 @@ def resume_problem(plan: LaunchPlan) -> str:
 
 def execute(plan: LaunchPlan, config: TrainConfig) -> int:
     """Write the plan's files, start the retrieval server (unless the plan names a running one, or replicas serve:
-    the entrypoint starts those), run OpenRLHF and stop the server; return OpenRLHF's exit code."""
-    materialize(plan, config)
+    the entrypoint starts those), run OpenRLHF and stop the server; return OpenRLHF's exit code, or 2 with one line
+    when the inputs cannot be written (a bad data file, no answerable training question)."""
+    try:
+        materialize(plan, config)
+    except ValueError as exc:  # DatasetFormatError included: names file and line
+        print(f"openrlhf-search train --backend openrlhf: {exc}", file=sys.stderr)
+        return 2
     env = {**os.environ, **plan.env}
     server = None
     try:
