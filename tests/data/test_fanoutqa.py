@@ -230,3 +230,64 @@ def test_real_fanoutqa_split_has_no_duplicate_and_no_leak(tmp_path):
     c = split.counts
     assert c["train"] + c["test"] == c["questions"] < c["ids"] < c["rows"]
     assert 0.2 < c["test_parents"] / (c["test_parents"] + c["train_parents"]) < 0.3
+
+
+def test_answer_in_evidence_keeps_questions_whose_answer_the_page_holds(tmp_path, dev_file):
+    """Reproduced by: 11 of 118 held-out sub-questions had their answer anywhere in their evidence page's summary, so
+    no policy could score on the other 107 and RL's held-out gain was capped below the seed interval."""
+    from openrlhf_search.data.fanoutqa import answer_in_evidence
+    from openrlhf_search.retrieval.types import Document
+
+    subs = load_fanoutqa_dev(dev_file, level="subquestion")  # s1: "Right" on Pat Burrell, s2: "Left" on Mark Mulder
+    docs = [Document("d1", '"Pat Burrell"\nPatrick Burrell bats Right, throws right.'),
+            Document("d2", '"Mark Mulder"\nMark Mulder pitched leftward.')]  # "leftward" is not "left"
+    assert [s.id for s in answer_in_evidence(subs, docs)] == ["s1"]
+    # another page's text does not count: the answer must be on the question's own evidence page
+    assert answer_in_evidence(subs[1:], docs + [Document("d3", '"Other"\nLeft.')]) == []
+    # the export applies it before the split and reports both counts
+    two = [DEV[0], {**DEV[0], "id": "q2", "decomposition": [{**leaf, "id": leaf["id"] + "b",
+                                                            "question": leaf["question"] + " (again)"}
+                                                           for leaf in DEV[0]["decomposition"]]}]
+    dev_file.write_text(json.dumps(two), encoding="utf-8")
+    summ = tmp_path / "summaries.json"
+    summ.write_text(json.dumps({"Pat Burrell": {"title": "Pat Burrell", "extract": "He bats right."},
+                                "Mark Mulder": {"title": "Mark Mulder", "extract": "A pitcher."}}), encoding="utf-8")
+    res = subprocess.run([sys.executable, "-m", "openrlhf_search", "data", "fanoutqa", "--out", str(tmp_path / "o"),
+                          "--dev-file", str(dev_file), "--summaries-file", str(summ), "--answer-in-evidence",
+                          "--test-fraction", "0.5"], capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    assert res.returncode == 0, res.stderr
+    assert "2 of 4 sub-question rows have their golden answer" in res.stdout, res.stdout
+    from openrlhf_search.data.formats import read_dataset
+
+    rows = [r for f in ("train.jsonl", "test.jsonl") for r in read_dataset(tmp_path / "o" / f)]
+    assert sorted(r.id for r in rows) == ["s1", "s1b"]
+    # a split that leaves a side empty is refused with one line, not written as an empty file
+    res = subprocess.run([sys.executable, "-m", "openrlhf_search", "data", "fanoutqa", "--out", str(tmp_path / "e"),
+                          "--dev-file", str(dev_file), "--summaries-file", str(summ), "--test-fraction", "0.1"],
+                         capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    assert res.returncode == 1 and "left 4 training and 0 held-out" in res.stderr, res.stderr
+    summ.write_text(json.dumps({"Mark Mulder": {"title": "Mark Mulder", "extract": "A pitcher."}}), encoding="utf-8")
+    res = subprocess.run([sys.executable, "-m", "openrlhf_search", "data", "fanoutqa", "--out", str(tmp_path / "p"),
+                          "--dev-file", str(dev_file), "--summaries-file", str(summ), "--answer-in-evidence"],
+                         capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    assert res.returncode == 1 and "no FanOutQA sub-question has its golden answer" in res.stderr, res.stderr
+
+
+def test_real_answer_in_evidence_split():
+    """On the installed packages: the questions ``quickstart --real`` uses all have their answer on their page."""
+    try:
+        path = package_data_path("fanoutqa", "data/fanout-final-dev.json")
+        docs = load_wiki_summaries()
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    from openrlhf_search.data.fanoutqa import answer_in_evidence
+    from openrlhf_search.env.protocol import substring_exact_match
+
+    titles = {d.title for d in docs}
+    rows = load_fanoutqa_dev(path, level="subquestion", require_evidence_in=titles)
+    kept = answer_in_evidence(rows, docs)
+    page = {d.title: d.contents for d in docs}
+    assert 0 < len(kept) < len(rows) / 3
+    for r in rows:
+        holds = substring_exact_match(page[r.metadata["evidence_titles"][0]], r.golden_answers) > 0
+        assert (r in kept) == holds
