@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 from openrlhf_search.data.formats import read_dataset
 from openrlhf_search.env.search_env import SearchEnv
 from openrlhf_search.env.templates import available_templates, get_template
@@ -149,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     # on a shared 2-core machine; must be set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hf_logging.disable_progress_bar()  # the weight-loading bars: the evaluation's own bar is the one to read
 
     def fail(msg: str, code: int = 2) -> int:
         print(f"openrlhf-search eval: {msg}", file=sys.stderr)

@@ -69,6 +69,7 @@ def test_eval_of_a_run_directory_reproduces_the_trainers_final_heldout_figures(r
     assert _expected_row(after) in res.stdout.splitlines()  # the table is in fractions, like the trainer's
     assert "reproduced exactly" in res.stdout
     assert "template=search_r1_compact" in res.stdout
+    assert "Loading weights" not in res.stderr + res.stdout  # transformers' loading bar: noise, as in `train`
 
 
 @pytest.mark.parametrize("which", ["latest", "checkpoint"])
