@@ -273,8 +273,10 @@ def test_answer_in_evidence_keeps_questions_whose_answer_the_page_holds(tmp_path
     assert res.returncode == 1 and "no FanOutQA sub-question has its golden answer" in res.stderr, res.stderr
 
 
+@pytest.mark.slow
 def test_real_answer_in_evidence_split():
-    """On the installed packages: the questions ``quickstart --real`` uses all have their answer on their page."""
+    """On the installed packages (opt-in like the recall test: CI does not install the GPL summaries): the questions
+    ``quickstart --real`` uses all have their answer on their page."""
     try:
         path = package_data_path("fanoutqa", "data/fanout-final-dev.json")
         docs = load_wiki_summaries()
