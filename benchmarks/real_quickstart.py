@@ -130,7 +130,9 @@ def main(argv=None) -> int:
         rl_min = statistics.fmean((r["rl_seconds"] or 0) / 60 for r in runs)
         tps = [r["rl_tokens_per_s"] for r in runs if r["rl_tokens_per_s"]]
         lines.append(line("after warm start (SFT)", [r["before"] for r in runs], f"{sft_min:.1f} (SFT)", "-"))
-        lines.append(line(f"after RL ({statistics.fmean(r['steps'] or 0 for r in runs):.0f} GRPO steps)",
+        steps = sorted({r["steps"] or 0 for r in runs})  # the RL time cap can stop a loaded run early
+        span = f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else f"{steps[0]}"
+        lines.append(line(f"after RL ({span} GRPO steps)",
                           [r["after"] for r in runs], f"{rl_min:.1f} (RL)",
                           f"{statistics.fmean(tps):.0f}" if tps else "-"))
         gains = [r["after"].get("f1", 0) - r["before"].get("f1", 0) for r in runs]
