@@ -24,12 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from openrlhf_search.env.protocol import normalize_answer
-
-
-def _contains_answer(text: str, golds: Sequence[str]) -> bool:
-    haystack = f" {normalize_answer(text)} "
-    return any((g := normalize_answer(gold)) and f" {g} " in haystack for gold in golds)
+from openrlhf_search.env.protocol import substring_exact_match
 
 
 def replica_stats(retriever) -> dict | None:
@@ -67,7 +62,7 @@ def retrieval_metrics(trajs: Sequence, retrieval_seconds: float | None = None,
         for turn in traj.turns:
             if turn.action != "search" or not turn.queries or turn.error is not None:
                 continue
-            by_turn.setdefault(turn.index, []).append(int(bool(golds) and _contains_answer(turn.obs_text, golds)))
+            by_turn.setdefault(turn.index, []).append(int(substring_exact_match(turn.obs_text, golds) > 0))
             for q in turn.queries:
                 key = " ".join(q.lower().split())
                 queries += 1

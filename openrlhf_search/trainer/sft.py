@@ -20,7 +20,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from openrlhf_search.rewards import normalize_answer
+from openrlhf_search.rewards import normalize_answer, substring_exact_match
 from openrlhf_search.rollout.base import Generation
 
 
@@ -77,9 +77,7 @@ def _search_with_question(env, samples: list, query_prefix: str = "") -> tuple[l
                      for t in env.live(trajs)])
     kept, answers = [], []
     for t in trajs:
-        passages = normalize_answer(t.retrieved_text)
-        hit = next((a for a in t.meta["golden_answers"] if normalize_answer(a)
-                    and f" {normalize_answer(a)} " in f" {passages} "), None)
+        hit = next((a for a in t.meta["golden_answers"] if substring_exact_match(t.retrieved_text, [a])), None)
         if hit is not None and not t.done:
             kept.append(t)
             answers.append(hit)
